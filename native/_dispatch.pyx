@@ -1,0 +1,2 @@
+cdef class _Probe:
+    pass

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the kernelmesh.v1 contract (built by setup.py, never committed)."""
