@@ -1,0 +1,3 @@
+from kernelmesh.clients.cli import main
+
+main()

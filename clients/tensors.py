@@ -1,0 +1,37 @@
+"""NumPy arrays to and from kernelmesh.v1 tensors, on the client side."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernelmesh.v1 import tensor_pb2
+
+_TO_NUMPY = {
+    tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
+    tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
+    tensor_pb2.DTYPE_COMPLEX64: np.dtype("<c8"),
+    tensor_pb2.DTYPE_COMPLEX128: np.dtype("<c16"),
+}
+_FROM_NUMPY = {dt.name: code for code, dt in _TO_NUMPY.items()}
+
+
+def to_proto(array: np.ndarray | float | int) -> tensor_pb2.Tensor:
+    array = np.asarray(array)
+    code = _FROM_NUMPY.get(array.dtype.name)
+    if code is None:
+        supported = ", ".join(sorted(_FROM_NUMPY))
+        raise TypeError(f"dtype {array.dtype} is not supported; use one of {supported}")
+    data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).tobytes()
+    return tensor_pb2.Tensor(dtype=code, shape=array.shape, data=data)
+
+
+def from_proto(msg: tensor_pb2.Tensor) -> np.ndarray:
+    """A writable array (a copy: protobuf bytes are immutable)."""
+    dtype = _TO_NUMPY[msg.dtype]
+    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).copy()
+
+
+def dtype_name(code: int) -> str:
+    return _TO_NUMPY[code].name if code in _TO_NUMPY else "unspecified"

@@ -1,0 +1,214 @@
+"""Typed views of kernelmesh.v1 messages, so users never need a _pb2 class,
+and the request builders both clients share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+from google.protobuf import struct_pb2
+
+from kernelmesh.clients import tensors
+from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
+
+
+class TaskState(IntEnum):
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self >= TaskState.SUCCEEDED
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: str
+    model: str
+    vendor: str
+    compute_units: int
+    threads: int
+    features: tuple[str, ...]
+    memory_total_bytes: int
+    memory_available_bytes: int
+    utilization: float
+    queue_depth: int
+    supports_fp64: bool
+
+    @classmethod
+    def from_proto(cls, msg: device_pb2.Device) -> Device:
+        kind = device_pb2.DeviceKind.Name(msg.kind).removeprefix("DEVICE_KIND_").lower()
+        return cls(
+            name=msg.name,
+            kind=kind,
+            model=msg.model,
+            vendor=msg.vendor,
+            compute_units=msg.compute_units,
+            threads=msg.threads,
+            features=tuple(msg.features),
+            memory_total_bytes=msg.memory_total_bytes,
+            memory_available_bytes=msg.memory_available_bytes,
+            utilization=msg.status.utilization,
+            queue_depth=msg.status.queue_depth,
+            supports_fp64=msg.supports_fp64,
+        )
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    required: bool
+    default_json: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    kind: str
+    description: str
+    num_inputs: int
+    dtypes: tuple[str, ...]
+    params: tuple[Param, ...]
+    shape_rule: str
+    devices: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.Op) -> Op:
+        return cls(
+            name=msg.name,
+            kind=msg.kind,
+            description=msg.description,
+            num_inputs=msg.num_inputs,
+            dtypes=tuple(tensors.dtype_name(d) for d in msg.dtypes),
+            params=tuple(
+                Param(
+                    p.name,
+                    task_pb2.ParamType.Name(p.type).removeprefix("PARAM_TYPE_").lower(),
+                    p.required,
+                    p.default_json,
+                    p.description,
+                )
+                for p in msg.params
+            ),
+            shape_rule=msg.shape_rule,
+            devices=tuple(msg.devices),
+        )
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor kept on the server; pass it as an input to later tasks."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    size_bytes: int
+    device: str
+
+    @classmethod
+    def from_proto(cls, msg: tensor_pb2.TensorRef) -> TensorRef:
+        return cls(
+            msg.name, tensors.dtype_name(msg.dtype), tuple(msg.shape), msg.size_bytes, msg.device
+        )
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    op: str
+    state: TaskState
+    device: str
+    tenant: str
+    outputs: tuple[np.ndarray, ...]
+    output_refs: tuple[TensorRef, ...]
+    error_code: int
+    error_message: str
+    run_seconds: float
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.Task) -> TaskInfo:
+        return cls(
+            name=msg.name,
+            op=msg.op,
+            state=TaskState(msg.state),
+            device=msg.device,
+            tenant=msg.tenant,
+            outputs=tuple(tensors.from_proto(t) for t in msg.outputs if t.data or _empty(t)),
+            output_refs=tuple(TensorRef.from_proto(r) for r in msg.output_refs),
+            error_code=msg.error.code,
+            error_message=msg.error.message,
+            run_seconds=msg.run_duration.ToNanoseconds() / 1e9,
+            labels=dict(msg.labels),
+        )
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    name: str
+    state: TaskState
+    message: str
+    task: TaskInfo | None
+
+
+def _empty(t: tensor_pb2.Tensor) -> bool:
+    return any(d == 0 for d in t.shape)
+
+
+def task_spec(
+    op: str,
+    inputs: tuple[np.ndarray | TensorRef | float | int, ...],
+    params: Mapping[str, object],
+    *,
+    device: str | None = None,
+    priority: int = 0,
+    keep_outputs: bool = False,
+    labels: Mapping[str, str] | None = None,
+) -> task_pb2.TaskSpec:
+    spec = task_pb2.TaskSpec(
+        op=op, priority=priority, keep_outputs=keep_outputs, labels=dict(labels or {})
+    )
+    for item in inputs:
+        if isinstance(item, TensorRef):
+            spec.inputs.add(ref=item.name)
+        else:
+            spec.inputs.add(tensor=tensors.to_proto(item))
+    if params:
+        spec.params.CopyFrom(_struct(params))
+    if device:
+        spec.device.CopyFrom(selector(device))
+    return spec
+
+
+def selector(device: str) -> device_pb2.DeviceSelector:
+    """ "cpu" or "opencl" picks a kind; "cpu:0" pins one device; "any" is empty."""
+    if device in ("", "any"):
+        return device_pb2.DeviceSelector()
+    if ":" in device:
+        return device_pb2.DeviceSelector(name=device)
+    try:
+        kind = device_pb2.DeviceKind.Value("DEVICE_KIND_" + device.upper())
+    except ValueError:
+        raise ValueError(
+            f"unknown device kind {device!r}; use cpu, cuda, opencl or metal"
+        ) from None
+    return device_pb2.DeviceSelector(kind=kind)
+
+
+def _struct(params: Mapping[str, object]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
+    return struct
+
+
+def unwrap(outputs: tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+    return outputs[0] if len(outputs) == 1 else outputs

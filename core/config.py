@@ -1,0 +1,56 @@
+"""Server configuration: defaults, overridden by a YAML file, overridden by
+command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kernelmesh.core.ops import Limits
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # None disables the HTTP sidecar; 0 picks a free port.
+    http_port: int | None = 8080
+    node_name: str = "local"
+    # gRPC's own cap on one message; tensors above limits are refused earlier,
+    # with INVALID_ARGUMENT naming the field.
+    max_message_bytes: int = 256 * MiB
+    limits: Limits = field(default_factory=Limits)
+    retention_tasks: int = 10_000
+    retention_bytes: int = 1024 * MiB
+    tensor_store_bytes: int = 2048 * MiB
+    workers_per_device: int = 2
+    inline_max_elements: int = 1 << 14
+    # Seconds in-flight work gets to finish after SIGTERM.
+    grace_seconds: float = 30.0
+    # Skip compiling kernels at start (tests that never run kernels).
+    warmup: bool = True
+
+
+def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
+    """Defaults, then the YAML file's keys, then non-None overrides."""
+    values: dict[str, object] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        values.update(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    if isinstance(values.get("limits"), dict):
+        values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
+    return ServerConfig(**values)  # type: ignore[arg-type]

@@ -1,0 +1,74 @@
+"""Named tensors kept on the node ("tensors/{id}") so a later task or a
+download reads them without a round trip through the client."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernelmesh.core.errors import NotFound, ResourceExhausted
+
+PREFIX = "tensors/"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    tenant: str
+    device: str
+    array: np.ndarray
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.array.nbytes)
+
+
+class TensorStore:
+    """A byte-bounded, tenant-scoped in-memory store of named tensors."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: dict[str, StoredTensor] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def reserve_check(self, nbytes: int) -> None:
+        """Refuses before allocating when nbytes would not fit."""
+        if self._bytes + nbytes > self.max_bytes:
+            raise ResourceExhausted(
+                f"tensor store is full: {self._bytes} of {self.max_bytes} bytes used, "
+                f"{nbytes} more requested; delete tensors with DeleteTensor",
+                retry_after=5.0,
+            )
+
+    def put(self, array: np.ndarray, *, tenant: str, device: str = "cpu:0") -> StoredTensor:
+        with self._lock:
+            self.reserve_check(array.nbytes)
+            name = PREFIX + uuid.uuid4().hex
+            item = StoredTensor(name=name, tenant=tenant, device=device, array=array)
+            self._items[name] = item
+            self._bytes += array.nbytes
+            return item
+
+    def get(self, name: str, *, tenant: str) -> StoredTensor:
+        item = self._items.get(name)
+        # Another tenant's tensor is reported exactly like a missing one.
+        if item is None or item.tenant != tenant:
+            raise NotFound(f"tensor {name!r} not found")
+        return item
+
+    def delete(self, name: str, *, tenant: str) -> None:
+        with self._lock:
+            item = self.get(name, tenant=tenant)
+            del self._items[name]
+            self._bytes -= item.size_bytes

@@ -1,0 +1,39 @@
+"""Per-call facts a servicer reads from the gRPC context: tenant, deadline."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import grpc
+
+from kernelmesh.core.errors import InvalidArgument, Violation
+from kernelmesh.core.tasks import DEFAULT_TENANT
+
+# Until API keys exist (the orchestrator issue), a caller may name its tenant in
+# this metadata key; with keys, the key's tenant will take precedence.
+TENANT_METADATA_KEY = "kernelmesh-tenant"
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_METADATA_KEY:
+            if not _TENANT_RE.match(value):
+                raise InvalidArgument(
+                    [
+                        Violation(
+                            f"metadata.{TENANT_METADATA_KEY}",
+                            "1-64 characters of letters, digits, '_', '.', '-', "
+                            "starting with a letter or digit",
+                        )
+                    ]
+                )
+            return value
+    return DEFAULT_TENANT
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline on the time.monotonic() clock, if it set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

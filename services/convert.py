@@ -1,0 +1,250 @@
+"""Translation between kernelmesh.v1 messages and core values. Tensors decode
+with numpy.frombuffer: no copy on the way in."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from google.protobuf import json_format
+
+from kernelmesh.core import ops
+from kernelmesh.core.devices import DeviceInfo, DeviceKind, DeviceSelector, DeviceStatus
+from kernelmesh.core.errors import InvalidArgument, Violation
+from kernelmesh.core.tasks import Task, TaskEvent, TaskSpec, TaskState
+from kernelmesh.core.tensor_store import StoredTensor
+from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
+
+DTYPE_TO_NUMPY: dict[int, np.dtype] = {
+    tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
+    tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
+    tensor_pb2.DTYPE_COMPLEX64: np.dtype("<c8"),
+    tensor_pb2.DTYPE_COMPLEX128: np.dtype("<c16"),
+}
+NUMPY_TO_DTYPE: dict[str, int] = {dt.name: code for code, dt in DTYPE_TO_NUMPY.items()}
+
+KIND_TO_PROTO = {
+    DeviceKind.CPU: device_pb2.DEVICE_KIND_CPU,
+    DeviceKind.CUDA: device_pb2.DEVICE_KIND_CUDA,
+    DeviceKind.OPENCL: device_pb2.DEVICE_KIND_OPENCL,
+    DeviceKind.METAL: device_pb2.DEVICE_KIND_METAL,
+}
+PROTO_TO_KIND = {v: k for k, v in KIND_TO_PROTO.items()}
+
+PARAM_TYPE_TO_PROTO = {
+    ops.ParamType.INT: task_pb2.PARAM_TYPE_INT,
+    ops.ParamType.FLOAT: task_pb2.PARAM_TYPE_FLOAT,
+    ops.ParamType.BOOL: task_pb2.PARAM_TYPE_BOOL,
+    ops.ParamType.INTS: task_pb2.PARAM_TYPE_INTS,
+}
+
+
+def numpy_dtype(code: int, field: str) -> np.dtype:
+    dtype = DTYPE_TO_NUMPY.get(code)
+    if dtype is None:
+        names = ", ".join(tensor_pb2.Dtype.Name(c) for c in DTYPE_TO_NUMPY)
+        raise InvalidArgument([Violation(field, f"dtype must be one of {names}")])
+    return dtype
+
+
+def check_shape(shape: Iterable[int], dtype: np.dtype, field: str, limits: ops.Limits) -> int:
+    """Validates a shape before anything is allocated; returns its byte size."""
+    dims = list(shape)
+    if any(d < 0 for d in dims):
+        raise InvalidArgument([Violation(f"{field}.shape", "dimensions must be >= 0")])
+    elements = math.prod(dims)
+    if elements > limits.max_elements:
+        raise InvalidArgument(
+            [
+                Violation(
+                    f"{field}.shape",
+                    f"{elements} elements exceed the limit of {limits.max_elements} per tensor; "
+                    "split the work or raise the server's limits.max_elements",
+                )
+            ]
+        )
+    return elements * dtype.itemsize
+
+
+def tensor_from_proto(msg: tensor_pb2.Tensor, field: str, limits: ops.Limits) -> np.ndarray:
+    dtype = numpy_dtype(msg.dtype, f"{field}.dtype")
+    nbytes = check_shape(msg.shape, dtype, field, limits)
+    if len(msg.data) != nbytes:
+        raise InvalidArgument(
+            [
+                Violation(
+                    f"{field}.data",
+                    f"has {len(msg.data)} bytes; shape {list(msg.shape)} of {dtype.name} "
+                    f"needs exactly {nbytes} (elements x {dtype.itemsize}, little-endian, C order)",
+                )
+            ]
+        )
+    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
+
+
+def tensor_to_proto(array: np.ndarray, *, with_data: bool = True) -> tensor_pb2.Tensor:
+    code = NUMPY_TO_DTYPE.get(array.dtype.name)
+    if code is None:
+        raise TypeError(f"dtype {array.dtype} has no kernelmesh.v1.Dtype")
+    msg = tensor_pb2.Tensor(dtype=code, shape=array.shape)
+    if with_data:
+        little = array.astype(DTYPE_TO_NUMPY[code], copy=False)
+        msg.data = np.ascontiguousarray(little).tobytes()
+    return msg
+
+
+def meta_to_proto(meta: ops.TensorMeta) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(dtype=NUMPY_TO_DTYPE[meta.dtype], shape=meta.shape)
+
+
+def ref_to_proto(item: StoredTensor) -> tensor_pb2.TensorRef:
+    return tensor_pb2.TensorRef(
+        name=item.name,
+        dtype=NUMPY_TO_DTYPE[item.array.dtype.name],
+        shape=item.array.shape,
+        size_bytes=item.size_bytes,
+        device=item.device,
+    )
+
+
+def selector_from_proto(msg: device_pb2.DeviceSelector) -> DeviceSelector:
+    kind = PROTO_TO_KIND.get(msg.kind) if msg.kind else None
+    return DeviceSelector(kind=kind, name=msg.name)
+
+
+def params_from_proto(msg) -> dict[str, object]:  # google.protobuf.Struct
+    return json_format.MessageToDict(msg) if msg.fields else {}
+
+
+def spec_from_proto(
+    msg: task_pb2.TaskSpec, *, tenant: str, limits: ops.Limits, field: str = "task"
+) -> TaskSpec:
+    if not msg.op:
+        raise InvalidArgument([Violation(f"{field}.op", "required; ListOps shows the catalog")])
+    inputs: list[np.ndarray | str] = []
+    violations: list[Violation] = []
+    for i, arg in enumerate(msg.inputs):
+        where = f"{field}.inputs[{i}]"
+        source = arg.WhichOneof("source")
+        try:
+            if source == "tensor":
+                inputs.append(tensor_from_proto(arg.tensor, f"{where}.tensor", limits))
+            elif source == "ref":
+                inputs.append(arg.ref)
+            else:
+                violations.append(Violation(where, "set either tensor or ref"))
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+    if violations:
+        raise InvalidArgument(violations)
+    return TaskSpec(
+        op=msg.op,
+        inputs=inputs,
+        params=params_from_proto(msg.params),
+        selector=selector_from_proto(msg.device),
+        priority=msg.priority,
+        keep_outputs=msg.keep_outputs,
+        labels=dict(msg.labels),
+        tenant=tenant,
+    )
+
+
+def _timestamp(target, seconds: float | None) -> None:
+    if seconds is not None:
+        target.FromNanoseconds(int(seconds * 1e9))
+
+
+def task_to_proto(task: Task, *, full: bool = True) -> task_pb2.Task:
+    msg = task_pb2.Task(
+        name=task.name,
+        op=task.op,
+        state=int(task.state),
+        tenant=task.tenant,
+        priority=task.priority,
+        device=task.device.name,
+        labels=task.labels,
+    )
+    if task.state is TaskState.SUCCEEDED:
+        if task.output_refs:
+            msg.output_refs.extend(ref_to_proto(r) for r in task.output_refs)
+        elif full and task.outputs:
+            msg.outputs.extend(tensor_to_proto(o) for o in task.outputs)
+        else:
+            msg.outputs.extend(meta_to_proto(m) for m in task.output_metas)
+    if task.error is not None:
+        msg.error.code = int(task.error.code)
+        msg.error.message = task.error.message
+    _timestamp(msg.create_time, task.create_time)
+    _timestamp(msg.start_time, task.start_time)
+    _timestamp(msg.end_time, task.end_time)
+    if task.run_seconds is not None:
+        msg.run_duration.FromNanoseconds(int(task.run_seconds * 1e9))
+    return msg
+
+
+def event_to_proto(event: TaskEvent) -> task_pb2.WatchTaskResponse:
+    msg = task_pb2.WatchTaskResponse(name=event.name, state=int(event.state), message=event.message)
+    _timestamp(msg.time, event.time)
+    if event.state.terminal:
+        msg.task.CopyFrom(task_to_proto(event.task, full=True))
+    return msg
+
+
+def op_to_proto(spec: ops.OpSpec, devices: list[str]) -> task_pb2.Op:
+    import json
+
+    return task_pb2.Op(
+        name=spec.name,
+        kind=spec.kind,
+        description=spec.description,
+        num_inputs=spec.num_inputs,
+        dtypes=[NUMPY_TO_DTYPE[d] for d in spec.dtypes],
+        params=[
+            task_pb2.ParamSpec(
+                name=p.name,
+                type=PARAM_TYPE_TO_PROTO[p.type],
+                required=p.required,
+                default_json="" if p.required or p.default is None else json.dumps(p.default),
+                description=p.description,
+            )
+            for p in spec.params
+        ],
+        shape_rule=spec.shape_rule,
+        devices=devices,
+    )
+
+
+def device_to_proto(info: DeviceInfo, status: DeviceStatus) -> device_pb2.Device:
+    return device_pb2.Device(
+        name=info.name,
+        kind=KIND_TO_PROTO[info.kind],
+        model=info.model,
+        vendor=info.vendor,
+        driver_version=info.driver_version,
+        compute_units=info.compute_units,
+        threads=info.threads,
+        features=info.features,
+        memory_total_bytes=info.memory_total_bytes,
+        memory_available_bytes=status.memory_available_bytes,
+        supports_fp64=info.supports_fp64,
+        supports_fp16=info.supports_fp16,
+        max_work_group_size=info.max_work_group_size,
+        node=info.node,
+        status=status_to_proto(status),
+    )
+
+
+def status_to_proto(status: DeviceStatus) -> device_pb2.DeviceStatus:
+    msg = device_pb2.DeviceStatus(
+        name=status.name,
+        utilization=status.utilization,
+        memory_total_bytes=status.memory_total_bytes,
+        memory_available_bytes=status.memory_available_bytes,
+        queue_depth=status.queue_depth,
+        running=status.running,
+    )
+    msg.time.GetCurrentTime()
+    return msg

@@ -1,0 +1,89 @@
+"""DeviceService: the devices of this node, with live figures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from kernelmesh.core.devices import CpuUtilisation, DeviceKind, DeviceStatus, LocalDevice
+from kernelmesh.core.errors import InvalidArgument, NotFound, Violation
+from kernelmesh.services import convert
+from kernelmesh.services.status import rpc, stream_rpc
+from kernelmesh.v1 import device_pb2, device_pb2_grpc
+
+MIN_INTERVAL_MS = 100
+MAX_INTERVAL_MS = 60_000
+
+
+class DeviceMonitor:
+    """Live status of local devices. Utilisation is sampled at most every
+    100 ms however many watchers ask, so watchers never skew each other."""
+
+    def __init__(self, devices: list[LocalDevice]) -> None:
+        self.devices = devices
+        self._cpu = CpuUtilisation()
+        self._sampled_at = 0.0
+
+    def status(self, device: LocalDevice) -> DeviceStatus:
+        now = time.monotonic()
+        if now - self._sampled_at >= 0.1:
+            self._cpu.refresh()
+            self._sampled_at = now
+        utilization = self._cpu.last if device.info.kind is DeviceKind.CPU else 0.0
+        return DeviceStatus(
+            name=device.name,
+            utilization=utilization,
+            memory_total_bytes=device.info.memory_total_bytes,
+            memory_available_bytes=device.memory_available_bytes(),
+            queue_depth=len(device.queue),
+            running=device.running,
+        )
+
+    def find(self, name: str) -> LocalDevice:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        have = ", ".join(d.name for d in self.devices)
+        raise NotFound(f"device {name!r} not found (devices: {have})")
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
+    def __init__(self, monitor: DeviceMonitor) -> None:
+        self.monitor = monitor
+
+    @rpc
+    async def ListDevices(self, request, context):
+        kind = convert.PROTO_TO_KIND.get(request.kind) if request.kind else None
+        devices = [d for d in self.monitor.devices if kind is None or d.info.kind is kind]
+        size = 100 if request.page_size <= 0 else min(request.page_size, 1000)
+        start = 0
+        if request.page_token:
+            if not request.page_token.isdigit() or int(request.page_token) > len(devices):
+                raise InvalidArgument(
+                    [Violation("page_token", "not a page token returned by this server")]
+                )
+            start = int(request.page_token)
+        page = devices[start : start + size]
+        token = str(start + size) if start + size < len(devices) else ""
+        return device_pb2.ListDevicesResponse(
+            devices=[convert.device_to_proto(d.info, self.monitor.status(d)) for d in page],
+            next_page_token=token,
+        )
+
+    @rpc
+    async def GetDevice(self, request, context):
+        device = self.monitor.find(request.name)
+        return device_pb2.GetDeviceResponse(
+            device=convert.device_to_proto(device.info, self.monitor.status(device))
+        )
+
+    @stream_rpc
+    async def WatchDevices(self, request, context):
+        devices = [self.monitor.find(n) for n in request.names] or self.monitor.devices
+        interval_ms = request.interval_ms or 1000
+        interval = min(max(interval_ms, MIN_INTERVAL_MS), MAX_INTERVAL_MS) / 1000
+        while True:
+            yield device_pb2.WatchDevicesResponse(
+                statuses=[convert.status_to_proto(self.monitor.status(d)) for d in devices]
+            )
+            await asyncio.sleep(interval)

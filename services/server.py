@@ -1,0 +1,173 @@
+"""Assembles the all-in-one server: every kernelmesh.v1 service, health and
+reflection on one gRPC port, and the HTTP sidecar on another."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from kernelmesh.core import devices as device_discovery
+from kernelmesh.core.config import ServerConfig
+from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
+from kernelmesh.core.tensor_store import TensorStore
+from kernelmesh.native import cpu as cpu_backend
+from kernelmesh.services import sidecar
+from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
+from kernelmesh.services.task_servicer import TaskServicer
+from kernelmesh.services.unimplemented import (
+    UnimplementedLLMServicer,
+    UnimplementedOrchestratorServicer,
+)
+from kernelmesh.v1 import (
+    device_pb2,
+    device_pb2_grpc,
+    llm_pb2,
+    llm_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
+    task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name,
+    orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
+)
+# Services that answer real work today; the others report NOT_SERVING.
+SERVING = SERVICE_NAMES[:2]
+
+
+class Server:
+    """One process: orchestrator-facing API plus this node's devices."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.http_port = 0
+        self.started = False
+        self.draining = False
+        self._grpc: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._runner = None
+        self._warmup: asyncio.Task | None = None
+        self.devices = device_discovery.discover(config.node_name)
+        self.tasks = TaskManager(
+            self.devices,
+            TensorStore(config.tensor_store_bytes),
+            TaskManagerOptions(
+                limits=config.limits,
+                retention_tasks=config.retention_tasks,
+                retention_bytes=config.retention_bytes,
+                workers_per_device=config.workers_per_device,
+                inline_max_elements=config.inline_max_elements,
+            ),
+        )
+
+    async def start(self) -> None:
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        task_pb2_grpc.add_TaskServiceServicer_to_server(
+            TaskServicer(self.tasks, cfg.limits), server
+        )
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(
+            DeviceServicer(DeviceMonitor(self.devices)), server
+        )
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(UnimplementedLLMServicer(), server)
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+            UnimplementedOrchestratorServicer(), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC to {cfg.host}:{cfg.port}")
+        await self.tasks.start()
+        await server.start()
+        self._grpc = server
+        for name in SERVICE_NAMES:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.http_port is not None:
+            app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
+            self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
+        self._warmup = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        """Compiles (or loads from the on-disk cache) every kernel, then
+        reports SERVING. Requests that arrive earlier still run."""
+        if self.config.warmup:
+            await asyncio.to_thread(cpu_backend.warmup)
+        for name in SERVING:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.started = True
+        log.info("kernelmesh ready on %s:%d", self.config.host, self.port)
+
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+    async def wait_started(self) -> None:
+        if self._warmup is not None:
+            await self._warmup
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful drain: stop taking new work, let in-flight and queued work
+        finish within `grace` seconds, fail what is left with UNAVAILABLE."""
+        if self._grpc is None:
+            return
+        grace = self.config.grace_seconds if grace is None else grace
+        self.draining = True
+        await self._health.enter_graceful_shutdown()
+        if self._warmup is not None and not self._warmup.done():
+            self._warmup.cancel()
+        await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._grpc = None
+
+    async def wait_for_termination(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then drains gracefully."""
+    server = Server(config)
+    await server.start()
+    print(
+        f"kernelmesh serving gRPC on {config.host}:{server.port}"
+        + (f", HTTP on {config.host}:{server.http_port}" if server.http_port else ""),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"kernelmesh draining (grace {config.grace_seconds:g}s)", flush=True)
+    await server.stop()
+    print("kernelmesh stopped", flush=True)

@@ -1,0 +1,49 @@
+"""The HTTP sidecar: Kubernetes-style health probes and Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+
+def make_app(*, started: Callable[[], bool], ready: Callable[[], bool]) -> web.Application:
+    """`started`: warm-up finished. `ready`: started and not draining."""
+
+    async def live(_: web.Request) -> web.Response:
+        # Answering at all proves the event loop is responsive.
+        return web.json_response({"status": "live"})
+
+    async def startup(_: web.Request) -> web.Response:
+        ok = started()
+        return web.json_response(
+            {"status": "started" if ok else "starting"}, status=200 if ok else 503
+        )
+
+    async def readiness(_: web.Request) -> web.Response:
+        ok = ready()
+        return web.json_response(
+            {"status": "ready" if ok else "not ready"}, status=200 if ok else 503
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/startup", startup)
+    app.router.add_get("/health/ready", readiness)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Starts serving; returns the runner and the bound port (port 0 picks one)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # aiohttp exposes no public accessor
+    return runner, bound

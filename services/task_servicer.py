@@ -1,0 +1,231 @@
+"""TaskService: translates kernelmesh.v1 messages to core task calls and back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from kernelmesh.core import ops
+from kernelmesh.core.errors import InvalidArgument, KernelmeshError, Violation
+from kernelmesh.core.tasks import Task, TaskManager, TaskState
+from kernelmesh.services import convert
+from kernelmesh.services.context import deadline_of, tenant_of
+from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
+from kernelmesh.v1 import task_pb2, task_pb2_grpc
+
+# Tasks of one StreamTasks call in flight at once; the reader waits beyond this,
+# which pushes back on the client through gRPC flow control.
+STREAM_WINDOW = 256
+DEFAULT_CHUNK = 1 << 20
+MAX_CHUNK = 4 << 20
+
+
+class TaskServicer(task_pb2_grpc.TaskServiceServicer):
+    def __init__(self, tasks: TaskManager, limits: ops.Limits) -> None:
+        self.tasks = tasks
+        self.limits = limits
+
+    def _spec(self, msg: task_pb2.TaskSpec, context: grpc.aio.ServicerContext):
+        return convert.spec_from_proto(msg, tenant=tenant_of(context), limits=self.limits)
+
+    @rpc
+    async def ListOps(self, request, context):
+        catalog = ops.list_ops()
+        start, size = _page(request.page_token, request.page_size, len(catalog))
+        page = catalog[start : start + size]
+        ops_msgs = [convert.op_to_proto(spec, self._devices_for(spec)) for spec in page]
+        token = _token(start + size) if start + size < len(catalog) else ""
+        return task_pb2.ListOpsResponse(ops=ops_msgs, next_page_token=token)
+
+    def _devices_for(self, spec: ops.OpSpec) -> list[str]:
+        return [
+            d.name
+            for d in self.tasks.devices
+            if any(d.supports(spec.name, dtype) for dtype in spec.dtypes)
+        ]
+
+    @rpc
+    async def SubmitTask(self, request, context):
+        task = self.tasks.submit(self._spec(request.task, context))
+        return task_pb2.SubmitTaskResponse(task=convert.task_to_proto(task))
+
+    @rpc
+    async def RunTask(self, request, context):
+        spec = self._spec(request.task, context)
+        task = await self.tasks.run(spec, deadline=deadline_of(context))
+        if task.state is not TaskState.SUCCEEDED:
+            await context.abort_with_status(_task_failure_status(task))
+        return task_pb2.RunTaskResponse(task=convert.task_to_proto(task))
+
+    async def StreamTasks(self, request_iterator, context):
+        """Reads requests while tasks run; yields each result as it finishes."""
+        try:
+            tenant = tenant_of(context)
+        except KernelmeshError as exc:
+            await context.abort_with_status(status_of(exc))
+        results: asyncio.Queue[task_pb2.StreamTasksResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        in_flight: set[Task] = set()
+
+        def deliver(correlation_id: str, task: Task) -> None:
+            in_flight.discard(task)
+            window.release()
+            results.put_nowait(
+                task_pb2.StreamTasksResponse(
+                    correlation_id=correlation_id, task=convert.task_to_proto(task)
+                )
+            )
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await window.acquire()
+                    try:
+                        spec = convert.spec_from_proto(req.task, tenant=tenant, limits=self.limits)
+                        task = self.tasks.begin(spec, deadline=deadline_of(context))
+                    except KernelmeshError as exc:
+                        window.release()
+                        results.put_nowait(_rejected(req.correlation_id, exc))
+                        continue
+                    in_flight.add(task)
+                    task.add_done_callback(lambda t, cid=req.correlation_id: deliver(cid, t))
+            finally:
+                results.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        reading = True
+        try:
+            while reading or in_flight:
+                item = await results.get()
+                if item is None:
+                    reading = False
+                    continue
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            # The client went away or the call ended: its unfinished work stops.
+            for task in list(in_flight):
+                self.tasks.cancel(task.name, tenant=tenant)
+
+    @rpc
+    async def GetTask(self, request, context):
+        task = self.tasks.get(request.name, tenant=tenant_of(context))
+        full = request.view != task_pb2.TASK_VIEW_BASIC
+        return task_pb2.GetTaskResponse(task=convert.task_to_proto(task, full=full))
+
+    @stream_rpc
+    async def WatchTask(self, request, context) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+        async for event in self.tasks.watch(request.name, tenant=tenant_of(context)):
+            yield convert.event_to_proto(event)
+
+    @rpc
+    async def CancelTask(self, request, context):
+        task = self.tasks.cancel(request.name, tenant=tenant_of(context))
+        return task_pb2.CancelTaskResponse(task=convert.task_to_proto(task, full=False))
+
+    @rpc
+    async def ListTasks(self, request, context):
+        state = TaskState(request.state) if request.state else None
+        tasks, token = self.tasks.list(
+            tenant=tenant_of(context),
+            state=state,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        full = request.view == task_pb2.TASK_VIEW_FULL
+        return task_pb2.ListTasksResponse(
+            tasks=[convert.task_to_proto(t, full=full) for t in tasks], next_page_token=token
+        )
+
+    @rpc
+    async def UploadTensor(self, request_iterator, context):
+        tenant = tenant_of(context)
+        header = None
+        buffer: bytearray | None = None
+        filled = 0
+        async for req in request_iterator:
+            part = req.WhichOneof("part")
+            if header is None:
+                if part != "header":
+                    raise InvalidArgument(
+                        [Violation("header", "the first message must be a header")]
+                    )
+                header = req.header
+                dtype = convert.numpy_dtype(header.dtype, "header.dtype")
+                nbytes = convert.check_shape(header.shape, dtype, "header", self.limits)
+                self.tasks.store.reserve_check(nbytes)
+                buffer = bytearray(nbytes)
+            elif part == "chunk":
+                end = filled + len(req.chunk)
+                if end > len(buffer):
+                    raise InvalidArgument(
+                        [Violation("chunk", f"more data than the header's {len(buffer)} bytes")]
+                    )
+                buffer[filled:end] = req.chunk
+                filled = end
+            else:
+                raise InvalidArgument([Violation("header", "only the first message is a header")])
+        if header is None:
+            raise InvalidArgument([Violation("header", "the stream was empty")])
+        if filled != len(buffer):
+            raise InvalidArgument(
+                [Violation("chunk", f"got {filled} bytes; the header needs {len(buffer)}")]
+            )
+        array = np.frombuffer(buffer, dtype=dtype).reshape(tuple(header.shape))
+        item = self.tasks.store.put(array, tenant=tenant)
+        return task_pb2.UploadTensorResponse(tensor=convert.ref_to_proto(item))
+
+    @stream_rpc
+    async def DownloadTensor(self, request, context):
+        item = self.tasks.store.get(request.name, tenant=tenant_of(context))
+        if request.chunk_size < 0:
+            raise InvalidArgument([Violation("chunk_size", "must be >= 0")])
+        size = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+        yield task_pb2.DownloadTensorResponse(header=convert.ref_to_proto(item))
+        view = memoryview(np.ascontiguousarray(item.array)).cast("B")
+        for start in range(0, len(view), size):
+            yield task_pb2.DownloadTensorResponse(chunk=bytes(view[start : start + size]))
+
+    @rpc
+    async def DeleteTensor(self, request, context):
+        self.tasks.store.delete(request.name, tenant=tenant_of(context))
+        return task_pb2.DeleteTensorResponse()
+
+
+def _task_failure_status(task: Task) -> grpc.Status:
+    error = task.error
+    assert error is not None
+    return to_status(
+        int(error.code),
+        f"{task.name}: {error.message}",
+        reason=f"TASK_{task.state.name}",
+        metadata={"task": task.name},
+    )
+
+
+def _rejected(correlation_id: str, exc: KernelmeshError) -> task_pb2.StreamTasksResponse:
+    msg = task_pb2.Task(state=task_pb2.TASK_STATE_FAILED)
+    msg.error.code = int(exc.code)
+    msg.error.message = exc.message
+    return task_pb2.StreamTasksResponse(correlation_id=correlation_id, task=msg)
+
+
+def _token(offset: int) -> str:
+    return f"offset:{offset}"
+
+
+def _page(token: str, page_size: int, total: int) -> tuple[int, int]:
+    size = 100 if page_size <= 0 else min(page_size, 1000)
+    if not token:
+        return 0, size
+    kind, _, value = token.partition(":")
+    if kind != "offset" or not value.isdigit() or int(value) > total:
+        raise InvalidArgument([Violation("page_token", "not a page token returned by this server")])
+    return int(value), size
+
+
+__all__ = ["TaskServicer"]

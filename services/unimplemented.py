@@ -1,0 +1,41 @@
+"""Services whose RPCs are declared in the contract but built by later work.
+Each RPC answers UNIMPLEMENTED with a message that says so."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from kernelmesh.v1 import llm_pb2, llm_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
+
+PLANNED = {
+    "LLMService": "the LLM gateway (providers, failover, limits, budgets, caching)",
+    "OrchestratorService": "the multi-node mesh (nodes, placement, workflows, API keys)",
+}
+
+
+def _stub(service: str, method: str):
+    message = (
+        f"kernelmesh.v1.{service}/{method} is declared in the contract but not implemented "
+        f"in this release; it arrives with {PLANNED[service]}"
+    )
+
+    async def handler(self, request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    handler.__name__ = method
+    return handler
+
+
+def _servicer_class(base: type, descriptor: ServiceDescriptor) -> type:
+    methods = {m.name: _stub(descriptor.name, m.name) for m in descriptor.methods}
+    return type(f"Unimplemented{descriptor.name}", (base,), methods)
+
+
+UnimplementedLLMServicer = _servicer_class(
+    llm_pb2_grpc.LLMServiceServicer, llm_pb2.DESCRIPTOR.services_by_name["LLMService"]
+)
+UnimplementedOrchestratorServicer = _servicer_class(
+    orchestrator_pb2_grpc.OrchestratorServiceServicer,
+    orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
+)
