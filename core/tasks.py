@@ -273,7 +273,12 @@ class TaskManager:
         except TimeoutError:
             self._abort(task, TaskState.FAILED, Code.DEADLINE_EXCEEDED, "deadline exceeded")
         except asyncio.CancelledError:
-            self._abort(task, TaskState.CANCELLED, Code.CANCELLED, "the caller cancelled")
+            # gRPC cancels the handler when the caller's deadline passes, often
+            # before our own timer fires: report that as the deadline it was.
+            if task.deadline is not None and time.monotonic() >= task.deadline:
+                self._abort(task, TaskState.FAILED, Code.DEADLINE_EXCEEDED, "deadline exceeded")
+            else:
+                self._abort(task, TaskState.CANCELLED, Code.CANCELLED, "the caller cancelled")
             raise
         return task
 
