@@ -41,3 +41,16 @@ TASK_QUEUE_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge("kernelmesh_queue_depth", "Tasks waiting in a ready queue.", ["device"])
 RUNNING = Gauge("kernelmesh_tasks_running", "Tasks running now.", ["device"])
 TASKS_RETAINED = Gauge("kernelmesh_tasks_retained", "Task records held in memory.")
+
+
+# labels() takes a lock and builds a key on every call; the hot path keeps the
+# children it has already resolved.
+_children: dict[tuple, object] = {}
+
+
+def child(metric, *labels: str):
+    key = (id(metric), *labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found

@@ -32,6 +32,18 @@ from kernelmesh.core.errors import (
 from kernelmesh.core.tensor_store import StoredTensor, TensorStore
 
 PREFIX = "tasks/"
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """numpy's dtype.name builds a new string each call; this caches it."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
+
+
 DEFAULT_TENANT = "default"
 
 
@@ -149,6 +161,8 @@ class TaskManager:
         self.store = store
         self.options = options or TaskManagerOptions()
         self._tasks: OrderedDict[str, Task] = OrderedDict()
+        # Finished tasks in finish order: retention evicts from the front.
+        self._finished: OrderedDict[str, Task] = OrderedDict()
         self._queued: dict[int, Task] = {}
         self._seq = itertools.count(1)
         self._retained_bytes = 0
@@ -217,7 +231,7 @@ class TaskManager:
                 arrays.append(item)
         if violations:
             raise InvalidArgument(violations)
-        metas = [ops.TensorMeta(a.dtype.name, tuple(a.shape)) for a in arrays]
+        metas = [ops.TensorMeta(dtype_name(a.dtype), a.shape) for a in arrays]
         try:
             call = ops.validate(spec.op, metas, spec.params, self.options.limits)
         except ops.OpValidationError as exc:
@@ -297,7 +311,7 @@ class TaskManager:
     def _enqueue(self, task: Task) -> None:
         self._queued[task.seq] = task
         task.device.queue.push(task.seq, task.tenant, task.priority)
-        metrics.QUEUE_DEPTH.labels(task.device.name).set(len(task.device.queue))
+        metrics.child(metrics.QUEUE_DEPTH, task.device.name).set(len(task.device.queue))
         self._emit(task, "queued")
         self._work[task.device].set()
 
@@ -363,7 +377,7 @@ class TaskManager:
         if task.state is TaskState.QUEUED:
             task.device.queue.remove(task.seq)
             self._queued.pop(task.seq, None)
-            metrics.QUEUE_DEPTH.labels(task.device.name).set(len(task.device.queue))
+            metrics.child(metrics.QUEUE_DEPTH, task.device.name).set(len(task.device.queue))
         self._finish(task, state, TaskFailure(code, message))
 
     # -- execution --------------------------------------------------------
@@ -377,7 +391,7 @@ class TaskManager:
                 await work.wait()
                 continue
             task = self._queued.pop(device.queue.pop())
-            metrics.QUEUE_DEPTH.labels(device.name).set(len(device.queue))
+            metrics.child(metrics.QUEUE_DEPTH, device.name).set(len(device.queue))
             if task.deadline is not None and time.monotonic() > task.deadline:
                 self._finish(
                     task,
@@ -387,7 +401,7 @@ class TaskManager:
                 continue
             self._start(task)
             device.running += 1
-            metrics.RUNNING.labels(device.name).set(device.running)
+            metrics.child(metrics.RUNNING, device.name).set(device.running)
             began = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(
@@ -398,7 +412,7 @@ class TaskManager:
                 failure = TaskFailure(Code.INTERNAL, f"{task.op} failed on {device.name}: {exc}")
             finally:
                 device.running -= 1
-                metrics.RUNNING.labels(device.name).set(device.running)
+                metrics.child(metrics.RUNNING, device.name).set(device.running)
             if task.state.terminal:  # cancelled or shut down while running
                 continue
             if outputs is None:
@@ -423,7 +437,7 @@ class TaskManager:
     def _start(self, task: Task) -> None:
         task.state = TaskState.RUNNING
         task.start_time = time.time()
-        metrics.TASK_QUEUE_SECONDS.labels(task.device.name).observe(
+        metrics.child(metrics.TASK_QUEUE_SECONDS, task.device.name).observe(
             task.start_time - task.create_time
         )
         if task._watchers:
@@ -431,7 +445,7 @@ class TaskManager:
 
     def _complete(self, task: Task, outputs: list[np.ndarray], seconds: float) -> None:
         task.run_seconds = seconds
-        metrics.TASK_RUN_SECONDS.labels(task.op, task.device.name).observe(seconds)
+        metrics.child(metrics.TASK_RUN_SECONDS, task.op, task.device.name).observe(seconds)
         if task.keep_outputs:
             try:
                 for out in outputs:
@@ -455,13 +469,14 @@ class TaskManager:
         task.error = failure
         task.end_time = time.time()
         task.inputs = None  # inputs are not needed any more; free them now
-        metrics.TASKS.labels(task.op, state.name).inc()
+        metrics.child(metrics.TASKS, task.op, state.name).inc()
         self._emit(task, failure.message if failure else "succeeded")
         task._done.set()
         callbacks, task._callbacks = task._callbacks, []
         for callback in callbacks:
             callback(task)
         self._retained_bytes += task.retained_bytes
+        self._finished[task.name] = task
         self._evict()
 
     def _emit(self, task: Task, message: str) -> None:
@@ -474,20 +489,12 @@ class TaskManager:
     def _evict(self) -> None:
         """Forgets the oldest finished tasks beyond the retention limits."""
         opts = self.options
-        if (
-            len(self._tasks) <= opts.retention_tasks
-            and self._retained_bytes <= opts.retention_bytes
+        while self._finished and (
+            len(self._tasks) > opts.retention_tasks or self._retained_bytes > opts.retention_bytes
         ):
-            return
-        for name in list(self._tasks):
-            if len(self._tasks) <= opts.retention_tasks and (
-                self._retained_bytes <= opts.retention_bytes
-            ):
-                break
-            task = self._tasks[name]
-            if task.state.terminal:
-                del self._tasks[name]
-                self._retained_bytes -= task.retained_bytes
+            name, task = self._finished.popitem(last=False)
+            self._tasks.pop(name, None)
+            self._retained_bytes -= task.retained_bytes
         metrics.TASKS_RETAINED.set(len(self._tasks))
 
     # -- device figures ---------------------------------------------------

@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from kernelmesh.core import ops
 from kernelmesh.core.devices import DeviceInfo, DeviceKind, DeviceSelector, DeviceStatus
 from kernelmesh.core.errors import InvalidArgument, Violation
-from kernelmesh.core.tasks import Task, TaskEvent, TaskSpec, TaskState
+from kernelmesh.core.tasks import Task, TaskEvent, TaskSpec, TaskState, dtype_name
 from kernelmesh.core.tensor_store import StoredTensor
 from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
 
@@ -86,7 +86,7 @@ def tensor_from_proto(msg: tensor_pb2.Tensor, field: str, limits: ops.Limits) ->
 
 
 def tensor_to_proto(array: np.ndarray, *, with_data: bool = True) -> tensor_pb2.Tensor:
-    code = NUMPY_TO_DTYPE.get(array.dtype.name)
+    code = NUMPY_TO_DTYPE.get(dtype_name(array.dtype))
     if code is None:
         raise TypeError(f"dtype {array.dtype} has no kernelmesh.v1.Dtype")
     msg = tensor_pb2.Tensor(dtype=code, shape=array.shape)
@@ -103,7 +103,7 @@ def meta_to_proto(meta: ops.TensorMeta) -> tensor_pb2.Tensor:
 def ref_to_proto(item: StoredTensor) -> tensor_pb2.TensorRef:
     return tensor_pb2.TensorRef(
         name=item.name,
-        dtype=NUMPY_TO_DTYPE[item.array.dtype.name],
+        dtype=NUMPY_TO_DTYPE[dtype_name(item.array.dtype)],
         shape=item.array.shape,
         size_bytes=item.size_bytes,
         device=item.device,
