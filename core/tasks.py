@@ -32,6 +32,7 @@ from kernelmesh.core.errors import (
 from kernelmesh.core.tensor_store import StoredTensor, TensorStore
 
 PREFIX = "tasks/"
+DEADLINE_SKEW = 0.05  # seconds
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
 
@@ -289,7 +290,9 @@ class TaskManager:
         except asyncio.CancelledError:
             # gRPC cancels the handler when the caller's deadline passes, often
             # before our own timer fires: report that as the deadline it was.
-            if task.deadline is not None and time.monotonic() >= task.deadline:
+            # The server learns the deadline as a relative timeout on arrival, so
+            # its copy runs a little later than the caller's: allow for that skew.
+            if task.deadline is not None and time.monotonic() >= task.deadline - DEADLINE_SKEW:
                 self._abort(task, TaskState.FAILED, Code.DEADLINE_EXCEEDED, "deadline exceeded")
             else:
                 self._abort(task, TaskState.CANCELLED, Code.CANCELLED, "the caller cancelled")
