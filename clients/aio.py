@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -11,13 +11,14 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import AsyncRetrying
 
+from kernelmesh.clients import tensors
 from kernelmesh.clients.client import (
     DEFAULT_TARGET,
     TENANT_METADATA_KEY,
     ClientOptions,
     StreamItem,
     channel_options,
-    retrying,
+    retry_policy,
 )
 from kernelmesh.clients.errors import UnavailableError, error_for, from_rpc_error
 from kernelmesh.clients.status import code_of
@@ -28,6 +29,7 @@ from kernelmesh.clients.types import (
     TaskInfo,
     TaskState,
     TensorRef,
+    in_order,
     task_spec,
     unwrap,
 )
@@ -71,10 +73,7 @@ class AsyncClient:
     async def _call(
         self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None = None
     ) -> T:
-        policy = retrying(self.options)
-        async for attempt in AsyncRetrying(
-            retry=policy.retry, stop=policy.stop, wait=policy.wait, reraise=True
-        ):
+        async for attempt in AsyncRetrying(**retry_policy(self.options)):
             with attempt:
                 try:
                     return await method(
@@ -127,6 +126,25 @@ class AsyncClient:
         )
         return unwrap(TaskInfo.from_proto(response.task).outputs)
 
+    async def run_task(
+        self,
+        op: str,
+        *inputs: np.ndarray | TensorRef | float | int,
+        device: str | None = None,
+        priority: int = 0,
+        keep_outputs: bool = False,
+        timeout: float | None = None,
+        **params: object,
+    ) -> TaskInfo:
+        """Like `run`, but returns the whole task record (device, timings, refs)."""
+        spec = task_spec(
+            op, inputs, params, device=device, priority=priority, keep_outputs=keep_outputs
+        )
+        response = await self._call(
+            self._tasks.RunTask, task_pb2.RunTaskRequest(task=spec), timeout
+        )
+        return TaskInfo.from_proto(response.task)
+
     async def submit(
         self,
         op: str,
@@ -173,6 +191,68 @@ class AsyncClient:
             raise from_rpc_error(err) from None
         finally:
             call.cancel()
+
+    async def map(
+        self, op: str, inputs: Iterable[Sequence[np.ndarray]], **params: object
+    ) -> list[np.ndarray | tuple[np.ndarray, ...]]:
+        """Runs `op` over every tuple of inputs through one stream; results in
+        input order. The first failed task raises."""
+        items = (StreamItem(op, tuple(args), params) for args in inputs)
+        return in_order({index: info async for index, info in self.stream(items)})
+
+    async def list_tasks(
+        self, state: TaskState | None = None, page_size: int = 100
+    ) -> AsyncIterator[TaskInfo]:
+        token = ""
+        while True:
+            response = await self._call(
+                self._tasks.ListTasks,
+                task_pb2.ListTasksRequest(
+                    page_size=page_size, page_token=token, state=int(state or 0)
+                ),
+            )
+            for task in response.tasks:
+                yield TaskInfo.from_proto(task)
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def upload(self, array: np.ndarray) -> TensorRef:
+        """Stores an array on the server in 1 MiB chunks (no message-size cap)."""
+        try:
+            response = await self._tasks.UploadTensor(
+                tensors.upload_requests(array),
+                timeout=self.options.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return TensorRef.from_proto(response.tensor)
+
+    async def download(self, ref: TensorRef | str) -> np.ndarray:
+        name = ref.name if isinstance(ref, TensorRef) else ref
+        header = None
+        chunks: list[bytes] = []
+        call = self._tasks.DownloadTensor(
+            task_pb2.DownloadTensorRequest(name=name),
+            timeout=self.options.timeout,
+            metadata=self._metadata,
+        )
+        try:
+            async for part in call:
+                if part.WhichOneof("part") == "header":
+                    header = part.header
+                else:
+                    chunks.append(part.chunk)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        if header is None:
+            raise UnavailableError(f"the download of {name} ended before its header")
+        return tensors.assemble(header, chunks)
+
+    async def delete(self, ref: TensorRef | str) -> None:
+        name = ref.name if isinstance(ref, TensorRef) else ref
+        await self._call(self._tasks.DeleteTensor, task_pb2.DeleteTensorRequest(name=name))
 
     async def get_task(self, name: str) -> TaskInfo:
         response = await self._call(self._tasks.GetTask, task_pb2.GetTaskRequest(name=name))

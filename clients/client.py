@@ -17,7 +17,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from kernelmesh.clients.errors import KernelmeshError, UnavailableError, from_rpc_error
+from kernelmesh.clients import tensors
+from kernelmesh.clients.errors import KernelmeshError, UnavailableError, error_for, from_rpc_error
+from kernelmesh.clients.status import code_of
 from kernelmesh.clients.types import (
     Device,
     Op,
@@ -25,16 +27,16 @@ from kernelmesh.clients.types import (
     TaskInfo,
     TaskState,
     TensorRef,
+    in_order,
     task_spec,
     unwrap,
 )
-from kernelmesh.v1 import device_pb2, device_pb2_grpc, task_pb2, task_pb2_grpc, tensor_pb2
+from kernelmesh.v1 import device_pb2, device_pb2_grpc, task_pb2, task_pb2_grpc
 
 T = TypeVar("T")
 DEFAULT_TARGET = "127.0.0.1:50051"
 TENANT_METADATA_KEY = "kernelmesh-tenant"
 MAX_MESSAGE_BYTES = 256 << 20
-CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,15 @@ def channel_options(opts: ClientOptions) -> list[tuple[str, Any]]:
     ]
 
 
-def retrying(opts: ClientOptions):
-    """The tenacity policy: retry only UNAVAILABLE, never a real answer."""
-    return retry(
-        retry=retry_if_exception(lambda e: isinstance(e, UnavailableError)),
-        stop=stop_after_attempt(max(1, opts.retries)),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
-        reraise=True,
-    )
+def retry_policy(opts: ClientOptions) -> dict[str, Any]:
+    """The tenacity policy: retry only UNAVAILABLE (never a real answer),
+    exponential backoff with jitter."""
+    return {
+        "retry": retry_if_exception(lambda e: isinstance(e, UnavailableError)),
+        "stop": stop_after_attempt(max(1, opts.retries)),
+        "wait": wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
+        "reraise": True,
+    }
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class Client:
         self._devices = device_pb2_grpc.DeviceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = ((TENANT_METADATA_KEY, tenant),) if tenant else ()
-        self._retrying = retrying(self.options)
+        self._retrying = retry(**retry_policy(self.options))
 
     # -- plumbing -----------------------------------------------------------
 
@@ -258,16 +261,7 @@ class Client:
     ) -> list[np.ndarray | tuple[np.ndarray, ...]]:
         """Runs `op` over every tuple of inputs through one stream; results in
         input order. The first failed task raises."""
-        results: dict[int, TaskInfo] = dict(
-            self.stream(StreamItem(op, tuple(args), params) for args in inputs)
-        )
-        out = []
-        for index in range(len(results)):
-            info = results[index]
-            if info.state is not TaskState.SUCCEEDED:
-                raise KernelmeshError(f"item {index}: {info.error_message}")
-            out.append(unwrap(info.outputs))
-        return out
+        return in_order(dict(self.stream(StreamItem(op, tuple(args), params) for args in inputs)))
 
     def get_task(self, name: str) -> TaskInfo:
         response = self._call(self._tasks.GetTask, task_pb2.GetTaskRequest(name=name))
@@ -310,29 +304,17 @@ class Client:
 
     def upload(self, array: np.ndarray) -> TensorRef:
         """Stores an array on the server in 1 MiB chunks (no message-size cap)."""
-        from kernelmesh.clients import tensors
-
-        proto = tensors.to_proto(array)
-
-        def parts() -> Iterator[task_pb2.UploadTensorRequest]:
-            yield task_pb2.UploadTensorRequest(
-                header=task_pb2.TensorHeader(dtype=proto.dtype, shape=proto.shape)
-            )
-            data = memoryview(proto.data)
-            for start in range(0, len(data), CHUNK_BYTES):
-                yield task_pb2.UploadTensorRequest(chunk=bytes(data[start : start + CHUNK_BYTES]))
-
         try:
             response = self._tasks.UploadTensor(
-                parts(), timeout=self.options.timeout, metadata=self._metadata
+                tensors.upload_requests(array),
+                timeout=self.options.timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return TensorRef.from_proto(response.tensor)
 
     def download(self, ref: TensorRef | str) -> np.ndarray:
-        from kernelmesh.clients import tensors
-
         name = ref.name if isinstance(ref, TensorRef) else ref
         header = None
         chunks: list[bytes] = []
@@ -348,10 +330,9 @@ class Client:
                     chunks.append(part.chunk)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        assert header is not None
-        return tensors.from_proto(
-            tensor_pb2.Tensor(dtype=header.dtype, shape=header.shape, data=b"".join(chunks))
-        )
+        if header is None:
+            raise UnavailableError(f"the download of {name} ended before its header")
+        return tensors.assemble(header, chunks)
 
     def delete(self, ref: TensorRef | str) -> None:
         name = ref.name if isinstance(ref, TensorRef) else ref
@@ -385,9 +366,6 @@ class TaskHandle:
         cancelled."""
         info = self.wait(timeout)
         if info.state is not TaskState.SUCCEEDED:
-            from kernelmesh.clients.errors import error_for
-            from kernelmesh.clients.status import code_of
-
             raise error_for(code_of(info.error_code), f"{self.name}: {info.error_message}")
         return unwrap(info.outputs) if info.outputs else info.output_refs
 

@@ -35,3 +35,26 @@ def from_proto(msg: tensor_pb2.Tensor) -> np.ndarray:
 
 def dtype_name(code: int) -> str:
     return _TO_NUMPY[code].name if code in _TO_NUMPY else "unspecified"
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def upload_requests(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES):
+    """The UploadTensor stream for an array: a header, then 1 MiB chunks."""
+    from kernelmesh.v1 import task_pb2
+
+    proto = to_proto(array)
+    yield task_pb2.UploadTensorRequest(
+        header=task_pb2.TensorHeader(dtype=proto.dtype, shape=proto.shape)
+    )
+    data = memoryview(proto.data)
+    for start in range(0, len(data), chunk_bytes):
+        yield task_pb2.UploadTensorRequest(chunk=bytes(data[start : start + chunk_bytes]))
+
+
+def assemble(header: tensor_pb2.TensorRef, chunks: list[bytes]) -> np.ndarray:
+    """The array of a DownloadTensor stream."""
+    return from_proto(
+        tensor_pb2.Tensor(dtype=header.dtype, shape=header.shape, data=b"".join(chunks))
+    )

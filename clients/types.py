@@ -212,3 +212,17 @@ def _struct(params: Mapping[str, object]) -> struct_pb2.Struct:
 
 def unwrap(outputs: tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+def in_order(results: Mapping[int, TaskInfo]) -> list[np.ndarray | tuple[np.ndarray, ...]]:
+    """Stream results by input index; the first failed task raises."""
+    from kernelmesh.clients.errors import error_for
+    from kernelmesh.clients.status import code_of
+
+    out = []
+    for index in range(len(results)):
+        info = results[index]
+        if info.state is not TaskState.SUCCEEDED:
+            raise error_for(code_of(info.error_code), f"item {index}: {info.error_message}")
+        out.append(unwrap(info.outputs))
+    return out

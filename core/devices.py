@@ -132,7 +132,7 @@ def parse_selector_name(name: str) -> DeviceKind:
         raise InvalidArgument(
             [
                 Violation(
-                    "task.device.name",
+                    "device.name",
                     f"{name!r} is not a device name; expected KIND:INDEX such as 'cpu:0' "
                     f"(kinds: {', '.join(k.value for k in DeviceKind)})",
                 )

@@ -101,18 +101,31 @@ class Server:
             ),
             server,
         )
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        try:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError:  # grpcio raises rather than returning 0 on a busy port
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind gRPC to {cfg.host}:{cfg.port}")
+            raise OSError(
+                f"could not bind gRPC to {cfg.host}:{cfg.port}: the address is in use "
+                "or not available (choose another with --port)"
+            )
+        if cfg.http_port is not None:
+            app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
+            try:
+                self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise OSError(
+                    f"could not bind the HTTP sidecar to {cfg.host}:{cfg.http_port}: "
+                    f"{exc.strerror or exc} (choose another with --http-port, or --no-http)"
+                ) from None
         await self.tasks.start()
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        if cfg.http_port is not None:
-            app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
-            self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
         self._warmup = asyncio.create_task(self._warm_up())
 
     async def _warm_up(self) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import numpy as np
@@ -49,13 +51,16 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc
     async def SubmitTask(self, request, context):
-        task = self.tasks.submit(self._spec(request.task, context))
+        with qualified(request.task):
+            task = self.tasks.submit(self._spec(request.task, context))
         return task_pb2.SubmitTaskResponse(task=convert.task_to_proto(task))
 
     @rpc
     async def RunTask(self, request, context):
         spec = self._spec(request.task, context)
-        task = await self.tasks.run(spec, deadline=deadline_of(context))
+        with qualified(request.task):
+            task = self.tasks.begin(spec, deadline=deadline_of(context))
+        task = await self.tasks.wait(task)
         if task.state is not TaskState.SUCCEEDED:
             await context.abort_with_status(_task_failure_status(task))
         return task_pb2.RunTaskResponse(task=convert.task_to_proto(task))
@@ -85,7 +90,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     await window.acquire()
                     try:
                         spec = convert.spec_from_proto(req.task, tenant=tenant, limits=self.limits)
-                        task = self.tasks.begin(spec, deadline=deadline_of(context))
+                        with qualified(req.task):
+                            task = self.tasks.begin(spec, deadline=deadline_of(context))
                     except KernelmeshError as exc:
                         window.release()
                         results.put_nowait(_rejected(req.correlation_id, exc))
@@ -194,6 +200,33 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def DeleteTensor(self, request, context):
         self.tasks.store.delete(request.name, tenant=tenant_of(context))
         return task_pb2.DeleteTensorResponse()
+
+
+@contextlib.contextmanager
+def qualified(msg: task_pb2.TaskSpec) -> Iterator[None]:
+    """Rewrites core's field paths ("inputs[1].shape") to the request's
+    ("task.inputs[1].tensor.shape"), so every violation names a real field."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            [Violation(_qualify(v.field, msg), v.description) for v in exc.violations]
+        ) from None
+
+
+_INPUT_FIELD = re.compile(r"^inputs\[(\d+)\]\.(shape|dtype)$")
+
+
+def _qualify(field: str, msg: task_pb2.TaskSpec) -> str:
+    if field.startswith("task."):
+        return field
+    match = _INPUT_FIELD.match(field)
+    if match:
+        index = int(match.group(1))
+        if index < len(msg.inputs) and msg.inputs[index].WhichOneof("source") == "ref":
+            return f"task.inputs[{index}].ref"
+        return f"task.inputs[{index}].tensor.{match.group(2)}"
+    return f"task.{field}"
 
 
 def _task_failure_status(task: Task) -> grpc.Status:
