@@ -281,6 +281,8 @@ def validate(
         )
 
     shapes_ok = all([_check_input(spec, i, t, limits, errors) for i, t in enumerate(inputs)])
+    if shapes_ok:  # tuples of Python ints, whatever sequence or integer type came in
+        inputs = tuple(TensorMeta(t.dtype, tuple(int(d) for d in t.shape)) for t in inputs)
     norm = _check_params(spec, params, errors)
 
     # The shape rules run whenever the shapes can be read, so one reply names
@@ -399,7 +401,10 @@ def _coerce(p: ParamSpec, value: object) -> object:
     if p.type is ParamType.FLOAT:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"must be a number, got {_show(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float64's range
+            raise ValueError(f"is out of the float64 range, got {value!r}") from None
     if p.type is ParamType.BOOL:
         # bool only: 0/1 or "true" would hide a mistake on the caller's side
         if not isinstance(value, bool) and type(value).__name__ != "bool_":

@@ -330,9 +330,30 @@ def server_config(server_config):
     return dataclasses.replace(server_config, workers_per_device=1)
 
 
-async def _occupy(tasks) -> task_pb2.Task:
-    big = np.ones((1400, 1400), np.float64)
-    return (await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("matmul", big, big)))).task
+async def _occupy(tasks) -> None:
+    """Queues a few seconds of matmul on the single worker, so tasks submitted
+    next wait in the queue whatever the machine's speed."""
+    big = np.ones((1500, 1500), np.float64)
+    for _ in range(4):
+        await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("matmul", big, big)))
+
+
+async def _eventually(check, timeout: float = 20.0):
+    """Polls `check` (a coroutine function) until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not (found := await check()):
+        assert loop.time() < give_up, "condition not reached in time"
+        await asyncio.sleep(0.02)
+    return found
+
+
+def _listing(tasks, state):
+    async def listed():
+        reply = await tasks.ListTasks(task_pb2.ListTasksRequest(state=state))
+        return [t for t in reply.tasks if t.op == "exp"]
+
+    return listed
 
 
 async def test_cancel_queued_task_never_runs(tasks):
@@ -370,16 +391,15 @@ async def test_deadline_is_honoured_and_the_task_is_marked(tasks):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(tasks, msg, timeout=0.05)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.sleep(0.1)
-    listed = await tasks.ListTasks(task_pb2.ListTasksRequest(state=task_pb2.TASK_STATE_FAILED))
-    assert any(t.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] for t in listed.tasks)
+    failed = await _eventually(_listing(tasks, task_pb2.TASK_STATE_FAILED))
+    assert failed[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
 async def test_client_cancellation_cancels_the_task(tasks):
     await _occupy(tasks)
     call = tasks.RunTask(task_pb2.RunTaskRequest(task=spec("exp", np.ones(1 << 16, np.float32))))
-    await asyncio.sleep(0.1)
+    (queued,) = await _eventually(_listing(tasks, task_pb2.TASK_STATE_QUEUED))
     call.cancel()
-    await asyncio.sleep(0.1)
-    listed = await tasks.ListTasks(task_pb2.ListTasksRequest(state=task_pb2.TASK_STATE_CANCELLED))
-    assert any(t.op == "exp" for t in listed.tasks)
+    (cancelled,) = await _eventually(_listing(tasks, task_pb2.TASK_STATE_CANCELLED))
+    assert cancelled.name == queued.name
+    assert not cancelled.HasField("start_time")
