@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import os
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -64,9 +64,19 @@ PACKAGE_DIR = {
     "kernelmesh.clients": "clients",
 }
 
+
+def packages() -> list[str]:
+    """The mapped packages and every subpackage under them (core/llm -> kernelmesh.core.llm)."""
+    found = []
+    for package, folder in PACKAGE_DIR.items():
+        found.append(package)
+        found += [f"{package}.{sub}" for sub in find_packages(folder)]
+    return found
+
+
 setup(
     package_dir=PACKAGE_DIR,
-    packages=list(PACKAGE_DIR),
+    packages=packages(),
     package_data={
         "kernelmesh.v1": ["*.proto", "*.pyi"],
         "kernelmesh.native": ["kernels/*", "*.pyx"],
