@@ -32,8 +32,14 @@ class ServerConfig:
     inline_max_elements: int = 1 << 14
     # Seconds in-flight work gets to finish after SIGTERM.
     grace_seconds: float = 30.0
-    # Skip compiling kernels at start (tests that never run kernels).
+    # Skip compiling kernels and measuring devices at start (tests that never run
+    # kernels). Unmeasured devices are placed CPU first.
     warmup: bool = True
+    # Backends to look for devices in (cpu, opencl, cuda, metal); None: all of them.
+    backends: tuple[str, ...] | None = None
+    # YAML file of LLM models and deployments (core/llm/config.py); None: only
+    # the offline "local" embedding model, and Generate explains what to configure.
+    llm_config: str | None = None
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
@@ -51,6 +57,10 @@ def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
         raise ValueError(
             f"unknown settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
         )
+    if isinstance(values.get("backends"), str):
+        values["backends"] = tuple(b.strip() for b in values["backends"].split(",") if b.strip())
+    elif isinstance(values.get("backends"), list):
+        values["backends"] = tuple(values["backends"])
     if isinstance(values.get("limits"), dict):
         values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
     return ServerConfig(**values)  # type: ignore[arg-type]

@@ -1,20 +1,26 @@
-"""The devices of this node and how a task's selector picks one."""
+"""The devices of this node, found through every backend in kernelmesh.native, and
+how a task's selector picks one."""
 
 from __future__ import annotations
 
-import platform
+import importlib
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from kernelmesh.core import placement
 from kernelmesh.core.errors import FailedPrecondition, InvalidArgument, Violation
-from kernelmesh.native import cpu as cpu_backend
+from kernelmesh.core.placement import DeviceSpeed, Work
 from kernelmesh.native import cpu_info
 from kernelmesh.native._dispatch import ReadyQueue
+from kernelmesh.native.backend import Device, DeviceProperties
+
+log = logging.getLogger(__name__)
 
 
 class DeviceKind(Enum):
@@ -62,25 +68,49 @@ class DeviceStatus:
 
 @dataclass(eq=False)
 class LocalDevice:
-    """A device of this node with its own ready queue."""
+    """A device of this node, with its own ready queue and measured speed."""
 
     info: DeviceInfo
-    backend: ModuleType
+    backend: Device
     queue: ReadyQueue = field(default_factory=ReadyQueue)
     running: int = 0
+    # Set once at start by `placement.measure`; None until then.
+    speed: DeviceSpeed | None = None
+    # Seconds this device has spent with at least one task running, for utilisation.
+    _busy_total: float = 0.0
+    _busy_since: float | None = None
 
     @property
     def name(self) -> str:
         return self.info.name
 
     def supports(self, op: str, dtype: str) -> bool:
-        return dtype in self.backend.SUPPORTED_DTYPES.get(op, ())
+        return self.backend.supports(op, dtype)
+
+    def refusal(self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]):
+        return self.backend.refusal(op, shapes, params)
 
     def run(self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> list:
         return self.backend.run(op, inputs, params)
 
     def memory_available_bytes(self) -> int:
-        return cpu_info.memory_available_bytes()
+        return self.backend.memory_available_bytes()
+
+    def task_started(self) -> None:
+        if self.running == 0:
+            self._busy_since = time.monotonic()
+        self.running += 1
+
+    def task_ended(self) -> None:
+        self.running -= 1
+        if self.running == 0 and self._busy_since is not None:
+            self._busy_total += time.monotonic() - self._busy_since
+            self._busy_since = None
+
+    def busy_seconds(self) -> float:
+        """Total time with work running, up to now."""
+        since = self._busy_since
+        return self._busy_total + (time.monotonic() - since if since is not None else 0.0)
 
 
 class CpuUtilisation:
@@ -95,31 +125,65 @@ class CpuUtilisation:
         return self.last
 
 
-def discover(node: str) -> list[LocalDevice]:
-    """The devices this node can run kernels on (the CPU today)."""
-    info = cpu_info.cpu_info()
-    cpu = DeviceInfo(
-        name="cpu:0",
-        kind=DeviceKind.CPU,
-        model=info.model,
-        vendor=info.vendor,
-        driver_version=f"numba-{_numba_version()} numpy-{np.__version__} {platform.machine()}",
-        compute_units=info.cores,
-        threads=info.threads,
-        features=info.features,
-        memory_total_bytes=info.memory_total_bytes,
-        supports_fp64=True,
-        supports_fp16=False,
-        max_work_group_size=0,
+# Backend modules in kernelmesh.native, in the order their devices are listed.
+BACKENDS = ("cpu", "opencl", "cuda", "metal")
+
+
+@dataclass(frozen=True)
+class Discovery:
+    devices: list[LocalDevice]
+    # backend -> why it has no devices here ("pyopencl is not installed", ...)
+    unavailable: dict[str, str]
+
+
+def discover(node: str, backends: Sequence[str] | None = None) -> list[LocalDevice]:
+    """The devices this node can run kernels on, from every available backend."""
+    found = discover_all(node, backends)
+    for backend, reason in found.unavailable.items():
+        log.info("backend %s unavailable: %s", backend, reason)
+    return found.devices
+
+
+def discover_all(node: str, backends: Sequence[str] | None = None) -> Discovery:
+    wanted = list(backends) if backends else list(BACKENDS)
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
+    devices: list[LocalDevice] = []
+    unavailable: dict[str, str] = {}
+    for backend in wanted:
+        try:
+            module = importlib.import_module(f"kernelmesh.native.{backend}")
+            reason = module.available()
+            if reason is None:
+                found = module.devices()
+                if not found:
+                    reason = "no devices found"
+        except Exception as exc:  # a broken driver must not keep the node from starting
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            unavailable[backend] = reason
+            continue
+        devices += [LocalDevice(info=_info(d.properties, node), backend=d) for d in found]
+    return Discovery(devices, unavailable)
+
+
+def _info(p: DeviceProperties, node: str) -> DeviceInfo:
+    return DeviceInfo(
+        name=p.name,
+        kind=DeviceKind(p.kind),
+        model=p.model,
+        vendor=p.vendor,
+        driver_version=p.driver_version,
+        compute_units=p.compute_units,
+        threads=p.threads,
+        features=p.features,
+        memory_total_bytes=p.memory_total_bytes,
+        supports_fp64=p.supports_fp64,
+        supports_fp16=p.supports_fp16,
+        max_work_group_size=p.max_work_group_size,
         node=node,
     )
-    return [LocalDevice(info=cpu, backend=cpu_backend)]
-
-
-def _numba_version() -> str:
-    import numba
-
-    return numba.__version__
 
 
 def parse_selector_name(name: str) -> DeviceKind:
@@ -142,9 +206,17 @@ def parse_selector_name(name: str) -> DeviceKind:
 
 
 def select(
-    devices: Sequence[LocalDevice], selector: DeviceSelector, op: str, dtype: str
+    devices: Sequence[LocalDevice],
+    selector: DeviceSelector,
+    op: str,
+    dtype: str,
+    shapes: Sequence[tuple[int, ...]] = (),
+    params: Mapping[str, Any] | None = None,
+    work: Work | None = None,
 ) -> LocalDevice:
-    """The device that runs a task: the first capable match, least loaded first."""
+    """The device that runs a task. Only devices that match the selector and can run
+    this op, dtype and shape are candidates; among them the one expected to finish
+    first, by each device's measured speed and the work already queued on it."""
     if selector.name:
         parse_selector_name(selector.name)
     candidates = [
@@ -163,4 +235,17 @@ def select(
             f"{op} on {dtype} is not supported by {wanted!r}; "
             "ListOps shows which devices run each op"
         )
-    return min(capable, key=lambda d: len(d.queue) + d.running)
+    params = params or {}
+    refusals = {d.name: d.refusal(op, shapes, params) for d in capable}
+    able = [d for d in capable if refusals[d.name] is None]
+    if not able:
+        raise FailedPrecondition("; ".join(f"{r}" for r in refusals.values()))
+    if len(able) == 1:
+        return able[0]
+    return min(able, key=lambda d: _expected_finish(d, work))
+
+
+def _expected_finish(device: LocalDevice, work: Work | None) -> tuple:
+    load = device.running + len(device.queue)
+    is_cpu = device.info.kind is DeviceKind.CPU
+    return placement.expected_finish(device.speed, work, load, is_cpu=is_cpu)

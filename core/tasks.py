@@ -18,7 +18,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from kernelmesh.core import metrics, ops
+from kernelmesh.core import metrics, ops, placement
 from kernelmesh.core.devices import DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
     Code,
@@ -30,6 +30,7 @@ from kernelmesh.core.errors import (
     Violation,
 )
 from kernelmesh.core.tensor_store import StoredTensor, TensorStore
+from kernelmesh.native.backend import LaunchError, OutOfDeviceMemory
 
 PREFIX = "tasks/"
 DEADLINE_SKEW = 0.05  # seconds
@@ -240,7 +241,15 @@ class TaskManager:
                 [Violation(v.field, v.description) for v in exc.violations]
             ) from None
         dtype = metas[0].dtype if metas else ""
-        device = select(self.devices, spec.selector, spec.op, dtype)
+        device = select(
+            self.devices,
+            spec.selector,
+            spec.op,
+            dtype,
+            shapes=[m.shape for m in call.inputs],
+            params=call.params,
+            work=placement.work_of(call),
+        )
         task = Task(
             id=uuid.uuid4().hex,
             seq=next(self._seq),
@@ -403,7 +412,7 @@ class TaskManager:
                 )
                 continue
             self._start(task)
-            device.running += 1
+            device.task_started()
             metrics.child(metrics.RUNNING, device.name).set(device.running)
             began = time.perf_counter()
             try:
@@ -412,9 +421,9 @@ class TaskManager:
                 )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
-                failure = TaskFailure(Code.INTERNAL, f"{task.op} failed on {device.name}: {exc}")
+                failure = _kernel_failure(task, exc)
             finally:
-                device.running -= 1
+                device.task_ended()
                 metrics.child(metrics.RUNNING, device.name).set(device.running)
             if task.state.terminal:  # cancelled or shut down while running
                 continue
@@ -429,11 +438,7 @@ class TaskManager:
         try:
             outputs = task.device.run(task.op, task.inputs, task.call.params)
         except Exception as exc:
-            self._finish(
-                task,
-                TaskState.FAILED,
-                TaskFailure(Code.INTERNAL, f"{task.op} failed on {task.device.name}: {exc}"),
-            )
+            self._finish(task, TaskState.FAILED, _kernel_failure(task, exc))
             return
         self._complete(task, outputs, time.perf_counter() - began)
 
@@ -504,6 +509,15 @@ class TaskManager:
 
     def queue_depth(self, device: LocalDevice) -> int:
         return len(device.queue)
+
+
+def _kernel_failure(task: Task, exc: Exception) -> TaskFailure:
+    where = f"{task.op} failed on {task.device.name}"
+    if isinstance(exc, OutOfDeviceMemory):
+        return TaskFailure(Code.RESOURCE_EXHAUSTED, f"{where}: {exc}")
+    if isinstance(exc, LaunchError):
+        return TaskFailure(Code.UNAVAILABLE, f"{where}: {exc}")
+    return TaskFailure(Code.INTERNAL, f"{where}: {type(exc).__name__}: {exc}")
 
 
 def _encode_token(seq: int) -> str:

@@ -29,11 +29,12 @@ import numpy as np
 
 __all__ = [
     "Allocator",
-    "Compiler",
     "CompileError",
+    "Compiler",
     "Device",
     "DeviceProperties",
     "LaunchError",
+    "OutOfDeviceMemory",
     "Program",
 ]
 
@@ -73,7 +74,12 @@ class CompileError(RuntimeError):
 
 
 class LaunchError(RuntimeError):
-    """A launch or transfer failed on the device (out of resources, lost device)."""
+    """A launch or transfer failed on the device (bad launch, lost device)."""
+
+
+class OutOfDeviceMemory(LaunchError):
+    """The device could not allocate or launch for lack of memory or resources; the
+    task fails with RESOURCE_EXHAUSTED and the device stays usable."""
 
 
 class Allocator(abc.ABC):
@@ -147,6 +153,8 @@ class Device(abc.ABC):
 
     def warmup(self) -> None:
         """Compiles (or loads from the compile cache) every kernel `run` uses."""
+        return None  # a backend without a compile step has nothing to do
 
     def close(self) -> None:
         """Releases the device's context and memory pools."""
+        return None

@@ -36,7 +36,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["SUPPORTED_DTYPES", "run", "warmup"]
+from kernelmesh.native import cpu_info
+from kernelmesh.native.backend import Device, DeviceProperties
+
+__all__ = ["NAME", "SUPPORTED_DTYPES", "CpuDevice", "available", "devices", "run", "warmup"]
+
+NAME = "cpu"
 
 # After a parallel loop, Numba's OpenMP workers spin for their next job (GNU OpenMP's
 # default is 300000 spins, milliseconds of a core) and starve the BLAS threads of the
@@ -636,3 +641,48 @@ def warmup() -> None:
         run(op, inputs, params)  # small: compiles each serial twin
     for kernel in _Kernel.instances:
         kernel.compile_parallel_like_serial()
+
+
+# --------------------------------------------------------------------------
+# The backend interface (native/backend.py). The CPU needs no allocator or
+# compiler: NumPy owns the memory and Numba compiles (and caches) on its own.
+# --------------------------------------------------------------------------
+
+
+class CpuDevice(Device):
+    """The host's cores, running the kernels of this module."""
+
+    def run(
+        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
+    ) -> list[np.ndarray]:
+        return run(op, inputs, params)
+
+    def memory_available_bytes(self) -> int:
+        return cpu_info.memory_available_bytes()
+
+    def warmup(self) -> None:
+        warmup()
+
+
+def available() -> str | None:
+    return None  # NumPy and Numba are dependencies: the CPU backend always runs
+
+
+def devices() -> list[Device]:
+    info = cpu_info.cpu_info()
+    properties = DeviceProperties(
+        kind=NAME,
+        index=0,
+        model=info.model,
+        vendor=info.vendor,
+        driver_version=f"numba-{numba.__version__} numpy-{np.__version__}",
+        compute_units=info.cores,
+        max_work_group_size=0,
+        memory_total_bytes=info.memory_total_bytes,
+        supports_fp64=True,
+        supports_fp16=False,
+        threads=info.threads,
+        features=info.features,
+        fingerprint=f"{info.model} numba-{numba.__version__}",
+    )
+    return [CpuDevice(properties, SUPPORTED_DTYPES)]

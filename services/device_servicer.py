@@ -23,13 +23,19 @@ class DeviceMonitor:
         self.devices = devices
         self._cpu = CpuUtilisation()
         self._sampled_at = 0.0
+        # Accelerators: the fraction of wall time with one of our kernels running,
+        # between samples (no portable vendor counter exists across backends).
+        self._busy: dict[str, tuple[float, float, float]] = {}  # name -> (at, busy, last)
 
     def status(self, device: LocalDevice) -> DeviceStatus:
         now = time.monotonic()
         if now - self._sampled_at >= 0.1:
             self._cpu.refresh()
             self._sampled_at = now
-        utilization = self._cpu.last if device.info.kind is DeviceKind.CPU else 0.0
+        if device.info.kind is DeviceKind.CPU:
+            utilization = self._cpu.last
+        else:
+            utilization = self._busy_fraction(device, now)
         return DeviceStatus(
             name=device.name,
             utilization=utilization,
@@ -38,6 +44,15 @@ class DeviceMonitor:
             queue_depth=len(device.queue),
             running=device.running,
         )
+
+    def _busy_fraction(self, device: LocalDevice, now: float) -> float:
+        busy = device.busy_seconds()
+        at, before, last = self._busy.get(device.name, (now, busy, 0.0))
+        if now - at >= 0.1:
+            last = min(1.0, max(0.0, (busy - before) / (now - at)))
+            at, before = now, busy
+        self._busy[device.name] = (at, before, last)
+        return last
 
     def find(self, name: str) -> LocalDevice:
         for device in self.devices:

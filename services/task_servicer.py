@@ -104,7 +104,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         reader = asyncio.create_task(read())
         reading = True
         try:
-            while reading or in_flight:
+            # A result delivered after the reader's end marker still waits in the queue.
+            while reading or in_flight or not results.empty():
                 item = await results.get()
                 if item is None:
                     reading = False

@@ -24,7 +24,7 @@ from kernelmesh.v1 import (
 async def test_list_devices_reports_the_real_cpu(channel):
     stub = device_pb2_grpc.DeviceServiceStub(channel)
     response = await stub.ListDevices(device_pb2.ListDevicesRequest())
-    (cpu,) = response.devices
+    cpu = response.devices[0]
     assert cpu.name == "cpu:0" and cpu.kind == device_pb2.DEVICE_KIND_CPU
     assert cpu.model and cpu.compute_units >= 1 and cpu.threads >= 1
     assert cpu.memory_total_bytes > cpu.memory_available_bytes > 0
