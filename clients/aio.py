@@ -21,6 +21,7 @@ from kernelmesh.clients.client import (
     retry_policy,
 )
 from kernelmesh.clients.errors import UnavailableError, error_for, from_rpc_error
+from kernelmesh.clients.llm import AsyncLLM
 from kernelmesh.clients.status import code_of
 from kernelmesh.clients.types import (
     Device,
@@ -60,6 +61,8 @@ class AsyncClient:
         self._devices = device_pb2_grpc.DeviceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = ((TENANT_METADATA_KEY, tenant),) if tenant else ()
+        # The LLM gateway: generate, stream, embed, models.
+        self.llm = AsyncLLM(self._channel, self._call, self._metadata, self.options.timeout)
 
     async def close(self) -> None:
         await self._channel.close()

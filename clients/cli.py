@@ -169,3 +169,126 @@ def demo(target: str, wait: float) -> None:
         except KernelmeshError as exc:
             _fail(exc)
     sys.exit(0 if ok else 1)
+
+
+# -- the LLM gateway ---------------------------------------------------------------
+
+tenant_option = click.option(
+    "--tenant",
+    default=None,
+    envvar="KERNELMESH_TENANT",
+    help="Tenant to bill (default: the server's default tenant).",
+)
+
+
+@main.group()
+def llm() -> None:
+    """Chat, embed and list models through the LLM gateway."""
+
+
+@llm.command()
+@target_option
+@tenant_option
+@click.argument("prompt", required=False)
+@click.option("--model", "-m", default="", envvar="KERNELMESH_LLM_MODEL", help="Model name.")
+@click.option("--system", "-s", default=None, help="System message sent before the prompt.")
+@click.option("--max-tokens", type=int, default=0, help="Cap on generated tokens (0: default).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=None, help="Seed (makes the request cacheable).")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+def chat(
+    target: str,
+    tenant: str | None,
+    prompt: str | None,
+    model: str,
+    system: str | None,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    timeout: float,
+) -> None:
+    """Stream a reply to PROMPT (or to stdin when PROMPT is - or left out).
+
+    Tokens go to stdout as they arrive; a usage line goes to stderr."""
+    text = sys.stdin.read() if prompt in (None, "-") else prompt
+    with Client(target, timeout=timeout, tenant=tenant) as km:
+        stream = km.llm.stream(
+            text,
+            model=model,
+            system=system,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        printed = False
+        try:
+            with stream:
+                for delta in stream:
+                    click.echo(delta, nl=False)
+                    sys.stdout.flush()
+                    printed = True
+        except KernelmeshError as exc:
+            if printed:
+                click.echo()  # end the partial reply's line before the error
+            _fail(exc)
+    click.echo()
+    usage = stream.usage
+    tokens = (
+        f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
+        if usage
+        else "usage not reported"
+    )
+    cached = ", cached" if stream.cached else ""
+    click.echo(
+        f"[{stream.deployment} ({stream.provider}){cached}: {tokens}; "
+        f"finish {stream.finish_reason or 'unknown'}]",
+        err=True,
+    )
+
+
+@llm.command()
+@target_option
+@tenant_option
+def models(target: str, tenant: str | None) -> None:
+    """List models with their deployments' health and circuit-breaker state."""
+    with Client(target, timeout=60.0, tenant=tenant) as km:
+        try:
+            found = km.llm.models()
+        except KernelmeshError as exc:
+            _fail(exc)
+    for model in found:
+        click.echo(model.name)
+        for d in model.deployments:
+            health = "healthy" if d.healthy else "unhealthy"
+            click.echo(f"  {d.name:<24} {d.provider:<8} {health:<10} breaker {d.breaker}")
+
+
+@llm.command()
+@target_option
+@tenant_option
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--model", "-m", default="", help="Embedding model (default: the server's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the vectors as JSON.")
+def embed(
+    target: str, tenant: str | None, texts: tuple[str, ...], model: str, as_json: bool
+) -> None:
+    """Embed TEXTS; print each vector's size and norm, and their cosine similarities."""
+    with Client(target, timeout=60.0, tenant=tenant) as km:
+        try:
+            vectors = km.llm.embed(list(texts), model=model)
+        except KernelmeshError as exc:
+            _fail(exc)
+    if as_json:
+        click.echo(json.dumps([v.tolist() for v in vectors]))
+        return
+    norms = np.linalg.norm(vectors, axis=1)
+    for text, norm in zip(texts, norms, strict=True):
+        click.echo(f"dims {vectors.shape[1]}  norm {norm:.4f}  {text}")
+    if len(texts) > 1:
+        unit = vectors / np.maximum(norms[:, None], 1e-12)
+        with np.printoptions(precision=3, suppress=True):
+            click.echo("cosine similarities:")
+            click.echo(unit @ unit.T)

@@ -19,6 +19,7 @@ from tenacity import (
 
 from kernelmesh.clients import tensors
 from kernelmesh.clients.errors import KernelmeshError, UnavailableError, error_for, from_rpc_error
+from kernelmesh.clients.llm import LLM
 from kernelmesh.clients.status import code_of
 from kernelmesh.clients.types import (
     Device,
@@ -106,6 +107,8 @@ class Client:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = ((TENANT_METADATA_KEY, tenant),) if tenant else ()
         self._retrying = retry(**retry_policy(self.options))
+        # The LLM gateway: generate, stream, embed, models.
+        self.llm = LLM(self._channel, self._call, self._metadata, self.options.timeout)
 
     # -- plumbing -----------------------------------------------------------
 

@@ -40,6 +40,9 @@ class ServerConfig:
     # YAML file of LLM models and deployments (core/llm/config.py); None: only
     # the offline "local" embedding model, and Generate explains what to configure.
     llm_config: str | None = None
+    # Directory of durable state: LLM usage and spent token budgets (usage.sqlite,
+    # SQLite in WAL mode). None keeps them in memory, lost on restart.
+    state_dir: str | None = None
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:

@@ -13,6 +13,7 @@ else ``~/.cache/kernelmesh/kernels``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,10 +103,9 @@ class CompileCache:
             "created": time.time(),
             "bytes": len(binary),
         }
-        try:
+        # a read-only or full disk costs a recompile next time, nothing more
+        with contextlib.suppress(OSError):
             self._write(path, binary, meta)
-        except OSError:
-            pass  # a read-only or full disk costs a recompile next time, nothing more
         return binary
 
     def info(self) -> CacheInfo:

@@ -25,6 +25,23 @@ from kernelmesh.core import config as config_module
     default=None,
     help="YAML file of settings (see README); flags override it.",
 )
+@click.option(
+    "--llm-config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="YAML file of LLM models and deployments (see README); default: local embeddings only.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory for durable state (LLM usage and budgets); default: in memory.",
+)
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated backends to use: cpu, opencl, cuda, metal (default: all available).",
+)
 @click.option("--grace", type=float, default=None, help="Seconds to drain on SIGTERM (default 30).")
 @click.option("--no-warmup", is_flag=True, help="Compile kernels on first use, not at start.")
 @click.option("--log-level", default="INFO", show_default=True)
@@ -34,11 +51,14 @@ def serve(
     http_port: int | None,
     no_http: bool,
     config_path: str | None,
+    llm_config: str | None,
+    state_dir: str | None,
+    backends: str | None,
     grace: float | None,
     no_warmup: bool,
     log_level: str,
 ) -> None:
-    """Run the all-in-one server: every service on one port, CPU device."""
+    """Run the all-in-one server: every service on one port, every device found."""
     from kernelmesh.services.server import serve as run_server
 
     logging.basicConfig(
@@ -51,6 +71,9 @@ def serve(
             port=port,
             http_port=http_port,
             grace_seconds=grace,
+            llm_config=llm_config,
+            backends=backends,
+            state_dir=state_dir,
             warmup=False if no_warmup else None,
         )
     except (ValueError, TypeError) as exc:
@@ -59,7 +82,38 @@ def serve(
         import dataclasses
 
         cfg = dataclasses.replace(cfg, http_port=None)
+    from kernelmesh.core.llm.config import LLMConfigError
+
     try:
         asyncio.run(run_server(cfg))
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
+    except LLMConfigError as exc:
+        raise click.UsageError(f"--llm-config: {exc}") from None
+
+
+@click.group()
+def cache() -> None:
+    """The on-disk cache of compiled kernels (OpenCL, CUDA, Metal)."""
+
+
+@cache.command("info")
+def cache_info() -> None:
+    """Where the cache is and what it holds, per backend."""
+    from kernelmesh.native.compile_cache import default_cache
+
+    info = default_cache().info()
+    click.echo(f"directory: {info.directory}")
+    click.echo(f"entries:   {info.entries} ({info.bytes / (1 << 20):.1f} MiB)")
+    for backend, usage in info.backends.items():
+        click.echo(f"  {backend:<8} {usage.entries:>5} entries  {usage.bytes / (1 << 20):8.1f} MiB")
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Removes every compiled kernel; the next start compiles them again."""
+    from kernelmesh.native.compile_cache import default_cache
+
+    cache = default_cache()
+    removed = cache.clear()
+    click.echo(f"removed {removed} compiled kernels from {cache.directory}")

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,17 +16,18 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kernelmesh.core import devices as device_discovery
+from kernelmesh.core import placement
 from kernelmesh.core.config import ServerConfig
+from kernelmesh.core.llm import Gateway
+from kernelmesh.core.store import UsageStore
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
-from kernelmesh.native import cpu as cpu_backend
-from kernelmesh.services import sidecar
+from kernelmesh.native import compile_cache
+from kernelmesh.services import openai_facade, sidecar
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
+from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.task_servicer import TaskServicer
-from kernelmesh.services.unimplemented import (
-    UnimplementedLLMServicer,
-    UnimplementedOrchestratorServicer,
-)
+from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -45,7 +48,7 @@ SERVICE_NAMES = (
     orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
 )
 # Services that answer real work today; the others report NOT_SERVING.
-SERVING = SERVICE_NAMES[:2]
+SERVING = SERVICE_NAMES[:3]
 
 
 class Server:
@@ -61,7 +64,7 @@ class Server:
         self._health = HealthServicer()
         self._runner = None
         self._warmup: asyncio.Task | None = None
-        self.devices = device_discovery.discover(config.node_name)
+        self.devices = device_discovery.discover(config.node_name, config.backends)
         self.tasks = TaskManager(
             self.devices,
             TensorStore(config.tensor_store_bytes),
@@ -73,6 +76,11 @@ class Server:
                 inline_max_elements=config.inline_max_elements,
             ),
         )
+        # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
+        self.usage = (
+            UsageStore(Path(config.state_dir) / "usage.sqlite") if config.state_dir else None
+        )
+        self.llm = Gateway.from_file(config.llm_config, store=self.usage)
 
     async def start(self) -> None:
         cfg = self.config
@@ -88,7 +96,7 @@ class Server:
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
             DeviceServicer(DeviceMonitor(self.devices)), server
         )
-        llm_pb2_grpc.add_LLMServiceServicer_to_server(UnimplementedLLMServicer(), server)
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
             UnimplementedOrchestratorServicer(), server
         )
@@ -112,6 +120,7 @@ class Server:
             )
         if cfg.http_port is not None:
             app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
+            openai_facade.add_routes(app, self.llm)
             try:
                 self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
             except OSError as exc:
@@ -121,6 +130,7 @@ class Server:
                     f"{exc.strerror or exc} (choose another with --http-port, or --no-http)"
                 ) from None
         await self.tasks.start()
+        await self.llm.start()
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
@@ -132,12 +142,41 @@ class Server:
         """Compiles (or loads from the on-disk cache) every kernel, then
         reports SERVING. Requests that arrive earlier still run."""
         if self.config.warmup:
-            await asyncio.to_thread(cpu_backend.warmup)
+            for device in self.devices:
+                await asyncio.to_thread(self._prepare_device, device)
+            cache = compile_cache.default_cache()
+            log.info(
+                "compile cache %s: %d kernels loaded, %d compiled",
+                cache.directory,
+                cache.hits,
+                cache.misses,
+            )
         for name in SERVING:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.started = True
         log.info("kernelmesh ready on %s:%d", self.config.host, self.port)
+
+    @staticmethod
+    def _prepare_device(device: device_discovery.LocalDevice) -> None:
+        """Compiles the device's kernels (or loads them from the compile cache), then
+        measures its speed for placement. A device that fails here stays listed and
+        unmeasured, so placement prefers the others."""
+        began = time.perf_counter()
+        try:
+            device.backend.warmup()
+            device.speed = placement.measure(device)
+        except Exception:
+            log.exception("warming up %s failed; it is placed last", device.name)
+            return
+        log.info(
+            "%s ready in %.1fs: launch %.0f us, %.1f GB/s, %.1f GFLOP/s",
+            device.name,
+            time.perf_counter() - began,
+            device.speed.launch_seconds * 1e6,
+            device.speed.bytes_per_second / 1e9,
+            device.speed.flops_per_second / 1e9,
+        )
 
     def ready(self) -> bool:
         return self.started and not self.draining
@@ -159,6 +198,9 @@ class Server:
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.llm.close()
+        if self.usage is not None:  # the gateway closes only a store it created
+            await asyncio.to_thread(self.usage.close)
         self._grpc = None
 
     async def wait_for_termination(self) -> None:

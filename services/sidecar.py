@@ -41,7 +41,10 @@ def make_app(*, started: Callable[[], bool], ready: Callable[[], bool]) -> web.A
 
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Starts serving; returns the runner and the bound port (port 0 picks one)."""
-    runner = web.AppRunner(app, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, so
+    # an abandoned LLM request closes its upstream request too (aiohttp >= 3.9
+    # no longer cancels by default).
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -6,10 +6,9 @@ from __future__ import annotations
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
-from kernelmesh.v1 import llm_pb2, llm_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
+from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 PLANNED = {
-    "LLMService": "the LLM gateway (providers, failover, limits, budgets, caching)",
     "OrchestratorService": "the multi-node mesh (nodes, placement, workflows, API keys)",
 }
 
@@ -32,9 +31,6 @@ def _servicer_class(base: type, descriptor: ServiceDescriptor) -> type:
     return type(f"Unimplemented{descriptor.name}", (base,), methods)
 
 
-UnimplementedLLMServicer = _servicer_class(
-    llm_pb2_grpc.LLMServiceServicer, llm_pb2.DESCRIPTOR.services_by_name["LLMService"]
-)
 UnimplementedOrchestratorServicer = _servicer_class(
     orchestrator_pb2_grpc.OrchestratorServiceServicer,
     orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],

@@ -71,7 +71,9 @@ class ServeProcess:
         return self.log.read_text()
 
 
-def start_serve(tmp_path: Path, *extra: str, timeout: float = 120.0) -> ServeProcess:
+def start_serve(
+    tmp_path: Path, *extra: str, timeout: float = 120.0, env: dict[str, str] | None = None
+) -> ServeProcess:
     """Starts `kernelmesh serve` on free loopback ports and waits until it
     reports the ports it bound."""
     log = tmp_path / f"serve-{time.monotonic_ns()}.log"
@@ -90,7 +92,11 @@ def start_serve(tmp_path: Path, *extra: str, timeout: float = 120.0) -> ServePro
         *extra,
     ]
     proc = subprocess.Popen(
-        cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ}
+        cmd,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + timeout
     pattern = re.compile(r"serving gRPC on [\d.]+:(\d+), HTTP on [\d.]+:(\d+)")

@@ -51,7 +51,7 @@ def busy_device(served) -> Iterator[None]:
         handles = []
         try:
             while len(handles) < BUSY_MAX_TASKS:
-                handles.append(client.submit("matmul", big, big))
+                handles.append(client.submit("matmul", big, big, device="cpu:0"))
                 if len(handles) >= 3 and handles[-1].info().state is TaskState.QUEUED:
                     break
             yield

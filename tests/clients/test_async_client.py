@@ -91,7 +91,7 @@ async def test_async_submit_events_end_succeeded(akm):
 
 
 async def test_async_cancel_queued_task_is_cancelled_and_result_raises(akm, busy_device):
-    handle = await akm.submit("relu", np.ones(8, np.float32))
+    handle = await akm.submit("relu", np.ones(8, np.float32), device="cpu:0")
     assert (await handle.info()).state is TaskState.QUEUED
     assert (await handle.cancel()).state is TaskState.CANCELLED
     with pytest.raises(CancelledError):

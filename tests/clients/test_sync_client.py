@@ -91,7 +91,7 @@ def test_submit_events_end_succeeded(km):
 
 
 def test_cancel_queued_task_is_cancelled_and_result_raises(km, busy_device):
-    handle = km.submit("relu", np.ones(8, np.float32))
+    handle = km.submit("relu", np.ones(8, np.float32), device="cpu:0")
     assert handle.info().state is TaskState.QUEUED
     cancelled = handle.cancel()
     assert cancelled.state is TaskState.CANCELLED

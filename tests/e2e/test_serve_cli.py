@@ -164,7 +164,10 @@ def drained(tmp_path_factory, serve_tools) -> Drain:
     """A dedicated `serve --grace 20`. A batch of float64 matmuls sized to
     about DRAIN_WORK_SECONDS of work is submitted, the last one watched, then
     the process gets SIGTERM while most of the batch is still queued."""
-    serve = serve_tools.start_serve(tmp_path_factory.mktemp("drain"), "--grace", str(GRACE))
+    # CPU only: the batch is sized to the CPU's speed, and must queue behind it.
+    serve = serve_tools.start_serve(
+        tmp_path_factory.mktemp("drain"), "--grace", str(GRACE), "--backends", "cpu"
+    )
     try:
         with Client(serve.target, timeout=30.0) as km:
             km.wait_ready(timeout=120)

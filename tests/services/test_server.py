@@ -14,8 +14,8 @@ from helpers import spec
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
-    llm_pb2,
-    llm_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
     task_pb2,
     task_pb2_grpc,
 )
@@ -63,11 +63,18 @@ async def test_watch_devices_streams_updates(channel):
 
 async def test_health_reports_serving_per_service(channel):
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "kernelmesh.v1.TaskService", "kernelmesh.v1.DeviceService"):
+    for service in (
+        "",
+        "kernelmesh.v1.TaskService",
+        "kernelmesh.v1.DeviceService",
+        "kernelmesh.v1.LLMService",
+    ):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert response.status == health_pb2.HealthCheckResponse.SERVING, service
-    llm = await health.Check(health_pb2.HealthCheckRequest(service="kernelmesh.v1.LLMService"))
-    assert llm.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    mesh = await health.Check(
+        health_pb2.HealthCheckRequest(service="kernelmesh.v1.OrchestratorService")
+    )
+    assert mesh.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def test_reflection_lists_every_service(channel):
@@ -89,16 +96,12 @@ async def test_reflection_lists_every_service(channel):
     } <= names
 
 
-async def test_llm_rpcs_answer_unimplemented_with_a_reason(channel):
-    stub = llm_pb2_grpc.LLMServiceStub(channel)
+async def test_orchestrator_rpcs_answer_unimplemented_with_a_reason(channel):
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Generate(llm_pb2.GenerateRequest(model="x"))
+        await stub.ListNodes(orchestrator_pb2.ListNodesRequest())
     assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "LLMService/Generate" in info.value.details()
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _ in stub.GenerateStream(llm_pb2.GenerateStreamRequest(model="x")):
-            pass
-    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "OrchestratorService/ListNodes" in info.value.details()
 
 
 async def test_sidecar_serves_probes_and_metrics(server, channel):

@@ -1,0 +1,91 @@
+"""Per-tenant token budgets, exact under concurrency.
+
+Before a call, its worst case (prompt estimate + max_tokens) is reserved;
+a reservation that would take spent + reserved past the budget is refused.
+After the call the reservation is settled with the real usage, refunding the
+difference. Reserve and settle never await, so on one event loop they are
+atomic by construction; the lock keeps them atomic for callers on other
+threads too."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kernelmesh.core.errors import ResourceExhausted
+from kernelmesh.core.llm.config import LLMConfig
+
+# A spent budget does not refill by waiting; tell clients to come back much
+# later rather than hammer the gateway. In-flight reservations may free room
+# sooner, which gets the short hint.
+_SPENT_RETRY_AFTER_S = 3600.0
+_IN_FLIGHT_RETRY_AFTER_S = 1.0
+
+
+@dataclass
+class Reservation:
+    tenant: str
+    tokens: int
+    settled: bool = False
+
+
+@dataclass
+class _Account:
+    budget: int
+    spent: int = 0
+    reserved: int = 0
+
+
+class BudgetLedger:
+    def __init__(self, config: LLMConfig, spent: Mapping[str, int] | None = None) -> None:
+        """`spent` seeds each tenant's spending (from the usage store), so a
+        restart does not hand out the budget again."""
+        self._config = config
+        self._spent_before = dict(spent or {})
+        self._accounts: dict[str, _Account | None] = {}
+        self._lock = threading.Lock()
+
+    def _account(self, tenant: str) -> _Account | None:
+        if tenant not in self._accounts:
+            budget = self._config.limits_for(tenant).token_budget
+            self._accounts[tenant] = (
+                None
+                if budget is None
+                else _Account(budget=budget, spent=self._spent_before.get(tenant, 0))
+            )
+        return self._accounts[tenant]
+
+    def reserve(self, tenant: str, tokens: int) -> Reservation:
+        with self._lock:
+            account = self._account(tenant)
+            if account is not None:
+                if account.spent + account.reserved + tokens > account.budget:
+                    left = account.budget - account.spent
+                    in_flight = account.reserved > 0 and tokens <= left
+                    raise ResourceExhausted(
+                        f"tenant {tenant!r} token budget: {account.spent} of {account.budget} "
+                        f"tokens spent, {account.reserved} reserved by requests in flight; "
+                        f"this request may need {tokens}",
+                        retry_after=_IN_FLIGHT_RETRY_AFTER_S if in_flight else _SPENT_RETRY_AFTER_S,
+                    )
+                account.reserved += tokens
+            return Reservation(tenant, tokens)
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        """Replaces the reservation by the tokens really used (0 when the call
+        failed before the upstream did any work). Idempotent."""
+        with self._lock:
+            if reservation.settled:
+                return
+            reservation.settled = True
+            account = self._account(reservation.tenant)
+            if account is not None:
+                account.reserved -= reservation.tokens
+                account.spent += used
+
+    def spent(self, tenant: str) -> int | None:
+        """Tokens spent so far, or None when the tenant has no budget."""
+        with self._lock:
+            account = self._account(tenant)
+            return None if account is None else account.spent

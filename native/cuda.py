@@ -1,0 +1,960 @@
+"""CUDA backend: our kernels (``kernels/cuda_*.cu``) through pycuda, cuBLAS and cuFFT
+through CuPy where they beat hand kernels.
+
+- Compiler: ``nvcc --cubin`` in a subprocess, not ``pycuda.compiler``, so the sources
+  compile (and are tested) on machines without a GPU or a driver. Cubins go through the
+  shared compile cache, keyed by arch + nvcc version + driver version.
+- Memory and launches: pycuda on the device's *primary* context, the one the CUDA
+  runtime (and so CuPy) uses too, so both libraries see the same allocations.
+- Every launch, copy and CuPy call goes to the legacy default stream. That stream orders
+  pycuda's and CuPy's work against each other without events, and the synchronous
+  device-to-host copy at the end of `run` waits for all of it. The price: the two worker
+  threads of a device take turns on the GPU instead of overlapping.
+- Without CuPy (or with a CuPy that cannot reach the driver), matmul and conv2d run on
+  the tiled/direct kernels and fft on a radix-2 kernel, which refuses lengths that are
+  not powers of two (`Device.refusal`).
+
+Nothing here imports pycuda or CuPy at module level: ``available()`` must answer on any
+machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import types
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelmesh.native import compile_cache
+from kernelmesh.native.backend import (
+    Allocator,
+    CompileError,
+    Compiler,
+    Device,
+    DeviceProperties,
+    LaunchError,
+    OutOfDeviceMemory,
+    Program,
+)
+
+__all__ = [
+    "KERNELS",
+    "NAME",
+    "SUPPORTED_DTYPES",
+    "CudaDevice",
+    "NvccCompiler",
+    "available",
+    "devices",
+    "find_nvcc",
+]
+
+NAME = "cuda"
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+INSTALL_HINT = "pip install 'kernelmesh[cuda]'"
+
+_FLOATS = frozenset({"float32", "float64"})
+_NUMERIC = frozenset({"float32", "float64", "int32"})
+
+# The same ops and dtypes as the CPU backend.
+SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = types.MappingProxyType(
+    {
+        "add": _NUMERIC,
+        "sub": _NUMERIC,
+        "mul": _NUMERIC,
+        "div": _FLOATS,
+        "relu": _NUMERIC,
+        "gelu": _FLOATS,
+        "exp": _FLOATS,
+        "scale": _FLOATS,
+        "sum": _NUMERIC,
+        "max": _NUMERIC,
+        "mean": _NUMERIC,
+        "softmax": _FLOATS,
+        "matmul": _FLOATS,
+        "transpose": frozenset({"float32", "float64", "int32", "complex64"}),
+        "conv2d": _FLOATS,
+        "fft": frozenset({"complex64", "float32"}),
+    }
+)
+
+
+@dataclass(frozen=True)
+class KernelFile:
+    """One ``.cu`` file: the builds it is compiled as and the kernels each build holds."""
+
+    file: str
+    variants: Mapping[str, tuple[str, ...]]  # variant name -> nvcc options
+    kernels: Mapping[str, tuple[str, ...]]  # variant name -> kernel names
+
+    @property
+    def path(self) -> Path:
+        return KERNEL_DIR / self.file
+
+
+def _typed(*names: str) -> dict[str, tuple[str, ...]]:
+    return dict.fromkeys(("float32", "float64"), names)
+
+
+_FLOAT_BUILDS = {
+    "float32": ("-DKM_T=float", "-DKM_FLOAT"),
+    "float64": ("-DKM_T=double", "-DKM_FLOAT"),
+}
+_NUMERIC_BUILDS = {**_FLOAT_BUILDS, "int32": ("-DKM_T=int",)}
+_ELEMENTWISE_ALL = ("km_add", "km_sub", "km_mul", "km_relu")
+_REDUCE = tuple(
+    f"km_{op}_{layout}_{stage}"
+    for layout in ("rows", "cols")
+    for op, stage in (
+        ("sum", "partial"),
+        ("max", "partial"),
+        ("sum", "final"),
+        ("mean", "final"),
+        ("max", "final"),
+    )
+)
+
+# Every kernel this backend launches, by file and build. The source-compile test checks
+# each build of each file holds exactly these names.
+KERNELS: Mapping[str, KernelFile] = types.MappingProxyType(
+    {
+        k.file: k
+        for k in (
+            KernelFile(
+                "cuda_elementwise.cu",
+                _NUMERIC_BUILDS,
+                {
+                    **_typed(*_ELEMENTWISE_ALL, "km_div", "km_scale", "km_exp", "km_gelu"),
+                    "int32": _ELEMENTWISE_ALL,
+                },
+            ),
+            KernelFile("cuda_reduce.cu", _NUMERIC_BUILDS, dict.fromkeys(_NUMERIC_BUILDS, _REDUCE)),
+            KernelFile("cuda_softmax.cu", _FLOAT_BUILDS, _typed("km_softmax")),
+            KernelFile("cuda_matmul.cu", _FLOAT_BUILDS, _typed("km_matmul_tiled")),
+            KernelFile(
+                "cuda_transpose.cu",
+                {"4": ("-DKM_BYTES=4",), "8": ("-DKM_BYTES=8",)},
+                dict.fromkeys(("4", "8"), ("km_transpose",)),
+            ),
+            KernelFile("cuda_conv2d.cu", _FLOAT_BUILDS, _typed("km_im2col", "km_conv2d_direct")),
+            KernelFile(
+                "cuda_fft.cu",
+                {"complex64": ()},
+                {
+                    "complex64": (
+                        "km_fft_bitreverse",
+                        "km_fft_bitreverse_real",
+                        "km_fft_stage",
+                        "km_fft_scale",
+                    )
+                },
+            ),
+        )
+    }
+)
+
+
+# --------------------------------------------------------------------------
+# Compiler
+# --------------------------------------------------------------------------
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $KERNELMESH_NVCC, else PATH, else the ``nvidia-cuda-nvcc`` wheel (CUDA 13
+    ships nvcc at ``nvidia/cu13/bin/nvcc``), else $CUDA_HOME/bin; None when none is found."""
+    explicit = os.environ.get("KERNELMESH_NVCC")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path
+    try:
+        import nvidia  # the namespace package every nvidia-* wheel installs into
+    except ImportError:
+        nvidia = None
+    if nvidia is not None:
+        for root in nvidia.__path__:
+            for candidate in sorted(Path(root).glob("cu*/bin/nvcc"), reverse=True):
+                if os.access(candidate, os.X_OK):
+                    return str(candidate)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.access(Path(home) / "bin" / "nvcc", os.X_OK):
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+@functools.cache
+def _nvcc_version(nvcc: str) -> str:
+    """'13.5' from ``nvcc --version``'s "release 13.5, V13.5.37"."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if "release" in line:
+            return line.rsplit("release", 1)[1].split(",")[0].strip()
+    raise CompileError("nvcc --version", out.stdout + out.stderr)
+
+
+class NvccCompiler(Compiler):
+    """CUDA C to a cubin for one arch (``sm_90``), by running nvcc."""
+
+    def __init__(self, arch: str, nvcc: str | None = None) -> None:
+        found = nvcc or find_nvcc()
+        if found is None:
+            raise FileNotFoundError(
+                "nvcc not found: set KERNELMESH_NVCC, put nvcc on PATH, or "
+                "pip install nvidia-cuda-nvcc"
+            )
+        self.nvcc = found
+        self.arch = arch
+
+    @property
+    def version(self) -> str:
+        return _nvcc_version(self.nvcc)
+
+    def compile(self, source: str, options: Sequence[str] = (), name: str = "kernel.cu") -> bytes:
+        with tempfile.TemporaryDirectory(prefix="kernelmesh-nvcc-") as tmp:
+            src, out = Path(tmp) / Path(name).name, Path(tmp) / "out.cubin"
+            src.write_text(source)
+            # nvcc's defaults (no --use_fast_math) keep IEEE division and sqrt and no
+            # flush-to-zero: results must match NumPy's
+            cmd = [self.nvcc, "--cubin", f"-arch={self.arch}", "-O3", *options, "-o", out, src]
+            result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)
+            if result.returncode != 0 or not out.exists():
+                raise CompileError(f"{name} ({' '.join(options)})", result.stderr + result.stdout)
+            return out.read_bytes()
+
+
+# --------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def _driver() -> Any:
+    """pycuda.driver, initialised once; raises ImportError or pycuda's own errors (and,
+    raising, is not cached: the next call tries again)."""
+    with warnings.catch_warnings():
+        # pycuda warns before raising when libcuda is missing; the raise says it all
+        warnings.simplefilter("ignore")
+        import pycuda.driver as drv
+    drv.init()
+    return drv
+
+
+def _version(encoded: int) -> str:
+    """The CUDA encoding 12080 -> '12.8'."""
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+def available() -> str | None:
+    """None when CUDA devices can run here, else why not."""
+    try:
+        import pycuda  # noqa: F401
+    except ImportError:
+        return f"pycuda is not installed ({INSTALL_HINT})"
+    try:
+        drv = _driver()
+    except ImportError as exc:  # pycuda's extension could not load libcuda
+        return f"no CUDA driver (pycuda cannot load it: {exc})"
+    except Exception as exc:  # pycuda.driver.Error from cuInit
+        text = str(exc)
+        if "no_device" in text.lower() or "no cuda-capable device" in text.lower():
+            return "no CUDA device"
+        return f"no CUDA driver ({text})"
+    if drv.Device.count() == 0:
+        return "no CUDA device"
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return (
+            "nvcc not found (set KERNELMESH_NVCC, put nvcc on PATH or pip install nvidia-cuda-nvcc)"
+        )
+    driver = drv.get_driver_version()
+    try:
+        toolkit = _nvcc_version(nvcc)
+    except (CompileError, OSError) as exc:
+        return f"nvcc at {nvcc} does not run: {exc}"
+    # A cubin needs a driver of at least its toolkit's major version.
+    if int(toolkit.split(".")[0]) > driver // 1000:
+        return (
+            f"nvcc {toolkit} ({nvcc}) builds for a newer CUDA than this driver supports "
+            f"({_version(driver)}); set KERNELMESH_NVCC to an nvcc of CUDA {driver // 1000}"
+        )
+    return None
+
+
+def devices() -> list[CudaDevice]:
+    """Every CUDA device, by driver ordinal; empty when CUDA is not available."""
+    if available() is not None:
+        return []
+    drv = _driver()
+    return [CudaDevice(index) for index in range(drv.Device.count())]
+
+
+def _cupy() -> tuple[Any, str | None]:
+    """(cupy, None) when CuPy can run here, else (None, why not)."""
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()  # raises when its runtime cannot use the driver
+    except ImportError:
+        return None, "CuPy is not installed"
+    except Exception as exc:
+        return None, f"CuPy cannot use this driver: {exc}"
+    return cupy, None
+
+
+# --------------------------------------------------------------------------
+# Allocator and Program
+# --------------------------------------------------------------------------
+
+
+class CudaAllocator(Allocator):
+    """Device memory through pycuda; the caller has the device's context current."""
+
+    def __init__(self, device_name: str) -> None:
+        self.device_name = device_name
+
+    def alloc(self, nbytes: int) -> Any:
+        drv = _driver()
+        try:
+            return drv.mem_alloc(max(1, nbytes))  # cuMemAlloc(0) is an error
+        except drv.Error as exc:
+            raise OutOfDeviceMemory(
+                f"{self.device_name}: cannot allocate {nbytes} bytes of device memory: {exc}"
+            ) from exc
+
+    def free(self, buffer: Any) -> None:
+        buffer.free()
+
+    def copyin(self, buffer: Any, host: np.ndarray) -> None:
+        _driver().memcpy_htod(buffer, host)
+
+    def copyout(self, host: np.ndarray, buffer: Any) -> None:
+        _driver().memcpy_dtoh(host, buffer)
+
+
+class CudaProgram(Program):
+    """One kernel of a loaded cubin. `global_size` is the grid in blocks and `local_size`
+    the block in threads, as CUDA counts them (tinygrad's convention)."""
+
+    def __init__(self, module: Any, name: str) -> None:
+        self.name = name
+        self.function = module.get_function(name)
+
+    def __call__(
+        self,
+        *args: Any,
+        global_size: Sequence[int],
+        local_size: Sequence[int] | None = None,
+        wait: bool = False,
+    ) -> float | None:
+        grid = _dim3(global_size)
+        block = _dim3(local_size or (1,))
+        if not wait:
+            self.function(*args, grid=grid, block=block)
+            return None
+        drv = _driver()
+        start, end = drv.Event(), drv.Event()
+        start.record()
+        self.function(*args, grid=grid, block=block)
+        end.record()
+        end.synchronize()
+        return start.time_till(end) / 1e3
+
+
+def _dim3(sizes: Sequence[int]) -> tuple[int, int, int]:
+    x, y, z = (*(int(v) for v in sizes), 1, 1, 1)[:3]
+    return x, y, z
+
+
+def _ptr(buffer: Any) -> np.uintp:
+    """A kernel argument for a device pointer (pycuda packs np.uintp as a pointer)."""
+    return np.uintp(int(buffer))
+
+
+# --------------------------------------------------------------------------
+# Device
+# --------------------------------------------------------------------------
+
+_THREADS = 256  # block size of the grid-stride kernels
+_OUTPUT_DTYPES = {"sum": {"int32": np.int64}, "mean": {"int32": np.float64}}
+# Elements of im2col columns staged at once: 256 MiB of float32, 512 of float64.
+_IM2COL_BUDGET = 1 << 26
+
+
+class CudaDevice(Device):
+    """One CUDA device: its primary context, its loaded kernels, and the ops on them."""
+
+    def __init__(self, index: int) -> None:
+        drv = _driver()
+        self.index = index
+        self._device = drv.Device(index)
+        major, minor = self._device.compute_capability()
+        attr = drv.device_attribute
+        self.sm_count = self._device.get_attribute(attr.MULTIPROCESSOR_COUNT)
+        self.arch = f"sm_{major}{minor}"
+        self.compiler = NvccCompiler(self.arch)
+        driver = _version(drv.get_driver_version())
+        super().__init__(
+            DeviceProperties(
+                kind=NAME,
+                index=index,
+                model=self._device.name(),
+                vendor="NVIDIA",
+                driver_version=driver,
+                compute_units=self.sm_count,
+                max_work_group_size=self._device.get_attribute(attr.MAX_THREADS_PER_BLOCK),
+                memory_total_bytes=self._device.total_memory(),
+                supports_fp64=True,
+                supports_fp16=(major, minor) >= (5, 3),
+                features=(self.arch, f"nvcc {self.compiler.version}"),
+                fingerprint=f"{self.arch}|nvcc {self.compiler.version}|driver {driver}",
+            ),
+            dict(SUPPORTED_DTYPES),
+        )
+        self.allocator = CudaAllocator(self.name)
+        self._lock = threading.Lock()  # guards the context and the module table
+        self._context: Any = None
+        self._modules: dict[tuple[str, str], Any] = {}
+        self._programs: dict[tuple[str, str, str], CudaProgram] = {}
+        self._cupy, self.cupy_missing = _cupy()
+
+    # --- context, modules -------------------------------------------------
+
+    @contextmanager
+    def _active(self) -> Iterator[None]:
+        """Makes the primary context current on this thread; device errors become
+        LaunchError."""
+        drv = _driver()
+        with self._lock:
+            if self._context is None:
+                self._context = self._device.retain_primary_context()
+            context = self._context
+        context.push()
+        try:
+            with self._cupy_device():
+                yield
+        except LaunchError:
+            raise
+        except drv.Error as exc:
+            raise LaunchError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # CuPy's memory pool ran dry
+                raise OutOfDeviceMemory(f"{self.name}: CuPy: {exc}") from exc
+            if type(exc).__module__.split(".")[0] in ("cupy", "cupy_backends"):
+                raise LaunchError(f"{self.name}: CuPy: {type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            drv.Context.pop()
+
+    @contextmanager
+    def _cupy_device(self) -> Iterator[None]:
+        if self._cupy is None:
+            yield
+            return
+        with self._cupy.cuda.Device(self.index):
+            yield
+
+    def _program(self, file: str, variant: str, name: str) -> CudaProgram:
+        key = (file, variant, name)
+        program = self._programs.get(key)
+        if program is not None:
+            return program
+        kernel_file = KERNELS[file]
+        if name not in kernel_file.kernels[variant]:
+            raise ValueError(f"{file} ({variant}) has no kernel {name!r}")
+        with self._lock:
+            module = self._modules.get((file, variant))
+            if module is None:
+                module = self._load(kernel_file, variant)
+                self._modules[(file, variant)] = module
+            program = self._programs[key] = CudaProgram(module, name)
+        return program
+
+    def _load(self, kernel_file: KernelFile, variant: str) -> Any:
+        options = kernel_file.variants[variant]
+        source = kernel_file.path.read_text()
+        cubin = compile_cache.default_cache().get_or_compile(
+            NAME,
+            self.properties.fingerprint,
+            source,
+            options,
+            lambda: self.compiler.compile(source, options, name=kernel_file.file),
+            name=f"{kernel_file.file}:{variant}",
+        )
+        return _driver().module_from_buffer(cubin)
+
+    def warmup(self) -> None:
+        with self._active():
+            for kernel_file in KERNELS.values():
+                for variant, names in kernel_file.kernels.items():
+                    for name in names:
+                        self._program(kernel_file.file, variant, name)
+
+    def close(self) -> None:
+        with self._lock:
+            context, self._context = self._context, None
+            self._programs.clear()
+            self._modules.clear()
+        if context is None:
+            return
+        if self._cupy is not None:
+            context.push()
+            try:
+                with self._cupy.cuda.Device(self.index):
+                    self._cupy.get_default_memory_pool().free_all_blocks()
+                    self._cupy.fft.config.get_plan_cache().clear()
+            finally:
+                _driver().Context.pop()
+        context.detach()  # releases our retain of the primary context
+
+    def memory_available_bytes(self) -> int:
+        with self._active():
+            free, _total = _driver().mem_get_info()
+        return int(free)
+
+    def refusal(
+        self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]
+    ) -> str | None:
+        if op == "fft" and self._cupy is None and shapes and shapes[0]:
+            n = shapes[0][-1]
+            if n & (n - 1):
+                return (
+                    f"fft on {self.name} needs a power-of-two length without CuPy's cuFFT "
+                    f"({self.cupy_missing}), got {n}"
+                )
+        return None
+
+    # --- ops --------------------------------------------------------------
+
+    def run(
+        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
+    ) -> list[np.ndarray]:
+        try:
+            method = getattr(self, f"_op_{op}")
+        except AttributeError:
+            raise ValueError(f"the cuda backend has no op {op!r}") from None
+        reason = self.refusal(op, [x.shape for x in inputs], params)
+        if reason:
+            raise ValueError(reason)
+        # C order, native byte order (a copy only for strided, transposed or big-endian
+        # inputs): outputs take their dtype from these, and uploads copy them verbatim
+        inputs = [np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")) for x in inputs]
+        with self._active(), _Buffers(self.allocator) as buffers:
+            return [method(buffers, *inputs, **params)]
+
+    def _blocks(self, work: int, threads: int = _THREADS) -> int:
+        # enough blocks to fill every SM several times over; grid-stride loops do the rest
+        return max(1, min(-(-work // threads), self.sm_count * 32))
+
+    def _launch(self, file: str, variant: str, name: str, work: int, *args: Any) -> None:
+        self._program(file, variant, name)(
+            *args, global_size=(self._blocks(work),), local_size=(_THREADS,)
+        )
+
+    # elementwise
+
+    def _binary(self, buffers: _Buffers, name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        shape = a.shape if a.shape == b.shape or b.shape in ((), (1,)) else b.shape
+        out = np.empty(shape, a.dtype)
+        if out.size == 0:
+            return out
+        da, db, dout = buffers.upload(a), buffers.upload(b), buffers.empty(out)
+        steps = (np.int32(a.size != 1 or b.size == 1), np.int32(b.size != 1 or a.size == 1))
+        # both one element, or full same-shape operands: steps (1, 1) reads element 0 too
+        self._launch(
+            "cuda_elementwise.cu",
+            a.dtype.name,
+            name,
+            out.size,
+            _ptr(da),
+            _ptr(db),
+            _ptr(dout),
+            np.int64(out.size),
+            *steps,
+        )
+        return buffers.download(out, dout)
+
+    def _op_add(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._binary(buffers, "km_add", a, b)
+
+    def _op_sub(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._binary(buffers, "km_sub", a, b)
+
+    def _op_mul(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._binary(buffers, "km_mul", a, b)
+
+    def _op_div(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._binary(buffers, "km_div", a, b)
+
+    def _unary(self, buffers: _Buffers, name: str, x: np.ndarray, *extra: Any) -> np.ndarray:
+        out = np.empty(x.shape, x.dtype)
+        if out.size == 0:
+            return out
+        dx, dout = buffers.upload(x), buffers.empty(out)
+        self._launch(
+            "cuda_elementwise.cu",
+            x.dtype.name,
+            name,
+            out.size,
+            _ptr(dx),
+            _ptr(dout),
+            np.int64(out.size),
+            *extra,
+        )
+        return buffers.download(out, dout)
+
+    def _op_relu(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+        return self._unary(buffers, "km_relu", x)
+
+    def _op_gelu(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+        return self._unary(buffers, "km_gelu", x)
+
+    def _op_exp(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+        return self._unary(buffers, "km_exp", x)
+
+    def _op_scale(self, buffers: _Buffers, x: np.ndarray, factor: float) -> np.ndarray:
+        # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
+        return self._unary(buffers, "km_scale", x, x.dtype.type(factor))
+
+    # reductions
+
+    def _reduce(
+        self, buffers: _Buffers, op: str, x: np.ndarray, axis: int | None, keepdims: bool
+    ) -> np.ndarray:
+        if axis is not None:
+            axis %= x.ndim
+        axes = range(x.ndim) if axis is None else (axis,)
+        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+        shape = kept if keepdims else tuple(d for a, d in enumerate(x.shape) if a not in axes)
+        dtype = np.dtype(_OUTPUT_DTYPES.get(op, {}).get(x.dtype.name, x.dtype))
+        if axis is None:
+            planes, n, cols = 1, x.size, 1
+        else:
+            planes, n, cols = (
+                math.prod(x.shape[:axis]),
+                x.shape[axis],
+                math.prod(x.shape[axis + 1 :]),
+            )
+        out = np.empty(shape, dtype)
+        if out.size == 0:
+            return out
+        if n == 0:  # only sum reaches here with an empty extent (max, mean are refused)
+            return np.zeros(shape, dtype)
+        part_dtype = (
+            x.dtype if op == "max" else np.dtype(np.int64 if x.dtype.kind == "i" else np.float64)
+        )
+        stage = "max" if op == "max" else "sum"
+        final = f"km_{op}_{'rows' if cols == 1 else 'cols'}_final"
+        variant = x.dtype.name
+        dx, dout = buffers.upload(x), buffers.empty(out)
+        if cols == 1:
+            # chunks of at least 4096 elements; enough of them to give every SM 4 blocks
+            chunks = max(1, min(-(-n // 4096), -(-self.sm_count * 4 // planes)))
+            chunk = -(-n // chunks)
+            chunks = -(-n // chunk)
+            part = buffers.alloc(planes * chunks * part_dtype.itemsize)
+            self._program("cuda_reduce.cu", variant, f"km_{stage}_rows_partial")(
+                _ptr(dx),
+                _ptr(part),
+                np.int64(planes),
+                np.int64(n),
+                np.int64(chunk),
+                np.int64(chunks),
+                global_size=(min(planes * chunks, 1 << 20),),
+                local_size=(_THREADS,),
+            )
+            extra = (np.int64(n),) if op == "mean" else ()
+            self._program("cuda_reduce.cu", variant, final)(
+                _ptr(part),
+                _ptr(dout),
+                np.int64(planes),
+                np.int64(chunks),
+                *extra,
+                global_size=(min(planes, 1 << 20),),
+                local_size=(_THREADS,),
+            )
+        else:
+            # one thread per (plane, chunk, column): split rows until the device is full
+            target = self.sm_count * 2048
+            chunks = max(1, min(-(-target // (planes * cols)), -(-n // 16)))
+            chunk = -(-n // chunks)
+            chunks = -(-n // chunk)
+            part = buffers.alloc(planes * chunks * cols * part_dtype.itemsize)
+            tasks = planes * chunks * cols
+            self._launch(
+                "cuda_reduce.cu",
+                variant,
+                f"km_{stage}_cols_partial",
+                tasks,
+                _ptr(dx),
+                _ptr(part),
+                np.int64(planes),
+                np.int64(n),
+                np.int64(cols),
+                np.int64(chunk),
+                np.int64(chunks),
+            )
+            extra = (np.int64(n),) if op == "mean" else ()
+            self._launch(
+                "cuda_reduce.cu",
+                variant,
+                final,
+                planes * cols,
+                _ptr(part),
+                _ptr(dout),
+                np.int64(planes),
+                np.int64(cols),
+                np.int64(chunks),
+                *extra,
+            )
+        return buffers.download(out, dout)
+
+    def _op_sum(
+        self, buffers: _Buffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
+    ) -> np.ndarray:
+        return self._reduce(buffers, "sum", x, axis, keepdims)
+
+    def _op_max(
+        self, buffers: _Buffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
+    ) -> np.ndarray:
+        return self._reduce(buffers, "max", x, axis, keepdims)
+
+    def _op_mean(
+        self, buffers: _Buffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
+    ) -> np.ndarray:
+        return self._reduce(buffers, "mean", x, axis, keepdims)
+
+    # nn, linalg
+
+    def _op_softmax(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+        out = np.empty(x.shape, x.dtype)
+        if out.size == 0:
+            return out
+        n = x.shape[-1]
+        rows = out.size // n
+        dx, dout = buffers.upload(x), buffers.empty(out)
+        threads = 1024 if n >= 4096 else 256 if n >= 256 else 32
+        self._program("cuda_softmax.cu", x.dtype.name, "km_softmax")(
+            _ptr(dx),
+            _ptr(dout),
+            np.int64(rows),
+            np.int64(n),
+            global_size=(min(rows, 1 << 20),),
+            local_size=(threads,),
+        )
+        return buffers.download(out, dout)
+
+    def _op_matmul(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty((*a.shape[:-1], b.shape[-1]), a.dtype)
+        if out.size == 0:
+            return out
+        if a.shape[-1] == 0:
+            return np.zeros_like(out)
+        da, db, dout = buffers.upload(a), buffers.upload(b), buffers.empty(out)
+        if self._cupy is not None:
+            cp = self._cupy
+            cp.matmul(
+                _as_cupy(cp, da, a.shape, a.dtype),
+                _as_cupy(cp, db, b.shape, b.dtype),
+                out=_as_cupy(cp, dout, out.shape, out.dtype),
+            )
+            return buffers.download(out, dout)
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        batch = a.shape[0] if a.ndim == 3 else 1
+        self._program("cuda_matmul.cu", a.dtype.name, "km_matmul_tiled")(
+            _ptr(da),
+            _ptr(db),
+            _ptr(dout),
+            np.int64(batch),
+            np.int64(m),
+            np.int64(n),
+            np.int64(k),
+            global_size=(-(-n // 32), min(-(-m // 32), 65535), min(batch, 65535)),
+            local_size=(16, 16),
+        )
+        return buffers.download(out, dout)
+
+    def _op_transpose(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+        rows, cols = x.shape
+        out = np.empty((cols, rows), x.dtype)
+        if out.size == 0:
+            return out
+        dx, dout = buffers.upload(x), buffers.empty(out)
+        self._program("cuda_transpose.cu", str(x.dtype.itemsize), "km_transpose")(
+            _ptr(dx),
+            _ptr(dout),
+            np.int64(rows),
+            np.int64(cols),
+            global_size=(min(-(-cols // 32), 1 << 16), min(-(-rows // 32), 1 << 15)),
+            local_size=(32, 8),
+        )
+        return buffers.download(out, dout)
+
+    def _op_conv2d(
+        self,
+        buffers: _Buffers,
+        x: np.ndarray,
+        w: np.ndarray,
+        stride: Sequence[int] = (1, 1),
+        padding: Sequence[int] = (0, 0),
+    ) -> np.ndarray:
+        (sh, sw), (ph, pw) = stride, padding
+        n, c, h, wd = x.shape
+        o, _, kh, kw = w.shape
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+        out = np.empty((n, o, oh, ow), x.dtype)
+        if out.size == 0:
+            return out
+        if c == 0:
+            return np.zeros_like(out)
+        dx, dw, dout = buffers.upload(x), buffers.upload(w), buffers.empty(out)
+        shape = [np.int64(v) for v in (n, c, h, wd, o, kh, kw, sh, sw, ph, pw, oh, ow)]
+        variant = x.dtype.name
+        window, pixels = c * kh * kw, oh * ow
+        if self._cupy is None or window * pixels > _IM2COL_BUDGET:
+            # without cuBLAS, or when one image's columns would not fit the budget
+            self._launch(
+                "cuda_conv2d.cu",
+                variant,
+                "km_conv2d_direct",
+                out.size,
+                _ptr(dx),
+                _ptr(dw),
+                _ptr(dout),
+                *shape,
+            )
+            return buffers.download(out, dout)
+        cp = self._cupy
+        images = max(1, min(n, _IM2COL_BUDGET // (window * pixels)))
+        cols = buffers.alloc(images * window * pixels * x.dtype.itemsize)
+        weights = _as_cupy(cp, dw, (o, window), x.dtype)
+        result = _as_cupy(cp, dout, out.shape, out.dtype).reshape(n, o, pixels)
+        for n0 in range(0, n, images):
+            tile = min(images, n - n0)
+            self._launch(
+                "cuda_conv2d.cu",
+                variant,
+                "km_im2col",
+                tile * window * pixels,
+                _ptr(dx),
+                _ptr(cols),
+                np.int64(n0),
+                np.int64(tile),
+                *shape,
+            )
+            staged = _as_cupy(cp, cols, (tile, window, pixels), x.dtype)
+            cp.matmul(weights, staged, out=result[n0 : n0 + tile])
+        return buffers.download(out, dout)
+
+    # spectral
+
+    def _op_fft(self, buffers: _Buffers, x: np.ndarray, inverse: bool = False) -> np.ndarray:
+        out = np.empty(x.shape, np.complex64)
+        if out.size == 0:
+            return out
+        dx = buffers.upload(x)
+        if self._cupy is not None:
+            cp = self._cupy
+            transform = cp.fft.ifft if inverse else cp.fft.fft
+            # cuFFT allocates its result from CuPy's pool; complex64 in, complex64 out
+            result = transform(
+                _as_cupy(cp, dx, x.shape, x.dtype).astype(cp.complex64, copy=False), axis=-1
+            )
+            return np.ascontiguousarray(cp.asnumpy(result), dtype=np.complex64)
+        n = x.shape[-1]
+        batch = out.size // n
+        log2n = n.bit_length() - 1
+        dout = buffers.empty(out)
+        first = "km_fft_bitreverse_real" if x.dtype == np.float32 else "km_fft_bitreverse"
+        self._launch(
+            "cuda_fft.cu",
+            "complex64",
+            first,
+            out.size,
+            _ptr(dx),
+            _ptr(dout),
+            np.int64(batch),
+            np.int64(n),
+            np.int32(log2n),
+        )
+        sign = np.float32(1.0 if inverse else -1.0)
+        half = 1
+        while half < n:
+            self._launch(
+                "cuda_fft.cu",
+                "complex64",
+                "km_fft_stage",
+                out.size // 2,
+                _ptr(dout),
+                np.int64(batch),
+                np.int64(n),
+                np.int64(half),
+                sign,
+            )
+            half *= 2
+        if inverse:
+            self._launch(
+                "cuda_fft.cu",
+                "complex64",
+                "km_fft_scale",
+                out.size,
+                _ptr(dout),
+                np.int64(out.size),
+                np.float32(1.0 / n),
+            )
+        return buffers.download(out, dout)
+
+
+def _as_cupy(cp: Any, buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """A CuPy array over our pycuda allocation; no copy. The allocation stays owned (and
+    freed) by `_Buffers`; CuPy only borrows it for the duration of one op."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    memory = cp.cuda.UnownedMemory(int(buffer), max(1, nbytes), buffer)
+    return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(memory, 0))
+
+
+class _Buffers:
+    """The device allocations of one `run`, freed together when it ends."""
+
+    def __init__(self, allocator: CudaAllocator) -> None:
+        self.allocator = allocator
+        self.buffers: list[Any] = []
+
+    def __enter__(self) -> _Buffers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for buffer in self.buffers:
+            self.allocator.free(buffer)
+        self.buffers.clear()
+
+    def alloc(self, nbytes: int) -> Any:
+        buffer = self.allocator.alloc(nbytes)
+        self.buffers.append(buffer)
+        return buffer
+
+    def upload(self, host: np.ndarray) -> Any:
+        """A device copy of a C-contiguous, native-order host array."""
+        buffer = self.alloc(host.nbytes)
+        self.allocator.copyin(buffer, host)
+        return buffer
+
+    def empty(self, like: np.ndarray) -> Any:
+        return self.alloc(like.nbytes)
+
+    def download(self, host: np.ndarray, buffer: Any) -> np.ndarray:
+        # synchronous on the default stream: waits for every kernel queued before it
+        self.allocator.copyout(host, buffer)
+        return host

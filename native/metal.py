@@ -1,0 +1,837 @@
+"""Metal backend (macOS, through PyObjC): Apple GPUs and the AMD/Intel GPUs of older Macs.
+
+The same four small pieces as every backend (see `backend.py`): an allocator of shared-
+storage `MTLBuffer`s, a compiler from MSL source to a ``.metallib``, a program (one
+compute pipeline) and a device that runs catalog ops. Kernel sources are
+``kernels/metal_*.metal``.
+
+What runs here, and what does not:
+
+- Metal has no float64, so no op is offered for float64: the placement never sends
+  float64 work here. int32 sums accumulate in 64-bit ``long``; int32 mean is that exact
+  int64 sum divided on the host in float64, so it matches the CPU backend exactly.
+- fft runs for power-of-two lengths only (radix-2 Stockham); `refusal` says so for others.
+- Kernels are compiled with fast math off: nan and inf behave as in NumPy.
+
+What is cached on disk, exactly: when Xcode's offline Metal toolchain runs here (``xcrun
+metal`` and ``xcrun metallib``; recent Xcode versions ship it as a separate download), each
+kernel file is compiled to a ``.metallib`` and its bytes go through the shared compile
+cache, keyed by the source, the compile options and a fingerprint of the GPU's name, the
+macOS version and the toolchain's version. A metallib holds AIR, Apple's intermediate
+code: building a pipeline from it still compiles AIR to GPU code, a step macOS's own Metal
+shader cache speeds up, not ours. Without the offline toolchain, sources are compiled in
+process (``newLibraryWithSource:options:error:``) on every start and nothing is written to
+our cache: Metal offers no documented way to serialise a library compiled that way.
+
+Importing this module works anywhere; PyObjC's ``Metal`` is imported only on macOS, when
+a device is first needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelmesh.native.backend import (
+    Allocator,
+    CompileError,
+    Compiler,
+    Device,
+    DeviceProperties,
+    LaunchError,
+    OutOfDeviceMemory,
+    Program,
+)
+from kernelmesh.native.compile_cache import default_cache
+
+__all__ = [
+    "KERNEL_FILES",
+    "NAME",
+    "OP_KERNELS",
+    "SUPPORTED_DTYPES",
+    "MetalAllocator",
+    "MetalCompiler",
+    "MetalDevice",
+    "MetalProgram",
+    "available",
+    "devices",
+    "kernel_source",
+    "offline_toolchain",
+]
+
+NAME = "metal"
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+
+_F32 = frozenset({"float32"})
+_F32_I32 = frozenset({"float32", "int32"})
+
+# The CPU backend's table less float64, which Metal lacks.
+SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = types.MappingProxyType(
+    {
+        "add": _F32_I32,
+        "sub": _F32_I32,
+        "mul": _F32_I32,
+        "div": _F32,
+        "relu": _F32_I32,
+        "gelu": _F32,
+        "exp": _F32,
+        "scale": _F32,
+        "sum": _F32_I32,
+        "max": _F32_I32,
+        "mean": _F32_I32,
+        "softmax": _F32,
+        "matmul": _F32,
+        "transpose": frozenset({"float32", "int32", "complex64"}),
+        "conv2d": _F32,
+        "fft": frozenset({"complex64", "float32"}),
+    }
+)
+
+# Kernel file -> the kernels (host names) it defines. tests/native/test_metal_sources.py
+# parses the files and checks these names against them, so drift shows without a Mac.
+KERNEL_FILES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
+    {
+        "metal_elementwise.metal": (
+            "add_float32",
+            "add_int32",
+            "sub_float32",
+            "sub_int32",
+            "mul_float32",
+            "mul_int32",
+            "div_float32",
+            "relu_float32",
+            "relu_int32",
+            "exp_float32",
+            "scale_float32",
+            "gelu_float32",
+        ),
+        "metal_reduce.metal": tuple(
+            f"{op}_{dtype}_{shape}"
+            for op, dtype in (
+                ("sum", "float32"),
+                ("mean", "float32"),
+                ("sum", "int32"),
+                ("max", "float32"),
+                ("max", "int32"),
+            )
+            for shape in ("group", "thread")
+        ),
+        "metal_softmax.metal": ("softmax_float32",),
+        "metal_matmul.metal": ("matmul_float32",),
+        "metal_transpose.metal": ("transpose_b32", "transpose_b64"),
+        "metal_conv2d.metal": ("conv2d_float32",),
+        "metal_fft.metal": ("fft_stage",),
+    }
+)
+_FILE_OF: Mapping[str, str] = {k: f for f, names in KERNEL_FILES.items() for k in names}
+
+
+def _op_kernels() -> dict[str, dict[str, tuple[str, ...]]]:
+    table: dict[str, dict[str, tuple[str, ...]]] = {}
+    for op, dtypes in SUPPORTED_DTYPES.items():
+        table[op] = {}
+        for dtype in sorted(dtypes):
+            if op in ("sum", "max", "mean"):
+                # int32 mean is the int64 sum, divided on the host in float64
+                base = "sum" if (op, dtype) == ("mean", "int32") else op
+                kernels = (f"{base}_{dtype}_group", f"{base}_{dtype}_thread")
+            elif op == "transpose":
+                kernels = ("transpose_b64",) if dtype == "complex64" else ("transpose_b32",)
+            elif op == "fft":
+                kernels = ("fft_stage",)
+            else:
+                kernels = (f"{op}_{dtype}",)
+            table[op][dtype] = kernels
+    return table
+
+
+# op -> dtype -> every kernel `run` may launch for it.
+OP_KERNELS: Mapping[str, Mapping[str, tuple[str, ...]]] = types.MappingProxyType(_op_kernels())
+
+# Xcode's offline compiler, with fast math off as for in-process compiles.
+_OFFLINE_OPTIONS: tuple[str, ...] = ("-fno-fast-math",)
+
+_MAX_GROUP = 256  # threadgroup-memory size of the reduce and softmax kernels
+_TILE = 16  # matmul and transpose tile side: TILE x TILE threads per group
+# A reduction with at least this many outputs, or this short an extent, runs one thread
+# per output: that already fills the GPU, where a threadgroup per output would sit idle.
+_THREAD_PER_OUTPUT_FROM = 16384
+_SHORT_EXTENT = 64
+
+# MTLCommandBufferStatusError and MTLCommandBufferErrorOutOfMemory in MTLCommandBuffer.h;
+# literals so that the error path can be exercised without importing Metal.
+_STATUS_ERROR = 5
+_ERROR_OUT_OF_MEMORY = 8
+
+
+# --------------------------------------------------------------------------
+# Availability and discovery
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def _pyobjc() -> types.SimpleNamespace:
+    """PyObjC's Metal, libdispatch and objc modules (macOS only; raises ImportError)."""
+    import libdispatch
+    import Metal
+    import objc
+
+    return types.SimpleNamespace(Metal=Metal, libdispatch=libdispatch, objc=objc)
+
+
+def available() -> str | None:
+    """None when Metal can run here, else why not."""
+    if sys.platform != "darwin":
+        return f"Metal runs only on macOS (this is {platform.system() or sys.platform})"
+    try:
+        objc = _pyobjc()
+    except ImportError:
+        return "PyObjC's Metal framework is not installed (pip install 'kernelmesh[metal]')"
+    if not _system_devices(objc.Metal):
+        return "no Metal device found (a virtual machine or a remote session may hide the GPU)"
+    return None
+
+
+def _system_devices(metal: Any) -> list[Any]:
+    found = list(metal.MTLCopyAllDevices() or ())
+    if not found:
+        default = metal.MTLCreateSystemDefaultDevice()
+        found = [default] if default is not None else []
+    # registryID is stable for the life of the machine's GPU registration, so the index
+    # of a device (metal:0, metal:1) does not depend on the order Metal lists them in.
+    return sorted(found, key=lambda device: device.registryID())
+
+
+def devices() -> list[MetalDevice]:
+    """Every Metal device of this Mac, in a stable order; none elsewhere."""
+    if available() is not None:
+        return []
+    return [MetalDevice(i, d) for i, d in enumerate(_system_devices(_pyobjc().Metal))]
+
+
+def kernel_source(filename: str) -> str:
+    """The text of one kernel file of ``kernels/``."""
+    return (KERNEL_DIR / filename).read_text(encoding="utf-8")
+
+
+@functools.cache
+def offline_toolchain() -> str | None:
+    """The offline Metal compiler's version line when ``xcrun metal`` and ``xcrun metallib``
+    both run here, else None. `xcrun --find` is not enough: recent Xcode versions find the
+    tools but cannot run them until the Metal toolchain component is downloaded."""
+    if sys.platform != "darwin" or shutil.which("xcrun") is None:
+        return None
+    version = ""
+    for tool in ("metal", "metallib"):
+        try:
+            probe = subprocess.run(
+                ["xcrun", "-sdk", "macosx", tool, "--version"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if probe.returncode != 0:
+            return None
+        if tool == "metal":
+            lines = probe.stdout.strip().splitlines()
+            version = lines[0] if lines else "metal"
+    return version
+
+
+# --------------------------------------------------------------------------
+# Allocator, compiler, program
+# --------------------------------------------------------------------------
+
+
+class MetalAllocator(Allocator):
+    """Shared-storage buffers: on Apple silicon the CPU and GPU see the same memory, so a
+    copy in or out is one memcpy through ``contents()``, with no staging buffer."""
+
+    def __init__(self, mtl_device: Any) -> None:
+        self._device = mtl_device
+        self._shared = _pyobjc().Metal.MTLResourceStorageModeShared
+
+    def alloc(self, nbytes: int) -> Any:
+        # Metal returns nil for a zero-length buffer; empty tensors still get a real one,
+        # which no kernel reads past its element count.
+        buffer = self._device.newBufferWithLength_options_(max(nbytes, 16), self._shared)
+        if buffer is None:
+            raise OutOfDeviceMemory(
+                f"{self._device.name()} could not allocate a buffer of {nbytes} bytes "
+                f"(largest: {self._device.maxBufferLength()} bytes)"
+            )
+        return buffer
+
+    def free(self, buffer: Any) -> None:
+        # PyObjC releases the buffer when the last Python reference goes; marking it empty
+        # gives its memory back now, even while a reference lingers in a traceback.
+        buffer.setPurgeableState_(_pyobjc().Metal.MTLPurgeableStateEmpty)
+
+    def copyin(self, buffer: Any, host: np.ndarray) -> None:
+        if host.nbytes:
+            _bytes_of(buffer, host.nbytes)[:] = host.reshape(-1).view(np.uint8)
+
+    def copyout(self, host: np.ndarray, buffer: Any) -> None:
+        if host.nbytes:
+            host.reshape(-1).view(np.uint8)[:] = _bytes_of(buffer, host.nbytes)
+
+
+def _bytes_of(buffer: Any, nbytes: int) -> np.ndarray:
+    return np.frombuffer(buffer.contents().as_buffer(nbytes), dtype=np.uint8)
+
+
+class MetalCompiler(Compiler):
+    """MSL source to ``.metallib`` bytes with Xcode's offline toolchain (``xcrun metal``,
+    then ``xcrun metallib``). Pure, so the compile cache stores its output; usable only
+    where `offline_toolchain()` finds the tools."""
+
+    def compile(
+        self, source: str, options: Sequence[str] = (), *, name: str = "Metal source"
+    ) -> bytes:
+        if offline_toolchain() is None:
+            raise RuntimeError("the offline Metal toolchain (xcrun metal, metallib) is not here")
+        with tempfile.TemporaryDirectory(prefix="kernelmesh-metal-") as tmp:
+            # a file named as asked, so that the compiler's log points at it
+            stem = Path(name).stem if name.endswith(".metal") else "source"
+            source_path = Path(tmp) / f"{stem}.metal"
+            source_path.write_text(source, encoding="utf-8")
+            air, metallib = source_path.with_suffix(".air"), source_path.with_suffix(".metallib")
+            sdk = ["xcrun", "-sdk", "macosx"]
+            for step in (
+                [*sdk, "metal", *options, "-c", str(source_path), "-o", str(air)],
+                [*sdk, "metallib", str(air), "-o", str(metallib)],
+            ):
+                done = subprocess.run(
+                    step, capture_output=True, text=True, stdin=subprocess.DEVNULL
+                )
+                if done.returncode != 0:
+                    raise CompileError(
+                        name, done.stderr or done.stdout or f"exit {done.returncode}"
+                    )
+            return metallib.read_bytes()
+
+
+class MetalProgram(Program):
+    """One kernel of a loaded library: its compute pipeline."""
+
+    def __init__(self, mtl_device: Any, queue: Any, library: Any, name: str) -> None:
+        function = library.newFunctionWithName_(name)
+        if function is None:
+            raise CompileError(name, f"the library defines no kernel named {name!r}")
+        pipeline, error = mtl_device.newComputePipelineStateWithFunction_error_(function, None)
+        if pipeline is None:
+            raise CompileError(name, _describe(error))
+        self.name = name
+        self.pipeline = pipeline
+        self.max_threads = int(pipeline.maxTotalThreadsPerThreadgroup())
+        self._device_name = str(mtl_device.name())
+        self._queue = queue
+
+    def encode(
+        self, encoder: Any, args: Sequence[Any], groups: Sequence[int], threads: Sequence[int]
+    ) -> None:
+        """Adds one dispatch to a compute encoder: buffers are bound as they are, bytes
+        (packed structs) are copied into the command by ``setBytes``."""
+        if math.prod(threads) > self.max_threads:
+            raise LaunchError(
+                f"{self.name} on {self._device_name}: {math.prod(threads)} threads per "
+                f"threadgroup, over the pipeline's limit of {self.max_threads}"
+            )
+        encoder.setComputePipelineState_(self.pipeline)
+        for index, arg in enumerate(args):
+            if isinstance(arg, bytes):
+                encoder.setBytes_length_atIndex_(arg, len(arg), index)
+            else:
+                encoder.setBuffer_offset_atIndex_(arg, 0, index)
+        encoder.dispatchThreadgroups_threadsPerThreadgroup_(_size(groups), _size(threads))
+
+    def __call__(
+        self,
+        *args: Any,
+        global_size: Sequence[int],
+        local_size: Sequence[int] | None = None,
+        wait: bool = False,
+    ) -> float | None:
+        """Launches on a command buffer of its own. `global_size` counts threadgroups
+        (as in tinygrad's Metal and CUDA backends), `local_size` threads per group."""
+        command_buffer = self._queue.commandBuffer()
+        encoder = command_buffer.computeCommandEncoder()
+        self.encode(encoder, args, global_size, local_size or (1,))
+        encoder.endEncoding()
+        command_buffer.commit()
+        if not wait:
+            return None
+        _finish(command_buffer, self.name, self._device_name)
+        return command_buffer.GPUEndTime() - command_buffer.GPUStartTime()
+
+
+def _size(dims: Sequence[int]) -> Any:
+    width, height, depth = (*(int(d) for d in dims), 1, 1, 1)[:3]
+    return _pyobjc().Metal.MTLSize(width, height, depth)
+
+
+def _describe(error: Any) -> str:
+    if error is None:
+        return "no error description from Metal"
+    return str(error.localizedDescription())
+
+
+def _finish(command_buffer: Any, what: str, device_name: str) -> None:
+    """Waits for a committed command buffer; a failed one raises LaunchError. The queue
+    and device stay usable: Metal fails the command buffer, not the device."""
+    command_buffer.waitUntilCompleted()
+    if command_buffer.status() == _STATUS_ERROR:
+        error = command_buffer.error()
+        message = f"{what} failed on {device_name}: {_describe(error)}"
+        if error is not None and error.code() == _ERROR_OUT_OF_MEMORY:
+            raise OutOfDeviceMemory(message)
+        raise LaunchError(message)
+
+
+@dataclass(frozen=True)
+class _Dispatch:
+    kernel: str
+    args: tuple[Any, ...]
+    groups: int  # threadgroups in a one-dimensional grid
+    threads: tuple[int, ...]  # threads per threadgroup
+
+
+# --------------------------------------------------------------------------
+# The device
+# --------------------------------------------------------------------------
+
+
+class MetalDevice(Device):
+    """One Metal GPU. `run` is safe to call from several threads at once: each call
+    encodes its own command buffer on the device's queue (both thread-safe in Metal), and
+    the libraries and pipelines, built once, are guarded by a lock."""
+
+    def __init__(self, index: int, mtl_device: Any) -> None:
+        mac_version = platform.mac_ver()[0] or "unknown"
+        name = str(mtl_device.name())
+        features = ["unified-memory"] if mtl_device.hasUnifiedMemory() else []
+        if mtl_device.isLowPower():
+            features.append("low-power")
+        properties = DeviceProperties(
+            kind=NAME,
+            index=index,
+            model=name,
+            # Metal names no vendor; the older Intel Macs' discrete GPUs say so in the name
+            vendor=next((v for v in ("AMD", "Intel", "NVIDIA") if v in name), "Apple"),
+            driver_version=f"macOS {mac_version}",
+            compute_units=0,  # Metal publishes no core count
+            max_work_group_size=int(mtl_device.maxThreadsPerThreadgroup().width),
+            memory_total_bytes=int(mtl_device.recommendedMaxWorkingSetSize()),
+            supports_fp64=False,
+            supports_fp16=True,
+            features=tuple(features),
+            fingerprint=f"{name}; macOS {mac_version}; {offline_toolchain() or 'in-process'}",
+        )
+        super().__init__(properties=properties, supported=SUPPORTED_DTYPES)
+        self._mtl = mtl_device
+        self._queue = mtl_device.newCommandQueue()
+        self.allocator = MetalAllocator(mtl_device)
+        self.compiler = MetalCompiler()
+        self._libraries: dict[str, Any] = {}
+        self._programs: dict[str, MetalProgram] = {}
+        self._lock = threading.Lock()
+
+    # --- compiling ------------------------------------------------------------
+
+    def build(self, source: str, what: str = "Metal source") -> Any:
+        """An MTLLibrary from MSL source, through the compile cache when the offline
+        toolchain is here (see the module's docstring); CompileError carries the log."""
+        if offline_toolchain() is not None:
+            binary = default_cache().get_or_compile(
+                NAME,
+                self.properties.fingerprint,
+                source,
+                _OFFLINE_OPTIONS,
+                lambda: self.compiler.compile(source, _OFFLINE_OPTIONS, name=what),
+                name=what,
+            )
+            library = self._load_metallib(binary)
+            if library is not None:
+                return library
+            # A metallib this macOS cannot load (e.g. built by a newer SDK than the OS):
+            # compile in process instead.
+        return self._compile_in_process(source, what)
+
+    def _load_metallib(self, binary: bytes) -> Any | None:
+        libdispatch = _pyobjc().libdispatch
+        data = libdispatch.dispatch_data_create(binary, len(binary), None, None)
+        library, _error = self._mtl.newLibraryWithData_error_(data, None)
+        return library
+
+    def _compile_in_process(self, source: str, what: str) -> Any:
+        metal = _pyobjc().Metal
+        options = metal.MTLCompileOptions.alloc().init()
+        if options.respondsToSelector_(b"setMathMode:"):  # macOS 15: fastMathEnabled's heir
+            options.setMathMode_(getattr(metal, "MTLMathModeSafe", 0))
+            # the default for functions stays "fast" even in safe mode
+            options.setMathFloatingPointFunctions_(
+                getattr(metal, "MTLMathFloatingPointFunctionsPrecise", 1)
+            )
+        else:
+            options.setFastMathEnabled_(False)
+        # A library with a non-nil error compiled with warnings; only a nil library failed.
+        library, error = self._mtl.newLibraryWithSource_options_error_(source, options, None)
+        if library is None:
+            raise CompileError(what, _describe(error))
+        return library
+
+    def program(self, library: Any, kernel: str) -> MetalProgram:
+        """One kernel of a library built by `build`."""
+        return MetalProgram(self._mtl, self._queue, library, kernel)
+
+    def _kernel(self, name: str) -> MetalProgram:
+        program = self._programs.get(name)
+        if program is not None:
+            return program
+        with self._lock:
+            if name not in self._programs:
+                filename = _FILE_OF[name]
+                if filename not in self._libraries:
+                    self._libraries[filename] = self.build(kernel_source(filename), filename)
+                self._programs[name] = self.program(self._libraries[filename], name)
+            return self._programs[name]
+
+    def warmup(self) -> None:
+        """Builds every pipeline `run` uses (from the compile cache where it can)."""
+        for kernels in OP_KERNELS.values():
+            for names in kernels.values():
+                for name in names:
+                    self._kernel(name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._programs.clear()
+            self._libraries.clear()
+
+    # --- running ----------------------------------------------------------------
+
+    def refusal(
+        self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]
+    ) -> str | None:
+        if op == "fft" and shapes and shapes[0]:
+            n = shapes[0][-1]
+            if n & (n - 1):
+                return f"Metal's fft takes power-of-two lengths only; the last axis has {n}"
+        largest = max((math.prod(shape) for shape in shapes), default=0)
+        # kernels index with 32-bit uints; 8 bytes covers the widest element (complex64)
+        if largest >= 1 << 32:
+            return f"a tensor of {largest} elements is over Metal kernels' 2**32 index range"
+        limit = int(self._mtl.maxBufferLength())
+        if largest * 8 > limit:
+            return f"a tensor of {largest} elements may exceed {self.name}'s largest buffer"
+        return None
+
+    def memory_available_bytes(self) -> int:
+        total = int(self._mtl.recommendedMaxWorkingSetSize())
+        return max(0, total - int(self._mtl.currentAllocatedSize()))
+
+    def run(
+        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
+    ) -> list[np.ndarray]:
+        host = _OPS.get(op)
+        if host is None:
+            raise ValueError(f"the metal backend has no op {op!r}")
+        dtype = str(inputs[0].dtype)
+        if not self.supports(op, dtype):
+            why = "Metal has no float64" if dtype == "float64" else "not implemented on Metal"
+            raise ValueError(f"{op} for {dtype} does not run on {self.name}: {why}")
+        # Worker threads have no Cocoa autorelease pool of their own; without one the
+        # command buffers and encoders Metal autoreleases would pile up.
+        with _pyobjc().objc.autorelease_pool():
+            return [host(self, list(inputs), params)]
+
+    def _upload(self, x: np.ndarray, buffers: list[Any]) -> Any:
+        buffer = self.allocator.alloc(x.nbytes)
+        buffers.append(buffer)
+        # C order and native byte order: the kernels read raw little-endian elements
+        self.allocator.copyin(buffer, np.ascontiguousarray(x, x.dtype.newbyteorder("=")))
+        return buffer
+
+    def _scratch(self, nbytes: int, buffers: list[Any]) -> Any:
+        buffer = self.allocator.alloc(nbytes)
+        buffers.append(buffer)
+        return buffer
+
+    def _submit(self, what: str, dispatches: Sequence[_Dispatch]) -> None:
+        """Encodes the dispatches, in order, into one command buffer and waits for it. A
+        compute encoder runs its dispatches one after another, each seeing the writes of
+        those before it, so multi-pass ops (fft) need no extra synchronisation."""
+        programs = [self._kernel(d.kernel) for d in dispatches]
+        command_buffer = self._queue.commandBuffer()
+        encoder = command_buffer.computeCommandEncoder()
+        try:
+            for program, dispatch in zip(programs, dispatches, strict=True):
+                program.encode(encoder, dispatch.args, (dispatch.groups,), dispatch.threads)
+        finally:
+            encoder.endEncoding()
+        command_buffer.commit()
+        _finish(command_buffer, what, self.name)
+
+    def _threads(self, kernel: str, wanted: int) -> int:
+        """The largest power of two of threads per group <= wanted, the kernels' shared
+        memory and the pipeline's limit (>= 1)."""
+        limit = min(wanted, _MAX_GROUP, self._kernel(kernel).max_threads)
+        return 1 << max(0, limit.bit_length() - 1)
+
+    def _launch(
+        self,
+        what: str,
+        kernel: str,
+        inputs: Sequence[np.ndarray],
+        out: np.ndarray,
+        args: bytes,
+        groups: int,
+        threads: tuple[int, ...],
+    ) -> np.ndarray:
+        """Uploads the inputs, runs one dispatch writing `out`'s buffer, copies it back."""
+        buffers: list[Any] = []
+        try:
+            device_inputs = [self._upload(x, buffers) for x in inputs]
+            device_out = self._scratch(out.nbytes, buffers)
+            self._submit(
+                what, [_Dispatch(kernel, (*device_inputs, device_out, args), groups, threads)]
+            )
+            self.allocator.copyout(out, device_out)
+        finally:
+            for buffer in buffers:
+                self.allocator.free(buffer)
+        return out
+
+
+def _pack(*values: int) -> bytes:
+    """Kernel arguments of uint fields, laid out as the MSL struct declares them."""
+    return struct.pack(f"={len(values)}I", *values)
+
+
+def _groups_of(count: int, threads: int) -> int:
+    return -(-count // threads)
+
+
+# --------------------------------------------------------------------------
+# Ops: host side. Each takes validated inputs and normalised params, as cpu.run does.
+# --------------------------------------------------------------------------
+
+
+def _binary_op(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
+    def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+        a, b = inputs
+        shape = a.shape if a.shape == b.shape or b.shape in ((), (1,)) else b.shape
+        out = np.empty(shape, a.dtype)
+        if out.size == 0:
+            return out
+        kernel = f"{op}_{a.dtype}"
+        threads = device._threads(kernel, _MAX_GROUP)
+        # a step of 0 makes the one-element operand a scalar
+        args = _pack(out.size, int(a.size == out.size), int(b.size == out.size))
+        groups = _groups_of(out.size, threads)
+        return device._launch(op, kernel, [a, b], out, args, groups, (threads,))
+
+    return run
+
+
+def _unary_op(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
+    def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+        (x,) = inputs
+        out = np.empty(x.shape, x.dtype)
+        if out.size == 0:
+            return out
+        kernel = f"{op}_{x.dtype}"
+        threads = device._threads(kernel, _MAX_GROUP)
+        # the factor rounded to float32 as NumPy's float32(factor) does (inf past the
+        # range, where struct.pack("f") would raise)
+        factor = np.float32(params.get("factor", 1.0)) if op == "scale" else np.float32(0)
+        args = _pack(out.size) + factor.tobytes()
+        groups = _groups_of(out.size, threads)
+        return device._launch(op, kernel, [x], out, args, groups, (threads,))
+
+    return run
+
+
+def _reduce(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
+    def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+        (x,) = inputs
+        axis, keepdims = params.get("axis"), bool(params.get("keepdims", False))
+        if axis is not None:
+            axis %= x.ndim
+        axes = range(x.ndim) if axis is None else (axis,)
+        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+        shape = kept if keepdims else tuple(d for a, d in enumerate(x.shape) if a not in axes)
+        integer = x.dtype == np.int32
+        if op == "max":
+            dtype = x.dtype
+        elif integer:
+            dtype = np.dtype(np.int64) if op == "sum" else np.dtype(np.float64)
+        else:
+            dtype = x.dtype
+
+        if axis is None:
+            planes, n, cols = 1, x.size, 1
+        else:
+            planes, n, cols = (
+                math.prod(x.shape[:axis]),
+                x.shape[axis],
+                math.prod(x.shape[axis + 1 :]),
+            )
+        outputs = planes * cols
+        if outputs == 0 or n == 0:
+            # no outputs, or sums over an empty extent (max and mean refuse those in
+            # validation): nothing for the GPU to do, and the sum of nothing is 0
+            return np.zeros(shape, dtype)
+
+        base = "sum" if (op, integer) == ("mean", True) else op
+        device_dtype = np.dtype(np.int64) if base == "sum" and integer else x.dtype
+        per_thread = outputs >= _THREAD_PER_OUTPUT_FROM or n < _SHORT_EXTENT
+        kernel = f"{base}_{x.dtype}_{'thread' if per_thread else 'group'}"
+        if per_thread:
+            threads = device._threads(kernel, _MAX_GROUP)
+            groups = _groups_of(outputs, threads)
+        else:
+            threads = device._threads(kernel, 1 << (n - 1).bit_length())
+            groups = outputs
+        acc = np.empty(outputs, device_dtype)
+        device._launch(op, kernel, [x], acc, _pack(planes, n, cols), groups, (threads,))
+        if (op, integer) == ("mean", True):
+            acc = acc / n  # the exact int64 sum over n, in float64 as the CPU backend does
+        return acc.astype(dtype, copy=False).reshape(shape)
+
+    return run
+
+
+def _softmax(
+    device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]
+) -> np.ndarray:
+    (x,) = inputs
+    out = np.empty(x.shape, x.dtype)
+    if out.size == 0:
+        return out
+    n = x.shape[-1]
+    kernel = f"softmax_{x.dtype}"
+    threads = device._threads(kernel, 1 << (n - 1).bit_length())
+    return device._launch("softmax", kernel, [x], out, _pack(n), out.size // n, (threads,))
+
+
+def _matmul(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+    a, b = inputs
+    batch = a.shape[0] if a.ndim == 3 else 1
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    out = np.empty((*a.shape[:-1], n), a.dtype)
+    if out.size == 0:
+        return out
+    tiles_m, tiles_n = _groups_of(m, _TILE), _groups_of(n, _TILE)
+    args = _pack(m, n, k, tiles_m, tiles_n)
+    groups = batch * tiles_m * tiles_n
+    kernel = f"matmul_{a.dtype}"
+    return device._launch("matmul", kernel, [a, b], out, args, groups, (_TILE, _TILE))
+
+
+def _transpose(
+    device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]
+) -> np.ndarray:
+    (x,) = inputs
+    rows, cols = x.shape
+    out = np.empty((cols, rows), x.dtype)
+    if out.size == 0:
+        return out
+    kernel = f"transpose_b{x.dtype.itemsize * 8}"
+    tiles_down, tiles_across = _groups_of(rows, _TILE), _groups_of(cols, _TILE)
+    args = _pack(rows, cols, tiles_across)
+    groups = tiles_down * tiles_across
+    return device._launch("transpose", kernel, [x], out, args, groups, (_TILE, _TILE))
+
+
+def _conv2d(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+    x, w = inputs
+    (sh, sw), (ph, pw) = params["stride"], params["padding"]
+    batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = w.shape
+    oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    out = np.empty((batch, out_channels, oh, ow), x.dtype)
+    if out.size == 0:
+        return out
+    kernel = f"conv2d_{x.dtype}"
+    args = _pack(batch, channels, height, width, out_channels, kh, kw, sh, sw, ph, pw, oh, ow)
+    threads = device._threads(kernel, _MAX_GROUP)
+    groups = _groups_of(out.size, threads)
+    return device._launch("conv2d", kernel, [x, w], out, args, groups, (threads,))
+
+
+def _fft(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+    (x,) = inputs
+    inverse = bool(params.get("inverse", False))
+    n = x.shape[-1]
+    # float32 input is the real part of a complex64 signal, as the catalog defines it
+    signal = np.ascontiguousarray(x, dtype=np.complex64)
+    out = np.empty(x.shape, np.complex64)
+    if out.size == 0:
+        return out
+    if n == 1:
+        # the DFT of one point is that point (and 1/n is 1): nothing to compute
+        out[...] = signal
+        return out
+    if n & (n - 1):
+        raise ValueError(f"Metal's fft takes power-of-two lengths only; the last axis has {n}")
+
+    butterflies = out.size // 2
+    threads = device._threads("fft_stage", _MAX_GROUP)
+    groups = _groups_of(butterflies, threads)
+    buffers: list[Any] = []
+    try:
+        ping = device._upload(signal, buffers)
+        pong = device._scratch(signal.nbytes, buffers)
+        passes, span = [], 1
+        while span < n:
+            last = span * 2 == n
+            scale = 1.0 / n if inverse and last else 1.0
+            args = _pack(n, span, butterflies) + struct.pack("=2f", 1.0 if inverse else -1.0, scale)
+            passes.append(_Dispatch("fft_stage", (ping, pong, args), groups, (threads,)))
+            ping, pong = pong, ping
+            span *= 2
+        device._submit("fft", passes)
+        device.allocator.copyout(out, ping)  # the last pass wrote what is now `ping`
+    finally:
+        for buffer in buffers:
+            device.allocator.free(buffer)
+    return out
+
+
+_OPS: Mapping[str, Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]] = {
+    "add": _binary_op("add"),
+    "sub": _binary_op("sub"),
+    "mul": _binary_op("mul"),
+    "div": _binary_op("div"),
+    "relu": _unary_op("relu"),
+    "gelu": _unary_op("gelu"),
+    "exp": _unary_op("exp"),
+    "scale": _unary_op("scale"),
+    "sum": _reduce("sum"),
+    "max": _reduce("max"),
+    "mean": _reduce("mean"),
+    "softmax": _softmax,
+    "matmul": _matmul,
+    "transpose": _transpose,
+    "conv2d": _conv2d,
+    "fft": _fft,
+}

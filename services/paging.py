@@ -1,0 +1,24 @@
+"""AIP-158 pagination over an in-memory list: opaque `offset:N` page tokens."""
+
+from __future__ import annotations
+
+from kernelmesh.core.errors import InvalidArgument, Violation
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_bounds(token: str, page_size: int, total: int) -> tuple[int, int]:
+    """(start, size) of the page a request asks for; page_size 0 means the default."""
+    size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+    if not token:
+        return 0, size
+    kind, _, value = token.partition(":")
+    if kind != "offset" or not value.isdigit() or int(value) > total:
+        raise InvalidArgument([Violation("page_token", "not a page token returned by this server")])
+    return int(value), size
+
+
+def next_token(start: int, size: int, total: int) -> str:
+    """The token of the page after [start, start + size), or "" at the end."""
+    return f"offset:{start + size}" if start + size < total else ""

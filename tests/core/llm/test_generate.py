@@ -1,0 +1,265 @@
+"""Generation through the gateway against a fake OpenAI upstream: failover
+order, retries, Retry-After, non-retryable errors and the cache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from llm_helpers import chat_config, deployment, user
+
+from kernelmesh.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from kernelmesh.core.llm import FinishReason, Gateway, GenerationOptions, Message, Role
+
+
+async def test_generate_returns_text_usage_and_the_answering_deployment(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+
+    completion = await gateway.generate("acme", "chat", user("hello there"))
+
+    assert completion.text == "echo hello there"
+    assert completion.finish_reason is FinishReason.STOP
+    assert completion.usage.prompt_tokens == 2
+    assert completion.usage.completion_tokens == 3
+    assert completion.usage.total_tokens == 5
+    assert (completion.provider, completion.deployment, completion.cached) == (
+        "openai",
+        "primary",
+        False,
+    )
+
+
+async def test_options_reach_the_upstream(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+    options = GenerationOptions(temperature=0.5, top_p=0.9, max_tokens=2, stop=("x",), seed=7)
+
+    completion = await gateway.generate("acme", "chat", user("one two three"), options)
+
+    body = upstream.last_body
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.5, 0.9, 2)
+    assert (body["stop"], body["seed"], body["model"]) == (["x"], 7, "fake-model")
+    assert completion.finish_reason is FinishReason.LENGTH
+    assert completion.text == "echo one"
+
+
+async def test_max_tokens_zero_uses_the_deployment_default(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+    await gateway.generate("acme", "chat", user("hi"))
+    assert upstream.last_body["max_tokens"] == 64
+
+
+async def test_api_key_comes_from_the_named_environment_variable(
+    upstream, make_gateway, monkeypatch
+):
+    monkeypatch.setenv("FAKE_LLM_KEY", "secret-value")
+    gateway = await make_gateway(
+        chat_config(deployment("primary", upstream, api_key_env="FAKE_LLM_KEY"))
+    )
+    await gateway.generate("acme", "chat", user("hi"))
+    assert upstream.last_headers["Authorization"] == "Bearer secret-value"
+
+
+async def test_server_errors_are_retried_max_retries_times(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream, max_retries=2)))
+    upstream.fail_with(500, times=2)
+
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert completion.text == "echo hi"
+    assert upstream.requests == 3
+
+
+async def test_failover_follows_the_configured_order(upstream, upstream2, make_gateway):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, max_retries=1),
+            deployment("secondary", upstream2),
+        )
+    )
+    upstream.fail_with(503, times=100)
+
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert completion.deployment == "secondary"
+    assert completion.text == "second upstream answers"
+    assert upstream.requests == 2  # one try + one retry, then failover
+    assert upstream2.requests == 1
+
+
+async def test_bad_request_is_neither_retried_nor_failed_over(upstream, upstream2, make_gateway):
+    gateway = await make_gateway(
+        chat_config(deployment("primary", upstream), deployment("secondary", upstream2))
+    )
+    upstream.fail_with(400, times=10)
+
+    with pytest.raises(InvalidArgument, match="injected failure 400"):
+        await gateway.generate("acme", "chat", user("hi"))
+
+    assert upstream.requests == 1
+    assert upstream2.requests == 0
+
+
+async def test_auth_failure_fails_over_without_retrying(upstream, upstream2, make_gateway):
+    gateway = await make_gateway(
+        chat_config(deployment("primary", upstream), deployment("secondary", upstream2))
+    )
+    upstream.fail_with(401, times=10)
+
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert completion.deployment == "secondary"
+    assert upstream.requests == 1
+
+
+async def test_every_deployment_misconfigured_is_a_failed_precondition(upstream, make_gateway):
+    gateway = await make_gateway(
+        chat_config(deployment("primary", upstream, api_key_env="KERNELMESH_UNSET_KEY_VAR"))
+    )
+    with pytest.raises(FailedPrecondition, match="KERNELMESH_UNSET_KEY_VAR"):
+        await gateway.generate("acme", "chat", user("hi"))
+    assert upstream.requests == 0
+
+
+async def test_rate_limited_upstream_is_retried_after_its_retry_after(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+    upstream.fail_with(429, times=1, retry_after=0.3)
+
+    started = time.monotonic()
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert time.monotonic() - started >= 0.3
+    assert completion.text == "echo hi"
+    assert upstream.requests == 2
+
+
+async def test_retry_after_beyond_the_cap_fails_over_at_once(upstream, upstream2, make_gateway):
+    gateway = await make_gateway(
+        chat_config(deployment("primary", upstream), deployment("secondary", upstream2))
+    )
+    upstream.fail_with(429, times=1, retry_after=60)
+
+    started = time.monotonic()
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert time.monotonic() - started < 1.0
+    assert completion.deployment == "secondary"
+
+
+async def test_all_deployments_failing_is_unavailable_naming_each(upstream, make_gateway):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, max_retries=0),
+            deployment("secondary", upstream, max_retries=0),
+        )
+    )
+    upstream.fail_with(502, times=10)
+
+    with pytest.raises(Unavailable) as caught:
+        await gateway.generate("acme", "chat", user("hi"))
+
+    assert "primary: HTTP 502" in caught.value.message
+    assert "secondary: HTTP 502" in caught.value.message
+
+
+async def test_a_stalled_upstream_times_out_and_fails_over(upstream, upstream2, make_gateway):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, timeout_s=0.1, max_retries=0),
+            deployment("secondary", upstream2),
+        )
+    )
+    upstream.stall(2)
+
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert completion.deployment == "secondary"
+
+
+async def test_a_dead_upstream_fails_over(upstream, upstream2, make_gateway):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, max_retries=1), deployment("secondary", upstream2)
+        )
+    )
+    await gateway.generate("acme", "chat", user("warm the connection pool"))
+    upstream.down()
+
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert completion.deployment == "secondary"
+
+
+async def test_deterministic_requests_are_served_from_the_cache(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+    options = GenerationOptions(temperature=0)
+
+    first = await gateway.generate("acme", "chat", user("hi"), options)
+    second = await gateway.generate("acme", "chat", user("hi"), options)
+
+    assert upstream.requests == 1
+    assert (first.cached, second.cached) == (False, True)
+    assert second.text == first.text
+    assert second.usage == first.usage
+
+
+async def test_the_cache_is_per_tenant_and_skips_sampled_requests(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+
+    await gateway.generate("acme", "chat", user("hi"), GenerationOptions(seed=1))
+    other = await gateway.generate("globex", "chat", user("hi"), GenerationOptions(seed=1))
+    await gateway.generate("acme", "chat", user("hi"), GenerationOptions(temperature=0.7))
+    await gateway.generate("acme", "chat", user("hi"), GenerationOptions(temperature=0.7))
+
+    assert other.cached is False
+    assert upstream.requests == 4
+
+
+async def test_usage_and_cost_are_recorded_per_tenant_model_and_provider(upstream, make_gateway):
+    gateway = await make_gateway(
+        chat_config(deployment("primary", upstream, input_cost_per_1k=1.0, output_cost_per_1k=2.0))
+    )
+    await gateway.generate("acme", "chat", user("hello there"))  # 2 prompt, 3 completion
+    await gateway.generate("acme", "chat", user("hi"))  # 1 prompt, 2 completion
+
+    [record] = gateway.usage("acme")
+
+    assert (record.tenant, record.model, record.provider) == ("acme", "chat", "openai")
+    assert (record.requests, record.prompt_tokens, record.completion_tokens) == (2, 3, 5)
+    assert record.cost == pytest.approx((3 * 1.0 + 5 * 2.0) / 1000)
+    assert gateway.usage("globex") == []
+
+
+async def test_unknown_model_is_not_found(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+    with pytest.raises(NotFound, match="'gpt-9' is not configured; configured: chat, local"):
+        await gateway.generate("acme", "gpt-9", user("hi"))
+
+
+async def test_invalid_requests_name_their_fields(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+    bad = GenerationOptions(temperature=3.0, top_p=0.0, max_tokens=-1)
+
+    with pytest.raises(InvalidArgument) as caught:
+        await gateway.generate("acme", "chat", [], bad)
+
+    fields = {v.field for v in caught.value.violations}
+    assert fields == {"messages", "options.temperature", "options.top_p", "options.max_tokens"}
+    assert upstream.requests == 0
+
+
+async def test_generation_without_a_chat_model_explains_how_to_configure_one():
+    gateway = Gateway.from_file(None)
+    try:
+        with pytest.raises(FailedPrecondition) as caught:
+            await gateway.generate("acme", "anything", [Message(Role.USER, "hi")])
+    finally:
+        await gateway.close()
+    message = caught.value.message
+    assert "kernelmesh serve --llm-config" in message
+    assert "api_key_env" in message
+    assert "deployments:" in message

@@ -1,0 +1,143 @@
+"""Per-tenant rate limits and token budgets, exact under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from llm_helpers import chat_config, deployment, user
+
+from kernelmesh.core.errors import InvalidArgument, ResourceExhausted
+from kernelmesh.core.llm import GenerationOptions, Usage, parse_config
+from kernelmesh.core.llm.budget import BudgetLedger
+from kernelmesh.core.llm.ratelimit import TokenBucket
+from kernelmesh.core.llm.tokens import estimate_prompt_tokens
+from kernelmesh.core.store import UsageStore
+
+
+def test_token_bucket_says_when_enough_will_have_refilled(clock):
+    bucket = TokenBucket(60, 60.0, clock)  # one per second
+    bucket.take(60)
+
+    assert bucket.wait_for(3) == pytest.approx(3.0)
+    clock.advance(1.5)
+    assert bucket.wait_for(3) == pytest.approx(1.5)
+    clock.advance(100)
+    assert bucket.level() == 60
+
+
+async def test_requests_per_minute_refuses_with_retry_after(upstream, make_gateway, clock):
+    config = chat_config(
+        deployment("primary", upstream), tenants={"default": {"requests_per_minute": 2}}
+    )
+    gateway = await make_gateway(config, clock=clock)
+    await gateway.generate("acme", "chat", user("hi"))
+    await gateway.generate("acme", "chat", user("hi"))
+
+    with pytest.raises(ResourceExhausted, match="requests_per_minute") as caught:
+        await gateway.generate("acme", "chat", user("hi"))
+
+    assert caught.value.retry_after == pytest.approx(30.0)
+    assert upstream.requests == 2
+    await gateway.generate("globex", "chat", user("hi"))  # other tenants are unaffected
+    clock.advance(30)
+    await gateway.generate("acme", "chat", user("hi"))
+
+
+async def test_tokens_per_minute_counts_real_usage(upstream, make_gateway, clock):
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"tokens_per_minute": 60}}
+    )
+    gateway = await make_gateway(config, clock=clock)
+    options = GenerationOptions(max_tokens=20)
+    # Each call reserves ~27 tokens (estimate + max_tokens) and settles at 3.
+    for _ in range(10):
+        await gateway.generate("acme", "chat", user("hi"), options)
+
+    with pytest.raises(ResourceExhausted, match="tokens_per_minute") as caught:
+        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=50))
+    assert 0 < caught.value.retry_after <= 60
+
+
+async def test_a_request_larger_than_the_minute_limit_is_invalid(upstream, make_gateway):
+    config = chat_config(
+        deployment("primary", upstream), tenants={"default": {"tokens_per_minute": 100}}
+    )
+    gateway = await make_gateway(config)
+    with pytest.raises(InvalidArgument) as caught:
+        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=500))
+    assert caught.value.violations[0].field == "options.max_tokens"
+
+
+async def test_budget_is_exact_under_50_concurrent_requests(upstream, make_gateway):
+    # Each request reserves estimate(prompt) + max_tokens and really uses
+    # 1 + 2 = 3 tokens. The budget fits 25 reservations (and not 26) while
+    # all 50 are in flight together; the rest are refused.
+    reservation = estimate_prompt_tokens(user("hi")) + 12
+    budget = 26 * reservation - 1
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"token_budget": budget}}
+    )
+    gateway = await make_gateway(config)
+    upstream.stall(0.05)  # keep them all in flight at once
+    options = GenerationOptions(max_tokens=12)
+
+    results = await asyncio.gather(
+        *(gateway.generate("acme", "chat", user("hi"), options) for _ in range(50)),
+        return_exceptions=True,
+    )
+
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert (len(ok), len(refused)) == (25, 25)
+    assert all(r.usage.total_tokens == 3 for r in ok)
+    assert gateway._budget.spent("acme") == 75
+    [record] = gateway.usage("acme")
+    assert (record.requests, record.total_tokens) == (25, 75)
+    assert upstream.requests == 25
+
+
+async def test_budget_refuses_once_spent_and_cache_hits_cost_nothing(upstream, make_gateway):
+    config = chat_config(deployment("primary", upstream), tenants={"acme": {"token_budget": 40}})
+    gateway = await make_gateway(config)
+    options = GenerationOptions(max_tokens=12, temperature=0)
+
+    await gateway.generate("acme", "chat", user("hi"), options)  # spends 3
+    for _ in range(5):
+        assert (await gateway.generate("acme", "chat", user("hi"), options)).cached
+    assert gateway._budget.spent("acme") == 3
+
+    with pytest.raises(ResourceExhausted, match="token budget") as caught:
+        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=34))
+    assert caught.value.retry_after > 60
+
+
+def test_budget_settle_refunds_the_unused_reservation():
+    ledger = BudgetLedger(parse_config({"tenants": {"default": {"token_budget": 100}}}))
+    first = ledger.reserve("acme", 60)
+    with pytest.raises(ResourceExhausted):
+        ledger.reserve("acme", 60)
+
+    ledger.settle(first, 10)
+    ledger.settle(first, 10)  # idempotent
+
+    assert ledger.spent("acme") == 10
+    ledger.reserve("acme", 90)
+
+
+def test_budget_spending_survives_a_restart(tmp_path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path)
+    store.record("acme", "chat", "openai", "primary", Usage(30, 50, 80), 0.1)
+    store.close()
+
+    reopened = UsageStore(path)
+    ledger = BudgetLedger(
+        parse_config({"tenants": {"default": {"token_budget": 100}}}),
+        spent=reopened.spent_tokens(),
+    )
+    reopened.close()
+
+    assert ledger.spent("acme") == 80
+    with pytest.raises(ResourceExhausted):
+        ledger.reserve("acme", 21)
