@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernelmesh.native import cpu_info
-from kernelmesh.native.backend import Device, DeviceProperties
+from kernelmesh.native.backend import CATALOG_DTYPES, Device, DeviceProperties, reduction_plan
 
 __all__ = ["NAME", "SUPPORTED_DTYPES", "CpuDevice", "available", "devices", "run", "warmup"]
 
@@ -50,29 +50,8 @@ NAME = "cpu"
 # only effective before the first parallel launch; the caller's own setting wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-_FLOATS = frozenset({"float32", "float64"})
-_NUMERIC = frozenset({"float32", "float64", "int32"})
-
-SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = types.MappingProxyType(
-    {
-        "add": _NUMERIC,
-        "sub": _NUMERIC,
-        "mul": _NUMERIC,
-        "div": _FLOATS,
-        "relu": _NUMERIC,
-        "gelu": _FLOATS,
-        "exp": _FLOATS,
-        "scale": _FLOATS,
-        "sum": _NUMERIC,
-        "max": _NUMERIC,
-        "mean": _NUMERIC,
-        "softmax": _FLOATS,
-        "matmul": _FLOATS,
-        "transpose": frozenset({"float32", "float64", "int32", "complex64"}),
-        "conv2d": _FLOATS,
-        "fft": frozenset({"complex64", "float32"}),
-    }
-)
+# Every op of the catalog, for every dtype it is defined for.
+SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = CATALOG_DTYPES
 
 # error_model="numpy": float division by zero gives inf/nan as in NumPy, instead of
 # Numba's default of raising ZeroDivisionError.
@@ -461,42 +440,25 @@ def _op_exp(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarr
 
 def _reduce(inputs: Sequence[np.ndarray], params: Mapping[str, Any], op: str) -> np.ndarray:
     (x,) = inputs
-    axis, keepdims = params.get("axis"), bool(params.get("keepdims", False))
-    if axis is not None:
-        axis %= x.ndim
-    axes = range(x.ndim) if axis is None else (axis,)
-    kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
-    shape = kept if keepdims else tuple(d for a, d in enumerate(x.shape) if a not in axes)
-    # sum and mean accumulate in int64 or float64 (exact, or far more accurate than float32);
-    # outputs follow NumPy: sum of int32 is int64, mean of int32 is float64.
-    if op == "max":
-        dtype = acc_dtype = x.dtype
-    elif x.dtype.kind == "i":
-        acc_dtype = np.dtype(np.int64)
-        dtype = acc_dtype if op == "sum" else np.dtype(np.float64)
-    else:
-        dtype, acc_dtype = x.dtype, np.dtype(np.float64)
-
-    if axis is None:
-        planes, n, cols = 1, x.size, 1
-    else:
-        planes, n, cols = math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :])
-    if planes * n * cols == 0:
+    # sum and mean accumulate in int64 or float64 (plan.acc_dtype); outputs follow NumPy
+    plan = reduction_plan(x, params, op)
+    if plan.empty:
         # an empty extent reaches here only for sum (0) or with an empty output
-        return np.zeros(shape, dtype)
+        return np.zeros(plan.shape, plan.dtype)
+    planes, n, cols = plan.planes, plan.n, plan.cols
 
     if cols == 1:
-        acc = np.empty(planes, acc_dtype)
+        acc = np.empty(planes, plan.acc_dtype)
         kernel = _max_rows if op == "max" else _sum_rows
         kernel(x.size, _kernel_input(x, (planes, n)), acc)
     elif op == "max":
-        return np.ascontiguousarray(np.max(x, axis=axis, keepdims=keepdims))
+        return np.ascontiguousarray(np.max(x, axis=plan.axis, keepdims=plan.keepdims))
     else:
-        acc = np.empty((planes, cols), acc_dtype)
+        acc = np.empty((planes, cols), plan.acc_dtype)
         _sum_cols(x.size, _kernel_input(x, (planes, n, cols)), acc)
     if op == "mean":
         acc = acc / n
-    return acc.astype(dtype, copy=False).reshape(shape)
+    return acc.astype(plan.dtype, copy=False).reshape(plan.shape)
 
 
 def _op_softmax(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:

@@ -39,7 +39,9 @@ import numpy as np
 
 from kernelmesh.native import compile_cache
 from kernelmesh.native.backend import (
+    CATALOG_DTYPES,
     Allocator,
+    CallBuffers,
     CompileError,
     Compiler,
     Device,
@@ -47,6 +49,7 @@ from kernelmesh.native.backend import (
     LaunchError,
     OutOfDeviceMemory,
     Program,
+    reduction_plan,
 )
 
 __all__ = [
@@ -64,30 +67,8 @@ NAME = "cuda"
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 INSTALL_HINT = "pip install 'kernelmesh[cuda]'"
 
-_FLOATS = frozenset({"float32", "float64"})
-_NUMERIC = frozenset({"float32", "float64", "int32"})
-
-# The same ops and dtypes as the CPU backend.
-SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = types.MappingProxyType(
-    {
-        "add": _NUMERIC,
-        "sub": _NUMERIC,
-        "mul": _NUMERIC,
-        "div": _FLOATS,
-        "relu": _NUMERIC,
-        "gelu": _FLOATS,
-        "exp": _FLOATS,
-        "scale": _FLOATS,
-        "sum": _NUMERIC,
-        "max": _NUMERIC,
-        "mean": _NUMERIC,
-        "softmax": _FLOATS,
-        "matmul": _FLOATS,
-        "transpose": frozenset({"float32", "float64", "int32", "complex64"}),
-        "conv2d": _FLOATS,
-        "fft": frozenset({"complex64", "float32"}),
-    }
-)
+# Every op of the catalog, for every dtype it is defined for, as on the CPU.
+SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = CATALOG_DTYPES
 
 
 @dataclass(frozen=True)
@@ -388,7 +369,6 @@ def _ptr(buffer: Any) -> np.uintp:
 # --------------------------------------------------------------------------
 
 _THREADS = 256  # block size of the grid-stride kernels
-_OUTPUT_DTYPES = {"sum": {"int32": np.int64}, "mean": {"int32": np.float64}}
 # Elements of im2col columns staged at once: 256 MiB of float32, 512 of float64.
 _IM2COL_BUDGET = 1 << 26
 
@@ -551,7 +531,7 @@ class CudaDevice(Device):
         # C order, native byte order (a copy only for strided, transposed or big-endian
         # inputs): outputs take their dtype from these, and uploads copy them verbatim
         inputs = [np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")) for x in inputs]
-        with self._active(), _Buffers(self.allocator) as buffers:
+        with self._active(), CallBuffers(self.allocator) as buffers:
             return [method(buffers, *inputs, **params)]
 
     def _blocks(self, work: int, threads: int = _THREADS) -> int:
@@ -565,12 +545,12 @@ class CudaDevice(Device):
 
     # elementwise
 
-    def _binary(self, buffers: _Buffers, name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _binary(self, buffers: CallBuffers, name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         shape = a.shape if a.shape == b.shape or b.shape in ((), (1,)) else b.shape
         out = np.empty(shape, a.dtype)
         if out.size == 0:
             return out
-        da, db, dout = buffers.upload(a), buffers.upload(b), buffers.empty(out)
+        da, db, dout = buffers.upload(a), buffers.upload(b), buffers.alloc(out.nbytes)
         steps = (np.int32(a.size != 1 or b.size == 1), np.int32(b.size != 1 or a.size == 1))
         # both one element, or full same-shape operands: steps (1, 1) reads element 0 too
         self._launch(
@@ -584,25 +564,25 @@ class CudaDevice(Device):
             np.int64(out.size),
             *steps,
         )
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
-    def _op_add(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _op_add(self, buffers: CallBuffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self._binary(buffers, "km_add", a, b)
 
-    def _op_sub(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _op_sub(self, buffers: CallBuffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self._binary(buffers, "km_sub", a, b)
 
-    def _op_mul(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _op_mul(self, buffers: CallBuffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self._binary(buffers, "km_mul", a, b)
 
-    def _op_div(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _op_div(self, buffers: CallBuffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self._binary(buffers, "km_div", a, b)
 
-    def _unary(self, buffers: _Buffers, name: str, x: np.ndarray, *extra: Any) -> np.ndarray:
+    def _unary(self, buffers: CallBuffers, name: str, x: np.ndarray, *extra: Any) -> np.ndarray:
         out = np.empty(x.shape, x.dtype)
         if out.size == 0:
             return out
-        dx, dout = buffers.upload(x), buffers.empty(out)
+        dx, dout = buffers.upload(x), buffers.alloc(out.nbytes)
         self._launch(
             "cuda_elementwise.cu",
             x.dtype.name,
@@ -613,52 +593,35 @@ class CudaDevice(Device):
             np.int64(out.size),
             *extra,
         )
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
-    def _op_relu(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+    def _op_relu(self, buffers: CallBuffers, x: np.ndarray) -> np.ndarray:
         return self._unary(buffers, "km_relu", x)
 
-    def _op_gelu(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+    def _op_gelu(self, buffers: CallBuffers, x: np.ndarray) -> np.ndarray:
         return self._unary(buffers, "km_gelu", x)
 
-    def _op_exp(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+    def _op_exp(self, buffers: CallBuffers, x: np.ndarray) -> np.ndarray:
         return self._unary(buffers, "km_exp", x)
 
-    def _op_scale(self, buffers: _Buffers, x: np.ndarray, factor: float) -> np.ndarray:
+    def _op_scale(self, buffers: CallBuffers, x: np.ndarray, factor: float) -> np.ndarray:
         # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
         return self._unary(buffers, "km_scale", x, x.dtype.type(factor))
 
     # reductions
 
     def _reduce(
-        self, buffers: _Buffers, op: str, x: np.ndarray, axis: int | None, keepdims: bool
+        self, buffers: CallBuffers, op: str, x: np.ndarray, axis: int | None, keepdims: bool
     ) -> np.ndarray:
-        if axis is not None:
-            axis %= x.ndim
-        axes = range(x.ndim) if axis is None else (axis,)
-        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
-        shape = kept if keepdims else tuple(d for a, d in enumerate(x.shape) if a not in axes)
-        dtype = np.dtype(_OUTPUT_DTYPES.get(op, {}).get(x.dtype.name, x.dtype))
-        if axis is None:
-            planes, n, cols = 1, x.size, 1
-        else:
-            planes, n, cols = (
-                math.prod(x.shape[:axis]),
-                x.shape[axis],
-                math.prod(x.shape[axis + 1 :]),
-            )
-        out = np.empty(shape, dtype)
-        if out.size == 0:
-            return out
-        if n == 0:  # only sum reaches here with an empty extent (max, mean are refused)
-            return np.zeros(shape, dtype)
-        part_dtype = (
-            x.dtype if op == "max" else np.dtype(np.int64 if x.dtype.kind == "i" else np.float64)
-        )
+        plan = reduction_plan(x, {"axis": axis, "keepdims": keepdims}, op)
+        if plan.empty:  # no outputs, or a sum over an empty extent (max, mean are refused)
+            return np.zeros(plan.shape, plan.dtype)
+        planes, n, cols = plan.planes, plan.n, plan.cols
+        part_dtype = plan.acc_dtype
         stage = "max" if op == "max" else "sum"
         final = f"km_{op}_{'rows' if cols == 1 else 'cols'}_final"
         variant = x.dtype.name
-        dx, dout = buffers.upload(x), buffers.empty(out)
+        dx, dout = buffers.upload(x), buffers.alloc(plan.outputs * plan.dtype.itemsize)
         if cols == 1:
             # chunks of at least 4096 elements; enough of them to give every SM 4 blocks
             chunks = max(1, min(-(-n // 4096), -(-self.sm_count * 4 // planes)))
@@ -719,32 +682,32 @@ class CudaDevice(Device):
                 np.int64(chunks),
                 *extra,
             )
-        return buffers.download(out, dout)
+        return buffers.download(dout, plan.shape, plan.dtype)
 
     def _op_sum(
-        self, buffers: _Buffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
+        self, buffers: CallBuffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
     ) -> np.ndarray:
         return self._reduce(buffers, "sum", x, axis, keepdims)
 
     def _op_max(
-        self, buffers: _Buffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
+        self, buffers: CallBuffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
     ) -> np.ndarray:
         return self._reduce(buffers, "max", x, axis, keepdims)
 
     def _op_mean(
-        self, buffers: _Buffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
+        self, buffers: CallBuffers, x: np.ndarray, axis: int | None = None, keepdims: bool = False
     ) -> np.ndarray:
         return self._reduce(buffers, "mean", x, axis, keepdims)
 
     # nn, linalg
 
-    def _op_softmax(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+    def _op_softmax(self, buffers: CallBuffers, x: np.ndarray) -> np.ndarray:
         out = np.empty(x.shape, x.dtype)
         if out.size == 0:
             return out
         n = x.shape[-1]
         rows = out.size // n
-        dx, dout = buffers.upload(x), buffers.empty(out)
+        dx, dout = buffers.upload(x), buffers.alloc(out.nbytes)
         threads = 1024 if n >= 4096 else 256 if n >= 256 else 32
         self._program("cuda_softmax.cu", x.dtype.name, "km_softmax")(
             _ptr(dx),
@@ -754,15 +717,15 @@ class CudaDevice(Device):
             global_size=(min(rows, 1 << 20),),
             local_size=(threads,),
         )
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
-    def _op_matmul(self, buffers: _Buffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _op_matmul(self, buffers: CallBuffers, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = np.empty((*a.shape[:-1], b.shape[-1]), a.dtype)
         if out.size == 0:
             return out
         if a.shape[-1] == 0:
             return np.zeros_like(out)
-        da, db, dout = buffers.upload(a), buffers.upload(b), buffers.empty(out)
+        da, db, dout = buffers.upload(a), buffers.upload(b), buffers.alloc(out.nbytes)
         if self._cupy is not None:
             cp = self._cupy
             cp.matmul(
@@ -770,7 +733,7 @@ class CudaDevice(Device):
                 _as_cupy(cp, db, b.shape, b.dtype),
                 out=_as_cupy(cp, dout, out.shape, out.dtype),
             )
-            return buffers.download(out, dout)
+            return buffers.download(dout, out.shape, out.dtype)
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         batch = a.shape[0] if a.ndim == 3 else 1
         self._program("cuda_matmul.cu", a.dtype.name, "km_matmul_tiled")(
@@ -784,14 +747,14 @@ class CudaDevice(Device):
             global_size=(-(-n // 32), min(-(-m // 32), 65535), min(batch, 65535)),
             local_size=(16, 16),
         )
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
-    def _op_transpose(self, buffers: _Buffers, x: np.ndarray) -> np.ndarray:
+    def _op_transpose(self, buffers: CallBuffers, x: np.ndarray) -> np.ndarray:
         rows, cols = x.shape
         out = np.empty((cols, rows), x.dtype)
         if out.size == 0:
             return out
-        dx, dout = buffers.upload(x), buffers.empty(out)
+        dx, dout = buffers.upload(x), buffers.alloc(out.nbytes)
         self._program("cuda_transpose.cu", str(x.dtype.itemsize), "km_transpose")(
             _ptr(dx),
             _ptr(dout),
@@ -800,11 +763,11 @@ class CudaDevice(Device):
             global_size=(min(-(-cols // 32), 1 << 16), min(-(-rows // 32), 1 << 15)),
             local_size=(32, 8),
         )
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
     def _op_conv2d(
         self,
-        buffers: _Buffers,
+        buffers: CallBuffers,
         x: np.ndarray,
         w: np.ndarray,
         stride: Sequence[int] = (1, 1),
@@ -819,7 +782,7 @@ class CudaDevice(Device):
             return out
         if c == 0:
             return np.zeros_like(out)
-        dx, dw, dout = buffers.upload(x), buffers.upload(w), buffers.empty(out)
+        dx, dw, dout = buffers.upload(x), buffers.upload(w), buffers.alloc(out.nbytes)
         shape = [np.int64(v) for v in (n, c, h, wd, o, kh, kw, sh, sw, ph, pw, oh, ow)]
         variant = x.dtype.name
         window, pixels = c * kh * kw, oh * ow
@@ -835,7 +798,7 @@ class CudaDevice(Device):
                 _ptr(dout),
                 *shape,
             )
-            return buffers.download(out, dout)
+            return buffers.download(dout, out.shape, out.dtype)
         cp = self._cupy
         images = max(1, min(n, _IM2COL_BUDGET // (window * pixels)))
         cols = buffers.alloc(images * window * pixels * x.dtype.itemsize)
@@ -856,11 +819,11 @@ class CudaDevice(Device):
             )
             staged = _as_cupy(cp, cols, (tile, window, pixels), x.dtype)
             cp.matmul(weights, staged, out=result[n0 : n0 + tile])
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
     # spectral
 
-    def _op_fft(self, buffers: _Buffers, x: np.ndarray, inverse: bool = False) -> np.ndarray:
+    def _op_fft(self, buffers: CallBuffers, x: np.ndarray, inverse: bool = False) -> np.ndarray:
         out = np.empty(x.shape, np.complex64)
         if out.size == 0:
             return out
@@ -876,7 +839,7 @@ class CudaDevice(Device):
         n = x.shape[-1]
         batch = out.size // n
         log2n = n.bit_length() - 1
-        dout = buffers.empty(out)
+        dout = buffers.alloc(out.nbytes)
         first = "km_fft_bitreverse_real" if x.dtype == np.float32 else "km_fft_bitreverse"
         self._launch(
             "cuda_fft.cu",
@@ -914,47 +877,12 @@ class CudaDevice(Device):
                 np.int64(out.size),
                 np.float32(1.0 / n),
             )
-        return buffers.download(out, dout)
+        return buffers.download(dout, out.shape, out.dtype)
 
 
 def _as_cupy(cp: Any, buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
     """A CuPy array over our pycuda allocation; no copy. The allocation stays owned (and
-    freed) by `_Buffers`; CuPy only borrows it for the duration of one op."""
+    freed) by the call's `CallBuffers`; CuPy only borrows it for the duration of one op."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     memory = cp.cuda.UnownedMemory(int(buffer), max(1, nbytes), buffer)
     return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(memory, 0))
-
-
-class _Buffers:
-    """The device allocations of one `run`, freed together when it ends."""
-
-    def __init__(self, allocator: CudaAllocator) -> None:
-        self.allocator = allocator
-        self.buffers: list[Any] = []
-
-    def __enter__(self) -> _Buffers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for buffer in self.buffers:
-            self.allocator.free(buffer)
-        self.buffers.clear()
-
-    def alloc(self, nbytes: int) -> Any:
-        buffer = self.allocator.alloc(nbytes)
-        self.buffers.append(buffer)
-        return buffer
-
-    def upload(self, host: np.ndarray) -> Any:
-        """A device copy of a C-contiguous, native-order host array."""
-        buffer = self.alloc(host.nbytes)
-        self.allocator.copyin(buffer, host)
-        return buffer
-
-    def empty(self, like: np.ndarray) -> Any:
-        return self.alloc(like.nbytes)
-
-    def download(self, host: np.ndarray, buffer: Any) -> np.ndarray:
-        # synchronous on the default stream: waits for every kernel queued before it
-        self.allocator.copyout(host, buffer)
-        return host

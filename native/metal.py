@@ -47,7 +47,9 @@ from typing import Any
 import numpy as np
 
 from kernelmesh.native.backend import (
+    CATALOG_DTYPES,
     Allocator,
+    CallBuffers,
     CompileError,
     Compiler,
     Device,
@@ -55,6 +57,8 @@ from kernelmesh.native.backend import (
     LaunchError,
     OutOfDeviceMemory,
     Program,
+    reduction_plan,
+    without_float64,
 )
 from kernelmesh.native.compile_cache import default_cache
 
@@ -76,30 +80,8 @@ __all__ = [
 NAME = "metal"
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
-_F32 = frozenset({"float32"})
-_F32_I32 = frozenset({"float32", "int32"})
-
-# The CPU backend's table less float64, which Metal lacks.
-SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = types.MappingProxyType(
-    {
-        "add": _F32_I32,
-        "sub": _F32_I32,
-        "mul": _F32_I32,
-        "div": _F32,
-        "relu": _F32_I32,
-        "gelu": _F32,
-        "exp": _F32,
-        "scale": _F32,
-        "sum": _F32_I32,
-        "max": _F32_I32,
-        "mean": _F32_I32,
-        "softmax": _F32,
-        "matmul": _F32,
-        "transpose": frozenset({"float32", "int32", "complex64"}),
-        "conv2d": _F32,
-        "fft": frozenset({"complex64", "float32"}),
-    }
-)
+# The catalog's ops and dtypes less float64, which Metal lacks.
+SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = without_float64(CATALOG_DTYPES)
 
 # Kernel file -> the kernels (host names) it defines. tests/native/test_metal_sources.py
 # parses the files and checks these names against them, so drift shows without a Mac.
@@ -562,18 +544,6 @@ class MetalDevice(Device):
         with _pyobjc().objc.autorelease_pool():
             return [host(self, list(inputs), params)]
 
-    def _upload(self, x: np.ndarray, buffers: list[Any]) -> Any:
-        buffer = self.allocator.alloc(x.nbytes)
-        buffers.append(buffer)
-        # C order and native byte order: the kernels read raw little-endian elements
-        self.allocator.copyin(buffer, np.ascontiguousarray(x, x.dtype.newbyteorder("=")))
-        return buffer
-
-    def _scratch(self, nbytes: int, buffers: list[Any]) -> Any:
-        buffer = self.allocator.alloc(nbytes)
-        buffers.append(buffer)
-        return buffer
-
     def _submit(self, what: str, dispatches: Sequence[_Dispatch]) -> None:
         """Encodes the dispatches, in order, into one command buffer and waits for it. A
         compute encoder runs its dispatches one after another, each seeing the writes of
@@ -606,17 +576,13 @@ class MetalDevice(Device):
         threads: tuple[int, ...],
     ) -> np.ndarray:
         """Uploads the inputs, runs one dispatch writing `out`'s buffer, copies it back."""
-        buffers: list[Any] = []
-        try:
-            device_inputs = [self._upload(x, buffers) for x in inputs]
-            device_out = self._scratch(out.nbytes, buffers)
+        with CallBuffers(self.allocator) as buffers:
+            device_inputs = [buffers.upload(x) for x in inputs]
+            device_out = buffers.alloc(out.nbytes)
             self._submit(
                 what, [_Dispatch(kernel, (*device_inputs, device_out, args), groups, threads)]
             )
             self.allocator.copyout(out, device_out)
-        finally:
-            for buffer in buffers:
-                self.allocator.free(buffer)
         return out
 
 
@@ -672,36 +638,16 @@ def _unary_op(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, 
 def _reduce(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
     def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
         (x,) = inputs
-        axis, keepdims = params.get("axis"), bool(params.get("keepdims", False))
-        if axis is not None:
-            axis %= x.ndim
-        axes = range(x.ndim) if axis is None else (axis,)
-        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
-        shape = kept if keepdims else tuple(d for a, d in enumerate(x.shape) if a not in axes)
-        integer = x.dtype == np.int32
-        if op == "max":
-            dtype = x.dtype
-        elif integer:
-            dtype = np.dtype(np.int64) if op == "sum" else np.dtype(np.float64)
-        else:
-            dtype = x.dtype
-
-        if axis is None:
-            planes, n, cols = 1, x.size, 1
-        else:
-            planes, n, cols = (
-                math.prod(x.shape[:axis]),
-                x.shape[axis],
-                math.prod(x.shape[axis + 1 :]),
-            )
-        outputs = planes * cols
-        if outputs == 0 or n == 0:
+        plan = reduction_plan(x, params, op)
+        if plan.empty:
             # no outputs, or sums over an empty extent (max and mean refuse those in
             # validation): nothing for the GPU to do, and the sum of nothing is 0
-            return np.zeros(shape, dtype)
+            return np.zeros(plan.shape, plan.dtype)
+        planes, n, cols, outputs = plan.planes, plan.n, plan.cols, plan.outputs
+        integer = x.dtype == np.int32
 
         base = "sum" if (op, integer) == ("mean", True) else op
-        device_dtype = np.dtype(np.int64) if base == "sum" and integer else x.dtype
+        device_dtype = plan.accumulator(fp64=False)  # int64 for int32 sums, else x's dtype
         per_thread = outputs >= _THREAD_PER_OUTPUT_FROM or n < _SHORT_EXTENT
         kernel = f"{base}_{x.dtype}_{'thread' if per_thread else 'group'}"
         if per_thread:
@@ -714,7 +660,7 @@ def _reduce(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, An
         device._launch(op, kernel, [x], acc, _pack(planes, n, cols), groups, (threads,))
         if (op, integer) == ("mean", True):
             acc = acc / n  # the exact int64 sum over n, in float64 as the CPU backend does
-        return acc.astype(dtype, copy=False).reshape(shape)
+        return acc.astype(plan.dtype, copy=False).reshape(plan.shape)
 
     return run
 
@@ -797,10 +743,9 @@ def _fft(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any
     butterflies = out.size // 2
     threads = device._threads("fft_stage", _MAX_GROUP)
     groups = _groups_of(butterflies, threads)
-    buffers: list[Any] = []
-    try:
-        ping = device._upload(signal, buffers)
-        pong = device._scratch(signal.nbytes, buffers)
+    with CallBuffers(device.allocator) as buffers:
+        ping = buffers.upload(signal)
+        pong = buffers.alloc(signal.nbytes)
         passes, span = [], 1
         while span < n:
             last = span * 2 == n
@@ -811,9 +756,6 @@ def _fft(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any
             span *= 2
         device._submit("fft", passes)
         device.allocator.copyout(out, ping)  # the last pass wrote what is now `ping`
-    finally:
-        for buffer in buffers:
-            device.allocator.free(buffer)
     return out
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelmesh.native import backend, cpu
+from kernelmesh.native import backend
 from kernelmesh.native.compile_cache import default_cache
 
 try:
@@ -284,12 +284,11 @@ def _properties(index: int, device: Any) -> backend.DeviceProperties:
 
 
 def _supported(fp64: bool) -> dict[str, frozenset[str]]:
-    supported = {}
-    for op, dtypes in cpu.SUPPORTED_DTYPES.items():
-        if not fp64:
-            # float64 needs cl_khr_fp64, and so does the int32 mean (a float64 output)
-            dtypes = dtypes - {"float64"} - ({"int32"} if op == "mean" else set())
-        supported[op] = frozenset(dtypes)
+    if fp64:
+        return dict(backend.CATALOG_DTYPES)
+    # float64 needs cl_khr_fp64, and so does the int32 mean (a float64 output)
+    supported = dict(backend.without_float64(backend.CATALOG_DTYPES))
+    supported["mean"] -= {"int32"}
     return supported
 
 
@@ -446,39 +445,13 @@ def _groups(n: int, local: int) -> int:
     return max(local, -(-n // local) * local)
 
 
-class _Call:
-    """The buffers of one `run`, all freed when it ends, whatever happens."""
+class _Call(backend.CallBuffers):
+    """The buffers of one `run`, all freed when it ends, whatever happens, and the
+    device's kernels."""
 
     def __init__(self, device: OpenCLDevice) -> None:
+        super().__init__(device.allocator)
         self.device = device
-        self.allocator = device.allocator
-        self._buffers: list[Any] = []
-
-    def __enter__(self) -> _Call:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for buffer in self._buffers:
-            self.allocator.free(buffer)
-        self._buffers.clear()
-
-    def empty(self, nbytes: int) -> Any:
-        buffer = self.allocator.alloc(nbytes)
-        self._buffers.append(buffer)
-        return buffer
-
-    def upload(self, x: np.ndarray) -> Any:
-        # kernels index dense row-major memory: strided or Fortran-ordered inputs are
-        # copied on the host first (a no-op for C-contiguous ones)
-        host = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
-        buffer = self.empty(host.nbytes)
-        self.allocator.copyin(buffer, host)
-        return buffer
-
-    def download(self, buffer: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        out = np.empty(shape, dtype)
-        self.allocator.copyout(out, buffer)
-        return out
 
     def kernel(self, file: str, options: Sequence[str], name: str) -> OpenCLProgram:
         return self.device.program(file, options, name)
@@ -507,7 +480,7 @@ def _binary(name: str) -> _HostOp:
         n = math.prod(shape)
         if n == 0:
             return np.empty(shape, a.dtype)
-        da, db, out = call.upload(a), call.upload(b), call.empty(n * a.itemsize)
+        da, db, out = call.upload(a), call.upload(b), call.alloc(n * a.itemsize)
         options = call.device.build_options(a.dtype.name)
         kernel = call.kernel("opencl_elementwise.cl", options, f"{name}_{variant}")
         _launch_1d(kernel, n, da, db, out, np.uint64(n))
@@ -521,7 +494,7 @@ def _unary(name: str) -> _HostOp:
         (x,) = inputs
         if x.size == 0:
             return np.empty(x.shape, x.dtype)
-        dx, out = call.upload(x), call.empty(x.nbytes)
+        dx, out = call.upload(x), call.alloc(x.nbytes)
         kernel = call.kernel("opencl_elementwise.cl", call.device.build_options(x.dtype.name), name)
         if name == "scale":
             # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
@@ -536,30 +509,11 @@ def _unary(name: str) -> _HostOp:
 def _reduce(op: str) -> _HostOp:
     def run(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
         (x,) = inputs
-        axis, keepdims = params.get("axis"), bool(params.get("keepdims", False))
-        if axis is not None:
-            axis %= x.ndim
-        axes = range(x.ndim) if axis is None else (axis,)
-        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
-        shape = kept if keepdims else tuple(d for a, d in enumerate(x.shape) if a not in axes)
-        if op == "max":
-            dtype = x.dtype
-        elif x.dtype.kind == "i":
-            dtype = np.dtype(np.int64 if op == "sum" else np.float64)
-        else:
-            dtype = x.dtype
-        if axis is None:
-            planes, rows, cols = 1, x.size, 1
-        else:
-            planes, rows, cols = (
-                math.prod(x.shape[:axis]),
-                x.shape[axis],
-                math.prod(x.shape[axis + 1 :]),
-            )
-        outputs = planes * cols
-        if outputs == 0 or rows == 0:
+        plan = backend.reduction_plan(x, params, op)
+        if plan.empty:
             # an empty extent reaches here only for sum (0) or with an empty output
-            return np.zeros(shape, dtype)
+            return np.zeros(plan.shape, plan.dtype)
+        rows, cols, outputs = plan.n, plan.cols, plan.outputs
 
         device = call.device
         options = device.reduce_options(x.dtype.name)
@@ -570,12 +524,10 @@ def _reduce(op: str) -> _HostOp:
         chunks = max(1, min(-(-target // outputs), -(-rows // (16 * local)), 1024))
         chunk = -(-rows // chunks)
         chunks = -(-rows // chunk)
-        acc_bytes = x.itemsize if op == "max" else 8 if device.properties.supports_fp64 else 4
-        if op != "max" and x.dtype.kind == "i":
-            acc_bytes = 8  # int64 sums
+        acc_bytes = plan.accumulator(device.properties.supports_fp64).itemsize
         dx = call.upload(x)
-        partial = call.empty(outputs * chunks * acc_bytes)
-        out = call.empty(outputs * dtype.itemsize)
+        partial = call.alloc(outputs * chunks * acc_bytes)
+        out = call.alloc(outputs * plan.dtype.itemsize)
         kind = "max" if op == "max" else "sum"
         first = call.kernel("opencl_reduce.cl", options, f"partial_{kind}")
         first(
@@ -591,7 +543,7 @@ def _reduce(op: str) -> _HostOp:
         finish = call.kernel("opencl_reduce.cl", options, f"finish_{op}")
         extra = (np.uint32(rows),) if op == "mean" else ()
         _launch_1d(finish, outputs, partial, out, np.uint32(chunks), np.uint32(outputs), *extra)
-        return call.download(out, shape, dtype)
+        return call.download(out, plan.shape, plan.dtype)
 
     return run
 
@@ -602,7 +554,7 @@ def _op_softmax(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, 
         return np.empty(x.shape, x.dtype)
     n = x.shape[-1]
     rows = x.size // n
-    dx, out = call.upload(x), call.empty(x.nbytes)
+    dx, out = call.upload(x), call.alloc(x.nbytes)
     kernel = call.kernel("opencl_reduce.cl", call.device.reduce_options(x.dtype.name), "softmax")
     local = call.device.reduce_local
     kernel(dx, out, np.uint32(n), global_size=(rows * local,), local_size=(local,))
@@ -662,7 +614,7 @@ def _op_matmul(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, A
     if batches * m * n == 0:
         return np.empty(shape, a.dtype)
     # k == 0 still launches: the kernel writes the zeros of an empty sum
-    da, db, dc = call.upload(a), call.upload(b), call.empty(batches * m * n * a.itemsize)
+    da, db, dc = call.upload(a), call.upload(b), call.alloc(batches * m * n * a.itemsize)
     _matmul(
         call,
         a.dtype,
@@ -688,7 +640,7 @@ def _op_transpose(
     if x.size == 0:
         return np.empty((cols, rows), x.dtype)
     element = {4: "uint", 8: "ulong"}[x.itemsize]
-    dx, out = call.upload(x), call.empty(x.nbytes)
+    dx, out = call.upload(x), call.alloc(x.nbytes)
     kernel = call.kernel("opencl_transpose.cl", (f"-DT={element}",), "transpose")
     tile = _TRANSPOSE_TILE
     kernel(
@@ -713,7 +665,7 @@ def _op_conv2d(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, A
         return np.empty(shape, x.dtype)
     window = c * kh * kw
     dx, dw = call.upload(x), call.upload(w)
-    out = call.empty(math.prod(shape) * x.itemsize)
+    out = call.alloc(math.prod(shape) * x.itemsize)
     options = call.device.build_options(x.dtype.name)
     im2col = call.kernel("opencl_conv2d.cl", options, "im2col")
     weights = _Operand(dw, 0, window, 0)  # batch stride 0: every image shares them
@@ -725,7 +677,7 @@ def _op_conv2d(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, A
         images, band = min(n, max(1, _IM2COL_BUDGET // max(per_image, 1))), oh
     else:
         images, band = 1, max(1, _IM2COL_BUDGET // (window * ow))
-    cols = call.empty(images * window * band * ow * x.itemsize)
+    cols = call.alloc(images * window * band * ow * x.itemsize)
     for n0 in range(0, n, images):
         tile = min(images, n - n0)
         for y0 in range(0, oh, band):
@@ -768,10 +720,10 @@ def _op_fft(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
         src = call.upload(x)
     else:
         real = call.upload(x)
-        src = call.empty(nbytes)
+        src = call.alloc(nbytes)
         to_complex = call.kernel("opencl_fft.cl", (), "real_to_complex")
         _launch_1d(to_complex, total, real, src, np.uint64(total))
-    dst = call.empty(nbytes)
+    dst = call.alloc(nbytes)
     radix2 = call.kernel("opencl_fft.cl", (), "radix2")
     inverse = bool(params.get("inverse", False))
     sign = np.float32(1.0 if inverse else -1.0)

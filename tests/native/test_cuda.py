@@ -1,6 +1,7 @@
-"""The CUDA backend on every CUDA device present, against the NumPy references of
-`op_cases`, plus its device-level behaviour: properties, transfers, errors, the compile
-cache across processes, and concurrent callers. Needs a GPU, pycuda and nvcc; skipped
+"""What only the CUDA backend does, on every CUDA device present: properties, refusals
+with and without CuPy, device memory, big-endian uploads, real allocation failures.
+Everything every backend must do (op cases against NumPy, transfers, errors, the compile
+cache, threads) is in `test_backend_suite.py`. Needs a GPU, pycuda and nvcc; skipped
 with the reason `cuda.available()` gives otherwise.
 
 The hand-written fallbacks that CuPy normally replaces (tiled matmul, direct conv2d,
@@ -9,35 +10,26 @@ radix-2 fft) run too, on a second handle to the same device with CuPy turned off
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import threading
-
 import numpy as np
 import pytest
 
 from kernelmesh.native import backend, cuda
-from kernelmesh.native.compile_cache import default_cache
 
 _REASON = cuda.available()
 if _REASON is not None:
     pytest.skip(f"CUDA unavailable: {_REASON}", allow_module_level=True)
 
-import op_cases  # noqa: E402  (after the skip: imports numba-heavy modules for nothing otherwise)
+# after the skip: these import numba-heavy modules for nothing otherwise
+import backend_suite  # noqa: E402
+import op_cases  # noqa: E402
 
-DEVICES = cuda.devices()
-CASES = op_cases.cases()
-FALLBACK_OPS = ("matmul", "conv2d", "fft")
+DEVICES = backend_suite.devices("cuda")
+FALLBACK_CASES = [c for c in op_cases.cases() if c.op in ("matmul", "conv2d", "fft")]
 
 
 @pytest.fixture(scope="module", params=DEVICES, ids=[d.name for d in DEVICES])
 def device(request) -> cuda.CudaDevice:
-    dev = request.param
-    dev.warmup()  # compiles, or loads from the compile cache, every kernel run uses
-    return dev
+    return backend_suite.warmed(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -49,39 +41,14 @@ def fallback(device: cuda.CudaDevice):
     dev.close()
 
 
-def run_case(dev: cuda.CudaDevice, case: op_cases.OpCase) -> None:
-    refusal = dev.refusal(case.op, [x.shape for x in case.inputs], case.params)
-    if refusal:
-        pytest.skip(refusal)
-    before = [x.copy() for x in case.inputs]
-    outputs = dev.run(case.op, case.inputs, case.params)
-    op_cases.assert_matches(case, outputs)
-    for x, copy in zip(case.inputs, before, strict=True):
-        np.testing.assert_array_equal(x, copy)  # inputs are never written
-        assert not any(np.shares_memory(out, x) for out in outputs)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_op_matches_numpy(device, case):
-    run_case(device, case)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [c for c in CASES if c.op in FALLBACK_OPS],
-    ids=[c.id for c in CASES if c.op in FALLBACK_OPS],
-)
+@pytest.mark.parametrize("case", FALLBACK_CASES, ids=[c.id for c in FALLBACK_CASES])
 def test_fallback_kernel_matches_numpy(fallback, case):
-    run_case(fallback, case)
+    backend_suite.check_case(fallback, case)
 
 
 # --------------------------------------------------------------------------
 # What the device reports
 # --------------------------------------------------------------------------
-
-
-def test_devices_are_named_in_order():
-    assert [d.name for d in DEVICES] == [f"cuda:{i}" for i in range(len(DEVICES))]
 
 
 def test_properties_describe_the_device(device):
@@ -93,11 +60,9 @@ def test_properties_describe_the_device(device):
     assert f"nvcc {device.compiler.version}" in props.fingerprint
 
 
-def test_supported_dtypes_are_the_cpus():
-    from kernelmesh.native import cpu
-
+def test_supported_dtypes_are_the_catalogs():
     for dev in DEVICES:
-        assert dict(dev.supported) == dict(cpu.SUPPORTED_DTYPES)
+        assert dict(dev.supported) == dict(backend.CATALOG_DTYPES)
 
 
 def test_fft_lengths_are_refused_only_without_cufft(device, fallback):
@@ -127,44 +92,21 @@ def test_memory_available_shrinks_while_a_buffer_is_held(device):
 # --------------------------------------------------------------------------
 
 
-def test_non_contiguous_inputs_are_transferred_in_logical_order(device):
+def test_big_endian_inputs_are_transferred_in_native_order(device):
+    # the other layouts are in test_backend_suite.py
     rng = np.random.default_rng(1)
-    base = rng.standard_normal((40, 60)).astype(np.float32)
-    views = {
-        "transposed": base.T,
-        "strided": base[::3, 1::2],
-        "reversed": base[::-1, ::-1],
-        "fortran": np.asfortranarray(base),
-        "big-endian": base.astype(">f4"),
-    }
-    for name, view in views.items():
-        (got,) = device.run("add", [view, np.zeros((), np.float32)], {})
-        np.testing.assert_array_equal(got, view, err_msg=name)
-        (got,) = device.run("transpose", [view], {})
-        np.testing.assert_array_equal(got, np.ascontiguousarray(view.T), err_msg=name)
-        (got,) = device.run("matmul", [view, np.ascontiguousarray(view.T)], {})
-        np.testing.assert_allclose(got, view @ view.T, rtol=1e-4, atol=1e-4, err_msg=name)
-
-
-def test_outputs_are_fresh_writable_arrays(device):
-    x = np.arange(12, dtype=np.int32).reshape(3, 4)
-    x.flags.writeable = False
-    (out,) = device.run("relu", [x], {})
-    assert out.flags.c_contiguous and out.flags.writeable and out.flags.owndata
-    assert not np.shares_memory(out, x)
+    view = rng.standard_normal((40, 60)).astype(">f4")
+    (got,) = device.run("add", [view, np.zeros((), np.float32)], {})
+    np.testing.assert_array_equal(got, view)
+    (got,) = device.run("transpose", [view], {})
+    np.testing.assert_array_equal(got, np.ascontiguousarray(view.T))
+    (got,) = device.run("matmul", [view, np.ascontiguousarray(view.T)], {})
+    np.testing.assert_allclose(got, view @ view.T, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------
 # Failures
 # --------------------------------------------------------------------------
-
-
-def test_a_compile_failure_carries_nvccs_log(device):
-    broken = 'extern "C" __global__ void km_broken(float* x) { x[0] = undeclared_name; }'
-    with pytest.raises(backend.CompileError) as info:
-        device.compiler.compile(broken, ())
-    assert "undeclared_name" in info.value.log
-    assert "undeclared_name" in str(info.value)
 
 
 def test_an_allocation_beyond_device_memory_is_a_launch_error_and_the_device_recovers(device):
@@ -196,63 +138,3 @@ def test_a_run_that_cannot_get_its_memory_is_a_launch_error_and_frees_the_rest(d
     assert device.memory_available_bytes() >= free_before - (8 << 20)
     (out,) = device.run("add", [big, big], {})
     np.testing.assert_array_equal(out, big + big)
-
-
-# --------------------------------------------------------------------------
-# Compile cache and threads
-# --------------------------------------------------------------------------
-
-_CHILD = """
-import json
-from kernelmesh.native import cuda
-from kernelmesh.native.compile_cache import default_cache
-for device in cuda.devices():
-    device.warmup()
-    device.close()
-cache = default_cache()
-print(json.dumps({"hits": cache.hits, "misses": cache.misses}))
-"""
-
-
-def test_a_second_process_compiles_nothing(device, tmp_path):
-    # This process's warmup (the fixture) compiled or loaded every kernel into the
-    # default cache; a new process pointed at a copy of it must only load cubins.
-    shutil.copytree(default_cache().directory, tmp_path / "kernels")
-    env = {**os.environ, "KERNELMESH_CACHE_DIR": str(tmp_path / "kernels")}
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert counts["misses"] == 0, counts
-    assert counts["hits"] > 0, counts
-
-
-def test_many_threads_running_at_once_get_their_own_results(device):
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def worker(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        try:
-            start.wait()
-            for _ in range(15):
-                a = rng.standard_normal((37, 41)).astype(np.float32)
-                b = rng.standard_normal((41, 29)).astype(np.float32)
-                (mm,) = device.run("matmul", [a, b], {})
-                np.testing.assert_allclose(mm, a @ b, rtol=1e-4, atol=1e-4)
-                (s,) = device.run("sum", [a], {"axis": 1, "keepdims": False})
-                np.testing.assert_allclose(s, a.sum(axis=1, dtype=np.float64), rtol=1e-5)
-                (added,) = device.run("add", [a, np.full((), seed, np.float32)], {})
-                np.testing.assert_array_equal(added, a + np.float32(seed))
-                (f,) = device.run("fft", [a], {"inverse": False})
-                np.testing.assert_allclose(f, np.fft.fft(a), rtol=1e-4, atol=1e-3)
-        except BaseException as exc:  # handed to the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[0]
