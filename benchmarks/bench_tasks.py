@@ -222,6 +222,17 @@ def echo_handler() -> grpc.GenericRpcHandler:
     )
 
 
+class ProtoEcho(task_pb2_grpc.TaskServiceServicer):
+    """A generated-stub TaskService whose RunTask parses the request and returns a
+    prebuilt reply: what gRPC and protobuf cost in Python, before any kernelmesh work."""
+
+    def __init__(self) -> None:
+        self.reply = task_pb2.RunTaskResponse.FromString(echo_replies()[0])
+
+    async def RunTask(self, request, context):
+        return self.reply
+
+
 async def serve(kind: str) -> None:
     """Serves until SIGTERM, the parent's exit or SERVER_MAX_LIFETIME_S."""
     parent = os.getppid()
@@ -239,7 +250,10 @@ async def serve(kind: str) -> None:
 
     else:
         server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((echo_handler(),))
+        if kind == "proto":
+            task_pb2_grpc.add_TaskServiceServicer_to_server(ProtoEcho(), server)
+        else:
+            server.add_generic_rpc_handlers((echo_handler(),))
         port = server.add_insecure_port(f"{HOST}:0")
         await server.start()
 
@@ -360,13 +374,18 @@ def pcts(samples: list[float]) -> tuple[float, float]:
 async def bench_latency(settings: Settings, servers: Servers) -> list[Row]:
     from kernelmesh.clients import Client
 
-    km, echo = servers.get("kernelmesh", "echo")
+    km, echo, proto = servers.get("kernelmesh", "echo", "proto")
     x = relu_input()
     want = np.maximum(x, 0)
     request = task_pb2.RunTaskRequest(task=task_spec("relu", x))
 
-    async with channel(km.target) as km_chan, channel(echo.target) as echo_chan:
+    async with (
+        channel(km.target) as km_chan,
+        channel(echo.target) as echo_chan,
+        channel(proto.target) as proto_chan,
+    ):
         stub = task_pb2_grpc.TaskServiceStub(km_chan)
+        proto_stub = task_pb2_grpc.TaskServiceStub(proto_chan)
         # The echo client parses the same reply type, so client-side protobuf
         # work is the same on both sides and the ratio isolates the server.
         echo_call = echo_chan.unary_unary(
@@ -397,17 +416,22 @@ async def bench_latency(settings: Settings, servers: Servers) -> list[Row]:
             def km_client():
                 return client.run("relu", x)
 
+            def proto_raw():
+                return proto_stub.RunTask(request, timeout=RPC_TIMEOUT_S)
+
             n = settings.latency_warmup
             await timed_calls(echo_raw, n)
+            await timed_calls(proto_raw, n)
             await timed_calls(km_raw, n)
             timed_sync(km_client, n)  # blocks this loop; nothing else runs on it
 
-            samples: dict[str, list[float]] = {"echo": [], "raw": [], "client": []}
+            samples: dict[str, list[float]] = {"echo": [], "proto": [], "raw": [], "client": []}
             per = settings.latency_per_round
             began = time.perf_counter()
             # Interleaved rounds, so background load hits every path alike.
             for _ in range(settings.latency_rounds):
                 samples["echo"] += await timed_calls(echo_raw, per)
+                samples["proto"] += await timed_calls(proto_raw, per)
                 samples["raw"] += await timed_calls(km_raw, per)
                 samples["client"] += timed_sync(km_client, per)
             elapsed = time.perf_counter() - began
@@ -418,13 +442,17 @@ async def bench_latency(settings: Settings, servers: Servers) -> list[Row]:
         f"(after {settings.latency_warmup} warm-up calls each), {elapsed:.1f}s"
     )
     e50, e99 = pcts(samples["echo"])
+    p50, p99 = pcts(samples["proto"])
     r50, r99 = pcts(samples["raw"])
     c50, c99 = pcts(samples["client"])
     figure("path", "p50 us", "p99 us")
     figure("bare grpc.aio unary echo (bytes)", f"{e50:.1f}", f"{e99:.1f}")
+    figure("generated TaskService, prebuilt reply", f"{p50:.1f}", f"{p99:.1f}")
     figure("kernelmesh RunTask, raw TaskServiceStub", f"{r50:.1f}", f"{r99:.1f}")
     figure("kernelmesh RunTask, Client.run (sync)", f"{c50:.1f}", f"{c99:.1f}")
-    say(f"  server-side cost over the echo (p50): {r50 - e50:.1f} us per call")
+    say(f"  server-side cost over the echo (p50): {r50 - e50:.1f} us per call, of which")
+    say(f"    gRPC servicer dispatch + protobuf:   {p50 - e50:.1f} us")
+    say(f"    kernelmesh (validate, place, run):   {r50 - p50:.1f} us")
     say(f"  Client.run over the raw stub (p50):   {c50 - r50:.1f} us per call")
     base = "bare aio unary echo"
     return [
@@ -436,6 +464,7 @@ async def bench_latency(settings: Settings, servers: Servers) -> list[Row]:
             "<= 1.3x",
         ),
         row("RunTask relu16 p99 (raw stub)", f"{r99:.0f} us", f"{e99:.0f} us {base}", r99 / e99),
+        row("protobuf TaskService p50", f"{p50:.0f} us", f"{e50:.0f} us {base}", p50 / e50),
         row("RunTask relu16 p50 (Client.run)", f"{c50:.0f} us", f"{e50:.0f} us {base}", c50 / e50),
         row("RunTask relu16 p99 (Client.run)", f"{c99:.0f} us", f"{e99:.0f} us {base}", c99 / e99),
     ]
@@ -849,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[,NAME]",
         help=f"run only these sections: {', '.join(SECTIONS)}",
     )
-    parser.add_argument("--serve", choices=("kernelmesh", "echo"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("kernelmesh", "echo", "proto"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(serve(args.serve))

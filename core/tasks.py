@@ -8,8 +8,8 @@ import base64
 import contextlib
 import itertools
 import math
+import random
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
+from cachetools import LRUCache
 
 from kernelmesh.core import metrics, ops, placement
 from kernelmesh.core.devices import DeviceSelector, LocalDevice, select
@@ -173,6 +174,9 @@ class TaskManager:
         self._workers: list[asyncio.Task] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
+        self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
+            maxsize=4096
+        )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -234,12 +238,7 @@ class TaskManager:
         if violations:
             raise InvalidArgument(violations)
         metas = [ops.TensorMeta(dtype_name(a.dtype), a.shape) for a in arrays]
-        try:
-            call = ops.validate(spec.op, metas, spec.params, self.options.limits)
-        except ops.OpValidationError as exc:
-            raise InvalidArgument(
-                [Violation(v.field, v.description) for v in exc.violations]
-            ) from None
+        call, work = self._validated(spec.op, metas, spec.params)
         dtype = metas[0].dtype if metas else ""
         device = select(
             self.devices,
@@ -248,10 +247,12 @@ class TaskManager:
             dtype,
             shapes=[m.shape for m in call.inputs],
             params=call.params,
-            work=placement.work_of(call),
+            work=work,
         )
         task = Task(
-            id=uuid.uuid4().hex,
+            # 128 random bits: unique across processes and restarts, and a tenth of
+            # uuid4's cost (no system call per task)
+            id=f"{random.getrandbits(128):032x}",
             seq=next(self._seq),
             op=spec.op,
             tenant=spec.tenant,
@@ -263,6 +264,30 @@ class TaskManager:
             inputs=arrays,
         )
         return task
+
+    def _validated(
+        self, op: str, metas: list[ops.TensorMeta], params: Mapping[str, object]
+    ) -> tuple[ops.ValidatedCall, placement.Work]:
+        """The catalog's verdict on a call, and the work it does. Callers repeat the
+        same shapes and params (a training loop, a stream of tiles), so verdicts are
+        cached; a refusal is never cached and is computed afresh each time."""
+        try:
+            key = (op, tuple((m.dtype, m.shape) for m in metas), _frozen(params))
+        except TypeError:  # an unhashable param value: validate will name it
+            key = None
+        found = self._calls.get(key) if key is not None else None
+        if found is not None:
+            return found
+        try:
+            call = ops.validate(op, metas, params, self.options.limits)
+        except ops.OpValidationError as exc:
+            raise InvalidArgument(
+                [Violation(v.field, v.description) for v in exc.violations]
+            ) from None
+        found = (call, placement.work_of(call))
+        if key is not None:
+            self._calls[key] = found
+        return found
 
     def submit(self, spec: TaskSpec, *, deadline: float | None = None) -> Task:
         """Records a task and queues it on its device; returns at once."""
@@ -509,6 +534,16 @@ class TaskManager:
 
     def queue_depth(self, device: LocalDevice) -> int:
         return len(device.queue)
+
+
+def _frozen(value: object) -> object:
+    """A hashable stand-in for a params value. The type is part of it: True, 1 and
+    1.0 hash alike, but the catalog accepts them for different params."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    return (type(value).__name__, value)
 
 
 def _kernel_failure(task: Task, exc: Exception) -> TaskFailure:
