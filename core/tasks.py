@@ -64,7 +64,7 @@ class TaskState(IntEnum):
         return self >= TaskState.SUCCEEDED
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskSpec:
     """What to run. An input is an array or the name of a stored tensor."""
 
@@ -84,7 +84,7 @@ class TaskFailure:
     message: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     id: str
     seq: int
@@ -181,7 +181,13 @@ class TaskManager:
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
+        # Gauges read live values when scraped, so the task path never updates them.
+        metrics.TASKS_RETAINED.set_function(lambda: len(self._tasks))
         for device in self.devices:
+            metrics.child(metrics.QUEUE_DEPTH, device.name).set_function(
+                lambda d=device: len(d.queue)
+            )
+            metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)
             self._work[device] = asyncio.Event()
             for _ in range(self.options.workers_per_device):
                 self._workers.append(asyncio.create_task(self._worker(device)))
@@ -343,12 +349,10 @@ class TaskManager:
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
-        metrics.TASKS_RETAINED.set(len(self._tasks))
 
     def _enqueue(self, task: Task) -> None:
         self._queued[task.seq] = task
         task.device.queue.push(task.seq, task.tenant, task.priority)
-        metrics.child(metrics.QUEUE_DEPTH, task.device.name).set(len(task.device.queue))
         self._emit(task, "queued")
         self._work[task.device].set()
 
@@ -414,7 +418,6 @@ class TaskManager:
         if task.state is TaskState.QUEUED:
             task.device.queue.remove(task.seq)
             self._queued.pop(task.seq, None)
-            metrics.child(metrics.QUEUE_DEPTH, task.device.name).set(len(task.device.queue))
         self._finish(task, state, TaskFailure(code, message))
 
     # -- execution --------------------------------------------------------
@@ -428,7 +431,6 @@ class TaskManager:
                 await work.wait()
                 continue
             task = self._queued.pop(device.queue.pop())
-            metrics.child(metrics.QUEUE_DEPTH, device.name).set(len(device.queue))
             if task.deadline is not None and time.monotonic() > task.deadline:
                 self._finish(
                     task,
@@ -438,7 +440,6 @@ class TaskManager:
                 continue
             self._start(task)
             device.task_started()
-            metrics.child(metrics.RUNNING, device.name).set(device.running)
             began = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(
@@ -449,7 +450,6 @@ class TaskManager:
                 failure = _kernel_failure(task, exc)
             finally:
                 device.task_ended()
-                metrics.child(metrics.RUNNING, device.name).set(device.running)
             if task.state.terminal:  # cancelled or shut down while running
                 continue
             if outputs is None:
@@ -528,7 +528,6 @@ class TaskManager:
             name, task = self._finished.popitem(last=False)
             self._tasks.pop(name, None)
             self._retained_bytes -= task.retained_bytes
-        metrics.TASKS_RETAINED.set(len(self._tasks))
 
     # -- device figures ---------------------------------------------------
 

@@ -158,3 +158,28 @@ async def test_shutdown_fails_queued_work_after_grace(manager):
     await manager.shutdown(grace=0.0)
     assert all(t.state.terminal for t in queued)
     assert any(t.error is not None and t.error.code is Code.UNAVAILABLE for t in queued)
+
+
+async def test_catalog_verdicts_are_reused_for_the_same_shapes_and_params(manager):
+    x = np.ones((4, 8), np.float32)
+    first = manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": 1}))
+    again = manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": 1}))
+    other = manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": 0}))
+    assert again.call is first.call
+    assert other.call is not first.call and other.call.outputs[0].shape == (8,)
+
+
+async def test_a_cached_verdict_never_admits_a_param_of_another_type(manager):
+    x = np.ones((4, 8), np.float32)
+    manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": 1}))
+    # True == 1 and hashes alike, but a bool is not an axis
+    with pytest.raises(InvalidArgument):
+        manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": True}))
+
+
+async def test_refusals_are_not_cached(manager):
+    x = np.ones((4, 8), np.float32)
+    for _ in range(2):
+        with pytest.raises(InvalidArgument):
+            manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": 5}))
+    assert manager.submit(TaskSpec(op="sum", inputs=[x], params={"axis": 1})).call.outputs
