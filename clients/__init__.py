@@ -15,20 +15,32 @@ from kernelmesh.clients.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from kernelmesh.clients.llm import (
+    AsyncTextStream,
+    ChatMessage,
+    Generation,
+    Model,
+    TextStream,
+    Usage,
+)
 from kernelmesh.clients.types import Device, Op, TaskEvent, TaskInfo, TaskState, TensorRef
 
 __all__ = [
     "AsyncClient",
     "AsyncTaskHandle",
+    "AsyncTextStream",
     "CancelledError",
+    "ChatMessage",
     "Client",
     "DeadlineExceededError",
     "Device",
     "FailedPreconditionError",
     "FieldViolation",
+    "Generation",
     "InternalError",
     "InvalidArgumentError",
     "KernelmeshError",
+    "Model",
     "NotFoundError",
     "Op",
     "ResourceExhaustedError",
@@ -38,6 +50,8 @@ __all__ = [
     "TaskInfo",
     "TaskState",
     "TensorRef",
+    "TextStream",
     "UnavailableError",
     "UnimplementedError",
+    "Usage",
 ]

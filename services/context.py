@@ -16,20 +16,26 @@ TENANT_METADATA_KEY = "kernelmesh-tenant"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def check_tenant(value: str, field: str) -> str:
+    """`value` if it is a valid tenant name, else INVALID_ARGUMENT naming `field`.
+    One rule for gRPC metadata and HTTP headers."""
+    if not _TENANT_RE.match(value):
+        raise InvalidArgument(
+            [
+                Violation(
+                    field,
+                    "a tenant name: 1-64 characters of letters, digits, '_', '.', '-', "
+                    "starting with a letter or digit",
+                )
+            ]
+        )
+    return value
+
+
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == TENANT_METADATA_KEY:
-            if not _TENANT_RE.match(value):
-                raise InvalidArgument(
-                    [
-                        Violation(
-                            f"metadata.{TENANT_METADATA_KEY}",
-                            "1-64 characters of letters, digits, '_', '.', '-', "
-                            "starting with a letter or digit",
-                        )
-                    ]
-                )
-            return value
+            return check_tenant(value, f"metadata.{TENANT_METADATA_KEY}")
     return DEFAULT_TENANT
 
 

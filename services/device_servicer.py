@@ -6,8 +6,8 @@ import asyncio
 import time
 
 from kernelmesh.core.devices import CpuUtilisation, DeviceKind, DeviceStatus, LocalDevice
-from kernelmesh.core.errors import InvalidArgument, NotFound, Violation
-from kernelmesh.services import convert
+from kernelmesh.core.errors import NotFound
+from kernelmesh.services import convert, paging
 from kernelmesh.services.status import rpc, stream_rpc
 from kernelmesh.v1 import device_pb2, device_pb2_grpc
 
@@ -70,16 +70,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     async def ListDevices(self, request, context):
         kind = convert.PROTO_TO_KIND.get(request.kind) if request.kind else None
         devices = [d for d in self.monitor.devices if kind is None or d.info.kind is kind]
-        size = 100 if request.page_size <= 0 else min(request.page_size, 1000)
-        start = 0
-        if request.page_token:
-            if not request.page_token.isdigit() or int(request.page_token) > len(devices):
-                raise InvalidArgument(
-                    [Violation("page_token", "not a page token returned by this server")]
-                )
-            start = int(request.page_token)
+        start, size = paging.page_bounds(request.page_token, request.page_size, len(devices))
         page = devices[start : start + size]
-        token = str(start + size) if start + size < len(devices) else ""
+        token = paging.next_token(start, size, len(devices))
         return device_pb2.ListDevicesResponse(
             devices=[convert.device_to_proto(d.info, self.monitor.status(d)) for d in page],
             next_page_token=token,

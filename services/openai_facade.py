@@ -48,7 +48,7 @@ from kernelmesh.core.llm import (
     Usage,
 )
 from kernelmesh.core.tasks import DEFAULT_TENANT
-from kernelmesh.services.context import _TENANT_RE  # one rule for gRPC and HTTP tenants
+from kernelmesh.services.context import check_tenant
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _openai_errors(handler: Callable[[_Facade, web.Request], Awaitable[web.Strea
 def tenant_of(request: web.Request) -> str:
     explicit = request.headers.get(TENANT_HEADER)
     if explicit is not None:
-        return _checked_tenant(explicit, f"header {TENANT_HEADER}")
+        return check_tenant(explicit, f"header {TENANT_HEADER}")
     auth = request.headers.get("Authorization", "").strip()
     if not auth:
         return DEFAULT_TENANT
@@ -150,21 +150,7 @@ def tenant_of(request: web.Request) -> str:
     if scheme.lower() != "bearer":
         raise InvalidArgument([Violation("header Authorization", "expected 'Bearer <key>'")])
     token = token.strip()
-    return _checked_tenant(token, "header Authorization") if token else DEFAULT_TENANT
-
-
-def _checked_tenant(value: str, field: str) -> str:
-    if not _TENANT_RE.match(value):
-        raise InvalidArgument(
-            [
-                Violation(
-                    field,
-                    "a tenant name: 1-64 characters of letters, digits, '_', '.', '-', "
-                    "starting with a letter or digit",
-                )
-            ]
-        )
-    return value
+    return check_tenant(token, "header Authorization") if token else DEFAULT_TENANT
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

@@ -31,7 +31,8 @@ def make_app(*, started: Callable[[], bool], ready: Callable[[], bool]) -> web.A
         body = generate_latest(REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application()
+    # Chat requests with long contexts run to megabytes; aiohttp refuses bodies over 1 MiB.
+    app = web.Application(client_max_size=32 << 20)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/startup", startup)
     app.router.add_get("/health/ready", readiness)

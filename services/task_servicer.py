@@ -13,7 +13,7 @@ import numpy as np
 from kernelmesh.core import ops
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, Violation
 from kernelmesh.core.tasks import Task, TaskManager, TaskState
-from kernelmesh.services import convert
+from kernelmesh.services import convert, paging
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
 from kernelmesh.v1 import task_pb2, task_pb2_grpc
@@ -36,10 +36,10 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @rpc
     async def ListOps(self, request, context):
         catalog = ops.list_ops()
-        start, size = _page(request.page_token, request.page_size, len(catalog))
+        start, size = paging.page_bounds(request.page_token, request.page_size, len(catalog))
         page = catalog[start : start + size]
         ops_msgs = [convert.op_to_proto(spec, self._devices_for(spec)) for spec in page]
-        token = _token(start + size) if start + size < len(catalog) else ""
+        token = paging.next_token(start, size, len(catalog))
         return task_pb2.ListOpsResponse(ops=ops_msgs, next_page_token=token)
 
     def _devices_for(self, spec: ops.OpSpec) -> list[str]:
@@ -246,20 +246,6 @@ def _rejected(correlation_id: str, exc: KernelmeshError) -> task_pb2.StreamTasks
     msg.error.code = int(exc.code)
     msg.error.message = exc.message
     return task_pb2.StreamTasksResponse(correlation_id=correlation_id, task=msg)
-
-
-def _token(offset: int) -> str:
-    return f"offset:{offset}"
-
-
-def _page(token: str, page_size: int, total: int) -> tuple[int, int]:
-    size = 100 if page_size <= 0 else min(page_size, 1000)
-    if not token:
-        return 0, size
-    kind, _, value = token.partition(":")
-    if kind != "offset" or not value.isdigit() or int(value) > total:
-        raise InvalidArgument([Violation("page_token", "not a page token returned by this server")])
-    return int(value), size
 
 
 __all__ = ["TaskServicer"]
