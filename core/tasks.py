@@ -470,15 +470,13 @@ class TaskManager:
     def _start(self, task: Task) -> None:
         task.state = TaskState.RUNNING
         task.start_time = time.time()
-        metrics.child(metrics.TASK_QUEUE_SECONDS, task.device.name).observe(
-            task.start_time - task.create_time
-        )
+        metrics.TASK_QUEUE_SECONDS.observe((task.device.name,), task.start_time - task.create_time)
         if task._watchers:
             self._emit(task, f"running on {task.device.name}")
 
     def _complete(self, task: Task, outputs: list[np.ndarray], seconds: float) -> None:
         task.run_seconds = seconds
-        metrics.child(metrics.TASK_RUN_SECONDS, task.op, task.device.name).observe(seconds)
+        metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
         if task.keep_outputs:
             try:
                 for out in outputs:
@@ -502,7 +500,7 @@ class TaskManager:
         task.error = failure
         task.end_time = time.time()
         task.inputs = None  # inputs are not needed any more; free them now
-        metrics.child(metrics.TASKS, task.op, state.name).inc()
+        metrics.TASKS.inc((task.op, state.name))
         self._emit(task, failure.message if failure else "succeeded")
         task._done.set()
         callbacks, task._callbacks = task._callbacks, []

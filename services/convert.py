@@ -119,7 +119,12 @@ def ref_to_proto(item: StoredTensor) -> tensor_pb2.TensorRef:
     )
 
 
+_ANY_DEVICE = DeviceSelector()
+
+
 def selector_from_proto(msg: device_pb2.DeviceSelector) -> DeviceSelector:
+    if not msg.kind and not msg.name:
+        return _ANY_DEVICE  # the common case; selectors are immutable
     kind = PROTO_TO_KIND.get(msg.kind) if msg.kind else None
     return DeviceSelector(kind=kind, name=msg.name)
 
@@ -156,26 +161,28 @@ def spec_from_proto(
         selector=selector_from_proto(msg.device),
         priority=msg.priority,
         keep_outputs=msg.keep_outputs,
-        labels=dict(msg.labels),
+        labels=dict(msg.labels) if msg.labels else {},
         tenant=tenant,
     )
 
 
 def _timestamp(target, seconds: float | None) -> None:
     if seconds is not None:
-        target.FromNanoseconds(int(seconds * 1e9))
+        # what Timestamp.FromNanoseconds does, without its Python-level call chain
+        target.seconds, target.nanos = divmod(int(seconds * 1e9), 1_000_000_000)
 
 
 def task_to_proto(task: Task, *, full: bool = True) -> task_pb2.Task:
     msg = task_pb2.Task(
         name=task.name,
         op=task.op,
-        state=int(task.state),
+        state=task.state.value,
         tenant=task.tenant,
         priority=task.priority,
         device=task.device.name,
-        labels=task.labels,
     )
+    if task.labels:
+        msg.labels.update(task.labels)
     if task.state is TaskState.SUCCEEDED:
         if task.output_refs:
             msg.output_refs.extend(ref_to_proto(r) for r in task.output_refs)
