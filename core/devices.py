@@ -213,10 +213,32 @@ def select(
     shapes: Sequence[tuple[int, ...]] = (),
     params: Mapping[str, Any] | None = None,
     work: Work | None = None,
+    cache: dict | None = None,
 ) -> LocalDevice:
     """The device that runs a task. Only devices that match the selector and can run
     this op, dtype and shape are candidates; among them the one expected to finish
-    first, by each device's measured speed and the work already queued on it."""
+    first, by each device's measured speed and the work already queued on it.
+    `cache` (owned by the caller, for one fixed list of devices) remembers which
+    devices can run each (selector, op, dtype)."""
+    key = (selector, op, dtype)
+    capable = cache.get(key) if cache is not None else None
+    if capable is None:
+        capable = _capable(devices, selector, op, dtype)
+        if cache is not None:
+            cache[key] = capable
+    params = params or {}
+    refusals = [d.refusal(op, shapes, params) for d in capable]
+    able = [d for d, refusal in zip(capable, refusals, strict=True) if refusal is None]
+    if not able:
+        raise FailedPrecondition("; ".join(r for r in refusals if r))
+    if len(able) == 1:
+        return able[0]
+    return min(able, key=lambda d: _expected_finish(d, work))
+
+
+def _capable(
+    devices: Sequence[LocalDevice], selector: DeviceSelector, op: str, dtype: str
+) -> list[LocalDevice]:
     if selector.name:
         parse_selector_name(selector.name)
     candidates = [
@@ -235,14 +257,7 @@ def select(
             f"{op} on {dtype} is not supported by {wanted!r}; "
             "ListOps shows which devices run each op"
         )
-    params = params or {}
-    refusals = {d.name: d.refusal(op, shapes, params) for d in capable}
-    able = [d for d in capable if refusals[d.name] is None]
-    if not able:
-        raise FailedPrecondition("; ".join(f"{r}" for r in refusals.values()))
-    if len(able) == 1:
-        return able[0]
-    return min(able, key=lambda d: _expected_finish(d, work))
+    return capable
 
 
 def _expected_finish(device: LocalDevice, work: Work | None) -> tuple:

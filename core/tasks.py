@@ -174,6 +174,7 @@ class TaskManager:
         self._workers: list[asyncio.Task] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
+        self._capable: dict = {}  # select()'s, for this fixed list of devices
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
         )
@@ -254,6 +255,7 @@ class TaskManager:
             shapes=[m.shape for m in call.inputs],
             params=call.params,
             work=work,
+            cache=self._capable,
         )
         task = Task(
             # 128 random bits: unique across processes and restarts, and a tenth of
@@ -501,14 +503,18 @@ class TaskManager:
         task.end_time = time.time()
         task.inputs = None  # inputs are not needed any more; free them now
         metrics.TASKS.inc((task.op, state.name))
-        self._emit(task, failure.message if failure else "succeeded")
+        if task._watchers:
+            self._emit(task, failure.message if failure else "succeeded")
         task._done.set()
-        callbacks, task._callbacks = task._callbacks, []
-        for callback in callbacks:
-            callback(task)
+        if task._callbacks:
+            callbacks, task._callbacks = task._callbacks, []
+            for callback in callbacks:
+                callback(task)
         self._retained_bytes += task.retained_bytes
         self._finished[task.name] = task
-        self._evict()
+        opts = self.options
+        if len(self._tasks) > opts.retention_tasks or self._retained_bytes > opts.retention_bytes:
+            self._evict()
 
     def _emit(self, task: Task, message: str) -> None:
         if not task._watchers:
