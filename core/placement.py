@@ -47,6 +47,7 @@ class DeviceSpeed:
 class Work:
     bytes: int
     flops: float
+    elements: int = 0  # of inputs and outputs together
 
 
 def _nbytes(meta: ops.TensorMeta) -> int:
@@ -70,7 +71,8 @@ def work_of(call: ops.ValidatedCall) -> Work:
         flops = 5.0 * rows * n * math.log2(max(n, 2))
     else:
         flops = float(sum(m.size for m in call.inputs))
-    return Work(moved, flops)
+    elements = sum(m.size for m in call.inputs) + sum(m.size for m in call.outputs)
+    return Work(moved, flops, elements)
 
 
 def expected_finish(

@@ -8,6 +8,8 @@ batches. The totals are loaded from the database when the store opens, so
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -29,8 +31,13 @@ CREATE TABLE IF NOT EXISTS llm_usage (
 CREATE INDEX IF NOT EXISTS llm_usage_tenant ON llm_usage (tenant);
 """
 
+log = logging.getLogger(__name__)
+
 _BATCH = 512
 _FLUSH_S = 0.5
+# Rows kept for another try while the database refuses writes (locked,
+# full); beyond this the oldest are dropped rather than grow without bound.
+_MAX_PENDING = 100_000
 
 
 class TokenUsage(Protocol):
@@ -170,13 +177,35 @@ class UsageStore:
                     self._wake.wait(_FLUSH_S)
                 rows, self._rows = self._rows, []
                 stop = self._closed
+            committed = 0
             if rows:
-                # Autocommit connection: one explicit transaction per batch.
-                self._db.execute("BEGIN")
-                self._db.executemany("INSERT INTO llm_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
+                try:
+                    # Autocommit connection: one explicit transaction per batch.
+                    self._db.execute("BEGIN")
+                    self._db.executemany(
+                        "INSERT INTO llm_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+                    )
+                    self._db.execute("COMMIT")
+                    committed = len(rows)
+                except sqlite3.Error:
+                    # Never leave the write lock held, never let the thread
+                    # die: keep the rows for the next round.
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    log.exception("usage store: could not commit %d rows", len(rows))
+                    if not stop:
+                        with self._wake:
+                            pending = rows + self._rows
+                            dropped = max(0, len(pending) - _MAX_PENDING)
+                            self._rows = pending[dropped:]
+                            # Dropped rows never commit: flush must not wait for them.
+                            committed = dropped
+                            # Retry after a pause, even with a full batch waiting.
+                            if not self._closed:
+                                self._wake.wait(_FLUSH_S)
             with self._committed:
-                self._committed_rows += len(rows)
+                self._committed_rows += committed
                 self._committed.notify_all()
             if stop:
                 return

@@ -20,7 +20,7 @@ import numpy as np
 from cachetools import LRUCache
 
 from kernelmesh.core import metrics, ops, placement
-from kernelmesh.core.devices import DeviceSelector, LocalDevice, select
+from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -105,6 +105,7 @@ class Task:
     end_time: float | None = None
     run_seconds: float | None = None
     deadline: float | None = None  # time.monotonic() based
+    elements: int = 0  # of inputs and outputs together
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -270,6 +271,7 @@ class TaskManager:
             device=device,
             call=call,
             inputs=arrays,
+            elements=work.elements,
         )
         return task
 
@@ -346,8 +348,10 @@ class TaskManager:
         return await self.wait(self.begin(spec, deadline=deadline))
 
     def _is_inline(self, task: Task) -> bool:
-        elements = sum(m.size for m in task.call.inputs) + sum(m.size for m in task.call.outputs)
-        return task.device.info.kind.value == "cpu" and elements <= self.options.inline_max_elements
+        return (
+            task.elements <= self.options.inline_max_elements
+            and task.device.info.kind is DeviceKind.CPU
+        )
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task

@@ -43,18 +43,21 @@ class BudgetLedger:
         restart does not hand out the budget again."""
         self._config = config
         self._spent_before = dict(spent or {})
-        self._accounts: dict[str, _Account | None] = {}
+        self._accounts: dict[str, _Account] = {}
         self._lock = threading.Lock()
 
     def _account(self, tenant: str) -> _Account | None:
-        if tenant not in self._accounts:
+        account = self._accounts.get(tenant)
+        if account is None:
             budget = self._config.limits_for(tenant).token_budget
-            self._accounts[tenant] = (
-                None
-                if budget is None
-                else _Account(budget=budget, spent=self._spent_before.get(tenant, 0))
+            if budget is None:
+                # Not kept: tenant names come from callers, and an entry per
+                # name ever seen would grow without bound.
+                return None
+            account = self._accounts[tenant] = _Account(
+                budget=budget, spent=self._spent_before.get(tenant, 0)
             )
-        return self._accounts[tenant]
+        return account
 
     def reserve(self, tenant: str, tokens: int) -> Reservation:
         with self._lock:

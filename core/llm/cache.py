@@ -1,10 +1,12 @@
 """The response cache: LRU with a TTL (cachetools.TTLCache), for deterministic
 requests only (temperature 0 or a seed). The key holds the tenant, so tenants
-never see each other's answers, the model, the messages and the options; all
-are frozen dataclasses, so the key is a plain tuple with no serialisation."""
+never see each other's answers, the model, the options and a SHA-256 digest of
+the messages: up to max_entries keys stay in memory, and prompts may be
+megabytes long, so the key must not keep their text."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Hashable, Sequence
 
@@ -33,7 +35,13 @@ class ResponseCache:
         """The cache key, or None when the request must not be cached."""
         if self._entries is None or not options.deterministic:
             return None
-        return (tenant, model, tuple(messages), options)
+        digest = hashlib.sha256()
+        for message in messages:
+            # Length-prefixed, so no two conversations hash the same bytes.
+            content = message.content.encode("utf-8", "surrogatepass")
+            digest.update(f"{message.role.value}:{len(content)}:".encode())
+            digest.update(content)
+        return (tenant, model, digest.digest(), options)
 
     def get(self, key: Hashable | None) -> Completion | None:
         if key is None or self._entries is None:

@@ -40,7 +40,7 @@ from kernelmesh.core.errors import (
     Violation,
 )
 from kernelmesh.core.llm import metrics
-from kernelmesh.core.llm.breaker import CircuitBreaker
+from kernelmesh.core.llm.breaker import CircuitBreaker, Permit
 from kernelmesh.core.llm.budget import BudgetLedger, Reservation
 from kernelmesh.core.llm.cache import ResponseCache
 from kernelmesh.core.llm.config import (
@@ -220,7 +220,7 @@ class Gateway:
         admission = self._admit(tenant, entry, messages, options)
         used = 0
         try:
-            deployment, completion = await self._failover(
+            deployment, _, completion = await self._failover(
                 entry, lambda d: d.provider.generate(messages, options)
             )
             used = completion.usage.total_tokens
@@ -258,7 +258,7 @@ class Gateway:
         admission = self._admit(tenant, entry, messages, options)
         used = 0
         try:
-            deployment, (upstream, chunk) = await self._failover(
+            deployment, permit, (upstream, chunk) = await self._failover(
                 entry, lambda d: _first_chunk(d.provider.stream(messages, options)), stream=True
             )
             delivered = 0
@@ -273,7 +273,7 @@ class Gateway:
                     yield chunk
                     chunk = await anext(upstream)
             except (UpstreamError, StopAsyncIteration) as e:
-                deployment.breaker.record_failure()
+                deployment.breaker.record_failure(permit)
                 self._failure_metric(deployment, e)
                 used = self._charge_partial(
                     tenant, deployment, messages, delivered, chars, "broken"
@@ -285,7 +285,7 @@ class Gateway:
             except BaseException:
                 # The consumer cancelled or closed the stream: says nothing
                 # about the upstream's health.
-                deployment.breaker.release()
+                deployment.breaker.release(permit)
                 used = self._charge_partial(
                     tenant, deployment, messages, delivered, chars, "cancelled"
                 )
@@ -294,7 +294,7 @@ class Gateway:
                 # Closes the upstream response (and its connection when
                 # unfinished) before this generator returns.
                 await upstream.aclose()
-            deployment.breaker.record_success()
+            deployment.breaker.record_success(permit)
             usage = chunk.usage or estimate_usage(messages, chars)
             used = usage.total_tokens
             self._settle(admission, used)
@@ -321,7 +321,7 @@ class Gateway:
         admission = self._admit_tokens(tenant, estimate)
         used = 0
         try:
-            deployment, result = await self._failover(entry, lambda d: d.provider.embed(inputs))
+            deployment, _, result = await self._failover(entry, lambda d: d.provider.embed(inputs))
             used = result.usage.total_tokens
         finally:
             self._settle(admission, used)
@@ -440,16 +440,18 @@ class Gateway:
         call: Callable[[_Deployment], Awaitable[T]],
         *,
         stream: bool = False,
-    ) -> tuple[_Deployment, T]:
+    ) -> tuple[_Deployment, Permit, T]:
         """Tries each deployment in order; returns the first success with the
-        deployment that gave it."""
+        deployment that gave it and its breaker permit (still held for a
+        stream, whose caller settles it at the stream's end)."""
         if self._session is None:
             await self.start()
         failures: list[str] = []
         all_misconfigured = True
         for deployment in model.deployments:
             try:
-                return deployment, await self._with_retries(deployment, call, stream)
+                permit, result = await self._with_retries(deployment, call, stream)
+                return deployment, permit, result
             except _BreakerOpen as e:
                 failures.append(f"{deployment.name}: {e}")
                 all_misconfigured = False
@@ -468,31 +470,32 @@ class Gateway:
 
     async def _with_retries(
         self, deployment: _Deployment, call: Callable[[_Deployment], Awaitable[T]], stream: bool
-    ) -> T:
+    ) -> tuple[Permit, T]:
         return await deployment.retry.call(lambda: self._attempt(deployment, call, stream))
 
     async def _attempt(
         self, deployment: _Deployment, call: Callable[[_Deployment], Awaitable[T]], stream: bool
-    ) -> T:
+    ) -> tuple[Permit, T]:
         breaker = deployment.breaker
-        if not breaker.allow():
+        permit = breaker.allow()
+        if permit is None:
             raise _BreakerOpen(breaker.retry_in())
         try:
             result = await call(deployment)
         except UpstreamError as e:
             self._failure_metric(deployment, e)
             if e.kind is FailureKind.BAD_REQUEST:
-                breaker.release()
+                breaker.release(permit)
             else:
-                breaker.record_failure()
+                breaker.record_failure(permit)
             raise
         except BaseException:
-            breaker.release()
+            breaker.release(permit)
             raise
         # A stream's health is known at its end; the caller settles it then.
         if not stream:
-            breaker.record_success()
-        return result
+            breaker.record_success(permit)
+        return permit, result
 
     @staticmethod
     def _failure_metric(deployment: _Deployment, error: BaseException) -> None:

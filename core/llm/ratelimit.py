@@ -71,9 +71,12 @@ class RateLimiter:
     def _buckets(self, tenant: str) -> _TenantBuckets:
         found = self._tenants.get(tenant)
         if found is None:
-            found = self._tenants[tenant] = _TenantBuckets(
-                self._config.limits_for(tenant), self._clock
-            )
+            limits = self._config.limits_for(tenant)
+            found = _TenantBuckets(limits, self._clock)
+            # Tenant names come from callers: only those with limits to
+            # track are kept, or every name ever seen would stay in memory.
+            if found.requests is not None or found.tokens is not None:
+                self._tenants[tenant] = found
         return found
 
     def acquire(self, tenant: str, tokens: int) -> None:

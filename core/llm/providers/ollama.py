@@ -79,6 +79,8 @@ class OllamaProvider(Provider):
                 if not line:
                     continue
                 event = json.loads(line)
+                if not isinstance(event, dict):
+                    raise ValueError(f"expected a JSON object, got {line[:100]!r}")
                 if "error" in event:
                     raise self._error(FailureKind.SERVER, f"error in stream: {event['error']}")
                 delta = (event.get("message") or {}).get("content")

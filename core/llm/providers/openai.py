@@ -88,6 +88,8 @@ class OpenAIProvider(Provider):
                     complete = True
                     break
                 event = json.loads(data)
+                if not isinstance(event, dict):
+                    raise ValueError(f"expected a JSON object, got {data[:100]!r}")
                 if "error" in event:
                     error = event["error"]
                     message = error.get("message") if isinstance(error, dict) else error

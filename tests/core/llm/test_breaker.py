@@ -94,6 +94,37 @@ def test_a_released_probe_frees_the_slot_without_verdict(clock):
     assert breaker.allow()
 
 
+def test_a_call_admitted_before_the_breaker_opened_cannot_free_the_probe_slot(clock):
+    breaker = CircuitBreaker(CONFIG, clock=clock)
+    late = breaker.allow()  # still in flight while other calls open the breaker
+    for _ in range(3):
+        breaker.record_failure(breaker.allow())
+    clock.advance(30)
+    probe = breaker.allow()
+    assert probe
+
+    breaker.release(late)  # the old call is cancelled: says nothing about the probe
+
+    assert not breaker.allow()  # the probe is still in flight
+    breaker.record_success(probe)
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_a_late_success_from_before_the_breaker_opened_is_not_a_probe(clock):
+    breaker = CircuitBreaker(CONFIG, clock=clock)
+    late = breaker.allow()
+    for _ in range(3):
+        breaker.record_failure(breaker.allow())
+    clock.advance(30)
+    probe = breaker.allow()
+
+    breaker.record_success(late)
+    breaker.record_success(probe)
+
+    # success_threshold is 2: only one probe has succeeded.
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
 async def test_dead_deployment_breaker_opens_fails_over_and_recovers(
     upstream, upstream2, make_gateway, clock
 ):

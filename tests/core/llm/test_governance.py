@@ -8,8 +8,16 @@ import pytest
 from llm_helpers import chat_config, deployment, user
 
 from kernelmesh.core.errors import InvalidArgument, ResourceExhausted
-from kernelmesh.core.llm import GenerationOptions, Usage, parse_config
+from kernelmesh.core.llm import (
+    CacheConfig,
+    GenerationOptions,
+    Message,
+    Role,
+    Usage,
+    parse_config,
+)
 from kernelmesh.core.llm.budget import BudgetLedger
+from kernelmesh.core.llm.cache import ResponseCache
 from kernelmesh.core.llm.ratelimit import TokenBucket
 from kernelmesh.core.llm.tokens import estimate_prompt_tokens
 from kernelmesh.core.store import UsageStore
@@ -141,3 +149,27 @@ def test_budget_spending_survives_a_restart(tmp_path):
     assert ledger.spent("acme") == 80
     with pytest.raises(ResourceExhausted):
         ledger.reserve("acme", 21)
+
+
+def test_the_cache_key_does_not_hold_the_prompt():
+    cache = ResponseCache(CacheConfig())
+    huge = "x" * 1_000_000
+    options = GenerationOptions(temperature=0)
+
+    key = cache.key("acme", "chat", (Message(Role.USER, huge),), options)
+
+    # Up to max_entries keys stay in memory: a prompt's text must not.
+    assert len(repr(key)) < 1000
+    assert key == cache.key("acme", "chat", (Message(Role.USER, "x" * 1_000_000),), options)
+    assert key != cache.key("acme", "chat", (Message(Role.SYSTEM, huge),), options)
+    assert key != cache.key("globex", "chat", (Message(Role.USER, huge),), options)
+
+
+async def test_tenants_without_limits_leave_no_state_behind(upstream, make_gateway):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+
+    for i in range(20):
+        await gateway.generate(f"tenant-{i}", "chat", user("hi"))
+
+    assert len(gateway._limiter._tenants) == 0
+    assert len(gateway._budget._accounts) == 0

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from kernelmesh.core.llm import Usage
-from kernelmesh.core.store import UsageStore
+from kernelmesh.core.store import _SCHEMA, UsageStore
 
 
 def test_summary_aggregates_per_model_and_provider():
@@ -45,3 +45,22 @@ def test_rows_are_committed_to_sqlite_and_reloaded(tmp_path):
 
     assert (record.requests, record.total_tokens) == (100, 500)
     assert record.cost == pytest.approx(1.0)
+
+
+def test_a_failed_commit_keeps_the_writer_and_its_rows(tmp_path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE llm_usage")  # e.g. a locked or full database
+    store.record("acme", "gpt", "openai", "primary", Usage(2, 3, 5), 0.01)
+    store.flush(timeout=0.3)  # cannot commit now
+
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA)
+    store.record("acme", "gpt", "openai", "primary", Usage(2, 3, 5), 0.01)
+    store.flush(timeout=5)
+
+    assert store._writer.is_alive()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM llm_usage").fetchone() == (2,)
+    store.close()

@@ -5,12 +5,15 @@ and cancellation reaching the upstream."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from llm_helpers import chat_config, deployment, user
 
 from kernelmesh.core.errors import Unavailable
-from kernelmesh.core.llm import FinishReason, GenerationOptions, Usage
+from kernelmesh.core.llm import BreakerState, FinishReason, GenerationOptions, Usage
 
 
 async def collect(stream):
@@ -165,3 +168,71 @@ async def test_a_broken_stream_is_charged_for_what_it_delivered(upstream, make_g
     assert record.requests == 1
     assert record.completion_tokens >= 1  # estimated: the upstream never said
     assert gateway._budget.spent("acme") == record.total_tokens
+
+
+async def raw_sse_server(body: bytes, piece: int = 7) -> TestServer:
+    """An upstream answering every chat completion with `body`, written in
+    `piece`-byte writes so events and lines straddle chunks."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(0, len(body), piece):
+            await response.write(body[i : i + piece])
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+def _event(delta: str | None, finish: str | None = None) -> str:
+    choice = {"index": 0, "delta": {} if delta is None else {"content": delta}}
+    return json.dumps({"choices": [{**choice, "finish_reason": finish}]})
+
+
+async def test_sse_comments_crlf_and_data_without_a_space(make_gateway):
+    body = (
+        ": keep-alive\r\n\r\n"
+        f"data:{_event('he')}\r\n\r\n"
+        "event: message\r\n"
+        f"data: {_event('llo')}\r\n\r\n"
+        ":\r\n\r\n"
+        f"data: {_event(None, 'stop')}\r\n\r\n"
+        'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}\r\n\r\n'
+        "data: [DONE]\r\n\r\n"
+    ).encode()
+    server = await raw_sse_server(body)
+    try:
+        config = chat_config({**RAW, "base_url": str(server.make_url("/v1"))})
+        gateway = await make_gateway(config)
+
+        chunks = await collect(gateway.stream("acme", "chat", user("hi")))
+    finally:
+        await server.close()
+
+    assert [c.delta for c in chunks] == ["he", "llo", ""]
+    assert chunks[-1].usage == Usage(2, 2, 4)
+
+
+async def test_a_non_object_sse_event_is_an_upstream_failure(make_gateway):
+    server = await raw_sse_server(b"data: null\n\ndata: [DONE]\n\n")
+    try:
+        config = chat_config({**RAW, "base_url": str(server.make_url("/v1"))})
+        gateway = await make_gateway(config)
+
+        with pytest.raises(Unavailable, match="every deployment failed"):
+            await collect(gateway.stream("acme", "chat", user("hi")))
+    finally:
+        await server.close()
+
+    [chat] = [m for m in gateway.models() if m.name == "chat"]
+    assert chat.deployments[0].breaker is BreakerState.CLOSED  # one failure, threshold 5
+    assert gateway._models["chat"].deployments[0].breaker._failures == 1
+
+
+RAW = {"name": "raw", "provider": "openai", "model": "m", "timeout_s": 2.0, "max_retries": 0}
