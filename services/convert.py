@@ -173,14 +173,18 @@ def _timestamp(target, seconds: float | None) -> None:
 
 
 def task_to_proto(task: Task, *, full: bool = True) -> task_pb2.Task:
-    msg = task_pb2.Task(
-        name=task.name,
-        op=task.op,
-        state=task.state.value,
-        tenant=task.tenant,
-        priority=task.priority,
-        device=task.device.name,
-    )
+    return fill_task(task_pb2.Task(), task, full=full)
+
+
+def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.Task:
+    """Writes `task` into `msg` in place: a reply's own field, so its outputs are not
+    copied again from a separate message."""
+    msg.name = task.name
+    msg.op = task.op
+    msg.state = task.state.value
+    msg.tenant = task.tenant
+    msg.priority = task.priority
+    msg.device = task.device.name
     if task.labels:
         msg.labels.update(task.labels)
     if task.state is TaskState.SUCCEEDED:
@@ -206,7 +210,7 @@ def event_to_proto(event: TaskEvent) -> task_pb2.WatchTaskResponse:
     msg = task_pb2.WatchTaskResponse(name=event.name, state=int(event.state), message=event.message)
     _timestamp(msg.time, event.time)
     if event.state.terminal:
-        msg.task.CopyFrom(task_to_proto(event.task, full=True))
+        fill_task(msg.task, event.task, full=True)
     return msg
 
 

@@ -53,7 +53,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def SubmitTask(self, request, context):
         with qualified(request.task):
             task = self.tasks.submit(self._spec(request.task, context))
-        return task_pb2.SubmitTaskResponse(task=convert.task_to_proto(task))
+        response = task_pb2.SubmitTaskResponse()
+        convert.fill_task(response.task, task)
+        return response
 
     @rpc
     async def RunTask(self, request, context):
@@ -63,7 +65,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         task = await self.tasks.wait(task)
         if task.state is not TaskState.SUCCEEDED:
             await context.abort_with_status(_task_failure_status(task))
-        return task_pb2.RunTaskResponse(task=convert.task_to_proto(task))
+        response = task_pb2.RunTaskResponse()
+        convert.fill_task(response.task, task)
+        return response
 
     async def StreamTasks(self, request_iterator, context):
         """Reads requests while tasks run; yields each result as it finishes."""
@@ -78,11 +82,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         def deliver(correlation_id: str, task: Task) -> None:
             in_flight.discard(task)
             window.release()
-            results.put_nowait(
-                task_pb2.StreamTasksResponse(
-                    correlation_id=correlation_id, task=convert.task_to_proto(task)
-                )
-            )
+            response = task_pb2.StreamTasksResponse(correlation_id=correlation_id)
+            convert.fill_task(response.task, task)
+            results.put_nowait(response)
 
         async def read() -> None:
             try:
@@ -122,7 +124,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def GetTask(self, request, context):
         task = self.tasks.get(request.name, tenant=tenant_of(context))
         full = request.view != task_pb2.TASK_VIEW_BASIC
-        return task_pb2.GetTaskResponse(task=convert.task_to_proto(task, full=full))
+        response = task_pb2.GetTaskResponse()
+        convert.fill_task(response.task, task, full=full)
+        return response
 
     @stream_rpc
     async def WatchTask(self, request, context) -> AsyncIterator[task_pb2.WatchTaskResponse]:
