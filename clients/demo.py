@@ -90,7 +90,8 @@ def _close(got: np.ndarray, case: Case) -> tuple[bool, float]:
 
 def run_demo(km: Client, *, wait: float, echo: Callable[[str], None]) -> bool:
     km.wait_ready(timeout=wait)
-    for d in km.devices():
+    devices = km.devices()
+    for d in devices:
         echo(f"device {d.name}: {d.model} ({d.compute_units} cores, {d.kind})")
     rng = np.random.default_rng(0)
     ok = True
@@ -108,6 +109,20 @@ def run_demo(km: Client, *, wait: float, echo: Callable[[str], None]) -> bool:
         echo(
             f"{case.op:<10} {shapes:<28} {info.device:<8} {info.run_seconds * 1e3:>10.3f} "
             f"{trip:>14.3f}  {err:>10.2e}  {'ok' if good else 'MISMATCH'}"
+        )
+
+    # The same ops pinned to each device in turn (placement alone picks the fastest).
+    a = rng.standard_normal((256, 192), dtype=np.float32)
+    b = rng.standard_normal((192, 128), dtype=np.float32)
+    for d in devices:
+        info = km.run_task("matmul", a, b, device=d.name)
+        good = info.device == d.name and bool(
+            np.allclose(info.outputs[0], a @ b, rtol=1e-3, atol=1e-3)
+        )
+        ok &= good
+        echo(
+            f"matmul 256x192x128 pinned to {d.name:<10} ran on {info.device:<10} "
+            f"{info.run_seconds * 1e3:8.3f} ms: {'ok' if good else 'MISMATCH'}"
         )
 
     # Queued work: submit a batch, then collect the results.
