@@ -36,6 +36,7 @@ from kernelmesh.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
     Violation,
 )
@@ -448,6 +449,8 @@ class Gateway:
             await self.start()
         failures: list[str] = []
         all_misconfigured = True
+        # Retry-After of each deployment that answered 429; None once any failed otherwise
+        rate_limited: list[float] | None = []
         for deployment in model.deployments:
             try:
                 permit, result = await self._with_retries(deployment, call, stream)
@@ -455,7 +458,12 @@ class Gateway:
             except _BreakerOpen as e:
                 failures.append(f"{deployment.name}: {e}")
                 all_misconfigured = False
+                rate_limited = None
             except UpstreamError as e:
+                if rate_limited is not None and e.status == 429:
+                    rate_limited.append(e.retry_after if e.retry_after is not None else 1.0)
+                else:
+                    rate_limited = None
                 if e.kind is FailureKind.BAD_REQUEST:
                     raise InvalidArgument(
                         [Violation("request", f"{deployment.name} refused the request: {e}")]
@@ -466,6 +474,9 @@ class Gateway:
         summary = f"model {model.name!r}: every deployment failed: " + "; ".join(failures)
         if all_misconfigured:
             raise FailedPrecondition(summary)
+        if rate_limited:
+            # every provider is throttling this model: say when the first will take calls
+            raise ResourceExhausted(summary, retry_after=min(rate_limited))
         raise Unavailable(summary)
 
     async def _with_retries(

@@ -12,6 +12,7 @@ from kernelmesh.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from kernelmesh.core.llm import FinishReason, Gateway, GenerationOptions, Message, Role
@@ -148,6 +149,42 @@ async def test_retry_after_beyond_the_cap_fails_over_at_once(upstream, upstream2
 
     assert time.monotonic() - started < 1.0
     assert completion.deployment == "secondary"
+
+
+async def test_every_deployment_throttling_is_resource_exhausted_with_the_soonest_retry(
+    upstream, upstream2, make_gateway
+):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, max_retries=0),
+            deployment("secondary", upstream2, max_retries=0),
+        )
+    )
+    upstream.fail_with(429, times=5, retry_after=90)
+    upstream2.fail_with(429, times=5, retry_after=45)
+
+    with pytest.raises(ResourceExhausted) as caught:
+        await gateway.generate("acme", "chat", user("hi"))
+
+    assert caught.value.retry_after == 45
+    assert "primary: HTTP 429" in caught.value.message
+    assert "secondary: HTTP 429" in caught.value.message
+
+
+async def test_throttling_mixed_with_other_failures_is_unavailable(
+    upstream, upstream2, make_gateway
+):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, max_retries=0),
+            deployment("secondary", upstream2, max_retries=0),
+        )
+    )
+    upstream.fail_with(429, times=5, retry_after=90)
+    upstream2.fail_with(503, times=5)
+
+    with pytest.raises(Unavailable):
+        await gateway.generate("acme", "chat", user("hi"))
 
 
 async def test_all_deployments_failing_is_unavailable_naming_each(upstream, make_gateway):
