@@ -99,8 +99,11 @@ async def test_stream_broken_midway_raises_after_the_delivered_chunks(
     assert upstream2.requests == 0  # text was delivered: no failover
 
 
-async def test_cancelling_the_consumer_closes_the_upstream_request(upstream, make_gateway):
-    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+@pytest.mark.parametrize("provider", ["openai", "ollama"])
+async def test_cancelling_the_consumer_closes_the_upstream_request(
+    upstream, make_gateway, provider
+):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream, provider)))
     upstream.slow_stream(0.2)
     first_chunk = asyncio.Event()
 
@@ -117,8 +120,11 @@ async def test_cancelling_the_consumer_closes_the_upstream_request(upstream, mak
     await wait_for(lambda: upstream.disconnects == 1)
 
 
-async def test_closing_the_stream_early_closes_the_upstream_request(upstream, make_gateway):
-    gateway = await make_gateway(chat_config(deployment("primary", upstream)))
+@pytest.mark.parametrize("provider", ["openai", "ollama"])
+async def test_closing_the_stream_early_closes_the_upstream_request(
+    upstream, make_gateway, provider
+):
+    gateway = await make_gateway(chat_config(deployment("primary", upstream, provider)))
     upstream.slow_stream(0.2)
 
     stream = gateway.stream("acme", "chat", user("one two three four five"))
