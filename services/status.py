@@ -3,6 +3,7 @@ BadRequest, RetryInfo and ErrorInfo details."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -113,8 +114,11 @@ def stream_rpc(
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
-            async for item in method(self, request, context):
-                yield item
+            # aclosing: however this wrapper ends, the inner generator's cleanup (closing
+            # an upstream request, leaving a watch) runs now, not whenever it is collected
+            async with contextlib.aclosing(method(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except KernelmeshError as exc:
             await context.abort_with_status(status_of(exc))
         except grpc.aio.AbortError:
