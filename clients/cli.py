@@ -71,6 +71,10 @@ def devices(target: str) -> None:
             f"mem {d.memory_available_bytes / gib:.1f}/{d.memory_total_bytes / gib:.1f} GiB  "
             f"util {d.utilization:.0%}  queue {d.queue_depth}"
         )
+        precisions = "fp64" if d.supports_fp64 else "no fp64"
+        precisions += ", fp16" if d.supports_fp16 else ""
+        group = f", work-group {d.max_work_group_size}" if d.max_work_group_size else ""
+        click.echo(f"{'':<10} {d.vendor}, driver {d.driver_version}, {precisions}{group}")
         if d.features:
             click.echo(f"{'':<10} features: {' '.join(d.features)}")
 

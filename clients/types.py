@@ -41,6 +41,10 @@ class Device:
     utilization: float
     queue_depth: int
     supports_fp64: bool
+    supports_fp16: bool = False
+    driver_version: str = ""
+    max_work_group_size: int = 0
+    running: int = 0
 
     @classmethod
     def from_proto(cls, msg: device_pb2.Device) -> Device:
@@ -58,6 +62,10 @@ class Device:
             utilization=msg.status.utilization,
             queue_depth=msg.status.queue_depth,
             supports_fp64=msg.supports_fp64,
+            supports_fp16=msg.supports_fp16,
+            driver_version=msg.driver_version,
+            max_work_group_size=msg.max_work_group_size,
+            running=msg.status.running,
         )
 
 
