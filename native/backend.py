@@ -21,16 +21,19 @@ returns fresh C-contiguous NumPy arrays on the host.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
 __all__ = [
     "CATALOG_DTYPES",
+    "KERNEL_DIR",
     "Allocator",
     "CallBuffers",
     "CompileError",
@@ -41,9 +44,20 @@ __all__ = [
     "OutOfDeviceMemory",
     "Program",
     "ReductionPlan",
+    "kernel_source",
     "reduction_plan",
     "without_float64",
 ]
+
+# Kernel sources of every backend: files, never strings buried in Python.
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+
+
+@functools.cache
+def kernel_source(filename: str) -> str:
+    """The text of one file of ``native/kernels/``, read once per process."""
+    return (KERNEL_DIR / filename).read_text(encoding="utf-8")
+
 
 _FLOATS = frozenset({"float32", "float64"})
 _NUMERIC = frozenset({"float32", "float64", "int32"})

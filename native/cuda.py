@@ -40,6 +40,7 @@ import numpy as np
 from kernelmesh.native import compile_cache
 from kernelmesh.native.backend import (
     CATALOG_DTYPES,
+    KERNEL_DIR,
     Allocator,
     CallBuffers,
     CompileError,
@@ -49,6 +50,7 @@ from kernelmesh.native.backend import (
     LaunchError,
     OutOfDeviceMemory,
     Program,
+    kernel_source,
     reduction_plan,
 )
 
@@ -64,7 +66,6 @@ __all__ = [
 ]
 
 NAME = "cuda"
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 INSTALL_HINT = "pip install 'kernelmesh[cuda]'"
 
 # Every op of the catalog, for every dtype it is defined for, as on the CPU.
@@ -464,7 +465,7 @@ class CudaDevice(Device):
 
     def _load(self, kernel_file: KernelFile, variant: str) -> Any:
         options = kernel_file.variants[variant]
-        source = kernel_file.path.read_text()
+        source = kernel_source(kernel_file.file)
         cubin = compile_cache.default_cache().get_or_compile(
             NAME,
             self.properties.fingerprint,

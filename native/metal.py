@@ -57,6 +57,7 @@ from kernelmesh.native.backend import (
     LaunchError,
     OutOfDeviceMemory,
     Program,
+    kernel_source,
     reduction_plan,
     without_float64,
 )
@@ -78,7 +79,6 @@ __all__ = [
 ]
 
 NAME = "metal"
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
 # The catalog's ops and dtypes less float64, which Metal lacks.
 SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = without_float64(CATALOG_DTYPES)
@@ -203,11 +203,6 @@ def devices() -> list[MetalDevice]:
     if available() is not None:
         return []
     return [MetalDevice(i, d) for i, d in enumerate(_system_devices(_pyobjc().Metal))]
-
-
-def kernel_source(filename: str) -> str:
-    """The text of one kernel file of ``kernels/``."""
-    return (KERNEL_DIR / filename).read_text(encoding="utf-8")
 
 
 @functools.cache

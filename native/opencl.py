@@ -34,7 +34,6 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,7 +60,6 @@ __all__ = [
 ]
 
 NAME = "opencl"
-KERNELS = Path(__file__).resolve().parent / "kernels"
 
 # Work-group size of the reduction and softmax kernels (a power of two). GPUs want wide
 # groups to hide latency; on a CPU device (PoCL) each barrier costs a pass over the
@@ -420,7 +418,7 @@ class OpenCLDevice(backend.Device):
         return program
 
     def _load(self, file: str, options: tuple[str, ...]) -> Any:
-        source = (KERNELS / file).read_text()
+        source = backend.kernel_source(file)
         binary = default_cache().get_or_compile(
             NAME,
             self.properties.fingerprint,

@@ -88,20 +88,27 @@ def _internal(exc: BaseException) -> grpc.Status:
     )
 
 
+@contextlib.asynccontextmanager
+async def _statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Ends the call with the rich status of a core error, or INTERNAL for anything
+    unexpected: a handler never takes the server down."""
+    try:
+        yield
+    except KernelmeshError as exc:
+        await context.abort_with_status(status_of(exc))
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await context.abort_with_status(_internal(exc))
+
+
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wraps a unary-response servicer method: core errors become rich statuses;
-    anything unexpected becomes INTERNAL and never takes the server down."""
+    """Wraps a unary-response servicer method in `_statuses`."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        try:
+        async with _statuses(context):
             return await method(self, request, context)
-        except KernelmeshError as exc:
-            await context.abort_with_status(status_of(exc))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await context.abort_with_status(_internal(exc))
 
     return wrapper
 
@@ -113,18 +120,12 @@ def stream_rpc(
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        try:
-            # aclosing: however this wrapper ends, the inner generator's cleanup (closing
-            # an upstream request, leaving a watch) runs now, not whenever it is collected
-            async with contextlib.aclosing(method(self, request, context)) as items:
-                async for item in items:
-                    yield item
-        except KernelmeshError as exc:
-            await context.abort_with_status(status_of(exc))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await context.abort_with_status(_internal(exc))
+        # aclosing: however this wrapper ends, the inner generator's cleanup (closing
+        # an upstream request, leaving a watch) runs now, not whenever it is collected
+        items = method(self, request, context)
+        async with _statuses(context), contextlib.aclosing(items):
+            async for item in items:
+                yield item
 
     return wrapper
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from kernelmesh.native import cpu, metal
+from kernelmesh.native.backend import KERNEL_DIR
 
-SOURCES = sorted(metal.KERNEL_DIR.glob("metal_*.metal"))
+SOURCES = sorted(KERNEL_DIR.glob("metal_*.metal"))
 
 # INSTANTIATE("host_name", template, args...): every kernel is an explicit instantiation
 _INSTANTIATION = re.compile(r'^\s*INSTANTIATE\(\s*"(\w+)"', re.MULTILINE)
