@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -38,16 +39,27 @@ def server_config() -> ServerConfig:
 
 
 @pytest.fixture
-async def server(server_config: ServerConfig) -> AsyncIterator:
+async def start_server() -> AsyncIterator:
+    """Starts in-process servers from configs; each is stopped after the test."""
     from kernelmesh.services.server import Server
 
-    srv = Server(server_config)
-    await srv.start()
-    await srv.wait_started()
-    try:
-        yield srv
-    finally:
+    started: list[Server] = []
+
+    async def start(config: ServerConfig) -> Server:
+        srv = Server(config)
+        await srv.start()
+        started.append(srv)
+        await srv.wait_started()
+        return srv
+
+    yield start
+    for srv in started:
         await srv.stop(grace=1.0)
+
+
+@pytest.fixture
+async def server(server_config: ServerConfig, start_server):
+    return await start_server(server_config)
 
 
 @pytest.fixture
@@ -132,6 +144,23 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
         yield proc
     finally:
         stop_serve(proc)
+
+
+@pytest.fixture(scope="session")
+def served(serve_process):
+    """The shared `kernelmesh serve` process, kernels warmed up."""
+    from kernelmesh.clients import Client
+
+    with Client(serve_process.target, timeout=10.0) as km:
+        km.wait_ready(timeout=120.0)
+    return serve_process
+
+
+@pytest.fixture(scope="session")
+def serve_tools() -> SimpleNamespace:
+    """`start_serve(tmp_path, *args)` and `stop_serve(proc)` for tests in other
+    folders (`import conftest` is ambiguous when several folders have one)."""
+    return SimpleNamespace(start_serve=start_serve, stop_serve=stop_serve)
 
 
 def replace(config: ServerConfig, **changes: object) -> ServerConfig:

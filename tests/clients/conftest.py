@@ -5,28 +5,16 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from kernelmesh.clients import AsyncClient, Client, TaskState
 
-TESTS = Path(__file__).resolve().parent.parent
-
 # Big float64 matmuls keep both kernel workers of cpu:0 busy for a while, so a
 # task submitted behind them is still queued when it is cancelled.
 BUSY_SIZE = 1500
 BUSY_MAX_TASKS = 8
-
-
-@pytest.fixture(scope="session")
-def served(serve_process):
-    """The shared `kernelmesh serve` process, kernels warmed up."""
-    with Client(serve_process.target, timeout=10.0) as km:
-        km.wait_ready(timeout=120.0)
-    return serve_process
 
 
 @pytest.fixture
@@ -59,21 +47,6 @@ def busy_device(served) -> Iterator[None]:
             for handle in handles:
                 handle.cancel()
             client.delete(big)
-
-
-@pytest.fixture(scope="session")
-def serve_tools(pytestconfig: pytest.Config) -> ModuleType:
-    """tests/conftest.py, as pytest loaded it: `start_serve(tmp_path, *args)`
-    and `stop_serve(proc)`. (`import conftest` is ambiguous when several test
-    folders have a conftest.py.)"""
-    root = TESTS / "conftest.py"
-    for plugin in pytestconfig.pluginmanager.get_plugins():
-        if (
-            isinstance(plugin, ModuleType)
-            and Path(getattr(plugin, "__file__", "")).resolve() == root
-        ):
-            return plugin
-    raise LookupError(f"{root} is not loaded as a conftest")
 
 
 def _free_port() -> int:

@@ -10,37 +10,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from kernelmesh.clients import Client
-
 BIN = Path(sys.executable).parent
-TESTS = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def serve_tools(pytestconfig: pytest.Config) -> ModuleType:
-    """tests/conftest.py, as pytest loaded it: `start_serve(tmp_path, *args)`
-    and `stop_serve(proc)`. (`import conftest` is ambiguous when several test
-    folders have a conftest.py.)"""
-    root = TESTS / "conftest.py"
-    for plugin in pytestconfig.pluginmanager.get_plugins():
-        if (
-            isinstance(plugin, ModuleType)
-            and Path(getattr(plugin, "__file__", "")).resolve() == root
-        ):
-            return plugin
-    raise LookupError(f"{root} is not loaded as a conftest")
-
-
-@pytest.fixture(scope="session")
-def served(serve_process):
-    """The shared `kernelmesh serve` process, kernels warmed up."""
-    with Client(serve_process.target, timeout=10.0) as km:
-        km.wait_ready(timeout=120.0)
-    return serve_process
 
 
 def kernelmesh_command() -> list[str]:

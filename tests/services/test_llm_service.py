@@ -13,31 +13,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import rich_status, violations
 from llm_setup import eventually, write_llm_config
-from llm_upstream import Upstream
 
 from kernelmesh.v1 import llm_pb2, llm_pb2_grpc
 
 USER = llm_pb2.ROLE_USER
-
-
-@pytest.fixture
-async def upstream():
-    async with Upstream() as up:
-        yield up
-
-
-@pytest.fixture
-async def llm_server(server_config, tmp_path, upstream):
-    from kernelmesh.services.server import Server
-
-    path = write_llm_config(tmp_path, upstream.openai_url, upstream.ollama_url)
-    srv = Server(dataclasses.replace(server_config, llm_config=str(path)))
-    await srv.start()
-    await srv.wait_started()
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=1.0)
 
 
 @pytest.fixture

@@ -4,37 +4,15 @@ gateway talks to the fake upstream."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import aiohttp
 import numpy as np
 import openai
 import pytest
-from llm_setup import eventually, write_llm_config
-from llm_upstream import Upstream
+from llm_setup import eventually
 
 HELLO = [{"role": "user", "content": "hello world"}]
-
-
-@pytest.fixture
-async def upstream():
-    async with Upstream() as up:
-        yield up
-
-
-@pytest.fixture
-async def llm_server(server_config, tmp_path, upstream):
-    from kernelmesh.services.server import Server
-
-    path = write_llm_config(tmp_path, upstream.openai_url, upstream.ollama_url)
-    srv = Server(dataclasses.replace(server_config, llm_config=str(path)))
-    await srv.start()
-    await srv.wait_started()
-    try:
-        yield srv
-    finally:
-        await srv.stop(grace=1.0)
 
 
 def sdk(server, api_key: str = "acme", **kw) -> openai.AsyncOpenAI:
