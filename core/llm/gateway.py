@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -212,11 +212,8 @@ class Gateway:
     ) -> Completion:
         entry = self._chat_model(model)
         messages, options = check_chat(messages, options)
-        key = self._cache.key(tenant, model, messages, options)
-        hit = self._cache.get(key)
+        key, hit = self._cached(tenant, model, messages, options)
         if hit is not None:
-            self._limiter.acquire(tenant, 0)
-            child(metrics.REQUESTS, model, hit.provider, "cached").inc()
             return replace(hit, cached=True)
         admission = self._admit(tenant, entry, messages, options)
         used = 0
@@ -231,6 +228,18 @@ class Gateway:
         self._cache.put(key, completion)
         return completion
 
+    def _cached(
+        self, tenant: str, model: str, messages: Sequence[Message], options: GenerationOptions
+    ) -> tuple[Hashable | None, Completion | None]:
+        """The request's cache key and its cached answer, if any. A hit still takes
+        one request from the tenant's rate limit, but no tokens."""
+        key = self._cache.key(tenant, model, messages, options)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._limiter.acquire(tenant, 0)
+            child(metrics.REQUESTS, model, hit.provider, "cached").inc()
+        return key, hit
+
     async def stream(
         self,
         tenant: str,
@@ -240,11 +249,8 @@ class Gateway:
     ) -> AsyncIterator[Chunk]:
         entry = self._chat_model(model)
         messages, options = check_chat(messages, options)
-        key = self._cache.key(tenant, model, messages, options)
-        hit = self._cache.get(key)
+        key, hit = self._cached(tenant, model, messages, options)
         if hit is not None:
-            self._limiter.acquire(tenant, 0)
-            child(metrics.REQUESTS, model, hit.provider, "cached").inc()
             yield Chunk(hit.text, hit.provider, hit.deployment, cached=True)
             yield Chunk(
                 "",

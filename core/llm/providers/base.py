@@ -143,6 +143,21 @@ class Provider(ABC):
     def max_tokens(self, options: GenerationOptions) -> int:
         return options.max_tokens or self.deployment.default_max_tokens
 
+    @staticmethod
+    def sampling(options: GenerationOptions) -> dict[str, Any]:
+        """The sampling options the caller set, under the names OpenAI and Ollama share;
+        unset ones are left out so the upstream's defaults apply."""
+        chosen: dict[str, Any] = {}
+        if options.temperature is not None:
+            chosen["temperature"] = options.temperature
+        if options.top_p is not None:
+            chosen["top_p"] = options.top_p
+        if options.stop:
+            chosen["stop"] = list(options.stop)
+        if options.seed is not None:
+            chosen["seed"] = options.seed
+        return chosen
+
     @abstractmethod
     async def generate(
         self, messages: Sequence[Message], options: GenerationOptions

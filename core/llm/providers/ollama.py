@@ -29,15 +29,7 @@ class OllamaProvider(Provider):
     def _payload(
         self, messages: Sequence[Message], options: GenerationOptions, stream: bool
     ) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_predict": self.max_tokens(options)}
-        if options.temperature is not None:
-            opts["temperature"] = options.temperature
-        if options.top_p is not None:
-            opts["top_p"] = options.top_p
-        if options.stop:
-            opts["stop"] = list(options.stop)
-        if options.seed is not None:
-            opts["seed"] = options.seed
+        opts: dict[str, Any] = {"num_predict": self.max_tokens(options), **self.sampling(options)}
         return {
             "model": self.deployment.model,
             "messages": [{"role": m.role.value, "content": m.content} for m in messages],

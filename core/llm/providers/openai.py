@@ -42,15 +42,8 @@ class OpenAIProvider(Provider):
             "model": self.deployment.model,
             "messages": [{"role": m.role.value, "content": m.content} for m in messages],
             "max_tokens": self.max_tokens(options),
+            **self.sampling(options),
         }
-        if options.temperature is not None:
-            payload["temperature"] = options.temperature
-        if options.top_p is not None:
-            payload["top_p"] = options.top_p
-        if options.stop:
-            payload["stop"] = list(options.stop)
-        if options.seed is not None:
-            payload["seed"] = options.seed
         if stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
