@@ -3,6 +3,8 @@ details (field violations, retry delay, reason) the server attached."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -140,3 +142,12 @@ def error_for(code: grpc.StatusCode, message: str, trailing_metadata=None) -> Ke
 
 def from_rpc_error(err: grpc.RpcError) -> KernelmeshError:
     return error_for(err.code(), err.details() or "", err.trailing_metadata())
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Raises a failed call as its KernelmeshError (blocking or awaited alike)."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None

@@ -13,6 +13,9 @@ from google.protobuf import struct_pb2
 from kernelmesh.clients import tensors
 from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
 
+# What `run` returns: one array, or a tuple of them for an op with several outputs.
+Outputs = np.ndarray | tuple[np.ndarray, ...]
+
 
 class TaskState(IntEnum):
     UNSPECIFIED = 0
@@ -129,6 +132,10 @@ class TensorRef:
         )
 
 
+# What a task takes as an input: an array, a number, or a tensor kept on the server.
+Input = np.ndarray | TensorRef | float | int
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     name: str
@@ -161,6 +168,17 @@ class TaskInfo:
 
 
 @dataclass(frozen=True)
+class StreamItem:
+    """One input of `Client.stream`: an op, its inputs and params."""
+
+    op: str
+    inputs: tuple[Input, ...]
+    params: Mapping[str, object] | None = None
+    device: str | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
 class TaskEvent:
     name: str
     state: TaskState
@@ -174,7 +192,7 @@ def _empty(t: tensor_pb2.Tensor) -> bool:
 
 def task_spec(
     op: str,
-    inputs: tuple[np.ndarray | TensorRef | float | int, ...],
+    inputs: tuple[Input, ...],
     params: Mapping[str, object],
     *,
     device: str | None = None,
@@ -218,11 +236,11 @@ def _struct(params: Mapping[str, object]) -> struct_pb2.Struct:
     return struct
 
 
-def unwrap(outputs: tuple[np.ndarray, ...]) -> np.ndarray | tuple[np.ndarray, ...]:
+def unwrap(outputs: tuple[np.ndarray, ...]) -> Outputs:
     return outputs[0] if len(outputs) == 1 else outputs
 
 
-def in_order(results: Mapping[int, TaskInfo]) -> list[np.ndarray | tuple[np.ndarray, ...]]:
+def in_order(results: Mapping[int, TaskInfo]) -> list[Outputs]:
     """Stream results by input index; the first failed task raises."""
     from kernelmesh.clients.errors import error_for
     from kernelmesh.clients.status import code_of
