@@ -80,6 +80,8 @@ setup(
     package_data={
         "kernelmesh.v1": ["*.proto", "*.pyi"],
         "kernelmesh.native": ["kernels/*", "*.pyx"],
+        # PEP 561: the client's type hints are part of its API.
+        "kernelmesh.clients": ["py.typed"],
     },
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPyWithStubs},

@@ -3,9 +3,10 @@ details (field violations, retry delay, reason) the server attached."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -104,29 +105,31 @@ _BY_CODE = {
 }
 
 
-def error_for(code: grpc.StatusCode, message: str, trailing_metadata=None) -> KernelmeshError:
+def error_for(
+    code: grpc.StatusCode,
+    message: str,
+    trailing_metadata: Iterable[tuple[str, str | bytes]] | None = None,
+) -> KernelmeshError:
     """Builds the error for a status, parsing google.rpc.Status details."""
     violations: list[FieldViolation] = []
-    retry_delay = None
+    retry_delay: float | None = None
     reason = ""
     info: dict[str, str] = {}
     for key, value in trailing_metadata or ():
-        if key != _DETAILS_KEY:
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status.FromString(value)
         message = status.message or message
         for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
+            # Unpack fills the message only when the detail is of its type.
+            bad = error_details_pb2.BadRequest()
+            retry = error_details_pb2.RetryInfo()
+            error_info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(bad):
                 violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
+            elif detail.Unpack(retry):
                 retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
-            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                error_info = error_details_pb2.ErrorInfo()
-                detail.Unpack(error_info)
+            elif detail.Unpack(error_info):
                 reason = error_info.reason
                 info = dict(error_info.metadata)
     cls = _BY_CODE.get(code, KernelmeshError)
@@ -141,7 +144,10 @@ def error_for(code: grpc.StatusCode, message: str, trailing_metadata=None) -> Ke
 
 
 def from_rpc_error(err: grpc.RpcError) -> KernelmeshError:
-    return error_for(err.code(), err.details() or "", err.trailing_metadata())
+    # Blocking calls give (key, value) named tuples, grpc.aio a Metadata of
+    # pairs; the stubs type neither as the pairs both iterate as.
+    metadata = cast(Iterable[tuple[str, str | bytes]], err.trailing_metadata() or ())
+    return error_for(err.code(), err.details() or "", metadata)
 
 
 @contextmanager

@@ -114,7 +114,8 @@ def messages(prompt: Prompt, system: str | None = None) -> list[llm_pb2.ChatMess
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
         out.append(
-            llm_pb2.ChatMessage(role=llm_pb2.Role.Value("ROLE_" + role.upper()), content=content)
+            # Message constructors take an enum value by its name.
+            llm_pb2.ChatMessage(role="ROLE_" + role.upper(), content=content)
         )
     return out
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 
-from kernelmesh.v1 import tensor_pb2
+from kernelmesh.v1 import task_pb2, tensor_pb2
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[tensor_pb2.Dtype, np.dtype[Any]] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
@@ -33,17 +36,17 @@ def from_proto(msg: tensor_pb2.Tensor) -> np.ndarray:
     return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).copy()
 
 
-def dtype_name(code: int) -> str:
+def dtype_name(code: tensor_pb2.Dtype) -> str:
     return _TO_NUMPY[code].name if code in _TO_NUMPY else "unspecified"
 
 
 CHUNK_BYTES = 1 << 20
 
 
-def upload_requests(array: np.ndarray, chunk_bytes: int = CHUNK_BYTES):
+def upload_requests(
+    array: np.ndarray, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[task_pb2.UploadTensorRequest]:
     """The UploadTensor stream for an array: a header, then 1 MiB chunks."""
-    from kernelmesh.v1 import task_pb2
-
     proto = to_proto(array)
     yield task_pb2.UploadTensorRequest(
         header=task_pb2.TensorHeader(dtype=proto.dtype, shape=proto.shape)

@@ -121,6 +121,8 @@ class Streaming(_Control[T], Iterator[T]):
 class Transport(_Channel):
     """Performs plans on a blocking channel."""
 
+    channel: grpc.Channel
+
     def __init__(
         self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
     ) -> None:
@@ -216,6 +218,8 @@ class AsyncStreaming(_Control[T], AsyncIterator[T]):
 
 class AsyncTransport(_Channel):
     """Performs plans on a grpc.aio channel."""
+
+    channel: grpc.aio.Channel
 
     def __init__(
         self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
@@ -221,8 +222,9 @@ def selector(device: str) -> device_pb2.DeviceSelector:
         return device_pb2.DeviceSelector()
     if ":" in device:
         return device_pb2.DeviceSelector(name=device)
+    kind = "DEVICE_KIND_" + device.upper()
     try:
-        kind = device_pb2.DeviceKind.Value("DEVICE_KIND_" + device.upper())
+        device_pb2.DeviceKind.Value(kind)
     except ValueError:
         raise ValueError(
             f"unknown device kind {device!r}; use cpu, cuda, opencl or metal"
@@ -232,7 +234,8 @@ def selector(device: str) -> device_pb2.DeviceSelector:
 
 def _struct(params: Mapping[str, object]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
-    struct.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()})
+    values: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+    struct.update(values)
     return struct
 
 
