@@ -5,14 +5,13 @@ transport."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import grpc
 import numpy as np
 
 from kernelmesh.clients import plans
 from kernelmesh.clients.llm import AsyncLLM
-from kernelmesh.clients.options import DEFAULT_TARGET, ClientOptions
+from kernelmesh.clients.options import ClientOptions, Connected
 from kernelmesh.clients.transport import AsyncTransport
 from kernelmesh.clients.types import (
     Device,
@@ -28,36 +27,15 @@ from kernelmesh.clients.types import (
 )
 
 
-class AsyncClient:
+class AsyncClient(Connected):
     """`async with AsyncClient(target) as km: y = await km.run("relu", x)`
 
     Takes the same options as `Client`."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float = 30.0,
-        retries: int = 4,
-        tenant: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-        tls: bool = False,
-        ca_bundle: str | Path | None = None,
-        client_cert: str | Path | None = None,
-        client_key: str | Path | None = None,
+    def _connect(
+        self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
     ) -> None:
-        self.options = ClientOptions.of(
-            timeout=timeout,
-            retries=retries,
-            tenant=tenant,
-            api_key=api_key,
-            tls=tls,
-            ca_bundle=ca_bundle,
-            client_cert=client_cert,
-            client_key=client_key,
-        )
-        self._io = AsyncTransport(target, self.options, credentials)
+        self._io = AsyncTransport(target, options, credentials)
         # The LLM gateway: generate, stream, embed, models.
         self.llm = AsyncLLM(self._io)
 

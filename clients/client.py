@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from kernelmesh.clients.options import (
     MAX_MESSAGE_BYTES,
     TENANT_METADATA_KEY,
     ClientOptions,
+    Connected,
     channel_options,
     retry_policy,
 )
@@ -35,7 +35,7 @@ from kernelmesh.clients.types import (
 )
 
 
-class Client:
+class Client(Connected):
     """Talks to a kernelmesh endpoint.
 
     >>> with Client("127.0.0.1:50051") as km:
@@ -44,31 +44,10 @@ class Client:
     api_key defaults to $KERNELMESH_API_KEY; tls, ca_bundle, client_cert and
     client_key make a TLS (or mTLS) channel (see `ClientOptions`)."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float = 30.0,
-        retries: int = 4,
-        tenant: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_key: str | None = None,
-        tls: bool = False,
-        ca_bundle: str | Path | None = None,
-        client_cert: str | Path | None = None,
-        client_key: str | Path | None = None,
+    def _connect(
+        self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
     ) -> None:
-        self.options = ClientOptions.of(
-            timeout=timeout,
-            retries=retries,
-            tenant=tenant,
-            api_key=api_key,
-            tls=tls,
-            ca_bundle=ca_bundle,
-            client_cert=client_cert,
-            client_key=client_key,
-        )
-        self._io = Transport(target, self.options, credentials)
+        self._io = Transport(target, options, credentials)
         # The LLM gateway: generate, stream, embed, models.
         self.llm = LLM(self._io)
 

@@ -41,32 +41,6 @@ class ClientOptions:
     client_cert: str | Path | None = None
     client_key: str | Path | None = None
 
-    @classmethod
-    def of(
-        cls,
-        *,
-        timeout: float,
-        retries: int,
-        tenant: str | None,
-        api_key: str | None,
-        tls: bool,
-        ca_bundle: str | Path | None,
-        client_cert: str | Path | None,
-        client_key: str | Path | None,
-    ) -> ClientOptions:
-        """The options a face was given; no api_key means $KERNELMESH_API_KEY."""
-        return cls(
-            timeout=timeout,
-            retries=retries,
-            tenant=tenant,
-            # "" turns off a key the environment would supply.
-            api_key=(os.environ.get(API_KEY_ENV) or None) if api_key is None else api_key,
-            tls=tls,
-            ca_bundle=ca_bundle,
-            client_cert=client_cert,
-            client_key=client_key,
-        )
-
     @property
     def secure(self) -> bool:
         return self.tls or self.ca_bundle is not None or self.client_cert is not None
@@ -91,6 +65,49 @@ class ClientOptions:
         if self.api_key:
             pairs.append(("authorization", f"Bearer {self.api_key}"))
         return tuple(pairs)
+
+
+class Connected:
+    """The constructor both faces share: `Client(target, **options)` and
+    `AsyncClient(target, **options)` take the same options, and each face
+    opens its own transport over them in `_connect`."""
+
+    options: ClientOptions
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        tenant: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_bundle: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+    ) -> None:
+        """api_key: None reads $KERNELMESH_API_KEY, "" sends none. credentials:
+        ready-made channel credentials, instead of tls/ca_bundle/client_*."""
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV) or None
+        self.options = ClientOptions(
+            timeout=timeout,
+            retries=retries,
+            tenant=tenant,
+            api_key=api_key,
+            tls=tls,
+            ca_bundle=ca_bundle,
+            client_cert=client_cert,
+            client_key=client_key,
+        )
+        self._connect(target, self.options, credentials)
+
+    def _connect(
+        self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
+    ) -> None:
+        raise NotImplementedError
 
 
 def _read(path: str | Path | None) -> bytes | None:

@@ -35,9 +35,11 @@ class _Channel:
 
     channel: grpc.Channel | grpc.aio.Channel
 
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: ClientOptions, credentials: grpc.ChannelCredentials | None) -> None:
         self.options = options
         self.metadata = options.metadata()
+        self.credentials = credentials or options.credentials()
+        self.channel_options = channel_options(options)
 
     def deadline(self, timeout: float | None) -> float | None:
         """None: the client's default; infinity: no deadline at all."""
@@ -126,13 +128,11 @@ class Transport(_Channel):
     def __init__(
         self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
     ) -> None:
-        super().__init__(options)
-        creds = credentials or options.credentials()
-        chan_opts = channel_options(options)
-        if creds is None:
-            self.channel = grpc.insecure_channel(target, options=chan_opts)
+        super().__init__(options, credentials)
+        if self.credentials is None:
+            self.channel = grpc.insecure_channel(target, self.channel_options)
         else:
-            self.channel = grpc.secure_channel(target, creds, options=chan_opts)
+            self.channel = grpc.secure_channel(target, self.credentials, self.channel_options)
         self._retrying = Retrying(**retry_policy(options))
 
     def close(self) -> None:
@@ -224,13 +224,11 @@ class AsyncTransport(_Channel):
     def __init__(
         self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
     ) -> None:
-        super().__init__(options)
-        creds = credentials or options.credentials()
-        chan_opts = channel_options(options)
-        if creds is None:
-            self.channel = grpc.aio.insecure_channel(target, options=chan_opts)
+        super().__init__(options, credentials)
+        if self.credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, self.channel_options)
         else:
-            self.channel = grpc.aio.secure_channel(target, creds, options=chan_opts)
+            self.channel = grpc.aio.secure_channel(target, self.credentials, self.channel_options)
         self._retrying = AsyncRetrying(**retry_policy(options))
 
     async def close(self) -> None:
