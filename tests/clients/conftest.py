@@ -1,32 +1,166 @@
 """Fixtures for the Python client tests: the shared real `kernelmesh serve`
-once it reports SERVING, clients bound to it, NumPy references and ports."""
+once it reports SERVING, clients bound to it, NumPy references and ports.
+
+Every behaviour is tested on both faces: `face` (and `connect`) are
+parametrised over the blocking `Client` and the asyncio `AsyncClient`, seen
+through `Face`, which awaits either (the blocking one in a worker thread, so
+servers running on the test's own event loop keep serving)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from kernelmesh.clients import AsyncClient, Client, TaskState
 
+
+class Awaiting:
+    """Any object of either face (a client, its llm, a task handle) whose
+    methods are awaited: `await Awaiting(handle, is_async).result(timeout=9)`."""
+
+    def __init__(self, target: object, is_async: bool) -> None:
+        self._target = target
+        self._is_async = is_async
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._target, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self._is_async:
+                return await method(*args, **kwargs)
+            return await asyncio.to_thread(method, *args, **kwargs)
+
+        return call
+
+
+class Face(Awaiting):
+    """One client of either face. `await face.run(...)` awaits any client
+    method; `face.client` is the client itself (for its streams and
+    iterators, read with `collect`, `drain` and `next`)."""
+
+    def __init__(self, client: Client | AsyncClient) -> None:
+        self.client = client
+        self.is_async = isinstance(client, AsyncClient)
+        super().__init__(client, self.is_async)
+
+    @property
+    def llm(self) -> Awaiting:
+        return Awaiting(self.client.llm, self.is_async)
+
+    def on(self, target: object) -> Awaiting:
+        """A handle (or other object) of this face, with awaited methods."""
+        return Awaiting(target, self.is_async)
+
+    async def drain(
+        self, items: Iterable[Any] | AsyncIterable[Any]
+    ) -> tuple[list[Any], Exception | None]:
+        """Reads a stream to its end: what it gave, and the error it ended with."""
+        got: list[Any] = []
+        if isinstance(items, AsyncIterable):
+            try:
+                async for item in items:
+                    got.append(item)
+            except Exception as exc:  # returned to the test, which asserts on it
+                return got, exc
+            return got, None
+
+        def read() -> Exception | None:
+            try:
+                for item in items:
+                    got.append(item)
+            except Exception as exc:
+                return exc
+            return None
+
+        return got, await asyncio.to_thread(read)
+
+    async def collect(self, items: Iterable[Any] | AsyncIterable[Any]) -> list[Any]:
+        got, error = await self.drain(items)
+        if error is not None:
+            raise error
+        return got
+
+    async def take(self, items: Iterable[Any] | AsyncIterable[Any], n: int) -> list[Any]:
+        """The first n items of a stream or a listing (fewer if it ends first)."""
+        if isinstance(items, AsyncIterable):
+            got = []
+            async for item in items:
+                got.append(item)
+                if len(got) == n:
+                    break
+            return got
+        return await asyncio.to_thread(lambda: list(itertools.islice(items, n)))
+
+    async def next(self, items: Iterator[Any] | AsyncIterator[Any]) -> Any:
+        if isinstance(items, AsyncIterator):
+            return await anext(items)
+        return await asyncio.to_thread(next, items)
+
+    async def close(self) -> None:
+        if isinstance(self.client, AsyncClient):
+            await self.client.close()
+        else:
+            self.client.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Face]]:
+    """`connect(target, **options)`: a client of this test's face, closed afterwards."""
+    opened: list[Face] = []
+
+    def open_face(target: str, **options: Any) -> Face:
+        cls = AsyncClient if request.param == "async" else Client
+        face = Face(cls(target, **options))
+        opened.append(face)
+        return face
+
+    yield open_face
+    for face in opened:
+        await face.close()
+
+
+@pytest.fixture
+def face(served, connect) -> Face:
+    """A client of this test's face on the shared `kernelmesh serve`."""
+    return connect(served.target, timeout=30.0)
+
+
+@pytest.fixture
+async def grpc_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """`await grpc_server(add_servicers, credentials=None)`: a grpc.aio server
+    on a free loopback port, running on the test's loop; returns its target."""
+    servers: list[grpc.aio.Server] = []
+
+    async def start(
+        add: Callable[[grpc.aio.Server], None],
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> str:
+        server = grpc.aio.server()
+        add(server)
+        if credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        await server.stop(grace=None)
+
+
 # Big float64 matmuls keep both kernel workers of cpu:0 busy for a while, so a
 # task submitted behind them is still queued when it is cancelled.
 BUSY_SIZE = 1500
 BUSY_MAX_TASKS = 8
-
-
-@pytest.fixture
-def km(served) -> Iterator[Client]:
-    with Client(served.target, timeout=30.0) as client:
-        yield client
-
-
-@pytest.fixture
-async def akm(served) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(served.target, timeout=30.0) as client:
-        yield client
 
 
 @pytest.fixture

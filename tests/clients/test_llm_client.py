@@ -4,9 +4,11 @@ upstream (tests/llm_upstream.py), plus the shared unconfigured server."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +17,7 @@ import yaml
 from llm_upstream import Upstream
 
 from kernelmesh.clients import (
-    AsyncClient,
+    CancelledError,
     Client,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -77,9 +79,9 @@ def llm_served(upstream, serve_tools, tmp_path_factory):
 
 
 @pytest.fixture
-def km(llm_served) -> Iterator[Client]:
-    with Client(llm_served.target, timeout=30.0) as client:
-        yield client
+def lface(llm_served, connect):
+    """A client of this test's face on the LLM-configured server."""
+    return connect(llm_served.target, timeout=30.0)
 
 
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -93,11 +95,11 @@ def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     )
 
 
-# -- sync client ---------------------------------------------------------------------
+# -- both faces ----------------------------------------------------------------------
 
 
-def test_generate_returns_a_generation(km):
-    reply = km.llm.generate("hello there", model="chat", system="be brief")
+async def test_generate_returns_a_generation(lface):
+    reply = await lface.llm.generate("hello there", model="chat", system="be brief")
     assert isinstance(reply, Generation)
     assert reply.text == "echo hello there"
     assert reply.finish_reason == "stop"
@@ -105,8 +107,8 @@ def test_generate_returns_a_generation(km):
     assert (reply.provider, reply.deployment, reply.cached) == ("openai", "primary", False)
 
 
-def test_generate_accepts_a_conversation(km, upstream):
-    km.llm.generate(
+async def test_generate_accepts_a_conversation(lface, upstream):
+    await lface.llm.generate(
         [
             ChatMessage("system", "s"),
             ("user", "first"),
@@ -124,21 +126,24 @@ def test_generate_accepts_a_conversation(km, upstream):
     ]
 
 
-def test_unknown_role_is_refused_before_sending(km):
+async def test_unknown_role_is_refused_before_sending(lface, upstream):
+    before = upstream.requests
     with pytest.raises(ValueError, match="unknown role"):
-        km.llm.generate([("wizard", "hi")], model="chat")
+        await lface.llm.generate([("wizard", "hi")], model="chat")
+    assert upstream.requests == before
 
 
-def test_seeded_request_comes_from_the_cache_the_second_time(km):
-    first = km.llm.generate("cached?", model="chat", seed=1)
-    second = km.llm.generate("cached?", model="chat", seed=1)
+async def test_seeded_request_comes_from_the_cache_the_second_time(lface):
+    prompt = f"cached? {lface.is_async}"  # the other face's run must not warm the cache
+    first = await lface.llm.generate(prompt, model="chat", seed=1)
+    second = await lface.llm.generate(prompt, model="chat", seed=1)
     assert (first.cached, second.cached) == (False, True)
 
 
-def test_stream_yields_text_then_exposes_usage(km):
-    stream = km.llm.stream("a b c", model="chat")
+async def test_stream_yields_text_then_exposes_usage(lface):
+    stream = lface.client.llm.stream("a b c", model="chat")
     assert stream.usage is None
-    chunks = list(stream)
+    chunks = await lface.collect(stream)
     assert "".join(chunks) == "echo a b c"
     assert len(chunks) == 4
     assert stream.finish_reason == "stop"
@@ -146,24 +151,37 @@ def test_stream_yields_text_then_exposes_usage(km):
     assert stream.deployment == "primary"
 
 
-def test_stream_that_breaks_raises_after_the_delivered_text(km, upstream):
+async def test_stream_that_breaks_raises_after_the_delivered_text(lface, upstream):
     upstream.break_stream_after(2)
-    received = []
-    with pytest.raises(UnavailableError):
-        for text in km.llm.stream("one two three four", model="chat"):
-            received.append(text)
+    received, error = await lface.drain(lface.client.llm.stream("one two three four", model="chat"))
+    assert isinstance(error, UnavailableError)
     assert received[:1] == ["echo"]
 
 
-def test_embed_returns_a_float32_matrix(km):
-    vectors = km.llm.embed(["a cat", "a dog", "tax law"])
+async def test_cancelled_stream_stops_and_reaches_the_upstream(lface, upstream):
+    upstream.slow_stream(0.2)
+    stream = lface.client.llm.stream("w " * 50, model="chat")
+    chunks = aiter(stream) if lface.is_async else iter(stream)
+    assert await lface.next(chunks) == "echo"
+    stream.cancel()
+    received, error = await lface.drain(chunks)
+    assert isinstance(error, CancelledError), error
+    assert len(received) < 5
+    deadline = time.monotonic() + 10
+    while upstream.disconnects == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert upstream.disconnects >= 1
+
+
+async def test_embed_returns_a_float32_matrix(lface):
+    vectors = await lface.llm.embed(["a cat", "a dog", "tax law"])
     assert vectors.dtype == np.float32 and vectors.ndim == 2 and vectors.shape[0] == 3
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert km.llm.embed("one string").shape == (1, vectors.shape[1])
+    assert (await lface.llm.embed("one string")).shape == (1, vectors.shape[1])
 
 
-def test_models_lists_deployments_with_breaker_state(km):
-    models = {m.name: m for m in km.llm.models()}
+async def test_models_lists_deployments_with_breaker_state(lface):
+    models = {m.name: m for m in await lface.llm.models()}
     assert set(models) == {"chat", "local"}
     (primary,) = models["chat"].deployments
     assert (primary.name, primary.provider, primary.healthy, primary.breaker) == (
@@ -174,47 +192,33 @@ def test_models_lists_deployments_with_breaker_state(km):
     )
 
 
-def test_errors_are_typed(km, llm_served):
+async def test_errors_are_typed(lface, llm_served, connect):
     with pytest.raises(NotFoundError):
-        km.llm.generate("x", model="nope")
+        await lface.llm.generate("x", model="nope")
     with pytest.raises(InvalidArgumentError) as info:
-        km.llm.generate("x", model="chat", temperature=7.0)
+        await lface.llm.generate("x", model="chat", temperature=7.0)
     assert info.value.violations[0].field == "options.temperature"
-    with Client(llm_served.target, tenant="tiny") as tiny:
-        tiny.llm.generate("x", model="chat")
-        with pytest.raises(ResourceExhaustedError) as info:
-            tiny.llm.generate("y", model="chat")
+    tiny = connect(llm_served.target, tenant="tiny")
+    # One request a minute: whichever face ran first may have spent it.
+    with pytest.raises(ResourceExhaustedError) as info:
+        await tiny.llm.generate("x", model="chat")
+        await tiny.llm.generate("y", model="chat")
     assert info.value.retry_delay is not None and info.value.retry_delay > 0
 
 
-def test_unconfigured_server_explains_and_still_embeds(served):
-    with Client(served.target, timeout=30.0) as km:
-        with pytest.raises(FailedPreconditionError, match="--llm-config"):
-            km.llm.generate("hi", model="gpt-4o-mini")
-        assert km.llm.embed(["offline works"]).shape[0] == 1
+async def test_generate_is_not_retried_by_the_client(lface, upstream):
+    upstream.fail_with(503, times=1)
+    before = upstream.requests
+    with pytest.raises(UnavailableError):
+        await lface.llm.generate("x", model="chat")
+    assert upstream.requests == before + 1
 
 
-# -- async client --------------------------------------------------------------------
-
-
-async def test_async_generate_stream_embed_models(llm_served):
-    async with AsyncClient(llm_served.target, timeout=30.0) as akm:
-        reply = await akm.llm.generate("hi there", model="chat")
-        assert reply.text == "echo hi there"
-        stream = akm.llm.stream("x y", model="chat")
-        assert [t async for t in stream] == ["echo", " x", " y"]
-        assert stream.usage.completion_tokens == 3 and stream.finish_reason == "stop"
-        vectors = await akm.llm.embed(["a", "b"])
-        assert vectors.shape[0] == 2
-        assert {m.name for m in await akm.llm.models()} == {"chat", "local"}
-
-
-async def test_async_stream_that_breaks_raises(llm_served, upstream):
-    upstream.break_stream_after(1)
-    async with AsyncClient(llm_served.target, timeout=30.0) as akm:
-        with pytest.raises(UnavailableError):
-            async for _ in akm.llm.stream("one two three", model="chat"):
-                pass
+async def test_unconfigured_server_explains_and_still_embeds(served, connect):
+    km = connect(served.target, timeout=30.0)
+    with pytest.raises(FailedPreconditionError, match="--llm-config"):
+        await km.llm.generate("hi", model="gpt-4o-mini")
+    assert (await km.llm.embed(["offline works"])).shape[0] == 1
 
 
 # -- the command line ------------------------------------------------------------------
