@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kernelmesh.clients import (
     CancelledError,
     DeadlineExceededError,
+    StreamItem,
     TaskState,
     UnavailableError,
 )
-from kernelmesh.clients.types import StreamItem
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
