@@ -6,7 +6,7 @@ awaiting half of one step (`calls`), holding no request or reply logic."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Generic, cast
 
 import grpc
@@ -98,16 +98,22 @@ class _Control(Generic[T]):
 
 
 class Streaming(_Control[T], Iterator[T]):
-    """A stream being read: iterate for the decoded replies."""
+    """A stream being read: iterate for the decoded replies; `close()` ends
+    it as it would a generator."""
 
-    _replies: Iterator[T] | None = None
+    _replies: Generator[T] | None = None
+
+    def close(self) -> None:
+        self.cancel()
+        if self._replies is not None:
+            self._replies.close()
 
     def __next__(self) -> T:
         if self._replies is None:
             self._replies = self._read()
         return next(self._replies)
 
-    def _read(self) -> Iterator[T]:
+    def _read(self) -> Generator[T]:
         call = self._start()
         try:
             with rpc_errors():
@@ -188,16 +194,22 @@ class Transport(_Channel):
 
 
 class AsyncStreaming(_Control[T], AsyncIterator[T]):
-    """A stream being read: `async for` the decoded replies."""
+    """A stream being read: `async for` the decoded replies; `aclose()` ends
+    it as it would an async generator."""
 
-    _replies: AsyncIterator[T] | None = None
+    _replies: AsyncGenerator[T] | None = None
+
+    async def aclose(self) -> None:
+        self.cancel()
+        if self._replies is not None:
+            await self._replies.aclose()
 
     async def __anext__(self) -> T:
         if self._replies is None:
             self._replies = self._read()
         return await anext(self._replies)
 
-    async def _read(self) -> AsyncIterator[T]:
+    async def _read(self) -> AsyncGenerator[T]:
         call = self._start()
         try:
             with rpc_errors():

@@ -322,6 +322,18 @@ async def test_cancelling_a_token_stream_ends_it_on_both_sides(mesh, seen, conne
     assert await _wait_for(seen.cancelled), "the server's GenerateStream was never cancelled"
 
 
+async def test_closing_a_watch_early_cancels_it_on_the_server(mesh, seen, connect):
+    km = connect(mesh)
+    events = km.client.watch_task("tasks/x")
+    assert (await km.next(events)).state is TaskState.RUNNING
+    if km.is_async:
+        await events.aclose()
+    else:
+        events.close()
+    assert await _wait_for(seen.cancelled), "the server's WatchTask was never cancelled"
+    assert await km.collect(events) == []
+
+
 async def test_a_stream_cancelled_before_reading_never_starts(mesh, seen, connect):
     km = connect(mesh)
     stream = km.client.llm.stream("go")
