@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kernelmesh.core import devices as device_discovery
@@ -25,7 +24,9 @@ from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
 from kernelmesh.services import openai_facade, sidecar
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
+from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.llm_servicer import LLMServicer
+from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
@@ -89,7 +90,8 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        # Per-RPC metrics (grpc_server_*): outermost, so they see every call's final code.
+        server = grpc.aio.server(options=options, interceptors=[RpcMetricsInterceptor()])
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(self.tasks, cfg.limits), server
         )
