@@ -80,6 +80,7 @@ setup(
     package_data={
         "kernelmesh.v1": ["*.proto", "*.pyi"],
         "kernelmesh.native": ["kernels/*", "*.pyx"],
+        "kernelmesh.services": ["static/*"],  # the dashboard: no build step, no CDN
     },
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPyWithStubs},
