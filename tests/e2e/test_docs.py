@@ -152,3 +152,20 @@ def test_doc_block_runs(block: Block, served, tmp_path):
     assert done.returncode == 0, (
         f"{block.id}:\n{body}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     )
+
+
+def test_operations_metrics_table_names_every_metric():
+    """Each kernelmesh_* and grpc_server_* family on /metrics has a row."""
+    from prometheus_client import REGISTRY
+
+    import kernelmesh.core.llm.metrics
+    import kernelmesh.core.metrics
+    import kernelmesh.services.rpc_metrics  # noqa: F401  (registers the families)
+
+    table = (ROOT / "docs" / "operations.md").read_text()
+    exposed = set()
+    for family in REGISTRY.collect():
+        if family.name.startswith(("kernelmesh_", "grpc_server_")):
+            exposed.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert exposed
+    assert sorted(n for n in exposed if f"| `{n}` |" not in table) == []
