@@ -159,3 +159,16 @@ def test_run_with_a_big_input_says_what_it_sends_and_receives(served, kernelmesh
     assert "uploading big.npy (32.0 MiB)" in done.stderr
     assert "received 32.0 MiB of result" in done.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.maximum(x, 0))
+
+
+def test_result_of_a_submitted_task_too_big_for_an_event_still_arrives(served):
+    """The last WatchTask event leaves out outputs over 1 MiB; the client's
+    handle then reads them with GetTask."""
+    from kernelmesh.clients import Client
+
+    x = np.linspace(-1, 1, 1 << 19, dtype=np.float32).reshape(512, 1024)  # 2 MiB
+    with Client(served.target) as km:
+        handle = km.submit("relu", x)
+        events = list(handle.events(timeout=60))
+        assert events[-1].task is None and "GetTask" in events[-1].message
+        np.testing.assert_array_equal(handle.result(timeout=60), np.maximum(x, 0))
