@@ -82,6 +82,7 @@ setup(
         "kernelmesh.native": ["kernels/*", "*.pyx"],
         # PEP 561: the client's type hints are part of its API.
         "kernelmesh.clients": ["py.typed"],
+        "kernelmesh.services": ["static/*"],  # the dashboard: no build step, no CDN
     },
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPyWithStubs},

@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from importlib.metadata import entry_points
 
 import click
 import numpy as np
 
 from kernelmesh.clients.client import DEFAULT_TARGET, Client
-from kernelmesh.clients.errors import KernelmeshError
+from kernelmesh.clients.errors import DeadlineExceededError, KernelmeshError
+from kernelmesh.clients.reach import Unreachable, reach
+from kernelmesh.clients.types import selector
+
+# Inputs above this many bytes go up chunked (UploadTensor) before the task runs, with
+# a line per file, instead of inside one RunTask message.
+UPLOAD_ABOVE_BYTES = 32 << 20
+# Work above this many bytes says what it is doing before it starts.
+ANNOUNCE_ABOVE_BYTES = 8 << 20
 
 
 class _PluginGroup(click.Group):
@@ -33,33 +42,71 @@ class _PluginGroup(click.Group):
 @click.group(cls=_PluginGroup)
 @click.version_option(package_name="kernelmesh")
 def main() -> None:
-    """kernelmesh: a gRPC compute mesh."""
+    """kernelmesh: a gRPC compute mesh.
+
+    Client commands talk to the server named by --target or $KERNELMESH_TARGET
+    (default 127.0.0.1:50051); start one with `kernelmesh serve`."""
 
 
-target_option = click.option(
-    "--target",
-    "-t",
-    default=DEFAULT_TARGET,
-    show_default=True,
-    envvar="KERNELMESH_TARGET",
-    help="host:port of a kernelmesh server.",
-)
+DEFAULT_WAIT = 5.0
 
 
-def _client(target: str) -> Client:
-    return Client(target, timeout=60.0)
+def target_option(command):
+    """--target and --wait: where the server is, and how long to wait for it to answer."""
+    command = click.option(
+        "--wait",
+        "wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        show_default=True,
+        envvar="KERNELMESH_WAIT",
+        show_envvar=True,
+        help="Seconds to wait for the server to answer before giving up.",
+    )(command)
+    return click.option(
+        "--target",
+        "-t",
+        default=DEFAULT_TARGET,
+        show_default=True,
+        envvar="KERNELMESH_TARGET",
+        show_envvar=True,
+        help="host:port of a kernelmesh server.",
+    )(command)
+
+
+def _client(target: str, wait: float, *, timeout: float = 60.0, tenant: str | None = None):
+    """A client for a server that answers, or exit 1 with what to do when none does."""
+    try:
+        reach(target, wait, on_wait=lambda text: click.echo(text, err=True))
+    except Unreachable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    return Client(target, timeout=timeout, tenant=tenant)
 
 
 def _fail(exc: KernelmeshError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    """Prints the status once: the code and message, then each field violation on its
+    own line (the server's message already lists them, so it is not repeated)."""
+    if exc.violations:
+        lines = [f"error: {exc.code.name}: invalid request"]
+        lines += [f"  {v.field}: {v.description}" for v in exc.violations]
+    else:
+        lines = [f"error: {exc.code.name}: {exc.message}"]
+    if exc.retry_delay is not None:
+        lines.append(f"  retry after {exc.retry_delay:.3g}s")
+    click.echo("\n".join(lines), err=True)
     sys.exit(1)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 @main.command()
 @target_option
-def devices(target: str) -> None:
+def devices(target: str, wait: float) -> None:
     """List the devices of the mesh."""
-    with _client(target) as km:
+    with _client(target, wait) as km:
         try:
             found = km.devices()
         except KernelmeshError as exc:
@@ -81,9 +128,9 @@ def devices(target: str) -> None:
 
 @main.command()
 @target_option
-def ops(target: str) -> None:
+def ops(target: str, wait: float) -> None:
     """List the op catalog with signatures and devices."""
-    with _client(target) as km:
+    with _client(target, wait) as km:
         try:
             catalog = km.ops()
         except KernelmeshError as exc:
@@ -109,6 +156,41 @@ def _parse_param(text: str) -> tuple[str, object]:
         return name, value
 
 
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            selector(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """The array in a .npy file, or a usage error saying what the file is instead."""
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_NPY_MAGIC))
+    if magic.startswith(b"PK"):
+        raise click.BadParameter(
+            f"{path} is an .npz archive; save each array alone with numpy.save",
+            param_hint="'--input' / '-i'",
+        )
+    if magic != _NPY_MAGIC:
+        raise click.BadParameter(
+            f"{path} is not a NumPy .npy file (it does not start with the .npy header); "
+            "write one with numpy.save(path, array)",
+            param_hint="'--input' / '-i'",
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise click.BadParameter(
+            f"{path}: the .npy file cannot be read ({exc})", param_hint="'--input' / '-i'"
+        ) from None
+
+
 @main.command()
 @target_option
 @click.argument("op")
@@ -122,7 +204,11 @@ def _parse_param(text: str) -> tuple[str, object]:
 )
 @click.option("--param", "-p", "params", multiple=True, help="NAME=VALUE, VALUE as JSON.")
 @click.option(
-    "--device", "-d", default=None, help="cpu, opencl, cuda, metal, or a name like cpu:0."
+    "--device",
+    "-d",
+    default=None,
+    callback=_check_device,
+    help="cpu, opencl, cuda, metal, or a name like cpu:0.",
 )
 @click.option(
     "--output",
@@ -133,6 +219,7 @@ def _parse_param(text: str) -> tuple[str, object]:
 )
 def run(
     target: str,
+    wait: float,
     op: str,
     inputs: tuple[str, ...],
     params: tuple[str, ...],
@@ -140,14 +227,24 @@ def run(
     output: str | None,
 ) -> None:
     """Run OP on .npy inputs and print or save the result."""
-    arrays = [np.load(path, allow_pickle=False) for path in inputs]
+    arrays = [_load_npy(path) for path in inputs]
     kwargs = dict(_parse_param(p) for p in params)
-    with _client(target) as km:
+    with _client(target, wait, timeout=600.0) as km:
         try:
-            info = km.run_task(op, *arrays, device=device, **kwargs)
+            args = [_send(km, path, a) for path, a in zip(inputs, arrays, strict=True)]
+            sent = sum(a.nbytes for a in arrays)
+            began = time.perf_counter()
+            if sent > ANNOUNCE_ABOVE_BYTES:
+                click.echo(f"running {op} on {_mib(sent)} of inputs at {target} ...", err=True)
+            info = km.run_task(op, *args, device=device, **kwargs)
         except KernelmeshError as exc:
             _fail(exc)
     result = info.outputs[0]
+    if result.nbytes > ANNOUNCE_ABOVE_BYTES:
+        click.echo(
+            f"received {_mib(result.nbytes)} of result in {time.perf_counter() - began:.1f}s",
+            err=True,
+        )
     click.echo(
         f"{info.name} {info.state.name} on {info.device} in {info.run_seconds * 1e3:.3f} ms: "
         f"{result.dtype}{list(result.shape)}"
@@ -160,19 +257,58 @@ def run(
             click.echo(result)
 
 
+def _send(km: Client, path: str, array: np.ndarray):
+    """Large inputs go up in chunks first, with a line saying so; small ones ride inline."""
+    if array.nbytes <= UPLOAD_ABOVE_BYTES:
+        return array
+    click.echo(f"uploading {path} ({_mib(array.nbytes)}) ...", err=True, nl=False)
+    began = time.perf_counter()
+    ref = km.upload(array)
+    seconds = time.perf_counter() - began
+    rate = array.nbytes / (1 << 20) / max(seconds, 1e-9)
+    click.echo(f" done in {seconds:.1f}s ({rate:.0f} MiB/s)", err=True)
+    return ref
+
+
 @main.command()
 @target_option
-@click.option("--wait", default=120.0, show_default=True, help="Seconds to wait for the server.")
-def demo(target: str, wait: float) -> None:
-    """Submit a real mix of tasks and check every result against NumPy."""
+@click.option(
+    "--warmup-timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for a reachable server to finish compiling its kernels.",
+)
+def demo(target: str, wait: float, warmup_timeout: float) -> None:
+    """Run every op of the catalog and check each result against NumPy."""
     from kernelmesh.clients.demo import run_demo
 
-    with Client(target, timeout=120.0) as km:
+    with _client(target, wait, timeout=120.0) as km:
         try:
-            ok = run_demo(km, wait=wait, echo=click.echo)
+            _wait_serving(km, target, warmup_timeout)
+            ok = run_demo(km, echo=click.echo)
         except KernelmeshError as exc:
             _fail(exc)
     sys.exit(0 if ok else 1)
+
+
+def _wait_serving(km: Client, target: str, timeout: float) -> None:
+    """A server that answers may still be compiling kernels (its first start takes
+    tens of seconds); say so while waiting for it to report SERVING."""
+    try:
+        km.wait_ready(timeout=0.5)
+        return
+    except DeadlineExceededError:
+        pass
+    click.echo(
+        f"kernelmesh at {target} is warming up (compiling or loading its kernels); "
+        f"waiting up to {timeout:g}s for it to report SERVING ...",
+        err=True,
+    )
+    began = time.perf_counter()
+    km.wait_ready(timeout=timeout)
+    waited = time.perf_counter() - began
+    click.echo(f"kernelmesh at {target} is serving (waited {waited:.1f}s)", err=True)
 
 
 # -- the LLM gateway ---------------------------------------------------------------
@@ -203,6 +339,7 @@ def llm() -> None:
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
 def chat(
     target: str,
+    wait: float,
     tenant: str | None,
     prompt: str | None,
     model: str,
@@ -217,7 +354,7 @@ def chat(
 
     Tokens go to stdout as they arrive; a usage line goes to stderr."""
     text = sys.stdin.read() if prompt in (None, "-") else prompt
-    with Client(target, timeout=timeout, tenant=tenant) as km:
+    with _client(target, wait, timeout=timeout, tenant=tenant) as km:
         stream = km.llm.stream(
             text,
             model=model,
@@ -256,9 +393,9 @@ def chat(
 @llm.command()
 @target_option
 @tenant_option
-def models(target: str, tenant: str | None) -> None:
+def models(target: str, wait: float, tenant: str | None) -> None:
     """List models with their deployments' health and circuit-breaker state."""
-    with Client(target, timeout=60.0, tenant=tenant) as km:
+    with _client(target, wait, tenant=tenant) as km:
         try:
             found = km.llm.models()
         except KernelmeshError as exc:
@@ -277,10 +414,15 @@ def models(target: str, tenant: str | None) -> None:
 @click.option("--model", "-m", default="", help="Embedding model (default: the server's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the vectors as JSON.")
 def embed(
-    target: str, tenant: str | None, texts: tuple[str, ...], model: str, as_json: bool
+    target: str,
+    wait: float,
+    tenant: str | None,
+    texts: tuple[str, ...],
+    model: str,
+    as_json: bool,
 ) -> None:
     """Embed TEXTS; print each vector's size and norm, and their cosine similarities."""
-    with Client(target, timeout=60.0, tenant=tenant) as km:
+    with _client(target, wait, tenant=tenant) as km:
         try:
             vectors = km.llm.embed(list(texts), model=model)
         except KernelmeshError as exc:

@@ -47,6 +47,7 @@ def cases(rng: np.random.Generator) -> list[Case]:
     batch_b = rng.standard_normal((8, 32, 48), dtype=f32)
     v = rng.standard_normal(1 << 20, dtype=f32)
     w = rng.standard_normal(1 << 20, dtype=f32)
+    positive = rng.uniform(0.5, 2.0, 1 << 20).astype(f32)
     logits = rng.standard_normal((256, 1000)).astype(np.float64)
     img = rng.standard_normal((2, 3, 32, 32), dtype=f32)
     kernel = rng.standard_normal((8, 3, 3, 3), dtype=f32)
@@ -60,7 +61,10 @@ def cases(rng: np.random.Generator) -> list[Case]:
         Case("matmul", (a, b), {}, a @ b, rtol=1e-3, atol=1e-3),
         Case("matmul", (batch_a, batch_b), {}, batch_a @ batch_b, rtol=1e-3, atol=1e-3),
         Case("add", (v, w), {}, v + w),
+        Case("sub", (v, w), {}, v - w),
         Case("mul", (v, np.float32(3.0)), {}, v * np.float32(3.0)),
+        Case("div", (v, positive), {}, v / positive, rtol=1e-5, atol=1e-5),
+        Case("scale", (v,), {"factor": 0.5}, v * np.float32(0.5)),
         Case("relu", (v,), {}, np.maximum(v, 0)),
         Case("gelu", (v[:4096],), {}, _gelu(v[:4096])),
         Case("exp", (v[:4096],), {}, np.exp(v[:4096])),
@@ -88,18 +92,26 @@ def _close(got: np.ndarray, case: Case) -> tuple[bool, float]:
     return bool(np.allclose(got, case.expected, rtol=case.rtol, atol=case.atol)), err
 
 
-def run_demo(km: Client, *, wait: float, echo: Callable[[str], None]) -> bool:
-    km.wait_ready(timeout=wait)
+def run_demo(km: Client, *, echo: Callable[[str], None]) -> bool:
+    """Runs the demo against a server that reports SERVING; prints a line per step as
+    it goes. True when every result matched NumPy."""
     devices = km.devices()
     for d in devices:
         echo(f"device {d.name}: {d.model} ({d.compute_units} cores, {d.kind})")
     rng = np.random.default_rng(0)
     ok = True
+    all_cases = cases(rng)
+    missing = sorted({op.name for op in km.ops()} - {case.op for case in all_cases})
+    echo(
+        f"every op of the catalog ({len(all_cases)} cases), then pinned, batched and streamed work:"
+        if not missing
+        else f"{len(all_cases)} cases; not covered by this demo: {', '.join(missing)}"
+    )
     echo(
         f"{'op':<10} {'inputs':<28} {'device':<8} {'kernel ms':>10} {'round trip ms':>14}  "
         f"{'max |err|':>10}  check"
     )
-    for case in cases(rng):
+    for case in all_cases:
         began = time.perf_counter()
         info = km.run_task(case.op, *case.inputs, **case.params)
         trip = (time.perf_counter() - began) * 1e3

@@ -59,6 +59,10 @@ class Tally(Collector):
         series[0][bisect.bisect_left(self.buckets, value)] += 1  # buckets are "<= le"
         series[1] += value
 
+    def counts(self) -> dict[tuple[str, ...], tuple[int, float]]:
+        """Each label set's (count, sum of observed values); sum is 0 for counters."""
+        return {key: (sum(counts), total) for key, (counts, total) in list(self._series.items())}
+
     def collect(self):
         if not self.buckets:
             family = CounterMetricFamily(self.name, self.doc, labels=self.labels)

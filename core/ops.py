@@ -9,6 +9,7 @@ here allocates arrays of the caller's shapes; sizes are Python integers.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -233,6 +234,14 @@ _DTYPE_REASONS: Mapping[tuple[str, str], str] = {
 }
 
 
+def unknown_op_description(op: str) -> str:
+    """Names the closest ops of the catalog (difflib), then every op."""
+    known = ", ".join(sorted(CATALOG))
+    close = difflib.get_close_matches(op.lower(), CATALOG, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"op {op!r} is unknown{hint} (known ops: {known})"
+
+
 def list_ops() -> list[OpSpec]:
     """The catalog, sorted by op name."""
     return sorted(CATALOG.values(), key=lambda spec: spec.name)
@@ -268,8 +277,7 @@ def validate(
     """
     spec = CATALOG.get(op)
     if spec is None:
-        known = ", ".join(sorted(CATALOG))
-        raise OpValidationError([FieldViolation("op", f"op {op!r} is unknown; known ops: {known}")])
+        raise OpValidationError([FieldViolation("op", unknown_op_description(op))])
 
     errors = _Violations()
     inputs = tuple(inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import click
 
@@ -94,12 +95,13 @@ def serve(
 
 @click.group()
 def cache() -> None:
-    """The on-disk cache of compiled kernels (OpenCL, CUDA, Metal)."""
+    """The on-disk caches of compiled kernels: kernelmesh's (OpenCL, CUDA, Metal) and
+    Numba's (the CPU kernels)."""
 
 
 @cache.command("info")
 def cache_info() -> None:
-    """Where the cache is and what it holds, per backend."""
+    """Where the caches are and what they hold, per backend."""
     from kernelmesh.native.compile_cache import default_cache
 
     info = default_cache().info()
@@ -107,13 +109,42 @@ def cache_info() -> None:
     click.echo(f"entries:   {info.entries} ({info.bytes / (1 << 20):.1f} MiB)")
     for backend, usage in info.backends.items():
         click.echo(f"  {backend:<8} {usage.entries:>5} entries  {usage.bytes / (1 << 20):8.1f} MiB")
+    directory, files = numba_cache()
+    size = sum(f.stat().st_size for f in files)
+    kernels = sum(1 for f in files if f.suffix == ".nbi")
+    click.echo(f"numba:     {directory} (CPU kernels; $NUMBA_CACHE_DIR moves it)")
+    click.echo(f"  cpu      {kernels:>5} kernels  {size / (1 << 20):8.1f} MiB")
+
+
+def numba_cache() -> tuple[Path, list[Path]]:
+    """Numba's cache directory for the CPU backend, and the backend's files in it
+    (an index .nbi per kernel, a .nbc per compiled signature)."""
+    import numba
+
+    from kernelmesh.native import cpu
+
+    kernel = next(v for v in vars(cpu).values() if isinstance(v, numba.core.dispatcher.Dispatcher))
+    directory = Path(kernel._cache._cache_path)  # Numba has no public accessor
+    stem = Path(cpu.__file__).stem + "."
+    files = [
+        f
+        for f in (directory.iterdir() if directory.is_dir() else ())
+        if f.name.startswith(stem) and f.suffix in (".nbi", ".nbc")
+    ]
+    return directory, files
 
 
 @cache.command("clear")
-def cache_clear() -> None:
+@click.option("--numba", is_flag=True, help="Also remove Numba's cache of the CPU kernels.")
+def cache_clear(numba: bool) -> None:
     """Removes every compiled kernel; the next start compiles them again."""
     from kernelmesh.native.compile_cache import default_cache
 
     cache = default_cache()
     removed = cache.clear()
     click.echo(f"removed {removed} compiled kernels from {cache.directory}")
+    if numba:
+        directory, files = numba_cache()
+        for f in files:
+            f.unlink(missing_ok=True)
+        click.echo(f"removed {len(files)} Numba cache files from {directory}")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kernelmesh.core import devices as device_discovery
@@ -23,9 +22,11 @@ from kernelmesh.core.store import UsageStore
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
-from kernelmesh.services import openai_facade, sidecar
+from kernelmesh.services import dashboard, openai_facade, sidecar
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
+from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.llm_servicer import LLMServicer
+from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
@@ -77,8 +78,9 @@ class Server:
             ),
         )
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
-        self.usage = (
-            UsageStore(Path(config.state_dir) / "usage.sqlite") if config.state_dir else None
+        # In memory without --state-dir; held here either way, so the dashboard reads it.
+        self.usage = UsageStore(
+            Path(config.state_dir) / "usage.sqlite" if config.state_dir else ":memory:"
         )
         self.llm = Gateway.from_file(config.llm_config, store=self.usage)
 
@@ -89,13 +91,13 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        # Per-RPC metrics (grpc_server_*): outermost, so they see every call's final code.
+        server = grpc.aio.server(options=options, interceptors=[RpcMetricsInterceptor()])
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(self.tasks, cfg.limits), server
         )
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(
-            DeviceServicer(DeviceMonitor(self.devices)), server
-        )
+        monitor = DeviceMonitor(self.devices)
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(monitor), server)
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
             UnimplementedOrchestratorServicer(), server
@@ -121,6 +123,12 @@ class Server:
         if cfg.http_port is not None:
             app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
             openai_facade.add_routes(app, self.llm)
+            dashboard.add_routes(
+                app,
+                dashboard.Sources(
+                    cfg.node_name, self.devices, monitor, self.usage, self.ready, time.monotonic()
+                ),
+            )
             try:
                 self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
             except OSError as exc:

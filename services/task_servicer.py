@@ -12,7 +12,7 @@ import numpy as np
 
 from kernelmesh.core import ops
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, Violation
-from kernelmesh.core.tasks import Task, TaskManager, TaskState
+from kernelmesh.core.tasks import Task, TaskEvent, TaskManager, TaskState
 from kernelmesh.services import convert, paging
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -23,6 +23,10 @@ from kernelmesh.v1 import task_pb2, task_pb2_grpc
 STREAM_WINDOW = 256
 DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 4 << 20
+# A WatchTask event carries the task's outputs up to this many bytes. Larger ones would
+# break clients with gRPC's usual 4 MiB receive limit (grpcurl, most SDK defaults); the
+# event then says where to read them instead.
+WATCH_OUTPUTS_MAX_BYTES = 1 << 20
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
@@ -122,6 +126,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc
     async def GetTask(self, request, context):
+        _require_name(request.name)
         task = self.tasks.get(request.name, tenant=tenant_of(context))
         full = request.view != task_pb2.TASK_VIEW_BASIC
         response = task_pb2.GetTaskResponse()
@@ -130,8 +135,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @stream_rpc
     async def WatchTask(self, request, context) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+        _require_name(request.name)
         async for event in self.tasks.watch(request.name, tenant=tenant_of(context)):
-            yield convert.event_to_proto(event)
+            yield _event_message(event)
 
     @rpc
     async def CancelTask(self, request, context):
@@ -232,6 +238,33 @@ def _qualify(field: str, msg: task_pb2.TaskSpec) -> str:
             return f"task.inputs[{index}].ref"
         return f"task.inputs[{index}].tensor.{match.group(2)}"
     return f"task.{field}"
+
+
+def _require_name(name: str) -> None:
+    if not name:
+        raise InvalidArgument([Violation("name", "required: the task's name, e.g. tasks/42")])
+
+
+def _event_message(event: TaskEvent) -> task_pb2.WatchTaskResponse:
+    """The event; a terminal one carries the task, with its outputs when they are small."""
+    task = event.task
+    big = (
+        event.state is TaskState.SUCCEEDED
+        and not task.output_refs
+        and task.retained_bytes > WATCH_OUTPUTS_MAX_BYTES
+    )
+    if not big:
+        return convert.event_to_proto(event)
+    note = (
+        f"outputs ({task.retained_bytes:,} bytes) are not sent in events above "
+        f"{WATCH_OUTPUTS_MAX_BYTES:,} bytes: read them with GetTask "
+        f'{{"name": "{task.name}", "view": "TASK_VIEW_FULL"}} (grpcurl: -max-msg-sz), '
+        'or submit with "keep_outputs": true and read them with DownloadTensor'
+    )
+    message = f"{event.message}; {note}" if event.message else note
+    msg = task_pb2.WatchTaskResponse(name=event.name, state=int(event.state), message=message)
+    msg.time.FromNanoseconds(int(event.time * 1e9))
+    return msg  # no task: see WatchTaskResponse in task.proto
 
 
 def _task_failure_status(task: Task) -> grpc.Status:

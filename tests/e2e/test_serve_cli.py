@@ -31,6 +31,9 @@ def test_demo_against_a_real_server_matches_numpy(served, kernelmesh):
     done = kernelmesh("demo", "--target", served.target, "--wait", "60", timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all results match NumPy" in done.stdout
+    with Client(served.target) as km:  # the README promises every op of the catalog
+        ops_run = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+        assert {op.name for op in km.ops()} <= ops_run
 
 
 def test_devices_lists_cpu0(served, kernelmesh):
