@@ -19,7 +19,6 @@ from kernelmesh.core.llm import (
 from kernelmesh.core.llm.budget import BudgetLedger
 from kernelmesh.core.llm.cache import ResponseCache
 from kernelmesh.core.llm.ratelimit import TokenBucket
-from kernelmesh.core.llm.tokens import estimate_prompt_tokens
 from kernelmesh.core.store import UsageStore
 
 
@@ -78,17 +77,18 @@ async def test_a_request_larger_than_the_minute_limit_is_invalid(upstream, make_
 
 
 async def test_budget_is_exact_under_50_concurrent_requests(upstream, make_gateway):
-    # Each request reserves estimate(prompt) + max_tokens and really uses
+    # Each request reserves a bound on its prompt + max_tokens and really uses
     # 1 + 2 = 3 tokens. The budget fits 25 reservations (and not 26) while
     # all 50 are in flight together; the rest are refused.
-    reservation = estimate_prompt_tokens(user("hi")) + 12
+    options = GenerationOptions(max_tokens=12)
+    config = chat_config(deployment("primary", upstream))
+    reservation = (await make_gateway(config))._reservation_for(user("hi"), options, "chat")
     budget = 26 * reservation - 1
     config = chat_config(
         deployment("primary", upstream), tenants={"acme": {"token_budget": budget}}
     )
     gateway = await make_gateway(config)
     upstream.stall(0.05)  # keep them all in flight at once
-    options = GenerationOptions(max_tokens=12)
 
     results = await asyncio.gather(
         *(gateway.generate("acme", "chat", user("hi"), options) for _ in range(50)),
@@ -106,17 +106,23 @@ async def test_budget_is_exact_under_50_concurrent_requests(upstream, make_gatew
 
 
 async def test_budget_refuses_once_spent_and_cache_hits_cost_nothing(upstream, make_gateway):
-    config = chat_config(deployment("primary", upstream), tenants={"acme": {"token_budget": 40}})
-    gateway = await make_gateway(config)
+    # Room for one reservation with max_tokens=12, and 3 tokens more.
     options = GenerationOptions(max_tokens=12, temperature=0)
+    config = chat_config(deployment("primary", upstream))
+    reservation = (await make_gateway(config))._reservation_for(user("hi"), options, "chat")
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"token_budget": reservation + 3}}
+    )
+    gateway = await make_gateway(config)
 
     await gateway.generate("acme", "chat", user("hi"), options)  # spends 3
     for _ in range(5):
         assert (await gateway.generate("acme", "chat", user("hi"), options)).cached
     assert gateway._budget.spent("acme") == 3
 
+    # 13 more tokens of max_tokens no longer fit after the 3 spent.
     with pytest.raises(ResourceExhausted, match="token budget") as caught:
-        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=34))
+        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=13))
     assert caught.value.retry_after > 60
 
 

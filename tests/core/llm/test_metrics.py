@@ -28,7 +28,9 @@ async def test_rate_limit_and_budget_refusals_are_counted(upstream, make_gateway
         },
     )
     gateway = await make_gateway(config)
-    rejected = sample("kernelmesh_llm_requests_total", model="chat", provider="", outcome="rejected")
+    rejected = sample(
+        "kernelmesh_llm_requests_total", model="chat", provider="", outcome="rejected"
+    )
     limited, budget = failed("chat", "rate_limit"), failed("chat", "token_budget")
 
     await gateway.generate("tiny", "chat", user("hi"))
