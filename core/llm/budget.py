@@ -8,7 +8,7 @@ After the call the reservation is settled with the usage the upstream
 reported, refunding the difference. A settlement above its reservation (an
 upstream whose template or accounting adds more than allowed for) is charged
 in full, and the tenant is blocked at once: no reservation is admitted for it
-again until the server restarts or its budget is raised, so the overspend is
+again until the server restarts, so the overspend is
 at most what the requests already in flight report beyond their reservations.
 
 Reserve and settle never await, so on one event loop they are atomic by
