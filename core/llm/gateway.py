@@ -296,7 +296,11 @@ class Gateway:
         key = self._cache.key(tenant, model, messages, options)
         hit = self._cache.get(key)
         if hit is not None:
-            self._limiter.acquire(tenant, 0)
+            try:
+                self._limiter.acquire(tenant, 0)
+            except KernelmeshError as e:
+                e.metric_reason = "rate_limit"  # type: ignore[attr-defined]
+                raise
             child(metrics.REQUESTS, model, hit.provider, "cached").inc()
         return key, hit
 
@@ -579,10 +583,17 @@ class Gateway:
                 continue
             remaining = None if deadline is None else deadline - loop.time()
             left = 1 if deadline is None or i == last else _open_to_calls(model.deployments[i:])
-            until = loop.time() + deployment_window(remaining, left, deployment.config.timeout_s)
+            window = deployment_window(remaining, left, deployment.config.timeout_s)
+            if window <= 0:
+                break  # the caller's time is up
+            until = loop.time() + window
+            # A window cut short by the caller's deadline that closes says
+            # nothing against the upstream: only its own timeout_s does.
+            own = window >= deployment.config.timeout_s
             try:
                 permit, result = await deployment.retry.call(
-                    lambda d=deployment, u=until: self._attempt(d, call, stream, u), until
+                    lambda d=deployment, u=until, o=own: self._attempt(d, call, stream, u, o),
+                    until,
                 )
                 return deployment, permit, result
             except _BreakerOpen as e:
@@ -621,6 +632,7 @@ class Gateway:
         call: Callable[[_Deployment], Awaitable[T]],
         stream: bool,
         until: float,
+        own_timeout: bool,
     ) -> tuple[Permit, T]:
         breaker = deployment.breaker
         permit = breaker.allow()
@@ -645,7 +657,10 @@ class Gateway:
                 deployment.name, FailureKind.TIMEOUT, "no answer within the deployment's window"
             )
             self._failure_metric(deployment, error)
-            breaker.record_failure(permit)
+            if own_timeout:
+                breaker.record_failure(permit)
+            else:
+                breaker.release(permit)
             raise error from e
         except BaseException:
             breaker.release(permit)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 from llm_helpers import FakeClock, chat_config, deployment, user
 
-from kernelmesh.core.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from kernelmesh.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+)
 from kernelmesh.core.llm import BreakerConfig, BreakerState
 from kernelmesh.core.llm.breaker import CircuitBreaker
 
@@ -238,3 +243,20 @@ async def test_a_misconfigured_deployment_is_not_a_breaker_failure(upstream, mak
     await gateway.generate("acme", "chat", user("hi"))
     [status] = gateway.models()[0].deployments
     assert status.healthy and status.reason == ""
+
+
+async def test_an_impatient_caller_does_not_open_the_breaker(upstream, make_gateway, clock):
+    # A window cut short by the caller's own deadline says nothing against a
+    # slow but healthy upstream; only the deployment's timeout_s does.
+    config = chat_config(
+        deployment("primary", upstream, timeout_s=5, max_retries=0),
+        breaker={"failure_threshold": 1, "recovery_timeout_s": 30},
+    )
+    gateway = await make_gateway(config, clock=clock)
+    upstream.stall(0.5)
+    with pytest.raises(DeadlineExceeded):
+        await gateway.generate("acme", "chat", user("hi"), timeout=0.1)
+
+    assert gateway.models()[0].deployments[0].breaker is BreakerState.CLOSED
+    upstream.stall(0)
+    assert (await gateway.generate("acme", "chat", user("hi"), timeout=5)).text == "echo hi"
