@@ -14,6 +14,7 @@ that holds its API key (`api_key_env`), and a literal key is refused.
             base_url: https://api.openai.com/v1
             model: gpt-4o-mini
             api_key_env: OPENAI_API_KEY
+            timeout_s: 15               # the most it holds a request, retries included
           - name: local-ollama
             provider: ollama
             base_url: http://127.0.0.1:11434
