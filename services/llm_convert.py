@@ -111,6 +111,7 @@ def model_to_proto(m: ModelInfo) -> llm_pb2.Model:
                 provider=d.provider,
                 healthy=d.healthy,
                 breaker_state=_BREAKER[d.breaker],
+                unhealthy_reason=d.reason,
             )
             for d in m.deployments
         ],

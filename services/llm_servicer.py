@@ -1,6 +1,8 @@
 """LLMService: translates kernelmesh.v1 LLM messages to core.llm gateway calls
 and back. Failover, limits, budgets and caching all live in the gateway.
 
+Deadlines: the caller's remaining time goes to the gateway, which sizes each
+deployment's window from it, so a hung deployment fails over in time.
 Cancellation: grpc.aio cancels the handler's task when the client cancels or
 its deadline passes; the CancelledError lands inside the gateway's await, and
 aiohttp closes the upstream request, so the provider stops generating."""
@@ -33,6 +35,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             request.model,
             convert.messages_from_proto(request.messages),
             convert.options_from_proto(request.options),
+            timeout=context.time_remaining(),
         )
         return convert.completion_to_proto(completion)
 
@@ -45,6 +48,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             request.model,
             convert.messages_from_proto(request.messages),
             convert.options_from_proto(request.options),
+            timeout=context.time_remaining(),
         )
         # aclosing: when the call ends early (cancel, deadline, a failed write)
         # the gateway's generator is closed now, not whenever GC finalizes it,
@@ -59,7 +63,10 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         self, request: llm_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.EmbedResponse:
         embeddings = await self.gateway.embed(
-            tenant_of(context), request.model, list(request.inputs)
+            tenant_of(context),
+            request.model,
+            list(request.inputs),
+            timeout=context.time_remaining(),
         )
         return convert.embeddings_to_proto(embeddings)
 

@@ -120,6 +120,14 @@ def error_response(exc: KernelmeshError) -> web.Response:
     return web.json_response(error_body(exc), status=status, headers=headers)
 
 
+def _client_left(response: web.StreamResponse) -> web.StreamResponse:
+    """A client that closed its connection mid-stream is not an error of ours
+    (aiohttp raises ClientConnectionResetError, a ConnectionResetError, on the
+    next write)."""
+    log.debug("the client closed a chat completion stream before its end")
+    return response
+
+
 def _openai_errors(handler: Callable[[_Facade, web.Request], Awaitable[web.StreamResponse]]):
     """Core errors become OpenAI error JSON; anything unexpected a logged 500."""
 
@@ -363,6 +371,7 @@ def model_json(m: ModelInfo) -> dict[str, Any]:
                 "provider": d.provider,
                 "healthy": d.healthy,
                 "breaker": d.breaker.value,
+                "unhealthy_reason": d.reason,
             }
             for d in m.deployments
         ],
@@ -419,7 +428,7 @@ class _Facade:
                 async for chunk in chunks:
                     await response.write(writer.events(chunk))
             except ConnectionResetError:
-                raise  # the client left; aclosing closes the upstream
+                return _client_left(response)  # aclosing closes the upstream
             except Exception as exc:
                 # Headers are gone, so the status cannot change: OpenAI's
                 # in-stream error event (the openai SDK raises APIError on it),
@@ -427,10 +436,18 @@ class _Facade:
                 if not isinstance(exc, KernelmeshError):
                     log.exception("internal error in a chat completion stream")
                     exc = KernelmeshError("internal error; the server logged the details")
-                await response.write(_sse(error_body(exc)))
+                try:
+                    await response.write(_sse(error_body(exc)))
+                except ConnectionResetError:
+                    return _client_left(response)
                 return response
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
+            try:
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+            except ConnectionResetError:
+                # A client may close as soon as it has the last token, before
+                # [DONE]: it has its whole answer; nothing went wrong.
+                return _client_left(response)
             return response
 
     @_openai_errors

@@ -9,7 +9,11 @@ Prompt tokens are the words of all messages.
 
 Faults, switchable at any time (also from another thread):
     fail_with(status, times=n, retry_after=None)  the next n API requests answer `status`
-    stall(seconds)                                 wait before answering (0 to stop)
+    stall(seconds, model=None)                     wait before answering (0 to stop); only
+                                                   requests for `model` when given
+    count_prompt_by("chars")                       prompt tokens one per character (as a
+                                                   tokenizer for CJK text may); "words" again
+    over_report(tokens)                            add `tokens` to every reported prompt count
     slow_stream(seconds)                           wait between stream chunks
     break_stream_after(n, times=None)              streams drop the connection after n chunks
     down() / await up()                            refuse connections (and cut open ones)
@@ -71,6 +75,9 @@ class Upstream:
         self._fail_times = 0
         self._fail_retry_after: float | None = None
         self._stall_s = 0.0
+        self._stall_model: str | None = None
+        self._count_by = "words"
+        self._extra_prompt_tokens = 0
         self._chunk_delay_s = 0.0
         self._break_after: int | None = None
         self._break_times: int | None = None
@@ -81,8 +88,19 @@ class Upstream:
         self._fail_times = times
         self._fail_retry_after = retry_after
 
-    def stall(self, seconds: float) -> None:
+    def stall(self, seconds: float, model: str | None = None) -> None:
         self._stall_s = seconds
+        self._stall_model = model
+
+    def count_prompt_by(self, unit: str) -> None:
+        if unit not in ("words", "chars"):
+            raise ValueError(f"count_prompt_by: 'words' or 'chars', not {unit!r}")
+        self._count_by = unit
+
+    def over_report(self, extra_prompt_tokens: int) -> None:
+        """Reports more prompt tokens than any tokenizer would count: an
+        upstream whose template or accounting adds tokens the caller never sent."""
+        self._extra_prompt_tokens = extra_prompt_tokens
 
     def slow_stream(self, seconds_per_chunk: float) -> None:
         self._chunk_delay_s = seconds_per_chunk
@@ -205,7 +223,7 @@ class Upstream:
         body = await request.json()
         self.last_body = body
         self.last_headers = dict(request.headers)
-        if self._stall_s:
+        if self._stall_s and self._stall_model in (None, body.get("model")):
             await self._wait(request, self._stall_s)
         if self._fail_times > 0:
             self._fail_times -= 1
@@ -252,9 +270,13 @@ class Upstream:
             return tokens[:max_tokens], "length"
         return tokens, "stop"
 
-    @staticmethod
-    def _prompt_tokens(body: dict[str, Any]) -> int:
-        return sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+    def _prompt_tokens(self, body: dict[str, Any]) -> int:
+        texts = [str(m.get("content", "")) for m in body.get("messages") or []]
+        if self._count_by == "chars":
+            counted = sum(len(t) for t in texts)
+        else:
+            counted = sum(len(t.split()) for t in texts)
+        return counted + self._extra_prompt_tokens
 
     async def _stream(
         self, request: web.Request, content_type: str, events: list[bytes], tail: list[bytes]

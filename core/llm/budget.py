@@ -1,20 +1,31 @@
-"""Per-tenant token budgets, exact under concurrency.
+"""Per-tenant token budgets, never overspent by an upstream that counts as
+a tokenizer does, and overspent by a bounded amount by one that does not.
 
-Before a call, its worst case (prompt estimate + max_tokens) is reserved;
-a reservation that would take spent + reserved past the budget is refused.
-After the call the reservation is settled with the real usage, refunding the
-difference. Reserve and settle never await, so on one event loop they are
-atomic by construction; the lock keeps them atomic for callers on other
-threads too."""
+Before a call, its worst case is reserved: a bound on the prompt's tokens
+that no byte-level tokenizer exceeds (core/llm/tokens.py) plus max_tokens; a
+reservation that would take spent + reserved past the budget is refused.
+After the call the reservation is settled with the usage the upstream
+reported, refunding the difference. A settlement above its reservation (an
+upstream whose template or accounting adds more than allowed for) is charged
+in full, and the tenant is blocked at once: no reservation is admitted for it
+again until the server restarts, so the overspend is
+at most what the requests already in flight report beyond their reservations.
+
+Reserve and settle never await, so on one event loop they are atomic by
+construction; the lock keeps them atomic for callers on other threads too.
+They are the only two places a budget changes: a durable store wraps them."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kernelmesh.core.errors import ResourceExhausted
 from kernelmesh.core.llm.config import LLMConfig
+
+log = logging.getLogger(__name__)
 
 # A spent budget does not refill by waiting; tell clients to come back much
 # later rather than hammer the gateway. In-flight reservations may free room
@@ -35,6 +46,9 @@ class _Account:
     budget: int
     spent: int = 0
     reserved: int = 0
+    # Why no reservation is admitted any more, once a settlement exceeded its
+    # reservation.
+    blocked: str | None = None
 
 
 class BudgetLedger:
@@ -63,6 +77,12 @@ class BudgetLedger:
         with self._lock:
             account = self._account(tenant)
             if account is not None:
+                if account.blocked is not None:
+                    raise ResourceExhausted(
+                        f"tenant {tenant!r} token budget is blocked: {account.blocked}; "
+                        f"{account.spent} of {account.budget} tokens spent",
+                        retry_after=_SPENT_RETRY_AFTER_S,
+                    )
                 if account.spent + account.reserved + tokens > account.budget:
                     left = account.budget - account.spent
                     in_flight = account.reserved > 0 and tokens <= left
@@ -83,9 +103,22 @@ class BudgetLedger:
                 return
             reservation.settled = True
             account = self._account(reservation.tenant)
-            if account is not None:
-                account.reserved -= reservation.tokens
-                account.spent += used
+            if account is None:
+                return
+            account.reserved -= reservation.tokens
+            account.spent += used
+            if used > reservation.tokens and account.blocked is None:
+                account.blocked = (
+                    f"an upstream reported {used} tokens for a request that reserved "
+                    f"{reservation.tokens}"
+                )
+                log.warning(
+                    "tenant %r: %s; charged in full and blocked until restart "
+                    "(raise the deployment's prompt_overhead_tokens if its chat template "
+                    "adds that many)",
+                    reservation.tenant,
+                    account.blocked,
+                )
 
     def spent(self, tenant: str) -> int | None:
         """Tokens spent so far, or None when the tenant has no budget."""

@@ -14,6 +14,7 @@ that holds its API key (`api_key_env`), and a literal key is refused.
             base_url: https://api.openai.com/v1
             model: gpt-4o-mini
             api_key_env: OPENAI_API_KEY
+            timeout_s: 15               # the most it holds a request, retries included
           - name: local-ollama
             provider: ollama
             base_url: http://127.0.0.1:11434
@@ -64,15 +65,21 @@ class DeploymentConfig:
     model: str = ""
     # The NAME of the environment variable holding the API key.
     api_key_env: str | None = None
-    # Whole-request limit for unary calls; for streams, the longest silence
-    # between two chunks.
-    timeout_s: float = 60.0
+    # The longest this deployment may hold a request, its retries included,
+    # before the gateway fails over (for a stream: until its first chunk; after
+    # that, the longest silence between two chunks). A caller's deadline
+    # shortens it further, leaving room for the deployments after this one.
+    # 15 s: a hung primary fails over well inside the Python client's 30 s.
+    timeout_s: float = 15.0
     connect_timeout_s: float = 5.0
     # Retries of retryable failures on this deployment before failing over.
     max_retries: int = 2
     input_cost_per_1k: float = 0.0
     output_cost_per_1k: float = 0.0
     default_max_tokens: int = 1024
+    # Prompt tokens the upstream may add beyond the messages (chat template,
+    # a default system prompt), reserved on top of the messages' own bound.
+    prompt_overhead_tokens: int = 32
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (
@@ -149,10 +156,38 @@ LOCAL_MODEL = ModelConfig(
     deployments=(DeploymentConfig(name="local", provider=ProviderKind.LOCAL, model="wordllama"),),
 )
 
-# What an API key looks like (OpenAI, Anthropic, Groq, Google, ...), so that a
-# key pasted into the file is refused instead of silently being committed.
-_KEY_LIKE = re.compile(r"^(sk-|sk_|gsk_|xai-|AIza|hf_|pk-|rk-)[A-Za-z0-9_\-]{8,}$")
+# What an API key looks like, so that a key pasted into the file is refused
+# instead of silently being committed: the prefixes providers use (OpenAI,
+# Anthropic, Groq, xAI, Google, Hugging Face, ...), long hex, long base64 or
+# base64url, and JWTs.
+_KEY_PREFIXED = re.compile(r"^(sk-|sk_|gsk_|xai-|AIza|hf_|pk-|rk-|ghp_|glpat-)[A-Za-z0-9_\-]{8,}$")
+_KEY_HEX = re.compile(r"^[0-9A-Fa-f]{32,}$")
+_KEY_BASE64 = re.compile(r"^[A-Za-z0-9+/_\-]{32,}={0,2}$")
+_KEY_JWT = re.compile(r"^eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*$")
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]+")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def looks_like_secret(value: str) -> bool:
+    """Whether a config value has the shape of an API key or token. Variable
+    names (OPENAI_API_KEY, even long ones) and model ids ("Qwen/Qwen2-VL-72B-
+    Instruct") do not: base64 counts only with lower case, upper case and
+    digits mixed in a long unbroken run (or base64's own + and = marks), as
+    random keys are and names made of words are not."""
+    value = value.strip()
+    if _KEY_PREFIXED.match(value) or _KEY_HEX.match(value) or _KEY_JWT.match(value):
+        return True
+    if not _KEY_BASE64.match(value):
+        return False
+    mixed = (
+        any(c.islower() for c in value)
+        and any(c.isupper() for c in value)
+        and any(c.isdigit() for c in value)
+    )
+    longest_run = max(len(run) for run in _NOT_ALNUM.split(value))
+    return mixed and (longest_run >= 16 or "+" in value or value.endswith("="))
+
+
 _SECRET_FIELDS = {"api_key", "key", "token", "secret", "password", "authorization"}
 
 
@@ -270,7 +305,8 @@ def _deployment(body: Any, kind: ModelKind, at: _Path) -> DeploymentConfig:
                 f"key in an environment variable and name it with api_key_env "
                 f"(e.g. api_key_env: OPENAI_API_KEY)"
             )
-        if isinstance(value, str) and _KEY_LIKE.match(value.strip()):
+        if isinstance(value, str) and looks_like_secret(value):
+            # The value is never echoed: it may be a live key.
             raise LLMConfigError(
                 f"{at / str(key)}: this looks like an API key; secrets are never read from the "
                 f"config file: put it in an environment variable and set "
@@ -305,9 +341,12 @@ def _deployment(body: Any, kind: ModelKind, at: _Path) -> DeploymentConfig:
         if not deployment.model:
             raise LLMConfigError(f"{at / 'model'}: the upstream's model id is required")
     if deployment.api_key_env is not None and not _ENV_NAME.match(deployment.api_key_env):
+        # Not echoed either: a malformed name may be a key of a shape not
+        # recognised above.
         raise LLMConfigError(
             f"{at / 'api_key_env'}: expected the NAME of an environment variable "
-            f"(like OPENAI_API_KEY), got {deployment.api_key_env!r}"
+            f"(letters, digits and _, like OPENAI_API_KEY); got a value of "
+            f"{len(deployment.api_key_env)} characters that is not one"
         )
     if deployment.timeout_s <= 0 or deployment.connect_timeout_s <= 0:
         raise LLMConfigError(f"{at / 'timeout_s'}: timeouts must be positive")

@@ -15,7 +15,8 @@ BREAKER_STATE = Gauge(
 )
 REQUESTS = Counter(
     "kernelmesh_llm_requests_total",
-    "LLM requests by outcome (ok, cached, error, rejected).",
+    "LLM requests by outcome: ok, cached, error (failed), rejected (refused by the "
+    'tenant\'s rate limit or token budget; provider="" for both).',
     ["model", "provider", "outcome"],
 )
 TOKENS = Counter(
@@ -30,3 +31,16 @@ UPSTREAM_FAILURES = Counter(
 )
 
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.OPEN: 1, BreakerState.HALF_OPEN: 2}
+FAILED_REQUESTS = Counter(
+    "kernelmesh_llm_failed_requests_total",
+    "LLM calls that failed or were refused, by reason: rate_limit and token_budget "
+    "(refused by the tenant's limits), or the error's reason in lower case (not_found, "
+    "invalid_argument, failed_precondition, unavailable, resource_exhausted). An unknown "
+    'model is counted under model="".',
+    ["model", "reason"],
+)
+FAILOVERS = Counter(
+    "kernelmesh_llm_failovers_total",
+    "Requests passed on to the next deployment, by the deployment that failed them.",
+    ["model", "deployment"],
+)

@@ -92,6 +92,9 @@ class DeploymentStatus:
     provider: str
     healthy: bool
     breaker: BreakerState
+    # Why it is unusable, when it is for a reason other than its breaker: a
+    # missing API key variable, or the upstream refusing its key or model id.
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,14 @@ import yaml
 TINY_RPM = 1
 
 
-def write_llm_config(directory: Path, openai_url: str, ollama_url: str) -> Path:
-    """`chat` (OpenAI wire), `ollama-chat` (Ollama wire); retries and breaker
-    tuned so failure tests take milliseconds."""
+def write_llm_config(
+    directory: Path,
+    openai_url: str,
+    ollama_url: str,
+    extra_models: dict[str, object] | None = None,
+) -> Path:
+    """`chat` (OpenAI wire), `ollama-chat` (Ollama wire), plus `extra_models`
+    as given; retries and breaker tuned so failure tests take milliseconds."""
 
     def deployment(name: str, provider: str, base_url: str) -> dict[str, object]:
         return {
@@ -34,6 +39,7 @@ def write_llm_config(directory: Path, openai_url: str, ollama_url: str) -> Path:
                 "kind": "chat",
                 "deployments": [deployment("ollama", "ollama", ollama_url)],
             },
+            **(extra_models or {}),
         },
         "breaker": {"failure_threshold": 2, "recovery_timeout_s": 60, "success_threshold": 1},
         "retry": {"initial_backoff_s": 0.01, "max_backoff_s": 0.05},

@@ -177,19 +177,19 @@ async def test_stream_delivers_tokens_then_usage_on_the_last_chunk(llm, model):
     assert last.deployment == ("primary" if model == "chat" else "ollama")
 
 
-async def test_stream_that_breaks_after_tokens_ends_unavailable(llm, upstream):
-    upstream.break_stream_after(2)
-    call = llm.GenerateStream(chat_stream("one two three four five"))
-    received = []
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for chunk in call:
-            received.append(chunk.delta)
-    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-    # The delivered chunks arrived before the error (the fake drops the
-    # connection, so a chunk still in its send buffer may be lost with it).
-    assert 1 <= len(received) <= 2
-    assert received == ["echo", " one"][: len(received)]
-    assert f"broke after {len(received)} chunks" in info.value.details()
+async def test_every_token_received_reaches_the_client_before_unavailable(llm, upstream):
+    # The upstream sends 3 tokens and resets the connection: all 3 reach the
+    # gRPC client, then UNAVAILABLE, on every run (2: the breaker opens after that).
+    for _ in range(2):
+        upstream.break_stream_after(3, times=1)
+        call = llm.GenerateStream(chat_stream("one two three four five"))
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for chunk in call:
+                received.append(chunk.delta)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert received == ["echo", " one", " two"]
+        assert "broke after 3 chunks" in info.value.details()
 
 
 async def test_cancelled_stream_closes_the_upstream_request(llm, upstream):
@@ -292,3 +292,79 @@ async def test_usage_survives_a_restart_with_a_state_dir(server_config, tmp_path
     (before,), (after,) = seen
     assert after == before
     assert after.requests == 1 and after.prompt_tokens > 0 and after.completion_tokens > 0
+
+
+# -- servers with their own model lists -----------------------------------------------
+
+
+async def _llm_server_with(start_server, server_config, tmp_path, upstream, models):
+    path = write_llm_config(tmp_path, upstream.openai_url, upstream.ollama_url, models)
+    return await start_server(dataclasses.replace(server_config, llm_config=str(path)))
+
+
+async def test_a_hung_primary_fails_over_inside_the_callers_deadline(
+    start_server, server_config, tmp_path, upstream
+):
+    # The primary's timeout_s and retries alone would outlast the caller's
+    # 3 s; the attempts are sized to the deadline, so the secondary answers.
+    failover = {
+        "kind": "chat",
+        "deployments": [
+            {
+                "name": "hung",
+                "provider": "openai",
+                "base_url": upstream.openai_url,
+                "model": "hung-model",
+                "timeout_s": 20,
+                "max_retries": 2,
+            },
+            {
+                "name": "standby",
+                "provider": "openai",
+                "base_url": upstream.openai_url,
+                "model": "fake-model",
+            },
+        ],
+    }
+    srv = await _llm_server_with(
+        start_server, server_config, tmp_path, upstream, {"failover": failover}
+    )
+    upstream.stall(30, model="hung-model")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as chan:
+        stub = llm_pb2_grpc.LLMServiceStub(chan)
+        response = await stub.Generate(chat("hi", model="failover"), timeout=3.0)
+        assert response.deployment == "standby"
+        chunks = [
+            c async for c in stub.GenerateStream(chat_stream("hi", model="failover"), timeout=3.0)
+        ]
+        assert chunks[-1].deployment == "standby"
+
+
+async def test_list_models_names_a_missing_api_key(start_server, server_config, tmp_path, upstream):
+    keyless = {
+        "kind": "chat",
+        "deployments": [
+            {
+                "name": "keyless",
+                "provider": "openai",
+                "base_url": upstream.openai_url,
+                "model": "fake-model",
+                "api_key_env": "KERNELMESH_TEST_UNSET_KEY",
+            }
+        ],
+    }
+    srv = await _llm_server_with(
+        start_server, server_config, tmp_path, upstream, {"keyless": keyless}
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as chan:
+        stub = llm_pb2_grpc.LLMServiceStub(chan)
+        response = await stub.ListModels(llm_pb2.ListModelsRequest())
+        [model] = [m for m in response.models if m.name == "keyless"]
+        [status] = model.deployments
+        assert not status.healthy
+        assert "KERNELMESH_TEST_UNSET_KEY" in status.unhealthy_reason
+        for _ in range(4):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Generate(chat("hi", model="keyless"))
+            assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "KERNELMESH_TEST_UNSET_KEY" in info.value.details()

@@ -4,12 +4,15 @@ gateway talks to the fake upstream."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 
 import aiohttp
 import numpy as np
 import openai
 import pytest
+from aiohttp import web
 from llm_setup import eventually
 
 HELLO = [{"role": "user", "content": "hello world"}]
@@ -217,3 +220,46 @@ async def test_without_config_chat_is_400_and_embeddings_work(server):
         assert "--llm-config" in info.value.body["message"]
         reply = await c.embeddings.create(model="local", input=["offline"])
         assert len(reply.data[0].embedding) > 0
+
+
+async def test_throttled_upstream_does_not_open_the_breaker(client, upstream):
+    # The breaker opens after 2 failures in this config; 429s are not failures,
+    # so the call made after the Retry-After reaches the (now healthy) upstream.
+    upstream.fail_with(429, times=3, retry_after=1)
+    for _ in range(3):
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="chat", messages=HELLO)
+        assert info.value.response.headers["retry-after"] == "1"
+
+    reply = await client.chat.completions.create(model="chat", messages=HELLO)
+
+    assert reply.choices[0].message.content == "echo hello world"
+
+
+async def test_a_client_gone_before_done_is_not_an_error(llm_server, monkeypatch, caplog):
+    # What aiohttp raises when the client closed the connection after the last
+    # token, just before [DONE] is written (a race, forced here).
+    write = web.StreamResponse.write
+
+    async def closing_on_done(self, data):
+        # Only the facade's answers: the fake upstream is aiohttp too.
+        if data == b"data: [DONE]\n\n" and self._req.url.port == llm_server.http_port:
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        return await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", closing_on_done)
+    url = f"http://127.0.0.1:{llm_server.http_port}/v1/chat/completions"
+    body = {"model": "chat", "messages": HELLO, "stream": True}
+    with caplog.at_level("DEBUG", logger="kernelmesh.services.openai_facade"):
+        lines = []
+        # Before the fix the facade wrote an HTTP 500 into the event stream.
+        with contextlib.suppress(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+                async for line in resp.content:
+                    if line.strip():
+                        lines.append(line)
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    # Every token event arrived intact; only [DONE] was lost with the client.
+    assert b"[DONE]" not in b"".join(lines) and len(lines) >= 3

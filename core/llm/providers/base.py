@@ -4,6 +4,7 @@ between retry, failover and giving up without knowing HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -115,9 +116,20 @@ class Provider(ABC):
         self.provider = self.kind.value
         self._session: aiohttp.ClientSession | None = None
         self._headers: dict[str, str] = {}
-        self._missing_key: str | None = None
+        # The variable named by api_key_env when it is not set: read once, at
+        # construction, so the gateway reports it at start (a process's
+        # environment does not change under it).
+        self.missing_key: str | None = None
+        if deployment.api_key_env:
+            key = os.environ.get(deployment.api_key_env)
+            if key:
+                self._headers["Authorization"] = f"Bearer {key}"
+            else:
+                self.missing_key = deployment.api_key_env
+        # The whole request is bounded by the gateway (the deployment's window,
+        # cut to the caller's deadline); only connecting has its own limit.
         self._unary_timeout = aiohttp.ClientTimeout(
-            total=deployment.timeout_s, sock_connect=deployment.connect_timeout_s
+            total=None, sock_connect=deployment.connect_timeout_s
         )
         # A stream may legitimately run for minutes; what must not happen is a
         # long silence between two chunks.
@@ -127,18 +139,16 @@ class Provider(ABC):
             sock_read=deployment.timeout_s,
         )
 
+    @property
+    def unusable(self) -> str | None:
+        """Why no request can succeed here whatever the upstream does, or None."""
+        if self.missing_key is not None:
+            return f"environment variable {self.missing_key} (api_key_env) is not set"
+        return None
+
     def bind(self, session: aiohttp.ClientSession) -> None:
-        """Attaches the gateway's shared session and reads the API key from
-        the environment (once: no per-request lookups)."""
+        """Attaches the gateway's shared session."""
         self._session = session
-        self._headers = {}
-        self._missing_key = None
-        if self.deployment.api_key_env:
-            key = os.environ.get(self.deployment.api_key_env)
-            if key:
-                self._headers["Authorization"] = f"Bearer {key}"
-            else:
-                self._missing_key = self.deployment.api_key_env
 
     def max_tokens(self, options: GenerationOptions) -> int:
         return options.max_tokens or self.deployment.default_max_tokens
@@ -183,11 +193,9 @@ class Provider(ABC):
         return UpstreamError(self.name, kind, message, **kw)
 
     def _check_ready(self) -> aiohttp.ClientSession:
-        if self._missing_key is not None:
-            raise self._error(
-                FailureKind.MISCONFIGURED,
-                f"environment variable {self._missing_key} (api_key_env) is not set",
-            )
+        unusable = self.unusable
+        if unusable is not None:
+            raise self._error(FailureKind.MISCONFIGURED, unusable)
         if self._session is None:
             raise RuntimeError("the gateway was not started: call `await gateway.start()`")
         return self._session
@@ -197,9 +205,14 @@ class Provider(ABC):
         CancelledError, which must propagate as is."""
         if isinstance(e, UpstreamError):
             return e
+        if isinstance(e, aiohttp.ConnectionTimeoutError):
+            return self._error(
+                FailureKind.TIMEOUT,
+                f"{what}: could not connect within {self.deployment.connect_timeout_s}s",
+            )
         if isinstance(e, TimeoutError):
             return self._error(
-                FailureKind.TIMEOUT, f"{what}: no answer within {self.deployment.timeout_s}s"
+                FailureKind.TIMEOUT, f"{what}: silent for {self.deployment.timeout_s}s"
             )
         if isinstance(e, aiohttp.ClientPayloadError | aiohttp.ClientConnectionError):
             return self._error(FailureKind.CONNECTION, f"{what}: {type(e).__name__}: {e}")
@@ -254,6 +267,52 @@ class Provider(ABC):
             finally:
                 resp.release()
         return resp
+
+
+# Longer lines than this (no newline in 1 MiB) are not an event stream.
+_MAX_LINE = 1 << 20
+
+
+async def read_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """A response body's lines (without the newline), as they arrive; use it
+    under contextlib.aclosing.
+
+    A task reads the body as soon as bytes come, whatever the consumer is
+    doing: aiohttp's reader drops the bytes it holds once the connection
+    fails, so reading only when the consumer asks would lose the tokens an
+    upstream sent just before a reset. Here every line received before a
+    failure is yielded before the failure is raised."""
+    received: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            while data := await content.readany():
+                received.put_nowait(data)
+        except RuntimeError as e:
+            # aiohttp's word for reading a connection already closed
+            received.put_nowait(aiohttp.ClientPayloadError(str(e)))
+        except Exception as e:  # handed to the consumer, after the lines before it
+            received.put_nowait(e)
+        else:
+            received.put_nowait(None)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    pending = b""
+    try:
+        while (item := await received.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            pending += item
+            if b"\n" in item:
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line
+            if len(pending) > _MAX_LINE:
+                raise ValueError(f"no end of line in {_MAX_LINE} bytes")
+        if pending:
+            yield pending
+    finally:
+        task.cancel()
 
 
 def _error_message(body: str) -> str:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 
 from kernelmesh.core.llm.config import ProviderKind
-from kernelmesh.core.llm.providers.base import FailureKind, Provider, finish_reason
+from kernelmesh.core.llm.providers.base import FailureKind, Provider, finish_reason, read_lines
 from kernelmesh.core.llm.tokens import estimate_prompt_tokens, estimate_tokens, tokens_for_chars
 from kernelmesh.core.llm.types import (
     Chunk,
@@ -66,22 +67,23 @@ class OllamaProvider(Provider):
         final: dict[str, Any] | None = None
         chars = 0
         try:
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line:
-                    continue
-                event = json.loads(line)
-                if not isinstance(event, dict):
-                    raise ValueError(f"expected a JSON object, got {line[:100]!r}")
-                if "error" in event:
-                    raise self._error(FailureKind.SERVER, f"error in stream: {event['error']}")
-                delta = (event.get("message") or {}).get("content")
-                if delta:
-                    chars += len(delta)
-                    yield Chunk(delta, self.provider, self.name)
-                if event.get("done"):
-                    final = event
-                    break
+            async with aclosing(read_lines(resp.content)) as lines:
+                async for raw in lines:
+                    line = raw.strip()
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        raise ValueError(f"expected a JSON object, got {line[:100]!r}")
+                    if "error" in event:
+                        raise self._error(FailureKind.SERVER, f"error in stream: {event['error']}")
+                    delta = (event.get("message") or {}).get("content")
+                    if delta:
+                        chars += len(delta)
+                        yield Chunk(delta, self.provider, self.name)
+                    if event.get("done"):
+                        final = event
+                        break
             if final is None:
                 raise self._error(
                     FailureKind.PROTOCOL, "the stream ended without its done: true object"

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 
 from kernelmesh.core.llm.config import ProviderKind
-from kernelmesh.core.llm.providers.base import FailureKind, Provider, UpstreamError, finish_reason
+from kernelmesh.core.llm.providers.base import (
+    FailureKind,
+    Provider,
+    UpstreamError,
+    finish_reason,
+    read_lines,
+)
 from kernelmesh.core.llm.tokens import estimate_tokens, estimate_usage
 from kernelmesh.core.llm.types import (
     Chunk,
@@ -71,31 +78,32 @@ class OpenAIProvider(Provider):
         usage: Usage | None = None
         chars = 0
         try:
-            async for raw in resp.content:
-                line = raw.strip()
-                # Blank lines separate events; ':' lines are SSE comments (keep-alives).
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    complete = True
-                    break
-                event = json.loads(data)
-                if not isinstance(event, dict):
-                    raise ValueError(f"expected a JSON object, got {data[:100]!r}")
-                if "error" in event:
-                    error = event["error"]
-                    message = error.get("message") if isinstance(error, dict) else error
-                    raise self._error(FailureKind.SERVER, f"error event in stream: {message}")
-                if event.get("usage"):
-                    usage = _usage(event["usage"])
-                for choice in event.get("choices") or ():
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        chars += len(delta)
-                        yield Chunk(delta, self.provider, self.name)
-                    if choice.get("finish_reason"):
-                        reason = finish_reason(choice["finish_reason"])
+            async with aclosing(read_lines(resp.content)) as lines:
+                async for raw in lines:
+                    line = raw.strip()
+                    # Blank lines separate events; ':' lines are SSE comments (keep-alives).
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        complete = True
+                        break
+                    event = json.loads(data)
+                    if not isinstance(event, dict):
+                        raise ValueError(f"expected a JSON object, got {data[:100]!r}")
+                    if "error" in event:
+                        error = event["error"]
+                        message = error.get("message") if isinstance(error, dict) else error
+                        raise self._error(FailureKind.SERVER, f"error event in stream: {message}")
+                    if event.get("usage"):
+                        usage = _usage(event["usage"])
+                    for choice in event.get("choices") or ():
+                        delta = (choice.get("delta") or {}).get("content")
+                        if delta:
+                            chars += len(delta)
+                            yield Chunk(delta, self.provider, self.name)
+                        if choice.get("finish_reason"):
+                            reason = finish_reason(choice["finish_reason"])
             if not complete:
                 raise self._error(FailureKind.PROTOCOL, "the stream ended without its [DONE] event")
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, AttributeError) as e:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 from llm_helpers import FakeClock, chat_config, deployment, user
 
-from kernelmesh.core.errors import Unavailable
+from kernelmesh.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+)
 from kernelmesh.core.llm import BreakerConfig, BreakerState
 from kernelmesh.core.llm.breaker import CircuitBreaker
 
@@ -195,3 +200,63 @@ async def test_killed_deployment_fails_over_opens_and_recovers_when_back(
         assert (await gateway.generate("acme", "chat", user("hi"))).deployment == "primary"
 
     assert gateway.models()[0].deployments[0].breaker is BreakerState.CLOSED
+
+
+async def test_throttling_is_not_a_breaker_failure_and_its_retry_after_works(
+    upstream, make_gateway, clock
+):
+    # A 429 says the upstream is alive: however many, the breaker stays
+    # closed, so the call made after the Retry-After reaches the upstream.
+    config = chat_config(
+        deployment("primary", upstream, max_retries=0),
+        breaker={"failure_threshold": 1, "recovery_timeout_s": 30},
+    )
+    gateway = await make_gateway(config, clock=clock)
+    upstream.fail_with(429, times=3, retry_after=1)
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted) as caught:
+            await gateway.generate("acme", "chat", user("hi"))
+        assert caught.value.retry_after == 1
+
+    assert gateway.models()[0].deployments[0].breaker is BreakerState.CLOSED
+    clock.advance(1.1)
+    assert (await gateway.generate("acme", "chat", user("hi"))).text == "echo hi"
+    assert upstream.requests == 4
+
+
+async def test_a_misconfigured_deployment_is_not_a_breaker_failure(upstream, make_gateway, clock):
+    # 401/403/404 say the deployment's configuration is wrong, not that the
+    # upstream is down: the caller keeps getting the cause, never "breaker open".
+    config = chat_config(
+        deployment("primary", upstream, max_retries=0),
+        breaker={"failure_threshold": 1, "recovery_timeout_s": 30},
+    )
+    gateway = await make_gateway(config, clock=clock)
+    upstream.fail_with(401, times=3)
+    for _ in range(3):
+        with pytest.raises(FailedPrecondition, match="HTTP 401"):
+            await gateway.generate("acme", "chat", user("hi"))
+
+    [status] = gateway.models()[0].deployments
+    assert status.breaker is BreakerState.CLOSED
+    assert not status.healthy and "HTTP 401" in status.reason
+    await gateway.generate("acme", "chat", user("hi"))
+    [status] = gateway.models()[0].deployments
+    assert status.healthy and status.reason == ""
+
+
+async def test_an_impatient_caller_does_not_open_the_breaker(upstream, make_gateway, clock):
+    # A window cut short by the caller's own deadline says nothing against a
+    # slow but healthy upstream; only the deployment's timeout_s does.
+    config = chat_config(
+        deployment("primary", upstream, timeout_s=5, max_retries=0),
+        breaker={"failure_threshold": 1, "recovery_timeout_s": 30},
+    )
+    gateway = await make_gateway(config, clock=clock)
+    upstream.stall(0.5)
+    with pytest.raises(DeadlineExceeded):
+        await gateway.generate("acme", "chat", user("hi"), timeout=0.1)
+
+    assert gateway.models()[0].deployments[0].breaker is BreakerState.CLOSED
+    upstream.stall(0)
+    assert (await gateway.generate("acme", "chat", user("hi"), timeout=5)).text == "echo hi"

@@ -115,3 +115,50 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path.write_text("models: [unclosed")
     with pytest.raises(LLMConfigError, match=r"llm\.yaml: not valid YAML"):
         load_config(path)
+
+
+HEX_LETTER_FIRST = "a3f9c2e17b5d4086a1c3e5f7092b4d6e"
+HEX_DIGIT_FIRST = "3fa9c2e17b5d4086a1c3e5f7092b4d6e"
+BASE64_KEY = "Zk9xR2hUbXA3d0JzS1l2TjNxTDhhWmVD"
+KEY_SHAPES = [
+    "sk-proj-abcdefghijklmnop1234",
+    "sk-ant-api03-abcdefghijklmnop",
+    HEX_LETTER_FIRST,
+    HEX_DIGIT_FIRST,
+    HEX_LETTER_FIRST.upper(),
+    BASE64_KEY,
+    BASE64_KEY + "+/a1==",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXNpZ25hdHVyZQ",
+]
+
+
+@pytest.mark.parametrize("key", KEY_SHAPES)
+@pytest.mark.parametrize("field", ["api_key_env", "model", "name"])
+def test_a_key_in_any_field_is_refused_without_printing_it(key, field):
+    with pytest.raises(LLMConfigError, match="looks like an API key") as caught:
+        parse_config(deployments(openai(**{field: key})), source="llm.yaml")
+
+    message = str(caught.value)
+    assert f"deployments[0].{field}" in message
+    # Not the key, nor any long piece of it.
+    assert not any(key[i : i + 8] in message for i in range(len(key) - 7))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "OPENAI_API_KEY",
+        "GROQ_API_KEY",
+        "KERNELMESH_PRODUCTION_OPENAI_API_KEY_FOR_THE_GATEWAY",
+        "azure_openai_key_2",
+    ],
+)
+def test_ordinary_variable_names_are_accepted(name):
+    config = parse_config(deployments(openai(api_key_env=name)))
+    assert config.models["gpt"].deployments[0].api_key_env == name
+
+
+def test_an_invalid_variable_name_is_refused_without_printing_it():
+    with pytest.raises(LLMConfigError, match="api_key_env: expected the NAME") as caught:
+        parse_config(deployments(openai(api_key_env="my key=hunter2")))
+    assert "hunter2" not in str(caught.value)

@@ -300,3 +300,96 @@ async def test_generation_without_a_chat_model_explains_how_to_configure_one():
     assert "kernelmesh serve --llm-config" in message
     assert "api_key_env" in message
     assert "deployments:" in message
+
+
+# -- attempts sized to the caller's deadline -------------------------------------------
+
+
+async def test_a_hung_primary_fails_over_within_the_callers_deadline(
+    upstream, upstream2, make_gateway
+):
+    # The primary's own timeout (20 s) and retries would outlast the caller:
+    # its attempts get a share of the caller's 2 s, leaving the rest to the secondary.
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, timeout_s=20, max_retries=2),
+            deployment("secondary", upstream2),
+        )
+    )
+    upstream.stall(30)
+
+    started = time.monotonic()
+    completion = await gateway.generate("acme", "chat", user("hi"), timeout=2.0)
+
+    assert completion.deployment == "secondary"
+    assert time.monotonic() - started < 2.0
+
+
+async def test_a_hung_primary_stream_fails_over_within_the_callers_deadline(
+    upstream, upstream2, make_gateway
+):
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, timeout_s=20), deployment("secondary", upstream2)
+        )
+    )
+    upstream.stall(30)
+
+    chunks = [c async for c in gateway.stream("acme", "chat", user("hi"), timeout=2.0)]
+
+    assert chunks[-1].deployment == "secondary"
+
+
+def test_default_attempts_fail_over_well_inside_the_clients_30_s_deadline():
+    from kernelmesh.core.llm import DeploymentConfig, ProviderKind
+    from kernelmesh.core.llm.retry import deployment_window
+
+    default = DeploymentConfig(name="d", provider=ProviderKind.OPENAI)
+    # Two deployments under the Python client's default 30 s deadline: the
+    # primary gets at most half, the secondary the rest.
+    assert deployment_window(30.0, 2, default.timeout_s) <= 15.0
+    # No deadline (an HTTP caller): the deployment's own timeout, which bounds
+    # its retries too, short enough that a failover still fits in 30 s.
+    assert deployment_window(None, 2, default.timeout_s) == default.timeout_s <= 15.0
+    assert deployment_window(30.0, 1, default.timeout_s) == default.timeout_s
+
+
+# -- a missing API key is reported at start ---------------------------------------------
+
+
+async def test_a_missing_api_key_variable_is_reported_at_start(upstream, make_gateway, caplog):
+    config = chat_config(
+        deployment("primary", upstream, api_key_env="KERNELMESH_UNSET_KEY_VAR", max_retries=0),
+        breaker={"failure_threshold": 1, "recovery_timeout_s": 30},
+    )
+
+    with caplog.at_level("WARNING", logger="kernelmesh.core.llm.gateway"):
+        gateway = await make_gateway(config)
+    assert any("KERNELMESH_UNSET_KEY_VAR" in r.getMessage() for r in caplog.records)
+
+    [status] = gateway.models()[0].deployments
+    assert not status.healthy
+    assert "KERNELMESH_UNSET_KEY_VAR" in status.reason
+    # Every call names the cause; it never turns into "circuit breaker open".
+    for _ in range(4):
+        with pytest.raises(FailedPrecondition, match="KERNELMESH_UNSET_KEY_VAR"):
+            await gateway.generate("acme", "chat", user("hi"))
+    assert upstream.requests == 0
+
+
+async def test_a_deployments_timeout_bounds_its_retries_too(upstream, upstream2, make_gateway):
+    # No caller deadline: timeout_s is the most one deployment may hold the
+    # request, retries included, so a hung one costs one timeout, not three.
+    gateway = await make_gateway(
+        chat_config(
+            deployment("primary", upstream, timeout_s=0.4, max_retries=2),
+            deployment("secondary", upstream2),
+        )
+    )
+    upstream.stall(30)
+
+    started = time.monotonic()
+    completion = await gateway.generate("acme", "chat", user("hi"))
+
+    assert completion.deployment == "secondary"
+    assert time.monotonic() - started < 0.8

@@ -19,7 +19,6 @@ from kernelmesh.core.llm import (
 from kernelmesh.core.llm.budget import BudgetLedger
 from kernelmesh.core.llm.cache import ResponseCache
 from kernelmesh.core.llm.ratelimit import TokenBucket
-from kernelmesh.core.llm.tokens import estimate_prompt_tokens
 from kernelmesh.core.store import UsageStore
 
 
@@ -78,17 +77,18 @@ async def test_a_request_larger_than_the_minute_limit_is_invalid(upstream, make_
 
 
 async def test_budget_is_exact_under_50_concurrent_requests(upstream, make_gateway):
-    # Each request reserves estimate(prompt) + max_tokens and really uses
+    # Each request reserves a bound on its prompt + max_tokens and really uses
     # 1 + 2 = 3 tokens. The budget fits 25 reservations (and not 26) while
     # all 50 are in flight together; the rest are refused.
-    reservation = estimate_prompt_tokens(user("hi")) + 12
+    options = GenerationOptions(max_tokens=12)
+    config = chat_config(deployment("primary", upstream))
+    reservation = (await make_gateway(config))._reservation_for(user("hi"), options, "chat")
     budget = 26 * reservation - 1
     config = chat_config(
         deployment("primary", upstream), tenants={"acme": {"token_budget": budget}}
     )
     gateway = await make_gateway(config)
     upstream.stall(0.05)  # keep them all in flight at once
-    options = GenerationOptions(max_tokens=12)
 
     results = await asyncio.gather(
         *(gateway.generate("acme", "chat", user("hi"), options) for _ in range(50)),
@@ -106,17 +106,23 @@ async def test_budget_is_exact_under_50_concurrent_requests(upstream, make_gatew
 
 
 async def test_budget_refuses_once_spent_and_cache_hits_cost_nothing(upstream, make_gateway):
-    config = chat_config(deployment("primary", upstream), tenants={"acme": {"token_budget": 40}})
-    gateway = await make_gateway(config)
+    # Room for one reservation with max_tokens=12, and 3 tokens more.
     options = GenerationOptions(max_tokens=12, temperature=0)
+    config = chat_config(deployment("primary", upstream))
+    reservation = (await make_gateway(config))._reservation_for(user("hi"), options, "chat")
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"token_budget": reservation + 3}}
+    )
+    gateway = await make_gateway(config)
 
     await gateway.generate("acme", "chat", user("hi"), options)  # spends 3
     for _ in range(5):
         assert (await gateway.generate("acme", "chat", user("hi"), options)).cached
     assert gateway._budget.spent("acme") == 3
 
+    # 13 more tokens of max_tokens no longer fit after the 3 spent.
     with pytest.raises(ResourceExhausted, match="token budget") as caught:
-        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=34))
+        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=13))
     assert caught.value.retry_after > 60
 
 
@@ -173,3 +179,107 @@ async def test_tenants_without_limits_leave_no_state_behind(upstream, make_gatew
 
     assert len(gateway._limiter._tenants) == 0
     assert len(gateway._budget._accounts) == 0
+
+
+# -- budgets hold whatever the upstream counts ---------------------------------------
+
+CJK = "你好世界" * 50  # 200 characters, 600 UTF-8 bytes, one "word"
+
+
+async def _fifty(gateway, text: str, tenant: str = "acme") -> list[object]:
+    options = GenerationOptions(max_tokens=12)
+    return await asyncio.gather(
+        *(gateway.generate(tenant, "chat", user(text), options) for _ in range(50)),
+        return_exceptions=True,
+    )
+
+
+async def test_budget_holds_under_50_concurrent_requests_when_the_upstream_counts_characters(
+    upstream, make_gateway
+):
+    # The upstream counts one prompt token per character (200 for CJK), four
+    # times the old characters / 4 estimate: the reservation must still cover it.
+    budget = 5000
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"token_budget": budget}}
+    )
+    gateway = await make_gateway(config)
+    upstream.count_prompt_by("chars")
+    upstream.stall(0.05)  # all 50 in flight together
+
+    results = await _fifty(gateway, CJK)
+
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    assert ok and all(r.usage.prompt_tokens == 200 for r in ok)
+    assert all(isinstance(r, ResourceExhausted) for r in results if r not in ok)
+    assert gateway._budget.spent("acme") == sum(r.usage.total_tokens for r in ok)
+    assert gateway._budget.spent("acme") <= budget
+
+
+async def test_a_request_whose_reservation_cannot_fit_is_refused_before_the_upstream(
+    upstream, make_gateway
+):
+    config = chat_config(deployment("primary", upstream), tenants={"acme": {"token_budget": 500}})
+    gateway = await make_gateway(config)
+    upstream.count_prompt_by("chars")
+
+    with pytest.raises(ResourceExhausted, match="token budget"):
+        await gateway.generate("acme", "chat", user(CJK), GenerationOptions(max_tokens=12))
+
+    assert upstream.requests == 0
+    assert gateway._budget.spent("acme") == 0
+
+
+async def test_a_settlement_above_its_reservation_is_charged_and_blocks_the_tenant(
+    upstream, make_gateway
+):
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"token_budget": 100_000}}
+    )
+    gateway = await make_gateway(config)
+    upstream.over_report(5000)  # far beyond any bound on a 2-byte prompt
+
+    first = await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=12))
+
+    assert first.usage.prompt_tokens == 5001
+    assert gateway._budget.spent("acme") == first.usage.total_tokens  # charged in full
+    with pytest.raises(ResourceExhausted, match="blocked") as caught:
+        await gateway.generate("acme", "chat", user("hi"), GenerationOptions(max_tokens=12))
+    assert caught.value.retry_after > 60
+    assert upstream.requests == 1
+    await gateway.generate("globex", "chat", user("hi"))  # other tenants carry on
+
+
+async def test_overspend_is_bounded_by_the_requests_in_flight_at_the_first_over_report(
+    upstream, make_gateway
+):
+    # 50 requests arrive 2 ms apart, each held 20 ms upstream, each reported
+    # 100 tokens above anything it could reserve. Only those admitted before
+    # the first settlement can overspend; every later one is refused.
+    budget = 3000
+    config = chat_config(
+        deployment("primary", upstream), tenants={"acme": {"token_budget": budget}}
+    )
+    gateway = await make_gateway(config)
+    upstream.over_report(100)
+    upstream.stall(0.02)
+    options = GenerationOptions(max_tokens=12)
+
+    async def one(i: int) -> object:
+        await asyncio.sleep(0.002 * i)
+        return await gateway.generate("acme", "chat", user("hi"), options)
+
+    results = await asyncio.gather(*(one(i) for i in range(50)), return_exceptions=True)
+
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert len(ok) + len(refused) == 50
+    reserved_each = gateway._reservation_for(user("hi"), options, "chat")
+    excess_each = ok[0].usage.total_tokens - reserved_each
+    assert excess_each > 0
+    spent = gateway._budget.spent("acme")
+    assert spent == len(ok) * ok[0].usage.total_tokens
+    # Without the block, every request whose reservation fits would run.
+    assert len(ok) < budget // reserved_each
+    assert spent - budget <= len(ok) * excess_each
+    assert any("blocked" in r.message for r in refused)
