@@ -331,11 +331,18 @@ def server_config(server_config):
 
 
 async def _occupy(tasks) -> None:
-    """Queues a few seconds of matmul on the single worker, so tasks submitted
-    next wait in the queue whatever the machine's speed."""
+    """Keeps the single worker busy: submits batches of matmuls together until
+    two of them wait in the queue behind the running one, so tasks submitted
+    next wait whatever the machine's speed (one at a time, each upload took as
+    long as the matmul before it and nothing stayed queued)."""
     big = np.ones((1500, 1500), np.float64)
-    for _ in range(4):
-        await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("matmul", big, big)))
+    request = task_pb2.SubmitTaskRequest(task=spec("matmul", big, big))
+    for _ in range(10):
+        await asyncio.gather(*(tasks.SubmitTask(request) for _ in range(4)))
+        reply = await tasks.ListTasks(task_pb2.ListTasksRequest(state=task_pb2.TASK_STATE_QUEUED))
+        if sum(t.op == "matmul" for t in reply.tasks) >= 2:
+            return
+    raise AssertionError("the worker kept up with 40 matmuls; nothing stayed queued")
 
 
 async def _eventually(check, timeout: float = 20.0):
