@@ -198,6 +198,8 @@ class Store(ABC):
     """One durable home for the state of a kernelmesh server."""
 
     kind: str = ""
+    # False for the in-memory store: nothing it holds outlives the process.
+    durable: bool = True
 
     @property
     @abstractmethod

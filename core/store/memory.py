@@ -31,6 +31,7 @@ from kernelmesh.core.store.base import (
 
 class MemoryStore(Store):
     kind = "memory"
+    durable = False
 
     def __init__(self) -> None:
         self.tasks: dict[str, TaskRecord] = {}
