@@ -69,3 +69,10 @@ def drop_database(name: str) -> None:
     dsn = cluster_dsn()
     assert dsn is not None
     _run(_admin(dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def admin(statement: str) -> None:
+    """Runs one statement on the cluster's postgres database."""
+    dsn = cluster_dsn()
+    assert dsn is not None
+    _run(_admin(dsn, statement))

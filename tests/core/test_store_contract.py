@@ -5,10 +5,12 @@ durable ones), group commit, API keys, migrations and faults."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from postgres_db import create_database, drop_database
@@ -292,3 +294,35 @@ async def test_postgres_down_at_start_is_an_error_naming_it():
         await store.open()
     assert "secret" not in str(err.value)
     assert redacted("postgresql://km:secret@h/db") == "postgresql://km:***@h/db"
+
+
+async def test_postgres_dropping_mid_run_is_unavailable_and_recovers(pg_database):
+    """Connections cut and refused: a waited-for write fails with UNAVAILABLE
+    (never a silent success); the unwaited update lands once PostgreSQL is back."""
+    from postgres_db import admin
+
+    name = urlsplit(pg_database).path.lstrip("/")
+    store = PostgresStore(pg_database)
+    await store.open()
+    try:
+        await store.write(PutTask(task(1)), wait=True)
+        admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        store.write(UpdateTask(task(1).id, {"state": 3}))
+        with pytest.raises(StoreUnavailable):
+            await store.write(PutTask(task(2)), wait=True)
+        with pytest.raises(StoreUnavailable):
+            await store.load()
+        admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        deadline = time.monotonic() + 20
+        states: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(StoreUnavailable):
+                states = {t.id: t.state for t in (await store.load()).tasks}
+                if states.get(task(1).id) == 3:
+                    break
+            await asyncio.sleep(0.1)
+        assert states == {task(1).id: 3}
+    finally:
+        admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        await store.close()
