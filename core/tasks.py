@@ -215,9 +215,10 @@ class TaskManager:
     ) -> None:
         self.devices = list(devices)
         self.store = store
-        # Where submitted tasks are journaled; None: submitted tasks live in memory only.
-        self.journal = journal
-        store.journal = journal
+        # Where submitted tasks are journaled; None (or a store that keeps nothing
+        # past the process): submitted tasks live in memory only, at no cost.
+        self.journal = journal if journal is not None and journal.durable else None
+        store.journal = self.journal
         # Submitted tasks by (tenant, request_id): AIP-155 idempotency.
         self._requests: dict[tuple[str, str], Task] = {}
         # Journal commits not yet acknowledged, by task id (a duplicate waits on it).
@@ -265,7 +266,7 @@ class TaskManager:
                     asyncio.gather(*(t.wait() for t in pending)),
                     timeout=max(0.0, deadline - time.monotonic()),
                 )
-        resumable = self.journal is not None and self.journal.durable
+        resumable = self.journal is not None
         for task in list(self._tasks.values()):
             if task.journaled and resumable:
                 # Journaled tasks stay QUEUED or RUNNING in the store: the next
