@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from kernelmesh.core.errors import ResourceExhausted
 from kernelmesh.core.llm.config import LLMConfig
@@ -23,11 +24,21 @@ _SPENT_RETRY_AFTER_S = 3600.0
 _IN_FLIGHT_RETRY_AFTER_S = 1.0
 
 
+class BudgetJournal(Protocol):
+    """Where reservations are made durable (the usage store): `hold` commits
+    before the upstream call, `release` swaps it for the tokens used."""
+
+    def hold(self, tenant: str, tokens: int) -> int: ...
+
+    def release(self, hold_id: int, tenant: str, used: int) -> None: ...
+
+
 @dataclass
 class Reservation:
     tenant: str
     tokens: int
     settled: bool = False
+    hold_id: int | None = None  # the journal's, for a tenant with a budget
 
 
 @dataclass
@@ -38,10 +49,17 @@ class _Account:
 
 
 class BudgetLedger:
-    def __init__(self, config: LLMConfig, spent: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: LLMConfig,
+        spent: Mapping[str, int] | None = None,
+        journal: BudgetJournal | None = None,
+    ) -> None:
         """`spent` seeds each tenant's spending (from the usage store), so a
-        restart does not hand out the budget again."""
+        restart does not hand out the budget again; `journal` makes each
+        reservation durable before its call, so a crash does not either."""
         self._config = config
+        self._journal = journal
         self._spent_before = dict(spent or {})
         self._accounts: dict[str, _Account] = {}
         self._lock = threading.Lock()
@@ -72,6 +90,10 @@ class BudgetLedger:
                         f"this request may need {tokens}",
                         retry_after=_IN_FLIGHT_RETRY_AFTER_S if in_flight else _SPENT_RETRY_AFTER_S,
                     )
+                if self._journal is not None:
+                    hold_id = self._journal.hold(tenant, tokens)
+                    account.reserved += tokens
+                    return Reservation(tenant, tokens, hold_id=hold_id)
                 account.reserved += tokens
             return Reservation(tenant, tokens)
 
@@ -86,6 +108,8 @@ class BudgetLedger:
             if account is not None:
                 account.reserved -= reservation.tokens
                 account.spent += used
+            if self._journal is not None and reservation.hold_id is not None:
+                self._journal.release(reservation.hold_id, reservation.tenant, used)
 
     def spent(self, tenant: str) -> int | None:
         """Tokens spent so far, or None when the tenant has no budget."""
