@@ -910,7 +910,7 @@ class TaskManager:
         if (
             len(self._tasks) > opts.retention_tasks
             or self._retained_bytes > opts.retention_bytes
-            or self._oldest_expired()
+            or self._oldest_expired(task.end_time)
         ):
             self._evict()
 
@@ -939,11 +939,11 @@ class TaskManager:
             ops_.append(PutAttempt(_attempt_record(task.id, ended)))
         self._journal(*ops_)
 
-    def _oldest_expired(self) -> bool:
+    def _oldest_expired(self, now: float) -> bool:
         if not self._finished:
             return False
         oldest = next(iter(self._finished.values()))
-        return (oldest.end_time or 0.0) < time.time() - self.options.retention_seconds
+        return (oldest.end_time or 0.0) < now - self.options.retention_seconds
 
     def _emit(self, task: Task, message: str) -> None:
         if not task._watchers:
@@ -955,10 +955,11 @@ class TaskManager:
     def _evict(self) -> None:
         """Forgets the oldest finished tasks beyond the retention limits."""
         opts = self.options
+        now = time.time()
         while self._finished and (
             len(self._tasks) > opts.retention_tasks
             or self._retained_bytes > opts.retention_bytes
-            or self._oldest_expired()
+            or self._oldest_expired(now)
         ):
             name, task = self._finished.popitem(last=False)
             self._tasks.pop(name, None)

@@ -166,7 +166,7 @@ class PostgresStore(Store):
             for _, future in batch:
                 if future is not None and not future.done():
                     future.set_exception(error)
-            if transient:
+            if transient and not self._closing:  # closing: give up rather than hang
                 self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
             return False
         self.last_error = None

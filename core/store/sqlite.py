@@ -152,7 +152,7 @@ class SqliteStore(Store):
             )
             error = StoreUnavailable(f"the state store {self.path} refused a write: {exc}")
             self._settle([f for _, f in batch if f is not None], error)
-            if transient:
+            if transient and not self._closing:  # closing: give up rather than hang
                 kept = [(ops, None) for ops, f in batch if f is None and ops]
                 with self._cond:
                     self._queue[:0] = kept
