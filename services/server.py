@@ -67,7 +67,7 @@ class Server:
         self.devices = device_discovery.discover(config.node_name, config.backends)
         store_kind = config.store or ("sqlite" if config.state_dir else "memory")
         # Opened (and migrated) in start(); a bad --store fails here.
-        self.state: Store = open_store(store_kind, config.state_dir or ".")
+        self.state: Store = open_store(store_kind, config.state_dir)
         self.tasks = TaskManager(
             self.devices,
             TensorStore(config.tensor_store_bytes),
