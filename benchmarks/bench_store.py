@@ -40,6 +40,7 @@ SUBMITS = 3000
 IN_FLIGHT = 64
 REPEATS = 3
 RECOVER = 10_000
+BATCHES: dict[str, list[float]] = {}  # store -> mean queue entries per transaction, per run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -79,9 +80,16 @@ async def submit_rate(store: str, state_dir: str) -> float:
                         task_pb2.SubmitTaskRequest(task=spec, request_id=f"{store}-{i}")
                     )
 
+            store_ = server.state
+            before = (getattr(store_, "commits", 0), getattr(store_, "committed_entries", 0))
             began = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(SUBMITS)))
-            return SUBMITS / (time.perf_counter() - began)
+            rate = SUBMITS / (time.perf_counter() - began)
+            commits = getattr(store_, "commits", 0) - before[0]
+            if commits:
+                entries = getattr(store_, "committed_entries", 0) - before[1]
+                BATCHES.setdefault(store, []).append(entries / commits)
+            return rate
     finally:
         await server.stop(grace=30.0)
 
@@ -158,6 +166,13 @@ async def main() -> None:
                 print(
                     "  postgresql: no cluster named (KERNELMESH_TEST_POSTGRES / PG*), not measured"
                 )
+            for kind in kinds:
+                means = [m for k, v in BATCHES.items() if k.startswith(kind[:8]) for m in v]
+                if means:
+                    print(
+                        f"  group commit ({kind}): {sum(means) / len(means):.1f} journal "
+                        "entries per transaction (submissions and task updates together)"
+                    )
             print(f"Recovery of {RECOVER} queued tasks at start:")
             took = await recovery_seconds(open_store("sqlite", os.path.join(tmp, "recover")))
             print(f"  sqlite      {took:6.2f} s  ({RECOVER / took:8.0f} tasks/s)")

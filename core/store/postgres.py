@@ -72,6 +72,9 @@ class PostgresStore(Store):
         self._closing = False
         self._sql: dict[str, str] = {}
         self.last_error: str | None = None
+        # Transactions committed and queue entries they carried (group commit's effect).
+        self.commits = 0
+        self.committed_entries = 0
 
     @property
     def where(self) -> str:
@@ -170,6 +173,8 @@ class PostgresStore(Store):
                 self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
             return False
         self.last_error = None
+        self.commits += 1
+        self.committed_entries += len(batch)
         self.files.remove(unlink)
         for _, future in batch:
             if future is not None and not future.done():

@@ -49,6 +49,9 @@ class SqliteStore(Store):
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_error: str | None = None
+        # Transactions committed and queue entries they carried (group commit's effect).
+        self.commits = 0
+        self.committed_entries = 0
 
     @property
     def where(self) -> str:
@@ -158,6 +161,8 @@ class SqliteStore(Store):
                     self._queue[:0] = kept
             return False
         self.last_error = None
+        self.commits += 1
+        self.committed_entries += len(batch)
         self.files.remove(unlink)
         self._settle([f for _, f in batch if f is not None], None)
         return True
