@@ -350,7 +350,9 @@ class TaskManager:
                 refs.append(self.store.get(name, tenant=record.tenant))
         if failure is None and record.error_code is not None:
             failure = TaskFailure(_code(record.error_code), record.error_message or "")
-        task = self._restored(record, attempts, self._device_named(record.device), None)
+        task = self._restored(
+            record, attempts, self._device_named(record.device), None, json.loads(record.spec)
+        )
         task.state = state
         task.error = failure
         task.outputs = outputs
@@ -376,6 +378,7 @@ class TaskManager:
             )
             self._journal(PutAttempt(_attempt_record(record.id, lost)))
         data = json.loads(record.spec)
+        labels = json.loads(record.labels)
         retry = RetryPolicy.from_json(data["retry"])
         try:
             blob = snap.blobs.get(inputs_key(record.id))
@@ -391,7 +394,7 @@ class TaskManager:
                 ),
                 priority=record.priority,
                 keep_outputs=bool(data.get("keep_outputs")),
-                labels=json.loads(record.labels),
+                labels=labels,
                 tenant=record.tenant,
                 retry=retry,
             )
@@ -401,7 +404,7 @@ class TaskManager:
             task = self._restore_finished(record, attempts, snap, failure)
             self._journal_end(task)
             return
-        task = self._restored(record, attempts, prepared.device, prepared.call)
+        task = self._restored(record, attempts, prepared.device, prepared.call, data)
         task.inputs = prepared.inputs
         task.elements = prepared.elements
         task.retry = retry
@@ -414,7 +417,8 @@ class TaskManager:
         ):
             self._finish(task, TaskState.FAILED, lost.error)  # the dead letter
             return
-        self._journal(UpdateTask(task.id, {"state": int(TaskState.QUEUED)}))
+        if record.state != TaskState.QUEUED:
+            self._journal(UpdateTask(task.id, {"state": int(TaskState.QUEUED)}))
         delay = (record.not_before or 0.0) - time.time()
         if delay > 0:
             task._retry_handle = asyncio.get_running_loop().call_later(delay, self._requeue, task)
@@ -427,6 +431,7 @@ class TaskManager:
         attempts: list[Attempt],
         device: LocalDevice,
         call: ops.ValidatedCall | None,
+        spec: dict,
     ) -> Task:
         task = Task(
             id=record.id,
@@ -435,7 +440,7 @@ class TaskManager:
             tenant=record.tenant,
             priority=record.priority,
             labels=json.loads(record.labels),
-            keep_outputs=bool(json.loads(record.spec).get("keep_outputs")),
+            keep_outputs=bool(spec.get("keep_outputs")),
             device=device,
             call=call,
             inputs=None,
