@@ -226,3 +226,40 @@ def test_postgres_down_at_start_stops_the_start_with_the_reason(tmp_path):
     done = serve_exit(tmp_path, "--store", "postgresql://km:pw@127.0.0.1:1/none", "--no-warmup")
     assert done.returncode != 0
     assert "cannot reach PostgreSQL" in done.stderr and "pw" not in done.stderr
+
+
+def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools, tmp_path):
+    """No silent fallback to memory: while PostgreSQL refuses connections
+    SubmitTask is UNAVAILABLE; once it is back, submissions are accepted and
+    journaled again."""
+    from postgres_db import admin
+
+    dsn, name = create_database()
+    args = ["--state-dir", str(tmp_path / "state"), "--no-warmup", "--store", dsn]
+    server = start(serve_tools, tmp_path, args)
+    try:
+        with grpc.insecure_channel(server.target, options=BIG) as channel:
+            stub = task_pb2_grpc.TaskServiceStub(channel)
+            stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(1)), timeout=30)
+            admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            admin(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(2)), timeout=30)
+            assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "PostgreSQL" in err.value.details()
+            admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(3)), timeout=30)
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                    assert time.monotonic() < deadline, "PostgreSQL came back, the server did not"
+                    time.sleep(0.2)
+    finally:
+        admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        serve_tools.stop_serve(server)
+        drop_database(name)
