@@ -259,7 +259,14 @@ class TaskManager:
         `grace` seconds, then fails what is left with UNAVAILABLE."""
         self._accepting = False
         deadline = time.monotonic() + grace
-        pending = [t for t in self._tasks.values() if not t.state.terminal]
+        # A retry due after the grace cannot finish within it: not worth waiting for.
+        retry_by = asyncio.get_running_loop().time() + grace
+        pending = [
+            t
+            for t in self._tasks.values()
+            if not t.state.terminal
+            and (t._retry_handle is None or t._retry_handle.when() <= retry_by)
+        ]
         if pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
@@ -278,6 +285,8 @@ class TaskManager:
                     self._queued.pop(task.seq, None)
                 continue
             if task.state is TaskState.QUEUED:
+                if task._retry_handle is not None:
+                    task._retry_handle.cancel()
                 task.device.queue.remove(task.seq)
                 self._queued.pop(task.seq, None)
                 self._finish(
@@ -835,7 +844,6 @@ class TaskManager:
         policy = task.retry
         if (
             task.journaled
-            and self._accepting
             and policy.retryable(int(failure.code))
             and task.attempt < policy.maximum_attempts
         ):
@@ -859,8 +867,9 @@ class TaskManager:
         task._retry_handle = asyncio.get_running_loop().call_later(delay, self._requeue, task)
 
     def _requeue(self, task: Task) -> None:
+        # Also while draining: a graceful stop lets queued work, retries included, finish.
         task._retry_handle = None
-        if task.state is TaskState.QUEUED and self._accepting:
+        if task.state is TaskState.QUEUED:
             self._enqueue(task)
 
     @staticmethod

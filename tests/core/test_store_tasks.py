@@ -263,3 +263,16 @@ async def test_finished_tasks_past_retention_age_are_forgotten_at_start(node):
     assert task.name not in {t.name for t in mgr.list(tenant="default")[0]}
     await mgr.journal.sync()
     assert (await mgr.journal.load()).tasks == []
+
+
+async def test_a_graceful_stop_leaves_unfinished_tasks_for_the_next_start(node):
+    first = node()
+    mgr = await first.start()
+    await mgr.submit_journaled(slow())
+    waiting = await mgr.submit_journaled(relu())
+    await mgr.shutdown(grace=0.0)
+    assert waiting.state is TaskState.QUEUED, "not failed: the store keeps it"
+    await first.store.close()
+    mgr = await node().start()
+    again = await finished(mgr.get(waiting.name, tenant="default"))
+    assert again.state is TaskState.SUCCEEDED
