@@ -10,8 +10,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,15 +68,22 @@ def spec(i: int) -> task_pb2.TaskSpec:
     return msg
 
 
-def submit_all(target: str, request_ids: list[str], acked: dict[str, str], stop_after: int):
-    """Submits concurrently; records request_id -> task name for every ack. Stops
-    issuing new ones after `stop_after` acks (the caller kills the server)."""
+def submit_all(
+    target: str,
+    request_ids: list[str],
+    acked: dict[str, str],
+    kill_at: tuple[int, Callable[[], None]] | None = None,
+) -> None:
+    """Submits concurrently; records request_id -> task name for every ack. With
+    `kill_at=(n, kill)`, calls `kill` as the n-th ack arrives, while other
+    submissions are in flight (some committed, not yet acknowledged)."""
+    lock = threading.Lock()
     with grpc.insecure_channel(target, options=BIG) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
 
         def one(i: int) -> None:
             rid = request_ids[i]
-            if rid in acked or len(acked) >= stop_after:
+            if rid in acked:
                 return
             try:
                 reply = stub.SubmitTask(
@@ -82,7 +91,10 @@ def submit_all(target: str, request_ids: list[str], acked: dict[str, str], stop_
                 )
             except grpc.RpcError:
                 return  # not acknowledged: the client would retry with the same id
-            acked[rid] = reply.task.name
+            with lock:
+                acked[rid] = reply.task.name
+                if kill_at is not None and len(acked) == kill_at[0]:
+                    kill_at[1]()
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, range(len(request_ids))))
@@ -133,15 +145,14 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
     # 1. kill -9 during submission.
     server = start(serve_tools, tmp_path, store_args)
     first_kill = rng.randrange(50, 300)
-    submit_all(server.target, request_ids, acked, stop_after=first_kill)
-    kill9(server)
-    assert len(acked) >= first_kill, f"seed {seed}"
+    submit_all(server.target, request_ids, acked, kill_at=(first_kill, lambda: kill9(server)))
+    assert first_kill <= len(acked) < TASKS, f"seed {seed}"
 
     # 2. restart, resubmit everything (acked ids must not make a second task),
     #    kill -9 again while tasks run.
     server = start(serve_tools, tmp_path, store_args)
     again: dict[str, str] = {}
-    submit_all(server.target, request_ids, again, stop_after=TASKS)
+    submit_all(server.target, request_ids, again)
     for rid, name in acked.items():
         assert again[rid] == name, f"request {rid} made a second task (seed {seed})"
     acked.update(again)
