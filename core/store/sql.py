@@ -96,6 +96,19 @@ class BlobFiles:
         assert self.directory is not None
         return (self.directory / name).read_bytes()
 
+    def sweep(self, named: set[str]) -> int:
+        """Removes files no row names (written before a crash, never committed).
+        Only for a blob dir this process alone writes."""
+        if self.directory is None or not self.directory.exists():
+            return 0
+        removed = 0
+        for path in self.directory.iterdir():
+            if path.name not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed += 1
+        return removed
+
     def remove(self, keys: Iterable[str]) -> None:
         if self.directory is None:
             return

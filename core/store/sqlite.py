@@ -79,6 +79,9 @@ class SqliteStore(Store):
                 raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode})")
             self._migrate(self._db)
             self._reader = self._connect()
+            # Before the writer starts: no file of this process is mid-commit.
+            named = self._db.execute("SELECT path FROM blobs WHERE path IS NOT NULL").fetchall()
+            self.files.sweep({path for (path,) in named})
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{self.path} cannot be used as the kernelmesh state database "

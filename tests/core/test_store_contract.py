@@ -326,3 +326,22 @@ async def test_postgres_dropping_mid_run_is_unavailable_and_recovers(pg_database
     finally:
         admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         await store.close()
+
+
+async def test_blob_files_no_row_names_are_swept_at_open(tmp_path):
+    """A file written just before a crash, whose row never committed, is garbage."""
+    store = SqliteStore(tmp_path / "state")
+    await store.open()
+    data = b"z" * (INLINE_BLOB_BYTES + 1)
+    await store.write(PutTask(task(9)), PutBlob(inputs_key(task(9).id), data), wait=True)
+    await store.close()
+    (store.files.directory / "tasks__orphan__inputs").write_bytes(b"never committed")
+    (store.files.directory / "x.tmp").write_bytes(b"half written")
+    store = SqliteStore(tmp_path / "state")
+    await store.open()
+    snap = await store.load()
+    assert snap.blobs[inputs_key(task(9).id)] == data
+    assert sorted(p.name for p in store.files.directory.iterdir()) == [
+        store.files.path(inputs_key(task(9).id)).name
+    ]
+    await store.close()
