@@ -40,9 +40,17 @@ class ServerConfig:
     # YAML file of LLM models and deployments (core/llm/config.py); None: only
     # the offline "local" embedding model, and Generate explains what to configure.
     llm_config: str | None = None
-    # Directory of durable state: LLM usage and spent token budgets (usage.sqlite,
-    # SQLite in WAL mode). None keeps them in memory, lost on restart.
+    # Directory of durable state: submitted tasks, named tensors and API keys
+    # (state.sqlite, SQLite in WAL mode, big blobs in blobs/), LLM usage and spent
+    # token budgets (usage.sqlite). `kernelmesh serve` defaults it to
+    # $XDG_STATE_HOME/kernelmesh; None (an embedded Server) keeps state in memory.
     state_dir: str | None = None
+    # Where tasks, tensors and keys are kept: "sqlite" (under state_dir), "memory",
+    # or a postgresql:// URL. None: sqlite with a state_dir, else memory.
+    store: str | None = None
+    # Finished submitted tasks are forgotten after this many seconds (and beyond
+    # retention_tasks / retention_bytes), in memory and in the store.
+    retention_seconds: float = 7 * 24 * 3600.0
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:

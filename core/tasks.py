@@ -1,12 +1,21 @@
 """The task lifecycle: validate, record, queue, run on a device, notify
-watchers, cancel, and forget old records within a bounded retention."""
+watchers, cancel, and forget old records within a bounded retention.
+
+Submitted tasks are journaled: `submit_journaled` commits the task to the
+`Store` before it returns, each attempt's start and end follow in later
+batches, and `recover` brings them back at start (unfinished ones as a new
+attempt). Tasks begun for a waiting caller (`begin`, `run`) never touch the
+store: the caller holds the result."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import hashlib
 import itertools
+import json
+import logging
 import math
 import random
 import time
@@ -30,11 +39,26 @@ from kernelmesh.core.errors import (
     Unavailable,
     Violation,
 )
+from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord, codec
+from kernelmesh.core.store.base import (
+    AttemptRecord,
+    DeleteTask,
+    Op,
+    PutAttempt,
+    PutBlob,
+    PutTask,
+    UpdateTask,
+    inputs_key,
+    outputs_key,
+)
+from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
 from kernelmesh.core.tensor_store import StoredTensor, TensorStore
 from kernelmesh.native.backend import LaunchError, OutOfDeviceMemory
 
 PREFIX = "tasks/"
 DEADLINE_SKEW = 0.05  # seconds
+
+log = logging.getLogger(__name__)
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
 
@@ -76,12 +100,26 @@ class TaskSpec:
     keep_outputs: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
     tenant: str = DEFAULT_TENANT
+    # Submitted tasks only; None means DEFAULT_RETRY.
+    retry: RetryPolicy | None = None
 
 
 @dataclass(frozen=True)
 class TaskFailure:
-    code: Code
+    code: Code | int
     message: str
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One run of a submitted task."""
+
+    number: int
+    state: TaskState
+    device: str
+    start_time: float | None
+    end_time: float | None = None
+    error: TaskFailure | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -94,7 +132,7 @@ class Task:
     labels: dict[str, str]
     keep_outputs: bool
     device: LocalDevice
-    call: ops.ValidatedCall
+    call: ops.ValidatedCall | None  # None for a finished task restored from the store
     inputs: list[np.ndarray] | None
     state: TaskState = TaskState.QUEUED
     outputs: list[np.ndarray] = field(default_factory=list)
@@ -106,6 +144,15 @@ class Task:
     run_seconds: float | None = None
     deadline: float | None = None  # time.monotonic() based
     elements: int = 0  # of inputs and outputs together
+    device_name: str = ""
+    # Journaled (submitted) tasks: the store holds them, they retry, they have attempts.
+    journaled: bool = False
+    request_id: str | None = None
+    fingerprint: str | None = None
+    retry: RetryPolicy = DEFAULT_RETRY
+    attempt: int = 0
+    attempts: list[Attempt] = field(default_factory=list)
+    _retry_handle: asyncio.TimerHandle | None = None
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,6 +163,8 @@ class Task:
 
     @property
     def output_metas(self) -> tuple[ops.TensorMeta, ...]:
+        if self.call is None:
+            return tuple(ops.TensorMeta(dtype_name(o.dtype), o.shape) for o in self.outputs)
         return self.call.outputs
 
     @property
@@ -150,6 +199,8 @@ class TaskManagerOptions:
     workers_per_device: int = 2
     # Tasks this small run on the event loop: a thread hop costs more than the kernel.
     inline_max_elements: int = 1 << 14
+    # Finished tasks are forgotten (in memory and in the store) after this long.
+    retention_seconds: float = 7 * 24 * 3600.0
 
 
 class TaskManager:
@@ -160,9 +211,18 @@ class TaskManager:
         devices: Sequence[LocalDevice],
         store: TensorStore,
         options: TaskManagerOptions | None = None,
+        journal: Store | None = None,
     ) -> None:
         self.devices = list(devices)
         self.store = store
+        # Where submitted tasks are journaled; None (or a store that keeps nothing
+        # past the process): submitted tasks live in memory only, at no cost.
+        self.journal = journal if journal is not None and journal.durable else None
+        store.journal = self.journal
+        # Submitted tasks by (tenant, request_id): AIP-155 idempotency.
+        self._requests: dict[tuple[str, str], Task] = {}
+        # Journal commits not yet acknowledged, by task id (a duplicate waits on it).
+        self._committing: dict[str, asyncio.Future[None]] = {}
         self.options = options or TaskManagerOptions()
         self._tasks: OrderedDict[str, Task] = OrderedDict()
         # Finished tasks in finish order: retention evicts from the front.
@@ -199,15 +259,34 @@ class TaskManager:
         `grace` seconds, then fails what is left with UNAVAILABLE."""
         self._accepting = False
         deadline = time.monotonic() + grace
-        pending = [t for t in self._tasks.values() if not t.state.terminal]
+        # A retry due after the grace cannot finish within it: not worth waiting for.
+        retry_by = asyncio.get_running_loop().time() + grace
+        pending = [
+            t
+            for t in self._tasks.values()
+            if not t.state.terminal
+            and (t._retry_handle is None or t._retry_handle.when() <= retry_by)
+        ]
         if pending:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     asyncio.gather(*(t.wait() for t in pending)),
                     timeout=max(0.0, deadline - time.monotonic()),
                 )
+        resumable = self.journal is not None
         for task in list(self._tasks.values()):
+            if task.journaled and resumable:
+                # Journaled tasks stay QUEUED or RUNNING in the store: the next
+                # start runs them (a running one as a new attempt).
+                if task._retry_handle is not None:
+                    task._retry_handle.cancel()
+                if task.state is TaskState.QUEUED and task.seq in self._queued:
+                    task.device.queue.remove(task.seq)
+                    self._queued.pop(task.seq, None)
+                continue
             if task.state is TaskState.QUEUED:
+                if task._retry_handle is not None:
+                    task._retry_handle.cancel()
                 task.device.queue.remove(task.seq)
                 self._queued.pop(task.seq, None)
                 self._finish(
@@ -225,6 +304,166 @@ class TaskManager:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- recovery ---------------------------------------------------------
+
+    async def recover(self) -> tuple[int, int, int]:
+        """Loads the journal (after `start`, before serving): named tensors,
+        finished tasks within retention, and unfinished tasks, queued again as
+        a new attempt (a RUNNING one's attempt died with the process). Returns
+        (tasks queued again, finished tasks restored, named tensors restored)."""
+        if self.journal is None:
+            return 0, 0, 0
+        snap = await self.journal.load()
+        tensors = self.store.restore(snap.tensors, snap.blobs)
+        top = max((r.seq for r in snap.tasks), default=0)
+        self._seq = itertools.count(max(top + 1, next(self._seq)))
+        horizon = time.time() - self.options.retention_seconds
+        queued = finished = 0
+        for record in snap.tasks:
+            attempts = [_attempt_of(a) for a in snap.attempts.get(record.id, [])]
+            if TaskState(record.state).terminal:
+                if (record.end_time or 0.0) < horizon:
+                    self._journal(DeleteTask(record.id))
+                    continue
+                self._restore_finished(record, attempts, snap)
+                finished += 1
+            else:
+                self._restore_unfinished(record, attempts, snap)
+                queued += 1
+        if self._finished:
+            self._evict()
+        return queued, finished, tensors
+
+    def _device_named(self, name: str) -> LocalDevice:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        return self.devices[0]  # a finished task's device that is gone: name kept apart
+
+    def _restore_finished(
+        self,
+        record: TaskRecord,
+        attempts: list[Attempt],
+        snap: Snapshot,
+        failure: TaskFailure | None = None,
+    ) -> Task:
+        state = TaskState.FAILED if failure else TaskState(record.state)
+        outputs: list[np.ndarray] = []
+        blob = snap.blobs.get(outputs_key(record.id))
+        if state is TaskState.SUCCEEDED and blob is not None:
+            outputs = [o for o in codec.decode(blob) if isinstance(o, np.ndarray)]
+        refs = []
+        for name in json.loads(record.output_refs):
+            with contextlib.suppress(NotFound):
+                refs.append(self.store.get(name, tenant=record.tenant))
+        if failure is None and record.error_code is not None:
+            failure = TaskFailure(_code(record.error_code), record.error_message or "")
+        task = self._restored(
+            record, attempts, self._device_named(record.device), None, json.loads(record.spec)
+        )
+        task.state = state
+        task.error = failure
+        task.outputs = outputs
+        task.output_refs = refs
+        task.start_time = record.start_time
+        task.end_time = record.end_time or time.time()
+        task.run_seconds = record.run_seconds
+        task._done.set()
+        self._record(task)
+        self._finished[task.name] = task
+        self._retained_bytes += task.retained_bytes
+        return task
+
+    def _restore_unfinished(
+        self, record: TaskRecord, attempts: list[Attempt], snap: Snapshot
+    ) -> None:
+        lost = attempts[-1] if attempts and attempts[-1].state is TaskState.RUNNING else None
+        if lost is not None:
+            lost.state = TaskState.FAILED
+            lost.end_time = time.time()
+            lost.error = TaskFailure(
+                Code.UNAVAILABLE, "attempt lost: the server stopped while it ran"
+            )
+            self._journal(PutAttempt(_attempt_record(record.id, lost)))
+        data = json.loads(record.spec)
+        labels = json.loads(record.labels)
+        retry = RetryPolicy.from_json(data["retry"])
+        try:
+            blob = snap.blobs.get(inputs_key(record.id))
+            if blob is None:
+                raise InvalidArgument([Violation("inputs", "the journal lost the inputs")])
+            kind = data.get("kind")
+            spec = TaskSpec(
+                op=record.op,
+                inputs=codec.decode(blob),
+                params=data["params"],
+                selector=DeviceSelector(
+                    kind=DeviceKind(kind) if kind else None, name=data.get("device", "")
+                ),
+                priority=record.priority,
+                keep_outputs=bool(data.get("keep_outputs")),
+                labels=labels,
+                tenant=record.tenant,
+                retry=retry,
+            )
+            prepared = self.prepare(spec)
+        except KernelmeshError as exc:
+            failure = TaskFailure(exc.code, f"could not be resumed after a restart: {exc.message}")
+            task = self._restore_finished(record, attempts, snap, failure)
+            self._journal_end(task)
+            return
+        task = self._restored(record, attempts, prepared.device, prepared.call, data)
+        task.inputs = prepared.inputs
+        task.elements = prepared.elements
+        task.retry = retry
+        wall = data.get("deadline")
+        if wall is not None:
+            task.deadline = time.monotonic() + (wall - time.time())
+        self._record(task)
+        if lost is not None and (
+            task.attempt >= retry.maximum_attempts or not retry.retryable(int(Code.UNAVAILABLE))
+        ):
+            self._finish(task, TaskState.FAILED, lost.error)  # the dead letter
+            return
+        if record.state != TaskState.QUEUED:
+            self._journal(UpdateTask(task.id, {"state": int(TaskState.QUEUED)}))
+        delay = (record.not_before or 0.0) - time.time()
+        if delay > 0:
+            task._retry_handle = asyncio.get_running_loop().call_later(delay, self._requeue, task)
+        else:
+            self._enqueue(task)
+
+    def _restored(
+        self,
+        record: TaskRecord,
+        attempts: list[Attempt],
+        device: LocalDevice,
+        call: ops.ValidatedCall | None,
+        spec: dict,
+    ) -> Task:
+        task = Task(
+            id=record.id,
+            seq=record.seq,
+            op=record.op,
+            tenant=record.tenant,
+            priority=record.priority,
+            labels=json.loads(record.labels),
+            keep_outputs=bool(spec.get("keep_outputs")),
+            device=device,
+            call=call,
+            inputs=None,
+            create_time=record.create_time,
+            device_name=record.device or device.name,
+            journaled=True,
+            request_id=record.request_id,
+            fingerprint=record.fingerprint,
+            attempt=record.attempt,
+            attempts=attempts,
+        )
+        if record.request_id:
+            self._requests[(record.tenant, record.request_id)] = task
+        return task
 
     # -- submission -------------------------------------------------------
 
@@ -272,6 +511,7 @@ class TaskManager:
             call=call,
             inputs=arrays,
             elements=work.elements,
+            device_name=device.name,
         )
         return task
 
@@ -306,6 +546,103 @@ class TaskManager:
         self._record(task)
         self._enqueue(task)
         return task
+
+    async def submit_journaled(
+        self,
+        spec: TaskSpec,
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        deadline: float | None = None,
+    ) -> Task:
+        """Records a task, commits it to the journal, then queues it: once this
+        returns, the task survives a crash. The same `request_id` from the same
+        tenant returns the first task (waiting for its commit if it is still
+        under way); with a different `fingerprint` it is INVALID_ARGUMENT."""
+        if request_id:
+            first = self._requests.get((spec.tenant, request_id))
+            if first is not None:
+                return await self._same_request(first, fingerprint)
+        task = self.prepare(spec)
+        task.deadline = deadline
+        task.journaled = True
+        task.request_id = request_id or None
+        task.fingerprint = fingerprint or None
+        task.retry = spec.retry or DEFAULT_RETRY
+        if request_id:
+            self._requests[(spec.tenant, request_id)] = task
+        if self.journal is not None:
+            future = self.journal.write(
+                PutTask(self._record_of(task, spec)),
+                PutBlob(inputs_key(task.id), codec.encode(list(spec.inputs))),
+                wait=True,
+            )
+            assert future is not None
+            self._committing[task.id] = future
+            try:
+                await future
+            except BaseException:
+                if request_id:
+                    self._requests.pop((spec.tenant, request_id), None)
+                raise
+            finally:
+                self._committing.pop(task.id, None)
+        self._record(task)
+        self._enqueue(task)
+        return task
+
+    async def _same_request(self, first: Task, fingerprint: str) -> Task:
+        if (first.fingerprint or "") != fingerprint:
+            raise InvalidArgument(
+                [
+                    Violation(
+                        "request_id",
+                        f"already used for a different task ({first.name}); "
+                        "a retry must send the same task, a new task a new request_id",
+                    )
+                ]
+            )
+        pending = self._committing.get(first.id)
+        if pending is not None:
+            await asyncio.shield(pending)
+        return first
+
+    def _record_of(self, task: Task, spec: TaskSpec) -> TaskRecord:
+        selector = spec.selector
+        return TaskRecord(
+            id=task.id,
+            seq=task.seq,
+            tenant=task.tenant,
+            op=task.op,
+            state=int(TaskState.QUEUED),
+            priority=task.priority,
+            spec=json.dumps(
+                {
+                    "params": dict(spec.params),
+                    "kind": selector.kind.value if selector.kind is not None else None,
+                    "device": selector.name,
+                    "keep_outputs": spec.keep_outputs,
+                    "retry": task.retry.to_json(),
+                    "deadline": _wall_deadline(task.deadline),
+                },
+                separators=(",", ":"),
+            ),
+            labels=json.dumps(task.labels, separators=(",", ":")),
+            request_id=task.request_id,
+            fingerprint=task.fingerprint,
+            attempt=0,
+            device=task.device_name,
+            create_time=task.create_time,
+        )
+
+    def _journal(self, *ops_: Op) -> None:
+        """Queues updates of a journaled task for the next commit; nobody waits."""
+        if self.journal is None:
+            return
+        try:
+            self.journal.write(*ops_)
+        except StoreUnavailable as exc:  # closed while shutting down: recovery redoes it
+            log.warning("not journaled: %s", exc)
 
     def begin(self, spec: TaskSpec, *, deadline: float | None = None) -> Task:
         """Starts a task for a waiting caller: small CPU tasks run inline, on the
@@ -421,6 +758,9 @@ class TaskManager:
     def _abort(self, task: Task, state: TaskState, code: Code, message: str) -> None:
         if task.state.terminal:
             return
+        if task._retry_handle is not None:
+            task._retry_handle.cancel()
+            task._retry_handle = None
         if task.state is TaskState.QUEUED:
             task.device.queue.remove(task.seq)
             self._queued.pop(task.seq, None)
@@ -445,6 +785,7 @@ class TaskManager:
                 )
                 continue
             self._start(task)
+            attempt = task.attempt
             device.task_started()
             began = time.perf_counter()
             try:
@@ -456,10 +797,11 @@ class TaskManager:
                 failure = _kernel_failure(task, exc)
             finally:
                 device.task_ended()
-            if task.state.terminal:  # cancelled or shut down while running
+            # Cancelled or shut down while running, or (fencing) no longer this attempt.
+            if task.state.terminal or task.attempt != attempt:
                 continue
             if outputs is None:
-                self._finish(task, TaskState.FAILED, failure)
+                self._fail(task, failure)
             else:
                 self._complete(task, outputs, time.perf_counter() - began)
 
@@ -477,8 +819,68 @@ class TaskManager:
         task.state = TaskState.RUNNING
         task.start_time = time.time()
         metrics.TASK_QUEUE_SECONDS.observe((task.device.name,), task.start_time - task.create_time)
+        if task.journaled:
+            task.attempt += 1
+            attempt = Attempt(task.attempt, TaskState.RUNNING, task.device_name, task.start_time)
+            task.attempts.append(attempt)
+            self._journal(
+                UpdateTask(
+                    task.id,
+                    {
+                        "state": int(TaskState.RUNNING),
+                        "attempt": task.attempt,
+                        "device": task.device_name,
+                        "start_time": task.start_time,
+                        "not_before": None,
+                    },
+                ),
+                PutAttempt(_attempt_record(task.id, attempt)),
+            )
         if task._watchers:
             self._emit(task, f"running on {task.device.name}")
+
+    def _fail(self, task: Task, failure: TaskFailure) -> None:
+        """An attempt failed: a journaled task retries by its policy, else it ends."""
+        policy = task.retry
+        if (
+            task.journaled
+            and policy.retryable(int(failure.code))
+            and task.attempt < policy.maximum_attempts
+        ):
+            self._retry_later(task, failure)
+        else:
+            self._finish(task, TaskState.FAILED, failure)
+
+    def _retry_later(self, task: Task, failure: TaskFailure) -> None:
+        ended = self._end_attempt(task, TaskState.FAILED, failure)
+        delay = task.retry.delay(task.attempt)
+        task.state = TaskState.QUEUED
+        self._journal(
+            UpdateTask(
+                task.id, {"state": int(TaskState.QUEUED), "not_before": time.time() + delay}
+            ),
+            *([PutAttempt(_attempt_record(task.id, ended))] if ended else []),
+        )
+        self._emit(
+            task, f"attempt {task.attempt} failed ({failure.message}); retrying in {delay:g}s"
+        )
+        task._retry_handle = asyncio.get_running_loop().call_later(delay, self._requeue, task)
+
+    def _requeue(self, task: Task) -> None:
+        # Also while draining: a graceful stop lets queued work, retries included, finish.
+        task._retry_handle = None
+        if task.state is TaskState.QUEUED:
+            self._enqueue(task)
+
+    @staticmethod
+    def _end_attempt(task: Task, state: TaskState, failure: TaskFailure | None) -> Attempt | None:
+        if not task.attempts or task.attempts[-1].state is not TaskState.RUNNING:
+            return None
+        attempt = task.attempts[-1]
+        attempt.state = state
+        attempt.end_time = time.time()
+        attempt.error = failure
+        return attempt
 
     def _complete(self, task: Task, outputs: list[np.ndarray], seconds: float) -> None:
         task.run_seconds = seconds
@@ -506,6 +908,8 @@ class TaskManager:
         task.error = failure
         task.end_time = time.time()
         task.inputs = None  # inputs are not needed any more; free them now
+        if task.journaled:
+            self._journal_end(task)
         metrics.TASKS.inc((task.op, state.name))
         if task._watchers:
             self._emit(task, failure.message if failure else "succeeded")
@@ -517,8 +921,43 @@ class TaskManager:
         self._retained_bytes += task.retained_bytes
         self._finished[task.name] = task
         opts = self.options
-        if len(self._tasks) > opts.retention_tasks or self._retained_bytes > opts.retention_bytes:
+        if (
+            len(self._tasks) > opts.retention_tasks
+            or self._retained_bytes > opts.retention_bytes
+            or self._oldest_expired(task.end_time)
+        ):
             self._evict()
+
+    def _journal_end(self, task: Task) -> None:
+        ended = self._end_attempt(task, task.state, task.error)
+        error = task.error
+        ops_: list[Op] = []
+        if task.state is TaskState.SUCCEEDED and task.outputs:
+            ops_.append(PutBlob(outputs_key(task.id), codec.encode(task.outputs)))
+        ops_.append(
+            UpdateTask(
+                task.id,
+                {
+                    "state": int(task.state),
+                    "end_time": task.end_time,
+                    "run_seconds": task.run_seconds,
+                    "error_code": int(error.code) if error else None,
+                    "error_message": error.message if error else None,
+                    "output_refs": json.dumps([r.name for r in task.output_refs]),
+                    "output_bytes": task.retained_bytes,
+                    "not_before": None,
+                },
+            )
+        )
+        if ended is not None:
+            ops_.append(PutAttempt(_attempt_record(task.id, ended)))
+        self._journal(*ops_)
+
+    def _oldest_expired(self, now: float) -> bool:
+        if not self._finished:
+            return False
+        oldest = next(iter(self._finished.values()))
+        return (oldest.end_time or 0.0) < now - self.options.retention_seconds
 
     def _emit(self, task: Task, message: str) -> None:
         if not task._watchers:
@@ -530,17 +969,68 @@ class TaskManager:
     def _evict(self) -> None:
         """Forgets the oldest finished tasks beyond the retention limits."""
         opts = self.options
+        now = time.time()
         while self._finished and (
-            len(self._tasks) > opts.retention_tasks or self._retained_bytes > opts.retention_bytes
+            len(self._tasks) > opts.retention_tasks
+            or self._retained_bytes > opts.retention_bytes
+            or self._oldest_expired(now)
         ):
             name, task = self._finished.popitem(last=False)
             self._tasks.pop(name, None)
             self._retained_bytes -= task.retained_bytes
+            if task.journaled:
+                self._journal(DeleteTask(task.id))
+                if task.request_id:
+                    self._requests.pop((task.tenant, task.request_id), None)
 
     # -- device figures ---------------------------------------------------
 
     def queue_depth(self, device: LocalDevice) -> int:
         return len(device.queue)
+
+
+def _attempt_record(task_id: str, attempt: Attempt) -> AttemptRecord:
+    error = attempt.error
+    return AttemptRecord(
+        task_id=task_id,
+        number=attempt.number,
+        state=int(attempt.state),
+        device=attempt.device,
+        start_time=attempt.start_time,
+        end_time=attempt.end_time,
+        error_code=int(error.code) if error else None,
+        error_message=error.message if error else None,
+    )
+
+
+def _attempt_of(record: AttemptRecord) -> Attempt:
+    error = None
+    if record.error_code is not None:
+        error = TaskFailure(_code(record.error_code), record.error_message or "")
+    return Attempt(
+        number=record.number,
+        state=TaskState(record.state),
+        device=record.device,
+        start_time=record.start_time,
+        end_time=record.end_time,
+        error=error,
+    )
+
+
+def _code(value: int) -> Code | int:
+    try:
+        return Code(value)
+    except ValueError:
+        return value
+
+
+def _wall_deadline(deadline: float | None) -> float | None:
+    """A monotonic deadline as wall-clock time, which means something after a restart."""
+    return None if deadline is None else time.time() + (deadline - time.monotonic())
+
+
+def fingerprint_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _frozen(value: object) -> object:
@@ -580,6 +1070,7 @@ def _decode_token(token: str) -> int:
 
 __all__ = [
     "DEFAULT_TENANT",
+    "Attempt",
     "KernelmeshError",
     "Task",
     "TaskEvent",

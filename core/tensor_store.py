@@ -1,15 +1,21 @@
 """Named tensors kept on the node ("tensors/{id}") so a later task or a
-download reads them without a round trip through the client."""
+download reads them without a round trip through the client. With a `Store`
+attached, every put and delete is journaled, and `restore` brings them back
+after a restart."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
 from kernelmesh.core.errors import NotFound, ResourceExhausted
+from kernelmesh.core.store import Store, TensorRecord
+from kernelmesh.core.store.base import DeleteTensor, PutTensor
 
 PREFIX = "tensors/"
 
@@ -34,6 +40,7 @@ class TensorStore:
         self._items: dict[str, StoredTensor] = {}
         self._bytes = 0
         self._lock = threading.Lock()
+        self.journal: Store | None = None
 
     @property
     def used_bytes(self) -> int:
@@ -58,7 +65,25 @@ class TensorStore:
             item = StoredTensor(name=name, tenant=tenant, device=device, array=array)
             self._items[name] = item
             self._bytes += array.nbytes
-            return item
+        if self.journal is not None:
+            self.journal.write(PutTensor(_record(item), np.ascontiguousarray(array).tobytes()))
+        return item
+
+    def restore(self, records: list[TensorRecord], blobs: dict[str, bytes]) -> int:
+        """Brings back journaled tensors (at start); returns how many."""
+        restored = 0
+        for record in records:
+            data = blobs.get(record.name)
+            if data is None:
+                continue
+            array = np.frombuffer(data, dtype=record.dtype).reshape(json.loads(record.shape))
+            with self._lock:
+                self._items[record.name] = StoredTensor(
+                    record.name, record.tenant, record.device, array
+                )
+                self._bytes += array.nbytes
+            restored += 1
+        return restored
 
     def get(self, name: str, *, tenant: str) -> StoredTensor:
         item = self._items.get(name)
@@ -72,3 +97,17 @@ class TensorStore:
             item = self.get(name, tenant=tenant)
             del self._items[name]
             self._bytes -= item.size_bytes
+        if self.journal is not None:
+            self.journal.write(DeleteTensor(name))
+
+
+def _record(item: StoredTensor) -> TensorRecord:
+    return TensorRecord(
+        name=item.name,
+        tenant=item.tenant,
+        device=item.device,
+        dtype=item.array.dtype.name,
+        shape=json.dumps(list(item.array.shape)),
+        nbytes=item.size_bytes,
+        create_time=time.time(),
+    )

@@ -36,7 +36,14 @@ from kernelmesh.core import config as config_module
     "--state-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Directory for durable state (LLM usage and budgets); default: in memory.",
+    help="Directory of durable state: submitted tasks, named tensors, API keys, LLM usage "
+    "(default: $XDG_STATE_HOME/kernelmesh, else ~/.local/state/kernelmesh).",
+)
+@click.option(
+    "--store",
+    default=None,
+    help="Where tasks, tensors and keys are kept: sqlite (default, in --state-dir), "
+    "memory (lost on exit), or a postgresql://user@host/db URL.",
 )
 @click.option(
     "--backends",
@@ -54,6 +61,7 @@ def serve(
     config_path: str | None,
     llm_config: str | None,
     state_dir: str | None,
+    store: str | None,
     backends: str | None,
     grace: float | None,
     no_warmup: bool,
@@ -75,18 +83,25 @@ def serve(
             llm_config=llm_config,
             backends=backends,
             state_dir=state_dir,
+            store=store,
             warmup=False if no_warmup else None,
         )
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from None
-    if no_http:
-        import dataclasses
+    import dataclasses
 
+    if no_http:
         cfg = dataclasses.replace(cfg, http_port=None)
+    from kernelmesh.core.store import StoreError, default_state_dir
+
+    if cfg.state_dir is None:
+        cfg = dataclasses.replace(cfg, state_dir=str(default_state_dir()))
     from kernelmesh.core.llm.config import LLMConfigError
 
     try:
         asyncio.run(run_server(cfg))
+    except StoreError as exc:
+        raise click.ClickException(f"cannot open the state store: {exc}") from None
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
     except LLMConfigError as exc:

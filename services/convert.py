@@ -184,7 +184,7 @@ def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.
     msg.state = task.state.value
     msg.tenant = task.tenant
     msg.priority = task.priority
-    msg.device = task.device.name
+    msg.device = task.device_name
     if task.labels:
         msg.labels.update(task.labels)
     if task.state is TaskState.SUCCEEDED:
@@ -203,6 +203,16 @@ def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.
     _timestamp(msg.end_time, task.end_time)
     if task.run_seconds is not None:
         msg.run_duration.FromNanoseconds(int(task.run_seconds * 1e9))
+    if task.attempt:
+        msg.attempt = task.attempt
+        for attempt in task.attempts:
+            out = msg.attempts.add(number=attempt.number, state=int(attempt.state))
+            out.device = attempt.device
+            _timestamp(out.start_time, attempt.start_time)
+            _timestamp(out.end_time, attempt.end_time)
+            if attempt.error is not None:
+                out.error.code = int(attempt.error.code)
+                out.error.message = attempt.error.message
     return msg
 
 

@@ -18,7 +18,7 @@ from kernelmesh.core import devices as device_discovery
 from kernelmesh.core import placement
 from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.llm import Gateway
-from kernelmesh.core.store import UsageStore
+from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
@@ -66,6 +66,9 @@ class Server:
         self._runner = None
         self._warmup: asyncio.Task | None = None
         self.devices = device_discovery.discover(config.node_name, config.backends)
+        store_kind = config.store or ("sqlite" if config.state_dir else "memory")
+        # Opened (and migrated) in start(); a bad --store fails here.
+        self.state: Store = open_store(store_kind, config.state_dir)
         self.tasks = TaskManager(
             self.devices,
             TensorStore(config.tensor_store_bytes),
@@ -75,7 +78,9 @@ class Server:
                 retention_bytes=config.retention_bytes,
                 workers_per_device=config.workers_per_device,
                 inline_max_elements=config.inline_max_elements,
+                retention_seconds=config.retention_seconds,
             ),
+            journal=self.state,
         )
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
@@ -85,6 +90,17 @@ class Server:
         self.llm = Gateway.from_file(config.llm_config, store=self.usage)
 
     async def start(self) -> None:
+        # The store first: a state dir or database that cannot be used stops the
+        # start with its reason, before any port is bound.
+        began = time.perf_counter()
+        await self.state.open()
+        try:
+            await self._start(began)
+        except BaseException:
+            await self.state.close()
+            raise
+
+    async def _start(self, began: float) -> None:
         cfg = self.config
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -138,6 +154,23 @@ class Server:
                     f"{exc.strerror or exc} (choose another with --http-port, or --no-http)"
                 ) from None
         await self.tasks.start()
+        try:
+            queued, finished, tensors = await self.tasks.recover()
+        except BaseException:
+            await self.tasks.shutdown(0)
+            if self._runner is not None:
+                await self._runner.cleanup()
+            raise
+        log.info(
+            "state: %s store at %s; recovered %d unfinished tasks (queued again), "
+            "%d finished tasks and %d named tensors in %.2fs",
+            self.state.kind,
+            self.state.where,
+            queued,
+            finished,
+            tensors,
+            time.perf_counter() - began,
+        )
         await self.llm.start()
         await server.start()
         self._grpc = server
@@ -204,6 +237,7 @@ class Server:
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
+        await self.state.close()  # commits what is queued
         if self._runner is not None:
             await self._runner.cleanup()
         await self.llm.close()
@@ -222,7 +256,8 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     print(
         f"kernelmesh serving gRPC on {config.host}:{server.port}"
-        + (f", HTTP on {config.host}:{server.http_port}" if server.http_port else ""),
+        + (f", HTTP on {config.host}:{server.http_port}" if server.http_port else "")
+        + f"; state: {server.state.kind} at {server.state.where}",
         flush=True,
     )
     stop = asyncio.Event()

@@ -108,7 +108,8 @@ def start_serve(
         stdout=handle,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
-        env={**os.environ, **(env or {})},
+        # Durable state goes to the test's own directory unless --state-dir says otherwise.
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "xdg-state"), **(env or {})},
     )
     deadline = time.monotonic() + timeout
     pattern = re.compile(r"serving gRPC on [\d.]+:(\d+), HTTP on [\d.]+:(\d+)")

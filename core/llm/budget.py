@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from kernelmesh.core.errors import ResourceExhausted
 from kernelmesh.core.llm.config import LLMConfig
@@ -34,11 +35,21 @@ _SPENT_RETRY_AFTER_S = 3600.0
 _IN_FLIGHT_RETRY_AFTER_S = 1.0
 
 
+class BudgetJournal(Protocol):
+    """Where reservations are made durable (the usage store): `hold` commits
+    before the upstream call, `release` swaps it for the tokens used."""
+
+    def hold(self, tenant: str, tokens: int) -> int: ...
+
+    def release(self, hold_id: int, tenant: str, used: int) -> None: ...
+
+
 @dataclass
 class Reservation:
     tenant: str
     tokens: int
     settled: bool = False
+    hold_id: int | None = None  # the journal's, for a tenant with a budget
 
 
 @dataclass
@@ -52,10 +63,17 @@ class _Account:
 
 
 class BudgetLedger:
-    def __init__(self, config: LLMConfig, spent: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: LLMConfig,
+        spent: Mapping[str, int] | None = None,
+        journal: BudgetJournal | None = None,
+    ) -> None:
         """`spent` seeds each tenant's spending (from the usage store), so a
-        restart does not hand out the budget again."""
+        restart does not hand out the budget again; `journal` makes each
+        reservation durable before its call, so a crash does not either."""
         self._config = config
+        self._journal = journal
         self._spent_before = dict(spent or {})
         self._accounts: dict[str, _Account] = {}
         self._lock = threading.Lock()
@@ -92,6 +110,10 @@ class BudgetLedger:
                         f"this request may need {tokens}",
                         retry_after=_IN_FLIGHT_RETRY_AFTER_S if in_flight else _SPENT_RETRY_AFTER_S,
                     )
+                if self._journal is not None:
+                    hold_id = self._journal.hold(tenant, tokens)
+                    account.reserved += tokens
+                    return Reservation(tenant, tokens, hold_id=hold_id)
                 account.reserved += tokens
             return Reservation(tenant, tokens)
 
@@ -103,22 +125,23 @@ class BudgetLedger:
                 return
             reservation.settled = True
             account = self._account(reservation.tenant)
-            if account is None:
-                return
-            account.reserved -= reservation.tokens
-            account.spent += used
-            if used > reservation.tokens and account.blocked is None:
-                account.blocked = (
-                    f"an upstream reported {used} tokens for a request that reserved "
-                    f"{reservation.tokens}"
-                )
-                log.warning(
-                    "tenant %r: %s; charged in full and blocked until restart "
-                    "(raise the deployment's prompt_overhead_tokens if its chat template "
-                    "adds that many)",
-                    reservation.tenant,
-                    account.blocked,
-                )
+            if account is not None:
+                account.reserved -= reservation.tokens
+                account.spent += used
+                if used > reservation.tokens and account.blocked is None:
+                    account.blocked = (
+                        f"an upstream reported {used} tokens for a request that reserved "
+                        f"{reservation.tokens}"
+                    )
+                    log.warning(
+                        "tenant %r: %s; charged in full and blocked until restart "
+                        "(raise the deployment's prompt_overhead_tokens if its chat template "
+                        "adds that many)",
+                        reservation.tenant,
+                        account.blocked,
+                    )
+            if self._journal is not None and reservation.hold_id is not None:
+                self._journal.release(reservation.hold_id, reservation.tenant, used)
 
     def spent(self, tenant: str) -> int | None:
         """Tokens spent so far, or None when the tenant has no budget."""

@@ -176,7 +176,7 @@ class Gateway:
         self._store = store if store is not None else UsageStore(":memory:")
         self._clock = clock
         self._limiter = RateLimiter(config, clock=clock)
-        self._budget = BudgetLedger(config, spent=self._store.spent_tokens())
+        self._budget = BudgetLedger(config, spent=self._store.budget_spent(), journal=self._store)
         self._cache = ResponseCache(config.cache, clock=clock)
         self._session: aiohttp.ClientSession | None = None
         self._start_lock = asyncio.Lock()

@@ -26,9 +26,13 @@ def kernelmesh_command() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def kernelmesh() -> Callable[..., subprocess.CompletedProcess]:
+def kernelmesh(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., subprocess.CompletedProcess]:
     """Runs `kernelmesh ARGS...` to completion and returns the finished process
-    (text stdout and stderr); raises on timeout."""
+    (text stdout and stderr); raises on timeout. `serve`'s default state dir is
+    a temporary one."""
+    state_home = str(tmp_path_factory.mktemp("xdg-state"))
 
     def run(
         *args: str, timeout: float = 60.0, cwd: Path | None = None
@@ -39,7 +43,7 @@ def kernelmesh() -> Callable[..., subprocess.CompletedProcess]:
             text=True,
             timeout=timeout,
             cwd=cwd,
-            env={**os.environ},
+            env={**os.environ, "XDG_STATE_HOME": state_home},
             check=False,
         )
 

@@ -4,7 +4,13 @@
 Recording must not add latency to a request, so `record` only updates the
 in-memory totals and queues the row; one writer thread commits queued rows in
 batches. The totals are loaded from the database when the store opens, so
-`summary` is exact at once and survives restarts."""
+`summary` is exact at once and survives restarts.
+
+Token budgets are kept exactly across crashes apart from that: `hold` commits
+a budget reservation before the upstream call starts (synchronous=NORMAL in
+WAL mode: it survives kill -9, at tens of microseconds), and `release` swaps
+it for the tokens really used in one transaction. At open, a reservation left
+by a process that died is charged in full: its call's outcome is unknown."""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from kernelmesh.core.errors import Unavailable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS llm_usage (
@@ -29,6 +37,23 @@ CREATE TABLE IF NOT EXISTS llm_usage (
     cost REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS llm_usage_tenant ON llm_usage (tenant);
+"""
+
+# Budget spending apart from the usage rows, so a reservation and the spend that
+# replaces it change in one transaction. Created seeded from llm_usage, for state
+# written before these tables existed.
+_BUDGET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_reservations (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS llm_budget_spent (
+    tenant TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    ts REAL NOT NULL
+);
 """
 
 log = logging.getLogger(__name__)
@@ -84,6 +109,7 @@ class UsageStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._open_budget()
         self._totals: dict[tuple[str, str, str], _Totals] = {}
         self._lock = threading.Lock()
         for tenant, model, provider, n, p, c, cost in self._db.execute(
@@ -96,6 +122,7 @@ class UsageStore:
         # when _BATCH pile up): appending never wakes a thread, so a request
         # pays no GIL hand-off for its accounting.
         self._rows: list[_Row] = []
+        self._releases: list[tuple[int, str, int]] = []
         self._wake = threading.Condition(threading.Lock())
         self._committed = threading.Condition()
         self._recorded_rows = 0
@@ -137,6 +164,77 @@ class UsageStore:
             if len(self._rows) >= _BATCH:
                 self._wake.notify()
 
+    def _open_budget(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            fresh = not db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'llm_budget_spent'"
+            ).fetchone()
+            # One statement at a time: executescript would commit this transaction.
+            for statement in filter(str.strip, _BUDGET_SCHEMA.split(";")):
+                db.execute(statement)
+            if fresh:
+                db.execute(
+                    "INSERT INTO llm_budget_spent SELECT tenant,"
+                    " SUM(prompt_tokens + completion_tokens), MAX(ts) FROM llm_usage"
+                    " GROUP BY tenant"
+                )
+            # Reservations of a process that died: their calls may have spent it all.
+            db.execute(
+                "INSERT INTO llm_budget_spent SELECT tenant, tokens, ts FROM llm_reservations"
+            )
+            db.execute("DELETE FROM llm_reservations")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._budget_spent: dict[str, int] = dict(
+            db.execute("SELECT tenant, SUM(tokens) FROM llm_budget_spent GROUP BY tenant")
+        )
+        self._holds: sqlite3.Connection | None = None
+        self._holds_lock = threading.Lock()
+        if self.path != ":memory:":
+            self._holds = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=5.0
+            )
+            self._holds.execute("PRAGMA synchronous=NORMAL")
+
+    def hold(self, tenant: str, tokens: int) -> int:
+        """Commits a budget reservation now (before the upstream call); returns
+        its id for `release`. 0 for an in-memory store (nothing to survive)."""
+        if self._holds is None:
+            return 0
+        with self._holds_lock:
+            try:
+                cursor = self._holds.execute(
+                    "INSERT INTO llm_reservations (tenant, tokens, ts) VALUES (?, ?, ?)",
+                    (tenant, tokens, time.time()),
+                )
+            except sqlite3.Error as exc:
+                raise Unavailable(
+                    f"the usage store {self.path} cannot record a budget reservation: {exc}"
+                ) from None
+            return int(cursor.lastrowid or 0)
+
+    def release(self, hold_id: int, tenant: str, used: int) -> None:
+        """Replaces a reservation by the tokens used, in one transaction (queued
+        for the writer like usage rows: until it commits, a crash charges the
+        whole reservation, never less)."""
+        with self._lock:
+            self._budget_spent[tenant] = self._budget_spent.get(tenant, 0) + used
+        if hold_id == 0:
+            return
+        with self._wake:
+            self._releases.append((hold_id, tenant, used))
+            self._recorded_rows += 1
+
+    def budget_spent(self) -> dict[str, int]:
+        """Tokens charged to each tenant's budget, crashes included (seeds budgets)."""
+        with self._lock:
+            return dict(self._budget_spent)
+
     def summary(self, tenant: str) -> list[UsageRecord]:
         with self._lock:
             return [
@@ -169,6 +267,8 @@ class UsageStore:
             self._wake.notify()
         self._writer.join()
         self._db.close()
+        if self._holds is not None:
+            self._holds.close()
 
     def _write_loop(self) -> None:
         while True:
@@ -176,17 +276,27 @@ class UsageStore:
                 if not self._closed and len(self._rows) < _BATCH:
                     self._wake.wait(_FLUSH_S)
                 rows, self._rows = self._rows, []
+                releases, self._releases = self._releases, []
                 stop = self._closed
             committed = 0
-            if rows:
+            if rows or releases:
                 try:
                     # Autocommit connection: one explicit transaction per batch.
                     self._db.execute("BEGIN")
                     self._db.executemany(
                         "INSERT INTO llm_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
                     )
+                    now = time.time()
+                    self._db.executemany(
+                        "INSERT INTO llm_budget_spent VALUES (?, ?, ?)",
+                        [(tenant, used, now) for _, tenant, used in releases],
+                    )
+                    self._db.executemany(
+                        "DELETE FROM llm_reservations WHERE id = ?",
+                        [(hold_id,) for hold_id, _, _ in releases],
+                    )
                     self._db.execute("COMMIT")
-                    committed = len(rows)
+                    committed = len(rows) + len(releases)
                 except sqlite3.Error:
                     # Never leave the write lock held, never let the thread
                     # die: keep the rows for the next round.
@@ -196,6 +306,7 @@ class UsageStore:
                     log.exception("usage store: could not commit %d rows", len(rows))
                     if not stop:
                         with self._wake:
+                            self._releases[:0] = releases
                             pending = rows + self._rows
                             dropped = max(0, len(pending) - _MAX_PENDING)
                             self._rows = pending[dropped:]

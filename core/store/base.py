@@ -1,0 +1,256 @@
+"""The `Store` interface: what kernelmesh keeps across restarts, and the
+write operations every implementation applies in order, many per transaction.
+
+Writes are queued and committed by one writer in batches (group commit):
+`write(..., wait=True)` returns a future that resolves once the batch holding
+the operations is committed, which is what SubmitTask awaits before it
+replies. Writes nobody waits for (a task starting, finishing, being forgotten)
+ride along in the next batch; if a batch fails they are kept and tried again,
+while the waited-for ones fail at once with `StoreUnavailable` so the caller
+learns that nothing was accepted."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from kernelmesh.core.api_keys import ApiKeyRecord
+from kernelmesh.core.errors import Unavailable
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used (the reason is in the message)."""
+
+
+class SchemaTooNew(StoreError):
+    """The state was written by a newer kernelmesh than this one."""
+
+
+class StoreUnavailable(Unavailable):
+    """A write or read failed: the caller gets UNAVAILABLE and may retry."""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A task as the store keeps it. `spec` is JSON (params, selector, keep_outputs,
+    retry policy); inputs and outputs are blobs keyed by the task id."""
+
+    id: str
+    seq: int
+    tenant: str
+    op: str
+    state: int
+    priority: int
+    spec: str
+    labels: str = "{}"
+    request_id: str | None = None
+    fingerprint: str | None = None
+    attempt: int = 0
+    device: str = ""
+    create_time: float = 0.0
+    start_time: float | None = None
+    end_time: float | None = None
+    run_seconds: float | None = None
+    not_before: float | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+    output_refs: str = "[]"
+    output_bytes: int = 0
+    trace_context: str = ""
+
+
+# The columns UpdateTask may set.
+TASK_UPDATABLE = frozenset(
+    {
+        "state",
+        "attempt",
+        "device",
+        "start_time",
+        "end_time",
+        "run_seconds",
+        "not_before",
+        "error_code",
+        "error_message",
+        "output_refs",
+        "output_bytes",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    task_id: str
+    number: int
+    state: int
+    device: str
+    start_time: float | None
+    end_time: float | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRecord:
+    name: str
+    tenant: str
+    device: str
+    dtype: str
+    shape: str  # JSON list
+    nbytes: int
+    create_time: float
+
+
+# -- write operations -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PutTask:
+    record: TaskRecord
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateTask:
+    id: str
+    fields: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTask:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutAttempt:
+    record: AttemptRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PutBlob:
+    key: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteBlob:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutTensor:
+    record: TensorRecord
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTensor:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutApiKey:
+    record: ApiKeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeApiKey:
+    key_id: str
+    at: float
+
+
+Op = (
+    PutTask
+    | UpdateTask
+    | DeleteTask
+    | PutAttempt
+    | PutBlob
+    | DeleteBlob
+    | PutTensor
+    | DeleteTensor
+    | PutApiKey
+    | RevokeApiKey
+)
+
+
+def inputs_key(task_id: str) -> str:
+    return f"tasks/{task_id}/inputs"
+
+
+def outputs_key(task_id: str) -> str:
+    return f"tasks/{task_id}/outputs"
+
+
+def tensor_key(name: str) -> str:
+    return name  # "tensors/{id}"
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything `load` finds at start."""
+
+    tasks: list[TaskRecord] = field(default_factory=list)
+    attempts: dict[str, list[AttemptRecord]] = field(default_factory=dict)
+    tensors: list[TensorRecord] = field(default_factory=list)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+class Store(ABC):
+    """One durable home for the state of a kernelmesh server."""
+
+    kind: str = ""
+    # False for the in-memory store: nothing it holds outlives the process.
+    durable: bool = True
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """Where the state lives, for logs and errors (no secrets)."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connects, creates or migrates the schema. Raises StoreError."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Commits what is queued, then releases everything."""
+
+    @abstractmethod
+    async def load(self) -> Snapshot:
+        """Every task, attempt, named tensor and blob kept."""
+
+    @abstractmethod
+    def write(self, *ops: Op, wait: bool = False) -> asyncio.Future[None] | None:
+        """Queues operations for the next commit, in order. With `wait`, returns a
+        future that resolves when they are committed (or fails with
+        StoreUnavailable); without, they are retried until they commit."""
+
+    async def sync(self) -> None:
+        """Returns once everything queued so far is committed."""
+        future = self.write(wait=True)
+        if future is not None:
+            await future
+
+    # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
+
+    async def put_api_key(self, record: ApiKeyRecord) -> None:
+        future = self.write(PutApiKey(record), wait=True)
+        if future is not None:
+            await future
+
+    @abstractmethod
+    async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None: ...
+
+    @abstractmethod
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    @abstractmethod
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]:
+        """Every key (of one tenant when given), oldest first."""
+
+    async def revoke_api_key(self, key_id: str, at: float) -> ApiKeyRecord | None:
+        """Sets revoked_at to `at` unless the key is already revoked earlier;
+        returns the updated record, or None for an unknown id."""
+        future = self.write(RevokeApiKey(key_id, at), wait=True)
+        if future is not None:
+            await future
+        return await self.get_api_key(key_id)

@@ -1,0 +1,117 @@
+"""`--store memory`: the same interface with nothing kept past the process.
+For tests and for measuring what durability costs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from kernelmesh.core.api_keys import ApiKeyRecord
+from kernelmesh.core.store.base import (
+    AttemptRecord,
+    DeleteBlob,
+    DeleteTask,
+    DeleteTensor,
+    Op,
+    PutApiKey,
+    PutAttempt,
+    PutBlob,
+    PutTask,
+    PutTensor,
+    RevokeApiKey,
+    Snapshot,
+    Store,
+    TaskRecord,
+    TensorRecord,
+    UpdateTask,
+    inputs_key,
+    outputs_key,
+)
+
+
+class MemoryStore(Store):
+    kind = "memory"
+    durable = False
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskRecord] = {}
+        self.attempts: dict[tuple[str, int], AttemptRecord] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.tensors: dict[str, TensorRecord] = {}
+        self.api_keys: dict[str, ApiKeyRecord] = {}
+
+    @property
+    def where(self) -> str:
+        return "memory (nothing survives a restart)"
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def write(self, *ops: Op, wait: bool = False) -> asyncio.Future[None] | None:
+        for op in ops:
+            self._apply(op)
+        if not wait:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    def _apply(self, op: Op) -> None:
+        if isinstance(op, PutTask):
+            self.tasks[op.record.id] = dataclasses.replace(op.record)
+        elif isinstance(op, UpdateTask):
+            record = self.tasks.get(op.id)
+            if record is not None:
+                for name, value in op.fields.items():
+                    setattr(record, name, value)
+        elif isinstance(op, DeleteTask):
+            self.tasks.pop(op.id, None)
+            self.blobs.pop(inputs_key(op.id), None)
+            self.blobs.pop(outputs_key(op.id), None)
+            for key in [k for k in self.attempts if k[0] == op.id]:
+                del self.attempts[key]
+        elif isinstance(op, PutAttempt):
+            self.attempts[(op.record.task_id, op.record.number)] = op.record
+        elif isinstance(op, PutBlob):
+            self.blobs[op.key] = bytes(op.data)
+        elif isinstance(op, DeleteBlob):
+            self.blobs.pop(op.key, None)
+        elif isinstance(op, PutTensor):
+            self.tensors[op.record.name] = op.record
+            self.blobs[op.record.name] = bytes(op.data)
+        elif isinstance(op, DeleteTensor):
+            self.tensors.pop(op.name, None)
+            self.blobs.pop(op.name, None)
+        elif isinstance(op, PutApiKey):
+            self.api_keys[op.record.key_id] = op.record
+        elif isinstance(op, RevokeApiKey):
+            record = self.api_keys.get(op.key_id)
+            if record is not None and (record.revoked_at is None or record.revoked_at > op.at):
+                self.api_keys[op.key_id] = dataclasses.replace(record, revoked_at=op.at)
+
+    async def load(self) -> Snapshot:
+        snap = Snapshot(
+            tasks=sorted((dataclasses.replace(t) for t in self.tasks.values()), key=_seq),
+            tensors=list(self.tensors.values()),
+            blobs=dict(self.blobs),
+        )
+        for (task_id, _), attempt in sorted(self.attempts.items()):
+            snap.attempts.setdefault(task_id, []).append(attempt)
+        return snap
+
+    async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
+        return next((r for r in self.api_keys.values() if r.digest == digest), None)
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        return self.api_keys.get(key_id)
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]:
+        records = sorted(self.api_keys.values(), key=lambda r: (r.created_at, r.key_id))
+        return [r for r in records if tenant is None or r.tenant == tenant]
+
+
+def _seq(record: TaskRecord) -> int:
+    return record.seq

