@@ -33,6 +33,11 @@ def unavailable(reason: str) -> None:
 
 def with_database(dsn: str, name: str) -> str:
     parts = urlsplit(dsn)
+    if not parts.netloc:
+        # urlunsplit drops the "//" of a URL with no host ("postgresql:/db"), which
+        # is no URL a user would pass to --store; libpq's PG* variables name the host.
+        query = f"?{parts.query}" if parts.query else ""
+        return f"{parts.scheme}:///{name}{query}"
     return urlunsplit(parts._replace(path="/" + name))
 
 

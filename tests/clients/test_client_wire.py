@@ -106,7 +106,9 @@ class Tasks(task_pb2_grpc.TaskServiceServicer):
             )
             # The stream stays open: a client that has what it waited for cancels it.
             await asyncio.sleep(30)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A cancel that lands while a reply is being written closes the
+            # handler (GeneratorExit) instead of cancelling its task.
             self.seen.cancelled.set()
             raise
 
@@ -150,7 +152,7 @@ class Models(llm_pb2_grpc.LLMServiceServicer):
             for i in range(1000):
                 yield llm_pb2.GenerateStreamResponse(delta=f"t{i} ")
                 await asyncio.sleep(0.02)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # as in WatchTask
             self.seen.cancelled.set()
             raise
 
