@@ -90,8 +90,16 @@ class LocalDevice:
     def refusal(self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]):
         return self.backend.refusal(op, shapes, params)
 
-    def run(self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> list:
-        return self.backend.run(op, inputs, params)
+    def run(
+        self,
+        op: str,
+        inputs: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        outputs: Sequence[Any] | None = None,
+    ) -> list:
+        """`outputs`: the validated call's outputs (``ValidatedCall.outputs``), so the
+        backend does not infer them again."""
+        return self.backend.run(op, inputs, params, outputs)
 
     def memory_available_bytes(self) -> int:
         return self.backend.memory_available_bytes()

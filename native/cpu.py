@@ -25,19 +25,27 @@ or loads from Numba's on-disk cache, every signature `run` uses.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from kernelmesh.native import cpu_info
-from kernelmesh.native.backend import CATALOG_DTYPES, Device, DeviceProperties, reduction_plan
+from kernelmesh.native.backend import (
+    CATALOG_DTYPES,
+    Device,
+    DeviceProperties,
+    OpFn,
+    TensorSpec,
+    reduction_plan,
+)
 
 __all__ = ["NAME", "SUPPORTED_DTYPES", "CpuDevice", "available", "devices", "run", "warmup"]
 
@@ -400,51 +408,57 @@ def _im2col(x, n0, y0, kh, kw, sh, sw, ph, pw, ow, cols):
 # --------------------------------------------------------------------------
 
 
-def _binary(kernel: _Kernel) -> Callable[[Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def op(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _binary(kernel: _Kernel) -> OpFn:
+    def op(
+        device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+    ) -> np.ndarray:
         a, b = inputs
-        scalar_b = b.shape in ((), (1,))
-        shape = a.shape if a.shape == b.shape or scalar_b else b.shape
-        out = np.empty(shape, a.dtype)
-        kernel(out.size, _flat(a), _flat(b), out.reshape(-1))
-        return out
+        result = out.empty()
+        kernel(result.size, _flat(a), _flat(b), result.reshape(-1))
+        return result
 
     return op
 
 
-def _unary(kernel: _Kernel) -> Callable[[Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def op(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _unary(kernel: _Kernel) -> OpFn:
+    def op(
+        device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+    ) -> np.ndarray:
         (x,) = inputs
-        out = np.empty(x.shape, x.dtype)
-        kernel(out.size, _flat(x), out.reshape(-1))
-        return out
+        result = out.empty()
+        kernel(result.size, _flat(x), result.reshape(-1))
+        return result
 
     return op
 
 
-def _op_scale(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_scale(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     (x,) = inputs
-    out = np.empty(x.shape, x.dtype)
+    result = out.empty()
     # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-    _scale(out.size, _flat(x), x.dtype.type(params["factor"]), out.reshape(-1))
-    return out
+    _scale(result.size, _flat(x), x.dtype.type(params["factor"]), result.reshape(-1))
+    return result
 
 
-def _op_exp(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_exp(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     (x,) = inputs
-    out = np.empty(x.shape, x.dtype)  # out=: an array even for 0-d x, never a NumPy scalar
+    result = out.empty()  # out=: an array even for 0-d x, never a NumPy scalar
     with np.errstate(over="ignore", under="ignore"):  # exp(1000) is inf, as asked
-        np.exp(x, out=out)
-    return out
+        np.exp(x, out=result)
+    return result
 
 
-def _reduce(inputs: Sequence[np.ndarray], params: Mapping[str, Any], op: str) -> np.ndarray:
-    (x,) = inputs
+def _reduce(op: str) -> OpFn:
+    return lambda device, inputs, params, out: _reduction(op, inputs[0], params)
+
+
+def _reduction(op: str, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     # sum and mean accumulate in int64 or float64 (plan.acc_dtype); outputs follow NumPy
     plan = reduction_plan(x, params, op)
-    if plan.empty:
-        # an empty extent reaches here only for sum (0) or with an empty output
-        return np.zeros(plan.shape, plan.dtype)
     planes, n, cols = plan.planes, plan.n, plan.cols
 
     if cols == 1:
@@ -461,32 +475,36 @@ def _reduce(inputs: Sequence[np.ndarray], params: Mapping[str, Any], op: str) ->
     return acc.astype(plan.dtype, copy=False).reshape(plan.shape)
 
 
-def _op_softmax(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_softmax(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     (x,) = inputs
-    out = np.empty(x.shape, x.dtype)
-    if out.size == 0:
-        return out
+    result = out.empty()
     n = x.shape[-1]
-    rows = out.size // n
+    rows = result.size // n
     # one row per task: a single row stays on one core, whatever its length
-    _softmax(out.size if rows > 1 else 0, _kernel_input(x, (rows, n)), out.reshape(rows, n))
-    return out
+    _softmax(result.size if rows > 1 else 0, _kernel_input(x, (rows, n)), result.reshape(rows, n))
+    return result
 
 
-def _op_matmul(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_matmul(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     a, b = inputs
     return np.ascontiguousarray(np.matmul(a, b))  # a no-op unless NumPy kept a strided layout
 
 
-def _op_transpose(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_transpose(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     (x,) = inputs
     if x.T.flags.c_contiguous or not x.flags.c_contiguous:
         # x.T is already laid out in order (a plain copy), or x is a strided view that
         # NumPy reads in one pass; tiling would first need a contiguous copy.
         return np.array(x.T, order="C")  # a copy even when x.T is contiguous
-    out = np.empty((x.shape[1], x.shape[0]), x.dtype)
-    _transpose(x.size, _kernel_input(x), out)
-    return out
+    result = out.empty()
+    _transpose(x.size, _kernel_input(x), result)
+    return result
 
 
 # Elements of im2col columns built at once: bounds the scratch memory to 128 MiB of
@@ -494,20 +512,17 @@ def _op_transpose(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np
 _IM2COL_BUDGET = 1 << 24
 
 
-def _op_conv2d(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_conv2d(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     x, w = inputs
     (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    out = np.empty((n, o, oh, ow), x.dtype)
-    if out.size == 0:
-        return out
+    _, c, h, wd = x.shape
+    n, o, oh, ow = out.shape
+    kh, kw = w.shape[2:]
     window = c * kh * kw
     weights = np.ascontiguousarray(w).reshape(o, window)
-    if window == 0:
-        out.fill(0)
-        return out
+    out = out.empty()  # the result array, from here on
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         # a 1x1 convolution is already a matmul over channels: no im2col needed
         np.matmul(weights, np.ascontiguousarray(x).reshape(n, c, h * wd), out=out.reshape(n, o, -1))
@@ -536,40 +551,46 @@ def _op_conv2d(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.nd
     return out
 
 
-def _op_fft(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+def _op_fft(
+    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
+) -> np.ndarray:
     (x,) = inputs
     transform = np.fft.ifft if params.get("inverse", False) else np.fft.fft
     # C order even for a Fortran-ordered x (pocketfft keeps the input's layout)
     return np.ascontiguousarray(transform(x, axis=-1), dtype=np.complex64)
 
 
-_OPS: Mapping[str, Callable[[Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]] = {
-    "add": _binary(_add),
-    "sub": _binary(_sub),
-    "mul": _binary(_mul),
-    "div": _binary(_div),
-    "relu": _unary(_relu),
-    "gelu": _unary(_gelu),
-    "exp": _op_exp,
-    "scale": _op_scale,
-    "sum": lambda inputs, params: _reduce(inputs, params, "sum"),
-    "max": lambda inputs, params: _reduce(inputs, params, "max"),
-    "mean": lambda inputs, params: _reduce(inputs, params, "mean"),
-    "softmax": _op_softmax,
-    "matmul": _op_matmul,
-    "transpose": _op_transpose,
-    "conv2d": _op_conv2d,
-    "fft": _op_fft,
-}
+_OPS: Mapping[str, OpFn] = types.MappingProxyType(
+    {
+        "add": _binary(_add),
+        "sub": _binary(_sub),
+        "mul": _binary(_mul),
+        "div": _binary(_div),
+        "relu": _unary(_relu),
+        "gelu": _unary(_gelu),
+        "exp": _op_exp,
+        "scale": _op_scale,
+        "sum": _reduce("sum"),
+        "max": _reduce("max"),
+        "mean": _reduce("mean"),
+        "softmax": _op_softmax,
+        "matmul": _op_matmul,
+        "transpose": _op_transpose,
+        "conv2d": _op_conv2d,
+        "fft": _op_fft,
+    }
+)
 
 
-def run(op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[np.ndarray]:
-    """Runs one op on validated inputs and normalised params; returns fresh outputs."""
-    try:
-        kernel = _OPS[op]
-    except KeyError:
-        raise ValueError(f"the cpu backend has no op {op!r}") from None
-    return [kernel(inputs, params)]
+def run(
+    op: str,
+    inputs: Sequence[np.ndarray],
+    params: Mapping[str, Any],
+    outputs: Sequence[Any] | None = None,
+) -> list[np.ndarray]:
+    """Runs one op on validated inputs and normalised params (`CpuDevice.run` of this
+    host's device); returns fresh outputs."""
+    return _device().run(op, inputs, params, outputs)
 
 
 def _warmup_calls() -> list[tuple[str, list[np.ndarray], dict[str, Any]]]:
@@ -614,10 +635,7 @@ def warmup() -> None:
 class CpuDevice(Device):
     """The host's cores, running the kernels of this module."""
 
-    def run(
-        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
-    ) -> list[np.ndarray]:
-        return run(op, inputs, params)
+    ops: ClassVar[Mapping[str, OpFn]] = _OPS
 
     def memory_available_bytes(self) -> int:
         return cpu_info.memory_available_bytes()
@@ -630,7 +648,13 @@ def available() -> str | None:
     return None  # NumPy and Numba are dependencies: the CPU backend always runs
 
 
-def devices() -> list[Device]:
+@functools.cache
+def _device() -> CpuDevice:
+    (device,) = devices()
+    return device
+
+
+def devices() -> list[CpuDevice]:
     info = cpu_info.cpu_info()
     properties = DeviceProperties(
         kind=NAME,
