@@ -371,6 +371,8 @@ class Device(abc.ABC):
     ops: ClassVar[Mapping[str, OpFn]] = types.MappingProxyType({})
     kernels: ClassVar[Mapping[str, KernelFile]] = types.MappingProxyType({})
     compiler: Compiler | None = field(default=None, init=False, repr=False)
+    # dtype -> why this backend never runs it, for the error of a call that asks anyway
+    missing_dtypes: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
 
     def __post_init__(self) -> None:
         # (file, variant, kernel) -> Program, and (file, variant) -> loaded binary
@@ -408,6 +410,13 @@ class Device(abc.ABC):
         fn = self.ops.get(op)
         if fn is None:
             raise ValueError(f"the {self.properties.kind} backend has no op {op!r}")
+        dtype = inputs[0].dtype.name
+        if not self.supports(op, dtype):
+            why = self.missing_dtypes.get(dtype, f"not implemented on {self.properties.kind}")
+            raise ValueError(f"{op} for {dtype} does not run on {self.name}: {why}")
+        reason = self.refusal(op, [x.shape for x in inputs], params)
+        if reason:
+            raise ValueError(reason)
         if outputs:
             out = TensorSpec.of(outputs[0].shape, outputs[0].dtype)
         else:

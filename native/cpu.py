@@ -618,11 +618,16 @@ def _warmup_calls() -> list[tuple[str, list[np.ndarray], dict[str, Any]]]:
     return calls
 
 
-def warmup() -> None:
-    """Compiles, or loads from Numba's on-disk cache, every kernel signature `run` uses."""
+def warmup(progress: Callable[[str], None] | None = None) -> None:
+    """Compiles, or loads from Numba's on-disk cache, every kernel signature `run` uses;
+    `progress` hears each op (then each parallel kernel) as it starts."""
     for op, inputs, params in _warmup_calls():
+        if progress is not None:
+            progress(f"{op} {inputs[0].dtype.name}")
         run(op, inputs, params)  # small: compiles each serial twin
     for kernel in _Kernel.instances:
+        if progress is not None:
+            progress(f"{kernel.parallel.__name__} (parallel)")
         kernel.compile_parallel_like_serial()
 
 
@@ -640,8 +645,8 @@ class CpuDevice(Device):
     def memory_available_bytes(self) -> int:
         return cpu_info.memory_available_bytes()
 
-    def warmup(self) -> None:
-        warmup()
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        warmup(progress)
 
 
 def available() -> str | None:
