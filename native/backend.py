@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -42,10 +43,12 @@ __all__ = [
     "CallBuffers",
     "CompileError",
     "Compiler",
+    "Conv2dGeometry",
     "Device",
     "DeviceProperties",
     "KernelFile",
     "LaunchError",
+    "OpCall",
     "OpFn",
     "OutOfDeviceMemory",
     "PooledAllocator",
@@ -314,7 +317,6 @@ class Compiler(abc.ABC):
 class Program(abc.ABC):
     """One kernel of a loaded binary."""
 
-    @abc.abstractmethod
     def __call__(
         self,
         *args: Any,
@@ -323,6 +325,19 @@ class Program(abc.ABC):
         wait: bool = False,
     ) -> float | None:
         """Launches; with `wait`, blocks and returns the kernel's time in seconds."""
+        local = None if local_size is None else tuple(int(v) for v in local_size)
+        return self.launch(args, tuple(int(v) for v in global_size), local, wait)
+
+    @abc.abstractmethod
+    def launch(
+        self,
+        args: tuple,
+        global_size: tuple[int, ...],
+        local_size: tuple[int, ...] | None,
+        wait: bool,
+    ) -> float | None:
+        """`__call__`'s work, with the sizes as tuples of ints (the backend's own units:
+        work-items on OpenCL, blocks and threads on CUDA, threadgroups on Metal)."""
 
 
 @dataclass(frozen=True)
@@ -347,9 +362,9 @@ def kernel_table(*files: KernelFile) -> Mapping[str, KernelFile]:
     return types.MappingProxyType({k.file: k for k in files})
 
 
-# One op of a backend: (the backend's per-call context, validated inputs, normalised
-# params, the output's spec from the validated call) -> a fresh C-contiguous array.
-OpFn = Callable[[Any, Sequence[np.ndarray], Mapping[str, Any], TensorSpec], np.ndarray]
+# One op of a backend: one `OpCall` (validated inputs, normalised params, the output's
+# spec from the validated call, the call's device buffers) -> a fresh C-contiguous array.
+OpFn = Callable[["OpCall"], np.ndarray]
 
 
 @dataclass(eq=False)
@@ -427,13 +442,13 @@ class Device(abc.ABC):
             # a non-empty output of empty inputs is a sum of nothing (sum over an empty
             # axis, matmul with K = 0, conv2d without input channels): zeros
             return [np.zeros(out.shape, out.dtype)]
-        with self.call(op) as context:
-            return [fn(context, inputs, params, out)]
+        with OpCall(self, op, inputs, params, out) as call, self.running(call):
+            return [fn(call)]
 
-    def call(self, op: str) -> contextlib.AbstractContextManager[Any]:
-        """The context one `run` of `op` executes in (its buffers, the driver's context),
-        handed to the op as its first argument; released when the op returns or raises."""
-        return contextlib.nullcontext(self)
+    def running(self, call: OpCall) -> contextlib.AbstractContextManager[Any]:
+        """What surrounds one op (the driver's context, an autorelease pool, turning
+        driver errors into `LaunchError`); nothing by default."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def memory_available_bytes(self) -> int: ...
@@ -612,12 +627,8 @@ def output_spec(op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
     if op == "transpose":
         return TensorSpec.of(x.shape[::-1], x.dtype)
     if op == "conv2d":
-        (sh, sw), (ph, pw) = params["stride"], params["padding"]
-        n, _, h, wd = x.shape
-        o, _, kh, kw = inputs[1].shape
-        return TensorSpec.of(
-            (n, o, (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1), x.dtype
-        )
+        g = Conv2dGeometry.of(x.shape, inputs[1].shape, params)
+        return TensorSpec.of((g.n, g.o, g.oh, g.ow), x.dtype)
     if op == "fft":
         return TensorSpec.of(x.shape, np.complex64)
     return TensorSpec.of(x.shape, x.dtype)  # relu, gelu, exp, scale, softmax
@@ -666,3 +677,80 @@ class CallBuffers:
         host = np.empty(shape, dtype)
         self.allocator.copyout(host, buffer)
         return host
+
+
+class OpCall(CallBuffers):
+    """One `Device.run`: the op, its validated inputs, normalised params and output spec,
+    and the device buffers it allocates (all freed when it ends, whatever happens)."""
+
+    def __init__(
+        self,
+        device: Device,
+        op: str,
+        inputs: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        out: TensorSpec,
+    ) -> None:
+        super().__init__(getattr(device, "allocator", None))
+        self.device, self.op, self.inputs, self.params, self.out = device, op, inputs, params, out
+
+    @property
+    def x(self) -> np.ndarray:
+        """The first input."""
+        return self.inputs[0]
+
+    def kernel(self, file: str, variant: str, name: str) -> Program:
+        return self.device.program(file, variant, name)
+
+    def upload_all(self) -> list[Any]:
+        """A device copy of every input, in order."""
+        return [self.upload(x) for x in self.inputs]
+
+    def alloc_out(self) -> Any:
+        """A device buffer for the output."""
+        return self.alloc(self.out.nbytes)
+
+    def result(self, buffer: Any) -> np.ndarray:
+        """The output, downloaded from `buffer`."""
+        return self.download(buffer, self.out.shape, self.out.dtype)
+
+    def conv2d(self) -> Conv2dGeometry:
+        return Conv2dGeometry.of(self.inputs[0].shape, self.inputs[1].shape, self.params)
+
+
+@dataclass(frozen=True)
+class Conv2dGeometry:
+    """Every extent of a conv2d: input (n, c, h, w), weights (o, c, kh, kw), stride,
+    padding, output (oh, ow)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    o: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    oh: int
+    ow: int
+
+    @classmethod
+    def of(
+        cls, x: Sequence[int], weights: Sequence[int], params: Mapping[str, Any]
+    ) -> Conv2dGeometry:
+        (sh, sw), (ph, pw) = params["stride"], params["padding"]
+        n, c, h, w = x
+        o, _, kh, kw = weights
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        return cls(n, c, h, w, o, kh, kw, sh, sw, ph, pw, oh, ow)
+
+    @property
+    def window(self) -> int:
+        """Elements of one receptive field: c * kh * kw."""
+        return self.c * self.kh * self.kw
+
+    def astuple(self) -> tuple[int, ...]:
+        return dataclasses.astuple(self)

@@ -42,8 +42,8 @@ from kernelmesh.native.backend import (
     CATALOG_DTYPES,
     Device,
     DeviceProperties,
+    OpCall,
     OpFn,
-    TensorSpec,
     reduction_plan,
 )
 
@@ -409,11 +409,9 @@ def _im2col(x, n0, y0, kh, kw, sh, sw, ph, pw, ow, cols):
 
 
 def _binary(kernel: _Kernel) -> OpFn:
-    def op(
-        device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        a, b = inputs
-        result = out.empty()
+    def op(call: OpCall) -> np.ndarray:
+        a, b = call.inputs
+        result = call.out.empty()
         kernel(result.size, _flat(a), _flat(b), result.reshape(-1))
         return result
 
@@ -421,39 +419,30 @@ def _binary(kernel: _Kernel) -> OpFn:
 
 
 def _unary(kernel: _Kernel) -> OpFn:
-    def op(
-        device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        (x,) = inputs
-        result = out.empty()
-        kernel(result.size, _flat(x), result.reshape(-1))
+    def op(call: OpCall) -> np.ndarray:
+        result = call.out.empty()
+        kernel(result.size, _flat(call.x), result.reshape(-1))
         return result
 
     return op
 
 
-def _op_scale(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    result = out.empty()
+def _op_scale(call: OpCall) -> np.ndarray:
+    x, result = call.x, call.out.empty()
     # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-    _scale(result.size, _flat(x), x.dtype.type(params["factor"]), result.reshape(-1))
+    _scale(result.size, _flat(x), x.dtype.type(call.params["factor"]), result.reshape(-1))
     return result
 
 
-def _op_exp(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    result = out.empty()  # out=: an array even for 0-d x, never a NumPy scalar
+def _op_exp(call: OpCall) -> np.ndarray:
+    result = call.out.empty()  # out=: an array even for 0-d x, never a NumPy scalar
     with np.errstate(over="ignore", under="ignore"):  # exp(1000) is inf, as asked
-        np.exp(x, out=result)
+        np.exp(call.x, out=result)
     return result
 
 
 def _reduce(op: str) -> OpFn:
-    return lambda device, inputs, params, out: _reduction(op, inputs[0], params)
+    return lambda call: _reduction(op, call.x, call.params)
 
 
 def _reduction(op: str, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
@@ -475,11 +464,8 @@ def _reduction(op: str, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     return acc.astype(plan.dtype, copy=False).reshape(plan.shape)
 
 
-def _op_softmax(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    result = out.empty()
+def _op_softmax(call: OpCall) -> np.ndarray:
+    x, result = call.x, call.out.empty()
     n = x.shape[-1]
     rows = result.size // n
     # one row per task: a single row stays on one core, whatever its length
@@ -487,22 +473,18 @@ def _op_softmax(
     return result
 
 
-def _op_matmul(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    a, b = inputs
+def _op_matmul(call: OpCall) -> np.ndarray:
+    a, b = call.inputs
     return np.ascontiguousarray(np.matmul(a, b))  # a no-op unless NumPy kept a strided layout
 
 
-def _op_transpose(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
+def _op_transpose(call: OpCall) -> np.ndarray:
+    x = call.x
     if x.T.flags.c_contiguous or not x.flags.c_contiguous:
         # x.T is already laid out in order (a plain copy), or x is a strided view that
         # NumPy reads in one pass; tiling would first need a contiguous copy.
         return np.array(x.T, order="C")  # a copy even when x.T is contiguous
-    result = out.empty()
+    result = call.out.empty()
     _transpose(x.size, _kernel_input(x), result)
     return result
 
@@ -512,17 +494,12 @@ def _op_transpose(
 _IM2COL_BUDGET = 1 << 24
 
 
-def _op_conv2d(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    _, c, h, wd = x.shape
-    n, o, oh, ow = out.shape
-    kh, kw = w.shape[2:]
-    window = c * kh * kw
+def _op_conv2d(call: OpCall) -> np.ndarray:
+    (x, w), g = call.inputs, call.conv2d()
+    n, c, h, wd, o, kh, kw, sh, sw, ph, pw, oh, ow = g.astuple()
+    window = g.window
     weights = np.ascontiguousarray(w).reshape(o, window)
-    out = out.empty()  # the result array, from here on
+    out = call.out.empty()
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         # a 1x1 convolution is already a matmul over channels: no im2col needed
         np.matmul(weights, np.ascontiguousarray(x).reshape(n, c, h * wd), out=out.reshape(n, o, -1))
@@ -551,11 +528,9 @@ def _op_conv2d(
     return out
 
 
-def _op_fft(
-    device: Any, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    transform = np.fft.ifft if params.get("inverse", False) else np.fft.fft
+def _op_fft(call: OpCall) -> np.ndarray:
+    x = call.x
+    transform = np.fft.ifft if call.params.get("inverse", False) else np.fft.fft
     # C order even for a Fortran-ordered x (pocketfft keeps the input's layout)
     return np.ascontiguousarray(transform(x, axis=-1), dtype=np.complex64)
 

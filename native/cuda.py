@@ -30,7 +30,7 @@ import threading
 import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,16 @@ import numpy as np
 from kernelmesh.native.backend import (
     CATALOG_DTYPES,
     Allocator,
-    CallBuffers,
     CompileError,
     Compiler,
     Device,
     DeviceProperties,
     KernelFile,
     LaunchError,
+    OpCall,
     OpFn,
     OutOfDeviceMemory,
     Program,
-    TensorSpec,
     kernel_table,
     reduction_plan,
 )
@@ -320,12 +319,12 @@ class CudaProgram(Program):
         self.name = name
         self.function = module.get_function(name)
 
-    def __call__(
+    def launch(
         self,
-        *args: Any,
-        global_size: Sequence[int],
-        local_size: Sequence[int] | None = None,
-        wait: bool = False,
+        args: tuple,
+        global_size: tuple[int, ...],
+        local_size: tuple[int, ...] | None,
+        wait: bool,
     ) -> float | None:
         grid = _dim3(global_size)
         block = _dim3(local_size or (1,))
@@ -396,7 +395,7 @@ class CudaDevice(Device):
         self.allocator = CudaAllocator(self.name)
         self._lock = threading.Lock()  # guards the context
         self._context: Any = None
-        self._cupy, self.cupy_missing = _cupy()
+        self.cupy, self.cupy_missing = _cupy()
 
     # --- context, programs ------------------------------------------------
 
@@ -411,7 +410,7 @@ class CudaDevice(Device):
             context = self._context
         context.push()
         try:
-            with self._cupy_device():
+            with self.cupy_device():
                 yield
         except LaunchError:
             raise
@@ -428,10 +427,10 @@ class CudaDevice(Device):
 
     @contextmanager
     def _cupy_device(self) -> Iterator[None]:
-        if self._cupy is None:
+        if self.cupy is None:
             yield
             return
-        with self._cupy.cuda.Device(self.index):
+        with self.cupy.cuda.Device(self.index):
             yield
 
     def load(self, binary: bytes, options: Sequence[str]) -> Any:
@@ -446,12 +445,12 @@ class CudaDevice(Device):
             context, self._context = self._context, None
         if context is None:
             return
-        if self._cupy is not None:
+        if self.cupy is not None:
             context.push()
             try:
-                with self._cupy.cuda.Device(self.index):
-                    self._cupy.get_default_memory_pool().free_all_blocks()
-                    self._cupy.fft.config.get_plan_cache().clear()
+                with self.cupy.cuda.Device(self.index):
+                    self.cupy.get_default_memory_pool().free_all_blocks()
+                    self.cupy.fft.config.get_plan_cache().clear()
             finally:
                 _driver().Context.pop()
         context.detach()  # releases our retain of the primary context
@@ -464,7 +463,7 @@ class CudaDevice(Device):
     def refusal(
         self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]
     ) -> str | None:
-        if op == "fft" and self._cupy is None and shapes and shapes[0]:
+        if op == "fft" and self.cupy is None and shapes and shapes[0]:
             n = shapes[0][-1]
             if n & (n - 1):
                 return (
@@ -475,32 +474,19 @@ class CudaDevice(Device):
 
     # --- running ----------------------------------------------------------
 
-    @contextmanager
-    def call(self, op: str) -> Iterator[_Call]:
-        with self.active(), _Call(self) as call:
-            yield call
+    def running(self, call: OpCall) -> AbstractContextManager[None]:
+        return self.active()
 
     def blocks(self, work: int, threads: int = _THREADS) -> int:
         # enough blocks to fill every SM several times over; grid-stride loops do the rest
         return max(1, min(-(-work // threads), self.sm_count * 32))
 
 
-class _Call(CallBuffers):
-    """The buffers of one `run` (freed when it ends) and the device's kernels."""
-
-    def __init__(self, device: CudaDevice) -> None:
-        super().__init__(device.allocator)
-        self.device = device
-        self.cupy = device._cupy
-
-    def kernel(self, file: str, variant: str, name: str) -> CudaProgram:
-        return self.device.program(file, variant, name)
-
-    def launch(self, file: str, variant: str, name: str, work: int, *args: Any) -> None:
-        """A grid-stride kernel over `work` items."""
-        self.kernel(file, variant, name)(
-            *args, global_size=(self.device.blocks(work),), local_size=(_THREADS,)
-        )
+def _launch(call: OpCall, file: str, variant: str, name: str, work: int, *args: Any) -> None:
+    """A grid-stride kernel over `work` items."""
+    call.kernel(file, variant, name)(
+        *args, global_size=(call.device.blocks(work),), local_size=(_THREADS,)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -509,14 +495,13 @@ class _Call(CallBuffers):
 
 
 def _binary(name: str) -> OpFn:
-    def op(
-        call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        a, b = inputs
-        da, db, dout = call.upload(a), call.upload(b), call.alloc(out.nbytes)
+    def op(call: OpCall) -> np.ndarray:
+        (a, b), out = call.inputs, call.out
+        (da, db), dout = call.upload_all(), call.alloc_out()
         steps = (np.int32(a.size != 1 or b.size == 1), np.int32(b.size != 1 or a.size == 1))
         # both one element, or full same-shape operands: steps (1, 1) reads element 0 too
-        call.launch(
+        _launch(
+            call,
             "cuda_elementwise.cu",
             out.dtype.name,
             name,
@@ -527,20 +512,19 @@ def _binary(name: str) -> OpFn:
             np.int64(out.size),
             *steps,
         )
-        return call.download(dout, out.shape, out.dtype)
+        return call.result(dout)
 
     return op
 
 
 def _unary(name: str) -> OpFn:
-    def op(
-        call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        (x,) = inputs
+    def op(call: OpCall) -> np.ndarray:
+        x, out = call.x, call.out
         # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-        extra = (out.dtype.type(params["factor"]),) if name == "km_scale" else ()
-        dx, dout = call.upload(x), call.alloc(out.nbytes)
-        call.launch(
+        extra = (out.dtype.type(call.params["factor"]),) if name == "km_scale" else ()
+        dx, dout = call.upload(x), call.alloc_out()
+        _launch(
+            call,
             "cuda_elementwise.cu",
             out.dtype.name,
             name,
@@ -550,24 +534,22 @@ def _unary(name: str) -> OpFn:
             np.int64(out.size),
             *extra,
         )
-        return call.download(dout, out.shape, out.dtype)
+        return call.result(dout)
 
     return op
 
 
 def _reduce(op: str) -> OpFn:
-    def run(
-        call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        (x,) = inputs
-        plan = reduction_plan(x, params, op)
+    def run(call: OpCall) -> np.ndarray:
+        x = call.x
+        plan = reduction_plan(x, call.params, op)
         planes, n, cols = plan.planes, plan.n, plan.cols
         part_dtype = plan.acc_dtype
         stage = "max" if op == "max" else "sum"
         final = f"km_{op}_{'rows' if cols == 1 else 'cols'}_final"
         variant = x.dtype.name
         sm_count = call.device.sm_count
-        dx, dout = call.upload(x), call.alloc(out.nbytes)
+        dx, dout = call.upload(x), call.alloc_out()
         extra = (np.int64(n),) if op == "mean" else ()
         if cols == 1:
             # chunks of at least 4096 elements; enough of them to give every SM 4 blocks
@@ -601,7 +583,8 @@ def _reduce(op: str) -> OpFn:
             chunk = -(-n // chunks)
             chunks = -(-n // chunk)
             part = call.alloc(planes * chunks * cols * part_dtype.itemsize)
-            call.launch(
+            _launch(
+                call,
                 "cuda_reduce.cu",
                 variant,
                 f"km_{stage}_cols_partial",
@@ -614,7 +597,8 @@ def _reduce(op: str) -> OpFn:
                 np.int64(chunk),
                 np.int64(chunks),
             )
-            call.launch(
+            _launch(
+                call,
                 "cuda_reduce.cu",
                 variant,
                 final,
@@ -626,18 +610,16 @@ def _reduce(op: str) -> OpFn:
                 np.int64(chunks),
                 *extra,
             )
-        return call.download(dout, out.shape, out.dtype)
+        return call.result(dout)
 
     return run
 
 
-def _op_softmax(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
+def _op_softmax(call: OpCall) -> np.ndarray:
+    x, out = call.x, call.out
     n = x.shape[-1]
     rows = out.size // n
-    dx, dout = call.upload(x), call.alloc(out.nbytes)
+    dx, dout = call.upload(x), call.alloc_out()
     threads = 1024 if n >= 4096 else 256 if n >= 256 else 32
     call.kernel("cuda_softmax.cu", out.dtype.name, "km_softmax")(
         _ptr(dx),
@@ -647,22 +629,20 @@ def _op_softmax(
         global_size=(min(rows, 1 << 20),),
         local_size=(threads,),
     )
-    return call.download(dout, out.shape, out.dtype)
+    return call.result(dout)
 
 
-def _op_matmul(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    a, b = inputs
-    da, db, dout = call.upload(a), call.upload(b), call.alloc(out.nbytes)
-    cp = call.cupy
+def _op_matmul(call: OpCall) -> np.ndarray:
+    (a, b), out = call.inputs, call.out
+    (da, db), dout = call.upload_all(), call.alloc_out()
+    cp = call.device.cupy
     if cp is not None:
         cp.matmul(
             _as_cupy(cp, da, a.shape, out.dtype),
             _as_cupy(cp, db, b.shape, out.dtype),
             out=_as_cupy(cp, dout, out.shape, out.dtype),
         )
-        return call.download(dout, out.shape, out.dtype)
+        return call.result(dout)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = a.shape[0] if a.ndim == 3 else 1
     call.kernel("cuda_matmul.cu", out.dtype.name, "km_matmul_tiled")(
@@ -676,15 +656,13 @@ def _op_matmul(
         global_size=(-(-n // 32), min(-(-m // 32), 65535), min(batch, 65535)),
         local_size=(16, 16),
     )
-    return call.download(dout, out.shape, out.dtype)
+    return call.result(dout)
 
 
-def _op_transpose(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    rows, cols = x.shape
-    dx, dout = call.upload(x), call.alloc(out.nbytes)
+def _op_transpose(call: OpCall) -> np.ndarray:
+    rows, cols = call.x.shape
+    out = call.out
+    dx, dout = call.upload(call.x), call.alloc_out()
     call.kernel("cuda_transpose.cu", str(out.dtype.itemsize), "km_transpose")(
         _ptr(dx),
         _ptr(dout),
@@ -693,25 +671,20 @@ def _op_transpose(
         global_size=(min(-(-cols // 32), 1 << 16), min(-(-rows // 32), 1 << 15)),
         local_size=(32, 8),
     )
-    return call.download(dout, out.shape, out.dtype)
+    return call.result(dout)
 
 
-def _op_conv2d(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    _, c, h, wd = x.shape
-    n, o, oh, ow = out.shape
-    kh, kw = w.shape[2:]
-    dx, dw, dout = call.upload(x), call.upload(w), call.alloc(out.nbytes)
-    shape = [np.int64(v) for v in (n, c, h, wd, o, kh, kw, sh, sw, ph, pw, oh, ow)]
+def _op_conv2d(call: OpCall) -> np.ndarray:
+    g, out = call.conv2d(), call.out
+    n, o, window, pixels = g.n, g.o, g.window, g.oh * g.ow
+    (dx, dw), dout = call.upload_all(), call.alloc_out()
+    shape = [np.int64(v) for v in g.astuple()]
     variant = out.dtype.name
-    window, pixels = c * kh * kw, oh * ow
-    cp = call.cupy
+    cp = call.device.cupy
     if cp is None or window * pixels > _IM2COL_BUDGET:
         # without cuBLAS, or when one image's columns would not fit the budget
-        call.launch(
+        _launch(
+            call,
             "cuda_conv2d.cu",
             variant,
             "km_conv2d_direct",
@@ -721,14 +694,15 @@ def _op_conv2d(
             _ptr(dout),
             *shape,
         )
-        return call.download(dout, out.shape, out.dtype)
+        return call.result(dout)
     images = max(1, min(n, _IM2COL_BUDGET // (window * pixels)))
     cols = call.alloc(images * window * pixels * out.dtype.itemsize)
     weights = _as_cupy(cp, dw, (o, window), out.dtype)
     result = _as_cupy(cp, dout, out.shape, out.dtype).reshape(n, o, pixels)
     for n0 in range(0, n, images):
         tile = min(images, n - n0)
-        call.launch(
+        _launch(
+            call,
             "cuda_conv2d.cu",
             variant,
             "km_im2col",
@@ -741,16 +715,14 @@ def _op_conv2d(
         )
         staged = _as_cupy(cp, cols, (tile, window, pixels), out.dtype)
         cp.matmul(weights, staged, out=result[n0 : n0 + tile])
-    return call.download(dout, out.shape, out.dtype)
+    return call.result(dout)
 
 
-def _op_fft(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    inverse = bool(params.get("inverse", False))
+def _op_fft(call: OpCall) -> np.ndarray:
+    x, out = call.x, call.out
+    inverse = bool(call.params.get("inverse", False))
     dx = call.upload(x)
-    cp = call.cupy
+    cp = call.device.cupy
     if cp is not None:
         transform = cp.fft.ifft if inverse else cp.fft.fft
         # cuFFT allocates its result from CuPy's pool; complex64 in, complex64 out
@@ -760,9 +732,10 @@ def _op_fft(
     n = x.shape[-1]
     batch = out.size // n
     log2n = n.bit_length() - 1
-    dout = call.alloc(out.nbytes)
+    dout = call.alloc_out()
     first = "km_fft_bitreverse_real" if x.dtype == np.float32 else "km_fft_bitreverse"
-    call.launch(
+    _launch(
+        call,
         "cuda_fft.cu",
         "complex64",
         first,
@@ -776,7 +749,8 @@ def _op_fft(
     sign = np.float32(1.0 if inverse else -1.0)
     half = 1
     while half < n:
-        call.launch(
+        _launch(
+            call,
             "cuda_fft.cu",
             "complex64",
             "km_fft_stage",
@@ -789,7 +763,8 @@ def _op_fft(
         )
         half *= 2
     if inverse:
-        call.launch(
+        _launch(
+            call,
             "cuda_fft.cu",
             "complex64",
             "km_fft_scale",
@@ -798,7 +773,7 @@ def _op_fft(
             np.int64(out.size),
             np.float32(1.0 / n),
         )
-    return call.download(dout, out.shape, out.dtype)
+    return call.result(dout)
 
 
 CudaDevice.ops = types.MappingProxyType(

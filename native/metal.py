@@ -38,8 +38,8 @@ import subprocess
 import sys
 import tempfile
 import types
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,17 +49,16 @@ import numpy as np
 from kernelmesh.native.backend import (
     CATALOG_DTYPES,
     Allocator,
-    CallBuffers,
     CompileError,
     Compiler,
     Device,
     DeviceProperties,
     KernelFile,
     LaunchError,
+    OpCall,
     OpFn,
     OutOfDeviceMemory,
     Program,
-    TensorSpec,
     kernel_source,
     kernel_table,
     reduction_plan,
@@ -351,12 +350,12 @@ class MetalProgram(Program):
                 encoder.setBuffer_offset_atIndex_(arg, 0, index)
         encoder.dispatchThreadgroups_threadsPerThreadgroup_(_size(groups), _size(threads))
 
-    def __call__(
+    def launch(
         self,
-        *args: Any,
-        global_size: Sequence[int],
-        local_size: Sequence[int] | None = None,
-        wait: bool = False,
+        args: tuple,
+        global_size: tuple[int, ...],
+        local_size: tuple[int, ...] | None,
+        wait: bool,
     ) -> float | None:
         """Launches on a command buffer of its own. `global_size` counts threadgroups
         (as in tinygrad's Metal and CUDA backends), `local_size` threads per group."""
@@ -511,12 +510,10 @@ class MetalDevice(Device):
         total = int(self._mtl.recommendedMaxWorkingSetSize())
         return max(0, total - int(self._mtl.currentAllocatedSize()))
 
-    @contextmanager
-    def call(self, op: str) -> Iterator[MetalDevice]:
+    def running(self, call: OpCall) -> AbstractContextManager[Any]:
         # Worker threads have no Cocoa autorelease pool of their own; without one the
         # command buffers and encoders Metal autoreleases would pile up.
-        with _pyobjc().objc.autorelease_pool():
-            yield self
+        return _pyobjc().objc.autorelease_pool()
 
     def _submit(self, what: str, dispatches: Sequence[_Dispatch]) -> None:
         """Encodes the dispatches, in order, into one command buffer and waits for it. A
@@ -539,25 +536,23 @@ class MetalDevice(Device):
         limit = min(wanted, _MAX_GROUP, self._kernel(kernel).max_threads)
         return 1 << max(0, limit.bit_length() - 1)
 
-    def _launch(
-        self,
-        what: str,
-        kernel: str,
-        inputs: Sequence[np.ndarray],
-        out: np.ndarray,
-        args: bytes,
-        groups: int,
-        threads: tuple[int, ...],
-    ) -> np.ndarray:
-        """Uploads the inputs, runs one dispatch writing `out`'s buffer, copies it back."""
-        with CallBuffers(self.allocator) as buffers:
-            device_inputs = [buffers.upload(x) for x in inputs]
-            device_out = buffers.alloc(out.nbytes)
-            self._submit(
-                what, [_Dispatch(kernel, (*device_inputs, device_out, args), groups, threads)]
-            )
-            self.allocator.copyout(out, device_out)
-        return out
+
+def _launch(
+    call: OpCall,
+    kernel: str,
+    args: bytes,
+    groups: int,
+    threads: tuple[int, ...],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Uploads the inputs, runs one dispatch writing the output's buffer (or `out`'s, a
+    host array of another shape), copies it back."""
+    host = call.out.empty() if out is None else out
+    device_out = call.alloc(host.nbytes)
+    dispatch = _Dispatch(kernel, (*call.upload_all(), device_out, args), groups, threads)
+    call.device._submit(call.op, [dispatch])
+    call.allocator.copyout(host, device_out)
+    return host
 
 
 def _pack(*values: int) -> bytes:
@@ -575,51 +570,35 @@ def _groups_of(count: int, threads: int) -> int:
 
 
 def _binary_op(op: str) -> OpFn:
-    def run(
-        device: MetalDevice,
-        inputs: Sequence[np.ndarray],
-        params: Mapping[str, Any],
-        out: TensorSpec,
-    ) -> np.ndarray:
-        a, b = inputs
+    def run(call: OpCall) -> np.ndarray:
+        (a, b), out = call.inputs, call.out
         kernel = f"{op}_{out.dtype}"
-        threads = device._threads(kernel, _MAX_GROUP)
+        threads = call.device._threads(kernel, _MAX_GROUP)
         # a step of 0 makes the one-element operand a scalar
         args = _pack(out.size, int(a.size == out.size), int(b.size == out.size))
-        groups = _groups_of(out.size, threads)
-        return device._launch(op, kernel, [a, b], out.empty(), args, groups, (threads,))
+        return _launch(call, kernel, args, _groups_of(out.size, threads), (threads,))
 
     return run
 
 
 def _unary_op(op: str) -> OpFn:
-    def run(
-        device: MetalDevice,
-        inputs: Sequence[np.ndarray],
-        params: Mapping[str, Any],
-        out: TensorSpec,
-    ) -> np.ndarray:
+    def run(call: OpCall) -> np.ndarray:
+        out = call.out
         kernel = f"{op}_{out.dtype}"
-        threads = device._threads(kernel, _MAX_GROUP)
+        threads = call.device._threads(kernel, _MAX_GROUP)
         # the factor rounded to float32 as NumPy's float32(factor) does (inf past the
         # range, where struct.pack("f") would raise)
-        factor = np.float32(params.get("factor", 1.0)) if op == "scale" else np.float32(0)
+        factor = np.float32(call.params.get("factor", 1.0)) if op == "scale" else np.float32(0)
         args = _pack(out.size) + factor.tobytes()
-        groups = _groups_of(out.size, threads)
-        return device._launch(op, kernel, inputs, out.empty(), args, groups, (threads,))
+        return _launch(call, kernel, args, _groups_of(out.size, threads), (threads,))
 
     return run
 
 
 def _reduce(op: str) -> OpFn:
-    def run(
-        device: MetalDevice,
-        inputs: Sequence[np.ndarray],
-        params: Mapping[str, Any],
-        out: TensorSpec,
-    ) -> np.ndarray:
-        (x,) = inputs
-        plan = reduction_plan(x, params, op)
+    def run(call: OpCall) -> np.ndarray:
+        x, device = call.x, call.device
+        plan = reduction_plan(x, call.params, op)
         planes, n, cols, outputs = plan.planes, plan.n, plan.cols, plan.outputs
         # an integer mean is the exact int64 sum, divided on the host
         integer_mean = op == "mean" and x.dtype.kind == "i"
@@ -634,94 +613,73 @@ def _reduce(op: str) -> OpFn:
             threads = device._threads(kernel, 1 << (n - 1).bit_length())
             groups = outputs
         acc = np.empty(outputs, device_dtype)
-        device._launch(op, kernel, [x], acc, _pack(planes, n, cols), groups, (threads,))
+        _launch(call, kernel, _pack(planes, n, cols), groups, (threads,), out=acc)
         if integer_mean:
             acc = acc / n  # the exact int64 sum over n, in float64 as the CPU backend does
-        return acc.astype(out.dtype, copy=False).reshape(out.shape)
+        return acc.astype(call.out.dtype, copy=False).reshape(call.out.shape)
 
     return run
 
 
-def _softmax(
-    device: MetalDevice, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    n = out.shape[-1]
-    kernel = f"softmax_{out.dtype}"
-    threads = device._threads(kernel, 1 << (n - 1).bit_length())
-    return device._launch(
-        "softmax", kernel, inputs, out.empty(), _pack(n), out.size // n, (threads,)
-    )
+def _softmax(call: OpCall) -> np.ndarray:
+    n = call.out.shape[-1]
+    kernel = f"softmax_{call.out.dtype}"
+    threads = call.device._threads(kernel, 1 << (n - 1).bit_length())
+    return _launch(call, kernel, _pack(n), call.out.size // n, (threads,))
 
 
-def _matmul(
-    device: MetalDevice, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    a, b = inputs
+def _matmul(call: OpCall) -> np.ndarray:
+    a, b = call.inputs
     batch = a.shape[0] if a.ndim == 3 else 1
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
+    (m, k), n = a.shape[-2:], b.shape[-1]
     tiles_m, tiles_n = _groups_of(m, _TILE), _groups_of(n, _TILE)
     args = _pack(m, n, k, tiles_m, tiles_n)
     groups = batch * tiles_m * tiles_n
-    kernel = f"matmul_{out.dtype}"
-    return device._launch("matmul", kernel, inputs, out.empty(), args, groups, (_TILE, _TILE))
+    return _launch(call, f"matmul_{call.out.dtype}", args, groups, (_TILE, _TILE))
 
 
-def _transpose(
-    device: MetalDevice, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    rows, cols = inputs[0].shape
-    kernel = f"transpose_b{out.dtype.itemsize * 8}"
+def _transpose(call: OpCall) -> np.ndarray:
+    rows, cols = call.x.shape
+    kernel = f"transpose_b{call.out.dtype.itemsize * 8}"
     tiles_down, tiles_across = _groups_of(rows, _TILE), _groups_of(cols, _TILE)
     args = _pack(rows, cols, tiles_across)
-    groups = tiles_down * tiles_across
-    return device._launch("transpose", kernel, inputs, out.empty(), args, groups, (_TILE, _TILE))
+    return _launch(call, kernel, args, tiles_down * tiles_across, (_TILE, _TILE))
 
 
-def _conv2d(
-    device: MetalDevice, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    _, channels, height, width = x.shape
-    batch, out_channels, oh, ow = out.shape
-    kh, kw = w.shape[2:]
-    kernel = f"conv2d_{out.dtype}"
-    args = _pack(batch, channels, height, width, out_channels, kh, kw, sh, sw, ph, pw, oh, ow)
-    threads = device._threads(kernel, _MAX_GROUP)
-    groups = _groups_of(out.size, threads)
-    return device._launch("conv2d", kernel, inputs, out.empty(), args, groups, (threads,))
+def _conv2d(call: OpCall) -> np.ndarray:
+    g = call.conv2d()
+    kernel = f"conv2d_{call.out.dtype}"
+    args = _pack(*g.astuple())
+    threads = call.device._threads(kernel, _MAX_GROUP)
+    return _launch(call, kernel, args, _groups_of(call.out.size, threads), (threads,))
 
 
-def _fft(
-    device: MetalDevice, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    inverse = bool(params.get("inverse", False))
+def _fft(call: OpCall) -> np.ndarray:
+    x, device = call.x, call.device
+    inverse = bool(call.params.get("inverse", False))
     n = x.shape[-1]
     # float32 input is the real part of a complex64 signal, as the catalog defines it
     signal = np.ascontiguousarray(x, dtype=np.complex64)
-    result = out.empty()
+    result = call.out.empty()
     if n == 1:
         # the DFT of one point is that point (and 1/n is 1): nothing to compute
         result[...] = signal
         return result
-    butterflies = out.size // 2
+    butterflies = result.size // 2
     threads = device._threads("fft_stage", _MAX_GROUP)
     groups = _groups_of(butterflies, threads)
-    with CallBuffers(device.allocator) as buffers:
-        ping = buffers.upload(signal)
-        pong = buffers.alloc(signal.nbytes)
-        passes, span = [], 1
-        while span < n:
-            last = span * 2 == n
-            scale = 1.0 / n if inverse and last else 1.0
-            args = _pack(n, span, butterflies) + struct.pack("=2f", 1.0 if inverse else -1.0, scale)
-            passes.append(_Dispatch("fft_stage", (ping, pong, args), groups, (threads,)))
-            ping, pong = pong, ping
-            span *= 2
-        device._submit("fft", passes)
-        device.allocator.copyout(result, ping)  # the last pass wrote what is now `ping`
+    ping = call.upload(signal)
+    pong = call.alloc(signal.nbytes)
+    passes, span = [], 1
+    while span < n:
+        last = span * 2 == n
+        scale = 1.0 / n if inverse and last else 1.0
+        args = _pack(n, span, butterflies) + struct.pack("=2f", 1.0 if inverse else -1.0, scale)
+        passes.append(_Dispatch("fft_stage", (ping, pong, args), groups, (threads,)))
+        ping, pong = pong, ping
+        span *= 2
+    device._submit("fft", passes)
+    call.allocator.copyout(result, ping)  # the last pass wrote what is now `ping`
     return result
 
 

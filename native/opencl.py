@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kernelmesh.native import backend
-from kernelmesh.native.backend import KernelFile, OpFn, TensorSpec
+from kernelmesh.native.backend import KernelFile, OpCall, OpFn
 
 try:
     import pyopencl as cl
@@ -218,21 +218,16 @@ class OpenCLProgram(backend.Program):
             kernel = self._local.kernel = cl.Kernel(self.program, self.name)
         return kernel
 
-    def __call__(
+    def launch(
         self,
-        *args: Any,
-        global_size: Sequence[int],
-        local_size: Sequence[int] | None = None,
-        wait: bool = False,
+        args: tuple,
+        global_size: tuple[int, ...],
+        local_size: tuple[int, ...] | None,
+        wait: bool,
     ) -> float | None:
         kernel = self._kernel()
         kernel.set_args(*args)
-        event = cl.enqueue_nd_range_kernel(
-            self.queue,
-            kernel,
-            tuple(global_size),
-            None if local_size is None else tuple(local_size),
-        )
+        event = cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
         if not wait:
             return None
         event.wait()
@@ -335,12 +330,11 @@ class OpenCLDevice(backend.Device):
         return None
 
     @contextmanager
-    def call(self, op: str) -> Iterator[_Call]:
-        with _Call(self) as call:
-            try:
-                yield call
-            except cl.Error as exc:
-                raise backend.LaunchError(f"{op} on {self.name} failed: {exc}") from exc
+    def running(self, call: OpCall) -> Iterator[None]:
+        try:
+            yield
+        except cl.Error as exc:
+            raise backend.LaunchError(f"{call.op} on {self.name} failed: {exc}") from exc
 
     def memory_available_bytes(self) -> int:
         """Total global memory minus what this backend holds, pooled buffers included
@@ -412,73 +406,51 @@ def _groups(n: int, local: int) -> int:
     return max(local, -(-n // local) * local)
 
 
-class _Call(backend.CallBuffers):
-    """The buffers of one `run`, all freed when it ends, whatever happens, and the
-    device's kernels."""
-
-    def __init__(self, device: OpenCLDevice) -> None:
-        super().__init__(device.allocator)
-        self.device = device
-
-    def kernel(self, file: str, variant: str, name: str) -> OpenCLProgram:
-        return self.device.program(file, variant, name)
-
-
 # --------------------------------------------------------------------------
-# Ops: each takes validated inputs and normalised params, returns a fresh array
+# Ops: each takes one `OpCall` and returns a fresh array
 # --------------------------------------------------------------------------
 
 
-def _launch_1d(program: OpenCLProgram, n: int, *args: Any) -> None:
+def _launch_1d(program: backend.Program, n: int, *args: Any) -> None:
     program(*args, global_size=(_groups(n, _ELEMENTWISE_LOCAL),), local_size=(_ELEMENTWISE_LOCAL,))
 
 
 def _binary(name: str) -> OpFn:
-    def op(
-        call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        a, b = inputs
+    def op(call: OpCall) -> np.ndarray:
+        a, b = call.inputs
         if a.shape == b.shape and a.size != 1:
             variant = "tt"
         elif b.size == 1:  # b is a scalar operand (also when both are)
             variant = "ts"
         else:
             variant = "st"
-        n = out.size
-        da, db, dout = call.upload(a), call.upload(b), call.alloc(out.nbytes)
+        n = call.out.size
         kernel = call.kernel("opencl_elementwise.cl", a.dtype.name, f"{name}_{variant}")
-        _launch_1d(kernel, n, da, db, dout, np.uint64(n))
-        return call.download(dout, out.shape, out.dtype)
+        dout = call.alloc_out()
+        _launch_1d(kernel, n, *call.upload_all(), dout, np.uint64(n))
+        return call.result(dout)
 
     return op
 
 
 def _unary(name: str) -> OpFn:
-    def op(
-        call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        (x,) = inputs
-        dx, dout = call.upload(x), call.alloc(out.nbytes)
+    def op(call: OpCall) -> np.ndarray:
+        x, n = call.x, call.out.size
         kernel = call.kernel("opencl_elementwise.cl", x.dtype.name, name)
-        if name == "scale":
-            # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-            _launch_1d(kernel, x.size, dx, x.dtype.type(params["factor"]), dout, np.uint64(x.size))
-        else:
-            _launch_1d(kernel, x.size, dx, dout, np.uint64(x.size))
-        return call.download(dout, out.shape, out.dtype)
+        # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
+        factor = (x.dtype.type(call.params["factor"]),) if name == "scale" else ()
+        dx, dout = call.upload(x), call.alloc_out()
+        _launch_1d(kernel, n, dx, *factor, dout, np.uint64(n))
+        return call.result(dout)
 
     return op
 
 
 def _reduce(op: str) -> OpFn:
-    def run(
-        call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-    ) -> np.ndarray:
-        (x,) = inputs
-        plan = backend.reduction_plan(x, params, op)
+    def run(call: OpCall) -> np.ndarray:
+        x, device = call.x, call.device
+        plan = backend.reduction_plan(x, call.params, op)
         rows, cols, outputs = plan.n, plan.cols, plan.outputs
-
-        device = call.device
         variant = x.dtype.name
         # enough work-groups to fill every compute unit a few times over, each piece of a
         # row still long enough to repay its work-group
@@ -490,38 +462,31 @@ def _reduce(op: str) -> OpFn:
         acc_bytes = plan.accumulator(device.properties.supports_fp64).itemsize
         dx = call.upload(x)
         partial = call.alloc(outputs * chunks * acc_bytes)
-        dout = call.alloc(out.nbytes)
+        dout = call.alloc_out()
         kind = "max" if op == "max" else "sum"
-        first = call.kernel("opencl_reduce.cl", variant, f"partial_{kind}")
-        first(
+        sizes = (rows, cols, chunk, chunks)
+        call.kernel("opencl_reduce.cl", variant, f"partial_{kind}")(
             dx,
             partial,
-            np.uint32(rows),
-            np.uint32(cols),
-            np.uint32(chunk),
-            np.uint32(chunks),
+            *(np.uint32(v) for v in sizes),
             global_size=(outputs * chunks * local,),
             local_size=(local,),
         )
         finish = call.kernel("opencl_reduce.cl", variant, f"finish_{op}")
         extra = (np.uint32(rows),) if op == "mean" else ()
         _launch_1d(finish, outputs, partial, dout, np.uint32(chunks), np.uint32(outputs), *extra)
-        return call.download(dout, out.shape, out.dtype)
+        return call.result(dout)
 
     return run
 
 
-def _op_softmax(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    n = x.shape[-1]
-    rows = x.size // n
-    dx, dout = call.upload(x), call.alloc(out.nbytes)
-    kernel = call.kernel("opencl_reduce.cl", x.dtype.name, "softmax")
+def _op_softmax(call: OpCall) -> np.ndarray:
+    n = call.x.shape[-1]
     local = call.device.reduce_local
-    kernel(dx, dout, np.uint32(n), global_size=(rows * local,), local_size=(local,))
-    return call.download(dout, out.shape, out.dtype)
+    kernel = call.kernel("opencl_reduce.cl", call.x.dtype.name, "softmax")
+    dx, dout = call.upload(call.x), call.alloc_out()
+    kernel(dx, dout, np.uint32(n), global_size=(call.x.size // n * local,), local_size=(local,))
+    return call.result(dout)
 
 
 _MATMUL_TILE = 64  # rows and columns of C per work-group (TM, TN in opencl_matmul.cl)
@@ -543,85 +508,48 @@ class _Operand:
 
 
 def _matmul(
-    call: _Call,
-    dtype: np.dtype,
-    a: _Operand,
-    b: _Operand,
-    c: _Operand,
-    m: int,
-    n: int,
-    k: int,
-    batches: int,
+    call: OpCall, a: _Operand, b: _Operand, c: _Operand, m: int, n: int, k: int, batches: int
 ) -> None:
-    kernel = call.kernel("opencl_matmul.cl", dtype.name, "matmul")
+    kernel = call.kernel("opencl_matmul.cl", call.out.dtype.name, "matmul")
     groups_x, groups_y = -(-n // _MATMUL_TILE), -(-m // _MATMUL_TILE)
     kernel(
         *a.args(),
         *b.args(),
         *c.args(),
-        np.uint32(m),
-        np.uint32(n),
-        np.uint32(k),
+        *(np.uint32(v) for v in (m, n, k)),
         global_size=(groups_x * _MATMUL_ITEMS, groups_y * _MATMUL_ITEMS, batches),
         local_size=(_MATMUL_ITEMS, _MATMUL_ITEMS, 1),
     )
 
 
-def _op_matmul(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    a, b = inputs
+def _op_matmul(call: OpCall) -> np.ndarray:
+    a, b = call.inputs
     batches = a.shape[0] if a.ndim == 3 else 1
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    da, db, dc = call.upload(a), call.upload(b), call.alloc(out.nbytes)
-    _matmul(
-        call,
-        a.dtype,
-        _Operand(da, 0, k, m * k),
-        _Operand(db, 0, n, k * n),
-        _Operand(dc, 0, n, m * n),
-        m,
-        n,
-        k,
-        batches,
-    )
-    return call.download(dc, out.shape, out.dtype)
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    (da, db), dc = call.upload_all(), call.alloc_out()
+    a_, b_, c_ = _Operand(da, 0, k, m * k), _Operand(db, 0, n, k * n), _Operand(dc, 0, n, m * n)
+    _matmul(call, a_, b_, c_, m, n, k, batches)
+    return call.result(dc)
 
 
 _TRANSPOSE_TILE = 16
 
 
-def _op_transpose(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    rows, cols = x.shape
-    dx, dout = call.upload(x), call.alloc(out.nbytes)
-    kernel = call.kernel("opencl_transpose.cl", str(x.itemsize), "transpose")
+def _op_transpose(call: OpCall) -> np.ndarray:
+    rows, cols = call.x.shape
     tile = _TRANSPOSE_TILE
-    kernel(
-        dx,
-        dout,
-        np.uint32(rows),
-        np.uint32(cols),
-        global_size=(_groups(cols, tile), _groups(rows, tile)),
-        local_size=(tile, tile),
-    )
-    return call.download(dout, out.shape, out.dtype)
+    kernel = call.kernel("opencl_transpose.cl", str(call.x.itemsize), "transpose")
+    dx, dout = call.upload(call.x), call.alloc_out()
+    grid = (_groups(cols, tile), _groups(rows, tile))
+    kernel(dx, dout, np.uint32(rows), np.uint32(cols), global_size=grid, local_size=(tile, tile))
+    return call.result(dout)
 
 
-def _op_conv2d(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    _, c, h, wd = x.shape
-    n, o, oh, ow = out.shape
-    kh, kw = w.shape[2:]
-    window = c * kh * kw
-    dx, dw, dout = call.upload(x), call.upload(w), call.alloc(out.nbytes)
-    im2col = call.kernel("opencl_conv2d.cl", x.dtype.name, "im2col")
+def _op_conv2d(call: OpCall) -> np.ndarray:
+    g = call.conv2d()
+    n, o, oh, ow, window = g.n, g.o, g.oh, g.ow, g.window
+    (dx, dw), dout = call.upload_all(), call.alloc_out()
+    im2col = call.kernel("opencl_conv2d.cl", call.x.dtype.name, "im2col")
     weights = _Operand(dw, 0, window, 0)  # batch stride 0: every image shares them
     # Tiles of whole images while their columns fit the budget, else bands of output
     # rows of one image; each tile is one im2col and one (batched) matmul.
@@ -630,44 +558,26 @@ def _op_conv2d(
         images, band = min(n, max(1, _IM2COL_BUDGET // max(per_image, 1))), oh
     else:
         images, band = 1, max(1, _IM2COL_BUDGET // (window * ow))
-    cols = call.alloc(images * window * band * ow * x.itemsize)
+    cols = call.alloc(images * window * band * ow * call.x.itemsize)
+    shape = (g.c, g.h, g.w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, ow)
     for n0 in range(0, n, images):
         tile = min(images, n - n0)
         for y0 in range(0, oh, band):
             rows = min(band, oh - y0)
             pixels = rows * ow
-            total = tile * window * pixels
-            _launch_1d(
-                im2col,
-                total,
-                dx,
-                cols,
-                *(np.uint32(v) for v in (tile, n0, y0, rows, c, h, wd, kh, kw, sh, sw, ph, pw, ow)),
-            )
-            _matmul(
-                call,
-                x.dtype,
-                weights,
-                _Operand(cols, 0, pixels, window * pixels),
-                # out[n0 + b, :, y0:y0 + rows, :] is a (o, rows * ow) matrix with rows
-                # oh * ow apart
-                _Operand(dout, (n0 * o * oh + y0) * ow, oh * ow, o * oh * ow),
-                o,
-                pixels,
-                window,
-                tile,
-            )
-    return call.download(dout, out.shape, out.dtype)
+            args = (np.uint32(v) for v in (tile, n0, y0, rows, *shape))
+            _launch_1d(im2col, tile * window * pixels, dx, cols, *args)
+            staged = _Operand(cols, 0, pixels, window * pixels)
+            # out[n0 + b, :, y0:y0 + rows, :] is a (o, rows * ow) matrix with rows
+            # oh * ow apart
+            into = _Operand(dout, (n0 * o * oh + y0) * ow, oh * ow, o * oh * ow)
+            _matmul(call, weights, staged, into, o, pixels, window, tile)
+    return call.result(dout)
 
 
-def _op_fft(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any], out: TensorSpec
-) -> np.ndarray:
-    (x,) = inputs
-    n = x.shape[-1]
-    if n & (n - 1):
-        raise ValueError(f"fft on opencl needs a power-of-two length, got {n}")
-    total = x.size
+def _op_fft(call: OpCall) -> np.ndarray:
+    x = call.x
+    n, total = x.shape[-1], x.size
     nbytes = total * 8
     if x.dtype == np.complex64:
         src = call.upload(x)
@@ -678,7 +588,7 @@ def _op_fft(
         _launch_1d(to_complex, total, real, src, np.uint64(total))
     dst = call.alloc(nbytes)
     radix2 = call.kernel("opencl_fft.cl", "complex64", "radix2")
-    inverse = bool(params.get("inverse", False))
+    inverse = bool(call.params.get("inverse", False))
     sign = np.float32(1.0 if inverse else -1.0)
     items = total // 2
     ns = 1
@@ -691,7 +601,7 @@ def _op_fft(
         src, dst = dst, src
         ns *= 2
     # a length-1 transform is the identity (and its inverse divides by 1)
-    return call.download(src, out.shape, out.dtype)
+    return call.result(src)
 
 
 OpenCLDevice.ops = types.MappingProxyType(
