@@ -48,6 +48,7 @@ __all__ = [
     "DeviceProperties",
     "KernelFile",
     "LaunchError",
+    "LaunchSize",
     "OpCall",
     "OpFn",
     "OutOfDeviceMemory",
@@ -57,6 +58,7 @@ __all__ = [
     "TensorSpec",
     "kernel_source",
     "kernel_table",
+    "op_table",
     "output_spec",
     "reduction_plan",
     "without_float64",
@@ -314,6 +316,16 @@ class Compiler(abc.ABC):
         """The binary of `source` built with `options`; `name` labels the compiler's log."""
 
 
+@dataclass(frozen=True)
+class LaunchSize:
+    """The grid of one launch, in the backend's own units (work-items on OpenCL, blocks
+    and threads on CUDA, threadgroups on Metal); `wait`: block and time the kernel."""
+
+    global_size: tuple[int, ...]
+    local_size: tuple[int, ...] | None
+    wait: bool
+
+
 class Program(abc.ABC):
     """One kernel of a loaded binary."""
 
@@ -326,18 +338,11 @@ class Program(abc.ABC):
     ) -> float | None:
         """Launches; with `wait`, blocks and returns the kernel's time in seconds."""
         local = None if local_size is None else tuple(int(v) for v in local_size)
-        return self.launch(args, tuple(int(v) for v in global_size), local, wait)
+        return self.launch(args, LaunchSize(tuple(int(v) for v in global_size), local, wait))
 
     @abc.abstractmethod
-    def launch(
-        self,
-        args: tuple,
-        global_size: tuple[int, ...],
-        local_size: tuple[int, ...] | None,
-        wait: bool,
-    ) -> float | None:
-        """`__call__`'s work, with the sizes as tuples of ints (the backend's own units:
-        work-items on OpenCL, blocks and threads on CUDA, threadgroups on Metal)."""
+    def launch(self, args: tuple, size: LaunchSize) -> float | None:
+        """`__call__`'s work, with the sizes as tuples of ints."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +365,30 @@ class KernelFile:
 def kernel_table(*files: KernelFile) -> Mapping[str, KernelFile]:
     """file name -> KernelFile, read-only."""
     return types.MappingProxyType({k.file: k for k in files})
+
+
+# The catalog's families of ops that backends build from one function each.
+BINARY_OPS = ("add", "sub", "mul", "div")
+UNARY_OPS = ("relu", "gelu", "exp", "scale")
+REDUCTIONS = ("sum", "max", "mean")
+
+
+def op_table(
+    namespace: Mapping[str, Any],
+    binary: Callable[[str], OpFn],
+    unary: Callable[[str], OpFn],
+    reduce: Callable[[str], OpFn],
+) -> Mapping[str, OpFn]:
+    """A backend's ops, catalog name -> OpFn: the function ``_op_<name>`` of `namespace`
+    (the backend module's globals) where there is one, else `binary`, `unary` or `reduce`
+    of the name, for the ops of their family."""
+    families = dict.fromkeys(BINARY_OPS, binary) | dict.fromkeys(UNARY_OPS, unary)
+    families |= dict.fromkeys(REDUCTIONS, reduce)
+    table = {}
+    for name in CATALOG_DTYPES:
+        fn = namespace.get(f"_op_{name}")
+        table[name] = fn if fn is not None else families[name](name)
+    return types.MappingProxyType(table)
 
 
 # One op of a backend: one `OpCall` (validated inputs, normalised params, the output's

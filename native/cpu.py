@@ -44,6 +44,7 @@ from kernelmesh.native.backend import (
     DeviceProperties,
     OpCall,
     OpFn,
+    op_table,
     reduction_plan,
 )
 
@@ -535,25 +536,19 @@ def _op_fft(call: OpCall) -> np.ndarray:
     return np.ascontiguousarray(transform(x, axis=-1), dtype=np.complex64)
 
 
-_OPS: Mapping[str, OpFn] = types.MappingProxyType(
-    {
-        "add": _binary(_add),
-        "sub": _binary(_sub),
-        "mul": _binary(_mul),
-        "div": _binary(_div),
-        "relu": _unary(_relu),
-        "gelu": _unary(_gelu),
-        "exp": _op_exp,
-        "scale": _op_scale,
-        "sum": _reduce("sum"),
-        "max": _reduce("max"),
-        "mean": _reduce("mean"),
-        "softmax": _op_softmax,
-        "matmul": _op_matmul,
-        "transpose": _op_transpose,
-        "conv2d": _op_conv2d,
-        "fft": _op_fft,
-    }
+_ELEMENTWISE: Mapping[str, _Kernel] = {
+    "add": _add,
+    "sub": _sub,
+    "mul": _mul,
+    "div": _div,
+    "relu": _relu,
+    "gelu": _gelu,
+}
+_OPS: Mapping[str, OpFn] = op_table(
+    globals(),
+    lambda name: _binary(_ELEMENTWISE[name]),
+    lambda name: _unary(_ELEMENTWISE[name]),
+    _reduce,
 )
 
 

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -36,22 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelmesh.native.backend import (
-    CATALOG_DTYPES,
-    Allocator,
-    CompileError,
-    Compiler,
-    Device,
-    DeviceProperties,
-    KernelFile,
-    LaunchError,
-    OpCall,
-    OpFn,
-    OutOfDeviceMemory,
-    Program,
-    kernel_table,
-    reduction_plan,
-)
+from kernelmesh.native import backend
 
 __all__ = [
     "KERNELS",
@@ -68,7 +52,7 @@ NAME = "cuda"
 INSTALL_HINT = "pip install 'kernelmesh[cuda]'"
 
 # Every op of the catalog, for every dtype it is defined for, as on the CPU.
-SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = CATALOG_DTYPES
+SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = backend.CATALOG_DTYPES
 
 
 def _typed(*names: str) -> dict[str, tuple[str, ...]]:
@@ -96,8 +80,8 @@ _REDUCE = tuple(
 
 # Every kernel this backend launches, by file and build. The source-compile test checks
 # each build of each file holds exactly these names.
-KERNELS: Mapping[str, KernelFile] = kernel_table(
-    KernelFile(
+KERNELS: Mapping[str, backend.KernelFile] = backend.kernel_table(
+    backend.KernelFile(
         "cuda_elementwise.cu",
         _NUMERIC_BUILDS,
         {
@@ -105,16 +89,16 @@ KERNELS: Mapping[str, KernelFile] = kernel_table(
             **dict.fromkeys(_INTEGER_BUILDS, _ELEMENTWISE_ALL),
         },
     ),
-    KernelFile("cuda_reduce.cu", _NUMERIC_BUILDS, dict.fromkeys(_NUMERIC_BUILDS, _REDUCE)),
-    KernelFile("cuda_softmax.cu", _FLOAT_BUILDS, _typed("km_softmax")),
-    KernelFile("cuda_matmul.cu", _FLOAT_BUILDS, _typed("km_matmul_tiled")),
-    KernelFile(
+    backend.KernelFile("cuda_reduce.cu", _NUMERIC_BUILDS, dict.fromkeys(_NUMERIC_BUILDS, _REDUCE)),
+    backend.KernelFile("cuda_softmax.cu", _FLOAT_BUILDS, _typed("km_softmax")),
+    backend.KernelFile("cuda_matmul.cu", _FLOAT_BUILDS, _typed("km_matmul_tiled")),
+    backend.KernelFile(
         "cuda_transpose.cu",
         {"4": ("-DKM_BYTES=4",), "8": ("-DKM_BYTES=8",)},
         dict.fromkeys(("4", "8"), ("km_transpose",)),
     ),
-    KernelFile("cuda_conv2d.cu", _FLOAT_BUILDS, _typed("km_im2col", "km_conv2d_direct")),
-    KernelFile(
+    backend.KernelFile("cuda_conv2d.cu", _FLOAT_BUILDS, _typed("km_im2col", "km_conv2d_direct")),
+    backend.KernelFile(
         "cuda_fft.cu",
         {"complex64": ()},
         {
@@ -166,10 +150,10 @@ def _nvcc_version(nvcc: str) -> str:
     for line in out.stdout.splitlines():
         if "release" in line:
             return line.rsplit("release", 1)[1].split(",")[0].strip()
-    raise CompileError("nvcc --version", out.stdout + out.stderr)
+    raise backend.CompileError("nvcc --version", out.stdout + out.stderr)
 
 
-class NvccCompiler(Compiler):
+class NvccCompiler(backend.Compiler):
     """CUDA C to a cubin for one arch (``sm_90``), by running nvcc."""
 
     def __init__(self, arch: str, nvcc: str | None = None) -> None:
@@ -197,7 +181,9 @@ class NvccCompiler(Compiler):
             cmd = [self.nvcc, "--cubin", f"-arch={self.arch}", "-O3", *options, "-o", out, src]
             result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)
             if result.returncode != 0 or not out.exists():
-                raise CompileError(f"{name} ({' '.join(options)})", result.stderr + result.stdout)
+                raise backend.CompileError(
+                    f"{name} ({' '.join(options)})", result.stderr + result.stdout
+                )
             return out.read_bytes()
 
 
@@ -248,7 +234,7 @@ def available() -> str | None:
     driver = drv.get_driver_version()
     try:
         toolkit = _nvcc_version(nvcc)
-    except (CompileError, OSError) as exc:
+    except (backend.CompileError, OSError) as exc:
         return f"nvcc at {nvcc} does not run: {exc}"
     # A cubin needs a driver of at least its toolkit's major version.
     if int(toolkit.split(".")[0]) > driver // 1000:
@@ -285,7 +271,7 @@ def _cupy() -> tuple[Any, str | None]:
 # --------------------------------------------------------------------------
 
 
-class CudaAllocator(Allocator):
+class CudaAllocator(backend.Allocator):
     """Device memory through pycuda; the caller has the device's context current."""
 
     def __init__(self, device_name: str) -> None:
@@ -297,7 +283,7 @@ class CudaAllocator(Allocator):
         try:
             return drv.mem_alloc(nbytes)  # at least one byte: cuMemAlloc(0) is an error
         except drv.Error as exc:
-            raise OutOfDeviceMemory(
+            raise backend.OutOfDeviceMemory(
                 f"{self.device_name}: cannot allocate {nbytes} bytes of device memory: {exc}"
             ) from exc
 
@@ -311,7 +297,7 @@ class CudaAllocator(Allocator):
         _driver().memcpy_dtoh(host, buffer)
 
 
-class CudaProgram(Program):
+class CudaProgram(backend.Program):
     """One kernel of a loaded cubin. `global_size` is the grid in blocks and `local_size`
     the block in threads, as CUDA counts them (tinygrad's convention)."""
 
@@ -319,16 +305,10 @@ class CudaProgram(Program):
         self.name = name
         self.function = module.get_function(name)
 
-    def launch(
-        self,
-        args: tuple,
-        global_size: tuple[int, ...],
-        local_size: tuple[int, ...] | None,
-        wait: bool,
-    ) -> float | None:
-        grid = _dim3(global_size)
-        block = _dim3(local_size or (1,))
-        if not wait:
+    def launch(self, args: tuple, size: backend.LaunchSize) -> float | None:
+        grid = _dim3(size.global_size)
+        block = _dim3(size.local_size or (1,))
+        if not size.wait:
             self.function(*args, grid=grid, block=block)
             return None
         drv = _driver()
@@ -359,7 +339,7 @@ _THREADS = 256  # block size of the grid-stride kernels
 _IM2COL_BUDGET = 1 << 26
 
 
-class CudaDevice(Device):
+class CudaDevice(backend.Device):
     """One CUDA device: its primary context, its loaded kernels, and the ops on them."""
 
     kernels = KERNELS
@@ -375,7 +355,7 @@ class CudaDevice(Device):
         compiler = NvccCompiler(self.arch)
         driver = _version(drv.get_driver_version())
         super().__init__(
-            DeviceProperties(
+            backend.DeviceProperties(
                 kind=NAME,
                 index=index,
                 model=self._device.name(),
@@ -402,7 +382,7 @@ class CudaDevice(Device):
     @contextmanager
     def active(self) -> Iterator[None]:
         """Makes the primary context current on this thread; device errors become
-        LaunchError."""
+        backend.LaunchError."""
         drv = _driver()
         with self._lock:
             if self._context is None:
@@ -412,15 +392,17 @@ class CudaDevice(Device):
         try:
             with self.cupy_device():
                 yield
-        except LaunchError:
+        except backend.LaunchError:
             raise
         except drv.Error as exc:
-            raise LaunchError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            raise backend.LaunchError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":  # CuPy's memory pool ran dry
-                raise OutOfDeviceMemory(f"{self.name}: CuPy: {exc}") from exc
+                raise backend.OutOfDeviceMemory(f"{self.name}: CuPy: {exc}") from exc
             if type(exc).__module__.split(".")[0] in ("cupy", "cupy_backends"):
-                raise LaunchError(f"{self.name}: CuPy: {type(exc).__name__}: {exc}") from exc
+                raise backend.LaunchError(
+                    f"{self.name}: CuPy: {type(exc).__name__}: {exc}"
+                ) from exc
             raise
         finally:
             drv.Context.pop()
@@ -474,7 +456,7 @@ class CudaDevice(Device):
 
     # --- running ----------------------------------------------------------
 
-    def running(self, call: OpCall) -> AbstractContextManager[None]:
+    def running(self, call: backend.OpCall) -> AbstractContextManager[None]:
         return self.active()
 
     def blocks(self, work: int, threads: int = _THREADS) -> int:
@@ -482,7 +464,9 @@ class CudaDevice(Device):
         return max(1, min(-(-work // threads), self.sm_count * 32))
 
 
-def _launch(call: OpCall, file: str, variant: str, name: str, work: int, *args: Any) -> None:
+def _launch(
+    call: backend.OpCall, file: str, variant: str, name: str, work: int, *args: Any
+) -> None:
     """A grid-stride kernel over `work` items."""
     call.kernel(file, variant, name)(
         *args, global_size=(call.device.blocks(work),), local_size=(_THREADS,)
@@ -494,8 +478,8 @@ def _launch(call: OpCall, file: str, variant: str, name: str, work: int, *args: 
 # --------------------------------------------------------------------------
 
 
-def _binary(name: str) -> OpFn:
-    def op(call: OpCall) -> np.ndarray:
+def _binary(name: str) -> backend.OpFn:
+    def op(call: backend.OpCall) -> np.ndarray:
         (a, b), out = call.inputs, call.out
         (da, db), dout = call.upload_all(), call.alloc_out()
         steps = (np.int32(a.size != 1 or b.size == 1), np.int32(b.size != 1 or a.size == 1))
@@ -504,7 +488,7 @@ def _binary(name: str) -> OpFn:
             call,
             "cuda_elementwise.cu",
             out.dtype.name,
-            name,
+            f"km_{name}",
             out.size,
             _ptr(da),
             _ptr(db),
@@ -517,17 +501,17 @@ def _binary(name: str) -> OpFn:
     return op
 
 
-def _unary(name: str) -> OpFn:
-    def op(call: OpCall) -> np.ndarray:
+def _unary(name: str) -> backend.OpFn:
+    def op(call: backend.OpCall) -> np.ndarray:
         x, out = call.x, call.out
         # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-        extra = (out.dtype.type(call.params["factor"]),) if name == "km_scale" else ()
+        extra = (out.dtype.type(call.params["factor"]),) if name == "scale" else ()
         dx, dout = call.upload(x), call.alloc_out()
         _launch(
             call,
             "cuda_elementwise.cu",
             out.dtype.name,
-            name,
+            f"km_{name}",
             out.size,
             _ptr(dx),
             _ptr(dout),
@@ -539,10 +523,10 @@ def _unary(name: str) -> OpFn:
     return op
 
 
-def _reduce(op: str) -> OpFn:
-    def run(call: OpCall) -> np.ndarray:
+def _reduce(op: str) -> backend.OpFn:
+    def run(call: backend.OpCall) -> np.ndarray:
         x = call.x
-        plan = reduction_plan(x, call.params, op)
+        plan = backend.reduction_plan(x, call.params, op)
         planes, n, cols = plan.planes, plan.n, plan.cols
         part_dtype = plan.acc_dtype
         stage = "max" if op == "max" else "sum"
@@ -615,7 +599,7 @@ def _reduce(op: str) -> OpFn:
     return run
 
 
-def _op_softmax(call: OpCall) -> np.ndarray:
+def _op_softmax(call: backend.OpCall) -> np.ndarray:
     x, out = call.x, call.out
     n = x.shape[-1]
     rows = out.size // n
@@ -632,7 +616,7 @@ def _op_softmax(call: OpCall) -> np.ndarray:
     return call.result(dout)
 
 
-def _op_matmul(call: OpCall) -> np.ndarray:
+def _op_matmul(call: backend.OpCall) -> np.ndarray:
     (a, b), out = call.inputs, call.out
     (da, db), dout = call.upload_all(), call.alloc_out()
     cp = call.device.cupy
@@ -659,7 +643,7 @@ def _op_matmul(call: OpCall) -> np.ndarray:
     return call.result(dout)
 
 
-def _op_transpose(call: OpCall) -> np.ndarray:
+def _op_transpose(call: backend.OpCall) -> np.ndarray:
     rows, cols = call.x.shape
     out = call.out
     dx, dout = call.upload(call.x), call.alloc_out()
@@ -674,7 +658,7 @@ def _op_transpose(call: OpCall) -> np.ndarray:
     return call.result(dout)
 
 
-def _op_conv2d(call: OpCall) -> np.ndarray:
+def _op_conv2d(call: backend.OpCall) -> np.ndarray:
     g, out = call.conv2d(), call.out
     n, o, window, pixels = g.n, g.o, g.window, g.oh * g.ow
     (dx, dw), dout = call.upload_all(), call.alloc_out()
@@ -718,7 +702,7 @@ def _op_conv2d(call: OpCall) -> np.ndarray:
     return call.result(dout)
 
 
-def _op_fft(call: OpCall) -> np.ndarray:
+def _op_fft(call: backend.OpCall) -> np.ndarray:
     x, out = call.x, call.out
     inverse = bool(call.params.get("inverse", False))
     dx = call.upload(x)
@@ -776,26 +760,7 @@ def _op_fft(call: OpCall) -> np.ndarray:
     return call.result(dout)
 
 
-CudaDevice.ops = types.MappingProxyType(
-    {
-        "add": _binary("km_add"),
-        "sub": _binary("km_sub"),
-        "mul": _binary("km_mul"),
-        "div": _binary("km_div"),
-        "relu": _unary("km_relu"),
-        "gelu": _unary("km_gelu"),
-        "exp": _unary("km_exp"),
-        "scale": _unary("km_scale"),
-        "sum": _reduce("sum"),
-        "max": _reduce("max"),
-        "mean": _reduce("mean"),
-        "softmax": _op_softmax,
-        "matmul": _op_matmul,
-        "transpose": _op_transpose,
-        "conv2d": _op_conv2d,
-        "fft": _op_fft,
-    }
-)
+CudaDevice.ops = backend.op_table(globals(), _binary, _unary, _reduce)
 
 
 def _as_cupy(cp: Any, buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:

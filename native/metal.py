@@ -55,12 +55,14 @@ from kernelmesh.native.backend import (
     DeviceProperties,
     KernelFile,
     LaunchError,
+    LaunchSize,
     OpCall,
     OpFn,
     OutOfDeviceMemory,
     Program,
     kernel_source,
     kernel_table,
+    op_table,
     reduction_plan,
     without_float64,
 )
@@ -350,21 +352,16 @@ class MetalProgram(Program):
                 encoder.setBuffer_offset_atIndex_(arg, 0, index)
         encoder.dispatchThreadgroups_threadsPerThreadgroup_(_size(groups), _size(threads))
 
-    def launch(
-        self,
-        args: tuple,
-        global_size: tuple[int, ...],
-        local_size: tuple[int, ...] | None,
-        wait: bool,
-    ) -> float | None:
-        """Launches on a command buffer of its own. `global_size` counts threadgroups
-        (as in tinygrad's Metal and CUDA backends), `local_size` threads per group."""
+    def launch(self, args: tuple, size: LaunchSize) -> float | None:
+        """Launches on a command buffer of its own. `size.global_size` counts
+        threadgroups (as in tinygrad's Metal and CUDA backends), `local_size` threads per
+        group."""
         command_buffer = self._queue.commandBuffer()
         encoder = command_buffer.computeCommandEncoder()
-        self.encode(encoder, args, global_size, local_size or (1,))
+        self.encode(encoder, args, size.global_size, size.local_size or (1,))
         encoder.endEncoding()
         command_buffer.commit()
-        if not wait:
+        if not size.wait:
             return None
         _finish(command_buffer, self.name, self._device_name)
         return command_buffer.GPUEndTime() - command_buffer.GPUStartTime()
@@ -621,14 +618,14 @@ def _reduce(op: str) -> OpFn:
     return run
 
 
-def _softmax(call: OpCall) -> np.ndarray:
+def _op_softmax(call: OpCall) -> np.ndarray:
     n = call.out.shape[-1]
     kernel = f"softmax_{call.out.dtype}"
     threads = call.device._threads(kernel, 1 << (n - 1).bit_length())
     return _launch(call, kernel, _pack(n), call.out.size // n, (threads,))
 
 
-def _matmul(call: OpCall) -> np.ndarray:
+def _op_matmul(call: OpCall) -> np.ndarray:
     a, b = call.inputs
     batch = a.shape[0] if a.ndim == 3 else 1
     (m, k), n = a.shape[-2:], b.shape[-1]
@@ -638,7 +635,7 @@ def _matmul(call: OpCall) -> np.ndarray:
     return _launch(call, f"matmul_{call.out.dtype}", args, groups, (_TILE, _TILE))
 
 
-def _transpose(call: OpCall) -> np.ndarray:
+def _op_transpose(call: OpCall) -> np.ndarray:
     rows, cols = call.x.shape
     kernel = f"transpose_b{call.out.dtype.itemsize * 8}"
     tiles_down, tiles_across = _groups_of(rows, _TILE), _groups_of(cols, _TILE)
@@ -646,7 +643,7 @@ def _transpose(call: OpCall) -> np.ndarray:
     return _launch(call, kernel, args, tiles_down * tiles_across, (_TILE, _TILE))
 
 
-def _conv2d(call: OpCall) -> np.ndarray:
+def _op_conv2d(call: OpCall) -> np.ndarray:
     g = call.conv2d()
     kernel = f"conv2d_{call.out.dtype}"
     args = _pack(*g.astuple())
@@ -654,7 +651,7 @@ def _conv2d(call: OpCall) -> np.ndarray:
     return _launch(call, kernel, args, _groups_of(call.out.size, threads), (threads,))
 
 
-def _fft(call: OpCall) -> np.ndarray:
+def _op_fft(call: OpCall) -> np.ndarray:
     x, device = call.x, call.device
     inverse = bool(call.params.get("inverse", False))
     n = x.shape[-1]
@@ -683,23 +680,4 @@ def _fft(call: OpCall) -> np.ndarray:
     return result
 
 
-MetalDevice.ops = types.MappingProxyType(
-    {
-        "add": _binary_op("add"),
-        "sub": _binary_op("sub"),
-        "mul": _binary_op("mul"),
-        "div": _binary_op("div"),
-        "relu": _unary_op("relu"),
-        "gelu": _unary_op("gelu"),
-        "exp": _unary_op("exp"),
-        "scale": _unary_op("scale"),
-        "sum": _reduce("sum"),
-        "max": _reduce("max"),
-        "mean": _reduce("mean"),
-        "softmax": _softmax,
-        "matmul": _matmul,
-        "transpose": _transpose,
-        "conv2d": _conv2d,
-        "fft": _fft,
-    }
-)
+MetalDevice.ops = op_table(globals(), _binary_op, _unary_op, _reduce)

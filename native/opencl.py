@@ -31,7 +31,6 @@ blocking read. Programs are loaded under a lock.
 from __future__ import annotations
 
 import threading
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -218,17 +217,11 @@ class OpenCLProgram(backend.Program):
             kernel = self._local.kernel = cl.Kernel(self.program, self.name)
         return kernel
 
-    def launch(
-        self,
-        args: tuple,
-        global_size: tuple[int, ...],
-        local_size: tuple[int, ...] | None,
-        wait: bool,
-    ) -> float | None:
+    def launch(self, args: tuple, size: backend.LaunchSize) -> float | None:
         kernel = self._kernel()
         kernel.set_args(*args)
-        event = cl.enqueue_nd_range_kernel(self.queue, kernel, global_size, local_size)
-        if not wait:
+        event = cl.enqueue_nd_range_kernel(self.queue, kernel, size.global_size, size.local_size)
+        if not size.wait:
             return None
         event.wait()
         return (event.profile.end - event.profile.start) * 1e-9
@@ -436,7 +429,10 @@ def _binary(name: str) -> OpFn:
 def _unary(name: str) -> OpFn:
     def op(call: OpCall) -> np.ndarray:
         x, n = call.x, call.out.size
-        kernel = call.kernel("opencl_elementwise.cl", x.dtype.name, name)
+        # "exp_": OpenCL C has its own exp
+        kernel = call.kernel(
+            "opencl_elementwise.cl", x.dtype.name, "exp_" if name == "exp" else name
+        )
         # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
         factor = (x.dtype.type(call.params["factor"]),) if name == "scale" else ()
         dx, dout = call.upload(x), call.alloc_out()
@@ -604,23 +600,4 @@ def _op_fft(call: OpCall) -> np.ndarray:
     return call.result(src)
 
 
-OpenCLDevice.ops = types.MappingProxyType(
-    {
-        "add": _binary("add"),
-        "sub": _binary("sub"),
-        "mul": _binary("mul"),
-        "div": _binary("div"),
-        "relu": _unary("relu"),
-        "gelu": _unary("gelu"),
-        "exp": _unary("exp_"),
-        "scale": _unary("scale"),
-        "sum": _reduce("sum"),
-        "max": _reduce("max"),
-        "mean": _reduce("mean"),
-        "softmax": _op_softmax,
-        "matmul": _op_matmul,
-        "transpose": _op_transpose,
-        "conv2d": _op_conv2d,
-        "fft": _op_fft,
-    }
-)
+OpenCLDevice.ops = backend.op_table(globals(), _binary, _unary, _reduce)
