@@ -382,7 +382,7 @@ class CudaDevice(backend.Device):
     @contextmanager
     def active(self) -> Iterator[None]:
         """Makes the primary context current on this thread; device errors become
-        backend.LaunchError."""
+        LaunchError."""
         drv = _driver()
         with self._lock:
             if self._context is None:
