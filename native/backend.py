@@ -561,6 +561,10 @@ class Device(abc.ABC):
             if self.builds(kernel_file, variant)
         ]
 
+    def warmup_steps(self) -> int:
+        """How many steps `warmup` reports through its `progress`."""
+        return len(self.warm_builds())
+
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compiles (or loads from the compile cache) every kernel `run` uses, build by
         build; `progress` hears each build's name as it starts."""

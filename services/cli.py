@@ -117,3 +117,32 @@ def cache_clear() -> None:
     cache = default_cache()
     removed = cache.clear()
     click.echo(f"removed {removed} compiled kernels from {cache.directory}")
+
+
+@click.command()
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated backends to compile for (default: all available).",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+def warmup(backends: str | None, log_level: str) -> None:
+    """Compile every kernel ahead of time (Numba's cache for the CPU, the compile cache
+    for OpenCL, CUDA and Metal), so the first `kernelmesh serve` only loads them. Run it
+    after installing, as part of an image build, or in CI."""
+    import time
+
+    from kernelmesh.core import devices as device_discovery
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    began = time.perf_counter()
+    wanted = [b.strip() for b in backends.split(",")] if backends else None
+    try:
+        found = device_discovery.discover("warmup", wanted)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    device_discovery.prepare(found)
+    names = ", ".join(d.name for d in found)
+    click.echo(f"compiled the kernels of {names} in {time.perf_counter() - began:.1f}s")
