@@ -158,9 +158,9 @@ class TensorSpec:
 
     @classmethod
     def of(cls, shape: Sequence[int], dtype: Any) -> TensorSpec:
-        return cls(tuple(int(d) for d in shape), np.dtype(dtype))
+        return cls(tuple(map(int, shape)), np.dtype(dtype))
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return math.prod(self.shape)
 
@@ -455,16 +455,19 @@ class Device(abc.ABC):
         if fn is None:
             raise ValueError(f"the {self.properties.kind} backend has no op {op!r}")
         dtype = inputs[0].dtype.name
-        if not self.supports(op, dtype):
+        if dtype not in self.supported.get(op, ()):
             why = self.missing_dtypes.get(dtype, f"not implemented on {self.properties.kind}")
             raise ValueError(f"{op} for {dtype} does not run on {self.name}: {why}")
-        reason = self.refusal(op, [x.shape for x in inputs], params)
-        if reason:
-            raise ValueError(reason)
-        if outputs:
-            out = TensorSpec.of(outputs[0].shape, outputs[0].dtype)
-        else:
+        if type(self).refusal is not Device.refusal:  # only backends that refuse some calls
+            reason = self.refusal(op, [x.shape for x in inputs], params)
+            if reason:
+                raise ValueError(reason)
+        if not outputs:
             out = output_spec(op, inputs, params)
+        elif isinstance(outputs[0], TensorSpec):
+            out = outputs[0]
+        else:
+            out = TensorSpec.of(outputs[0].shape, outputs[0].dtype)
         if out.size == 0:
             return [out.empty()]
         if any(x.size == 0 for x in inputs):

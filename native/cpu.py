@@ -620,11 +620,14 @@ def warmup(progress: Callable[[str], None] | None = None, jobs: int | None = Non
 
     Compiling is single-threaded and takes most of a minute on two cores, so when the
     cache is cold (no stamp of a finished warm-up of this source, Numba and CPU) it is
-    spread over `jobs` fresh processes (default: one per core) that fill the on-disk
-    cache; this process then only loads. `kernelmesh warmup` runs this ahead of time."""
+    spread over `jobs` fresh processes that fill the on-disk cache; this process then
+    only loads. `kernelmesh warmup` runs this ahead of time. The default,
+    ``$KERNELMESH_COMPILE_JOBS`` or half the cores, leaves room for the rest of the
+    machine: on a loaded 2-core machine two compiling processes took longer than one."""
     stamp = _warm_stamp()
     if jobs is None:
-        jobs = 1 if stamp.exists() else max(1, os.cpu_count() or 1)
+        default = max(1, (os.cpu_count() or 1) // 2)
+        jobs = 1 if stamp.exists() else int(os.environ.get("KERNELMESH_COMPILE_JOBS", default))
     if jobs > 1:
         _compile_in_processes(jobs, progress)
     for op, inputs, params in _warmup_calls():
@@ -688,10 +691,64 @@ def _compile_in_processes(jobs: int, progress: Callable[[str], None] | None) -> 
 # --------------------------------------------------------------------------
 
 
+class _ThreadBudget:
+    """Shares the usable cores among the CPU ops running at once.
+
+    Each op may start Numba's pool and BLAS's pool, each sized to every core by default,
+    and the server runs several ops at once: on 2 cores, two ops of conv2d (im2col in
+    Numba, then a BLAS matmul) had 8 threads spinning on 2 cores, and conv2d's BLAS
+    matmul on a loaded 2-core machine took 44 ms at median on one thread but 159 ms on
+    two (a descheduled worker stalls the others). So with n ops running, each gets
+    cores // n Numba threads (a per-thread setting), and BLAS (one process-wide pool) all
+    cores for a lone op, one thread once ops overlap. Limits change only when the count
+    does, so a lone tiny task pays a counter update and nothing more."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores = max(1, cores)
+        self.running = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # the Numba thread count to restore, per thread
+        self._blas_threads = 0  # as last set; 0: not set yet
+        self._blas: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.running += 1
+            running = self.running
+            self._limit_blas(self.cores if running == 1 else 1)
+        restore = 0
+        if running > 1:
+            restore = numba.get_num_threads()
+            numba.set_num_threads(max(1, min(self.cores // running, restore)))
+        self._local.restore = restore
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._local.restore:
+            numba.set_num_threads(self._local.restore)
+        with self._lock:
+            self.running -= 1
+
+    def _limit_blas(self, threads: int) -> None:
+        if threads == self._blas_threads:
+            return
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController().select(user_api="blas")
+        self._blas.limit(limits=threads)
+        self._blas_threads = threads
+
+
+_budget = _ThreadBudget(cpu_info.cpu_info().threads)
+
+
 class CpuDevice(Device):
     """The host's cores, running the kernels of this module."""
 
     ops: ClassVar[Mapping[str, OpFn]] = _OPS
+
+    def running(self, call: OpCall) -> contextlib.AbstractContextManager[Any]:
+        return _budget
 
     def memory_available_bytes(self) -> int:
         return cpu_info.memory_available_bytes()
