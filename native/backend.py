@@ -387,6 +387,8 @@ def op_table(
     table = {}
     for name in CATALOG_DTYPES:
         fn = namespace.get(f"_op_{name}")
+        if fn is None and name not in families:
+            raise LookupError(f"the backend defines no _op_{name} for catalog op {name!r}")
         table[name] = fn if fn is not None else families[name](name)
     return types.MappingProxyType(table)
 
