@@ -390,7 +390,7 @@ class CudaDevice(backend.Device):
             context = self._context
         context.push()
         try:
-            with self.cupy_device():
+            with self._cupy_device():
                 yield
         except backend.LaunchError:
             raise
