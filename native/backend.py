@@ -13,9 +13,21 @@ Each backend module exposes:
   (missing package, no driver, wrong OS), for logs, ``kernelmesh devices`` and skips;
 - ``devices() -> list[Device]``: every usable device of this backend, in a stable order.
 
-`Device.run` receives inputs already validated against the op catalog
-(``kernelmesh.core.ops``) and params already normalised, exactly like ``cpu.run``; it
-returns fresh C-contiguous NumPy arrays on the host.
+The generic part is here, written once (tinygrad's ``device.py`` shape), so a new
+backend is one file holding only what is its own:
+
+- `Device.run`: one dispatch for every backend. Inputs come validated against the op
+  catalog (``kernelmesh.core.ops``), params normalised, and the output specs of the
+  validated call; empty outputs are answered here; each op is one function of an
+  `OpCall` (`op_table` builds a backend's table from its ``_op_<name>`` functions and
+  one function per family of elementwise ops and reductions). It returns fresh
+  C-contiguous NumPy arrays on the host.
+- `Device.program`: kernels compiled once per device fingerprint through the on-disk
+  `compile_cache`, loaded once per process, from the backend's table of `KernelFile`s,
+  which warm-up and the source tests read too. A backend supplies `load`, `program_of`
+  and, where a build needs the device's own options, `options` and `builds`.
+- `Allocator`: empty requests, the per-buffer limit and the bytes in use, over a
+  backend's `_alloc/_free/_copyin/_copyout`; `PooledAllocator` keeps freed buffers.
 """
 
 from __future__ import annotations
