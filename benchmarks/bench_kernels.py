@@ -23,8 +23,12 @@ contracted with np.tensordot). On CUDA, matmul is also set against cuBLAS throug
 `cupy.matmul` and add against a device-to-device copy (`cupy.ndarray.copy`): both
 device-resident, so they bound what the kernels alone could reach.
 
-Rates are from the fastest of the repeats (the median is printed beside it); ratio =
-ours / baseline, above 1 is faster than the baseline.
+Ours and the baseline run alternately, call for call, so both see the same machine (a
+loaded machine slows both alike). Each row prints the best and the median rate of both,
+the ratio of bests and the ratio of medians (ours / baseline, above 1 is faster), the
+target and PASS or MISS: every CPU op must reach 1.0x NumPy at best and at median; on
+CUDA, matmul 0.7x cuBLAS and add 0.8x a device-to-device copy. Rows without a target
+(OpenCL against NumPy) are for information.
 """
 
 from __future__ import annotations
@@ -137,18 +141,24 @@ def workloads(only: Sequence[str]) -> list[Workload]:
     return made
 
 
-def timed(
-    fn: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None
-) -> list[float]:
-    fn()  # warm: compiles, first-touch page faults, pools
-    sync()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
+def timed_pair(
+    ours: Callable[[], Any],
+    baseline: Callable[[], Any],
+    repeats: int,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[list[float], list[float]]:
+    """Seconds of each call of `ours` and of `baseline`, run alternately."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for fn in (ours, baseline):
+        fn()  # warm: compiles, first-touch page faults, pools
         sync()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    for _ in range(repeats):
+        for fn, seconds in zip((ours, baseline), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            sync()
+            seconds.append(time.perf_counter() - start)
+    return times
 
 
 @dataclass(frozen=True)
@@ -159,11 +169,46 @@ class Row:
     best: float
     median: float
     baseline_name: str
-    baseline: float
+    baseline_best: float
+    baseline_median: float
+    target: float | None  # the ratio both best and median must reach; None: no target
+
+    @classmethod
+    def of(
+        cls,
+        backend: str,
+        item: Workload,
+        times: tuple[list[float], list[float]],
+        baseline_name: str,
+        baseline_work: float,
+        target: float | None,
+    ) -> Row:
+        ours, base = times
+        return cls(
+            backend,
+            f"{item.op} {item.label}",
+            item.unit,
+            item.work / min(ours) / 1e9,
+            item.work / float(np.median(ours)) / 1e9,
+            baseline_name,
+            baseline_work / min(base) / 1e9,
+            baseline_work / float(np.median(base)) / 1e9,
+            target,
+        )
 
     @property
-    def ratio(self) -> float:
-        return self.best / self.baseline if self.baseline else float("nan")
+    def ratio_best(self) -> float:
+        return self.best / self.baseline_best
+
+    @property
+    def ratio_median(self) -> float:
+        return self.median / self.baseline_median
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return "-"
+        return "PASS" if min(self.ratio_best, self.ratio_median) >= self.target else "MISS"
 
 
 def say(text: str = "") -> None:
@@ -171,16 +216,18 @@ def say(text: str = "") -> None:
 
 
 def print_row(row: Row) -> None:
+    target = "-" if row.target is None else f"{row.target:.1f}x"
     say(
-        f"  {row.backend:10} {row.workload:30} {row.best:9.2f} {row.median:9.2f} {row.unit:8}"
-        f" {row.baseline:9.2f} {row.baseline_name:10} {row.ratio:7.2f}x"
+        f"  {row.backend:10} {row.workload:28} {row.best:8.2f} {row.median:8.2f} {row.unit:8}"
+        f" {row.baseline_name:9} {row.baseline_best:8.2f} {row.baseline_median:8.2f}"
+        f" {row.ratio_best:6.2f}x {row.ratio_median:6.2f}x {target:>6} {row.verdict}"
     )
 
 
 def header() -> None:
     say(
-        f"  {'backend':10} {'op':30} {'best':>9} {'median':>9} {'unit':8}"
-        f" {'baseline':>9} {'(name)':10} {'ratio':>8}"
+        f"  {'backend':10} {'op':28} {'best':>8} {'median':>8} {'unit':8} {'baseline':9}"
+        f" {'best':>8} {'median':>8} {'r.best':>7} {'r.med':>7} {'target':>6} verdict"
     )
 
 
@@ -234,32 +281,17 @@ def cuda_baselines(backend: Backend, items: list[Workload], repeats: int) -> lis
     rows = []
     sync = cupy.cuda.Device().synchronize
     for item in items:
+        ours = lambda item=item: backend.run(item.op, item.inputs, item.params)  # noqa: E731
         if item.op == "matmul":
             a, b = (cupy.asarray(x) for x in item.inputs)
-            seconds = timed(lambda a=a, b=b: cupy.matmul(a, b), repeats, sync)
-            baseline = item.work / min(seconds) / 1e9
-            name = "cuBLAS"
+            times = timed_pair(ours, lambda a=a, b=b: cupy.matmul(a, b), repeats, sync)
+            rows.append(Row.of(backend.name, item, times, "cuBLAS", item.work, 0.7))
         elif item.op == "add":
             a = cupy.asarray(item.inputs[0])
-            seconds = timed(lambda a=a: a.copy(), repeats, sync)
+            times = timed_pair(ours, lambda a=a: a.copy(), repeats, sync)
             # a copy moves 8 bytes per element; add moves 12: compare bandwidths
-            baseline = 8 * item.inputs[0].size / min(seconds) / 1e9
-            name = "d2d copy"
-        else:
-            continue
-        ours = timed(lambda item=item: backend.run(item.op, item.inputs, item.params), repeats)
-        rate = item.work / min(ours) / 1e9
-        rows.append(
-            Row(
-                backend.name,
-                f"{item.op} {item.label}",
-                item.unit,
-                rate,
-                item.work / float(np.median(ours)) / 1e9,
-                name,
-                baseline,
-            )
-        )
+            work = 8 * item.inputs[0].size
+            rows.append(Row.of(backend.name, item, times, "d2d copy", work, 0.8))
     return rows
 
 
@@ -286,31 +318,24 @@ def main(argv: list[str] | None = None) -> int:
 
     host = platform.processor() or platform.machine()
     say(f"kernelmesh kernel benchmark on {host} ({os.cpu_count()} cpus), NumPy {np.__version__}")
-    say(f"{repeats} repeats; best and median of each; ratio = best / NumPy's best")
+    say(
+        f"{repeats} repeats, ours and the baseline alternately; best and median of each; "
+        "r.best = best / baseline's best, r.med = median / baseline's median"
+    )
     found = backends()
     items = workloads(only)
-
-    baselines, references = {}, {}
-    for item in items:
-        seconds = timed(item.numpy, repeats)
-        baselines[item.op] = item.work / min(seconds) / 1e9
-        references[item.op] = np.asarray(item.numpy())
+    references = {item.op: np.asarray(item.numpy()) for item in items}
 
     say()
     header()
     rows: list[Row] = []
     for backend in found:
+        # every CPU op must match NumPy on the same machine; devices are for information
+        target = 1.0 if backend.name == "cpu" else None
         for item in items:
-            seconds = timed(lambda b=backend, i=item: b.run(i.op, i.inputs, i.params), repeats)
-            row = Row(
-                backend.name,
-                f"{item.op} {item.label}",
-                item.unit,
-                item.work / min(seconds) / 1e9,
-                item.work / float(np.median(seconds)) / 1e9,
-                "NumPy",
-                baselines[item.op],
-            )
+            ours = lambda b=backend, i=item: b.run(i.op, i.inputs, i.params)  # noqa: E731
+            times = timed_pair(ours, item.numpy, repeats)
+            row = Row.of(backend.name, item, times, "NumPy", item.work, target)
             rows.append(row)
             print_row(row)
             check(backend, item, references[item.op])
@@ -318,7 +343,34 @@ def main(argv: list[str] | None = None) -> int:
             for row in cuda_baselines(backend, items, repeats):
                 rows.append(row)
                 print_row(row)
+    missed = [row for row in rows if row.verdict == "MISS"]
+    say()
+    say(f"threads: {thread_report()}")
+    say(
+        f"{len(rows) - len(missed)} of {len(rows)} rows pass or have no target; MISS: {len(missed)}"
+    )
     return 0
+
+
+def thread_report() -> str:
+    """Numba's threading layer and thread count, and each BLAS/OpenMP pool's (threadpoolctl),
+    since oversubscription between them is what makes CPU timings swing."""
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = "not started"
+    parts = [f"numba {numba.get_num_threads()} ({layer})"]
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return parts[0] + "; threadpoolctl not installed"
+    for pool in threadpool_info():
+        name = pool.get("internal_api", "?")
+        kernel = pool.get("architecture") or pool.get("threading_layer") or ""
+        parts.append(f"{name} {pool.get('num_threads')} {kernel}".strip())
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

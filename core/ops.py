@@ -102,7 +102,8 @@ class ValidatedCall:
 # --------------------------------------------------------------------------
 
 _FLOATS = ("float32", "float64")
-_NUMERIC = ("float32", "float64", "int32")
+_NUMERIC = ("float32", "float64", "int32", "int64")
+_INTEGERS = ("int32", "int64")
 
 _AXIS = ParamSpec(
     "axis",
@@ -168,9 +169,9 @@ _SPECS: tuple[OpSpec, ...] = (
         (ParamSpec("factor", ParamType.FLOAT, required=True, description="The multiplier."),),
         _UNARY_RULE,
     ),
-    _reduction("sum", "Sum over an axis or all axes; int32 sums to int64."),
+    _reduction("sum", "Sum over an axis or all axes; integers sum to int64."),
     _reduction("max", "Maximum over an axis or all axes; nan propagates."),
-    _reduction("mean", "Mean over an axis or all axes; int32 averages to float64."),
+    _reduction("mean", "Mean over an axis or all axes; integers average to float64."),
     OpSpec(
         "softmax",
         "nn",
@@ -194,7 +195,7 @@ _SPECS: tuple[OpSpec, ...] = (
         "linalg",
         "Transpose of a matrix, as a new C-contiguous tensor.",
         1,
-        ("float32", "float64", "int32", "complex64"),
+        ("float32", "float64", "int32", "int64", "complex64"),
         (),
         "(M,N) -> (N,M)",
     ),
@@ -229,8 +230,9 @@ CATALOG: Mapping[str, OpSpec] = MappingProxyType({spec.name: spec for spec in _S
 
 # Why a dtype is refused, where the plain "allowed: ..." list would leave a user guessing.
 _DTYPE_REASONS: Mapping[tuple[str, str], str] = {
-    ("div", "int32"): "integer division is ambiguous (floor or truncate?), cast to float32 or "
-    "float64 first",
+    ("div", integer): "integer division is ambiguous (floor or truncate?), cast to float32 or "
+    "float64 first"
+    for integer in _INTEGERS
 }
 
 
@@ -319,7 +321,8 @@ def _check_input(spec: OpSpec, i: int, t: TensorMeta, limits: Limits, errors: _V
             f"inputs[{i}].dtype",
             f"inputs[{i}].dtype {t.dtype!r} is not supported by {spec.name}"
             + (f": {reason}" if reason else "")
-            + f"; allowed: {', '.join(spec.dtypes)}",
+            + f"; allowed: {', '.join(spec.dtypes)}"
+            + (f" (convert first, e.g. x.astype({spec.dtypes[0]!r}))" if not reason else ""),
         )
     shape = tuple(t.shape)
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
@@ -522,9 +525,9 @@ def _infer_reduction(spec, inputs, params, errors):
     else:
         shape = tuple(d for a, d in enumerate(x.shape) if a not in axes)
     dtype = x.dtype
-    if x.dtype == "int32" and spec.name == "sum":
+    if x.dtype in _INTEGERS and spec.name == "sum":
         dtype = "int64"
-    elif x.dtype == "int32" and spec.name == "mean":
+    elif x.dtype in _INTEGERS and spec.name == "mean":
         dtype = "float64"
     return (TensorMeta(dtype, shape),)
 

@@ -13,23 +13,40 @@ Each backend module exposes:
   (missing package, no driver, wrong OS), for logs, ``kernelmesh devices`` and skips;
 - ``devices() -> list[Device]``: every usable device of this backend, in a stable order.
 
-`Device.run` receives inputs already validated against the op catalog
-(``kernelmesh.core.ops``) and params already normalised, exactly like ``cpu.run``; it
-returns fresh C-contiguous NumPy arrays on the host.
+The generic part is here, written once (tinygrad's ``device.py`` shape), so a new
+backend is one file holding only what is its own:
+
+- `Device.run`: one dispatch for every backend. Inputs come validated against the op
+  catalog (``kernelmesh.core.ops``), params normalised, and the output specs of the
+  validated call; empty outputs are answered here; each op is one function of an
+  `OpCall` (`op_table` builds a backend's table from its ``_op_<name>`` functions and
+  one function per family of elementwise ops and reductions). It returns fresh
+  C-contiguous NumPy arrays on the host.
+- `Device.program`: kernels compiled once per device fingerprint through the on-disk
+  `compile_cache`, loaded once per process, from the backend's table of `KernelFile`s,
+  which warm-up and the source tests read too. A backend supplies `load`, `program_of`
+  and, where a build needs the device's own options, `options` and `builds`.
+- `Allocator`: empty requests, the per-buffer limit and the bytes in use, over a
+  backend's `_alloc/_free/_copyin/_copyout`; `PooledAllocator` keeps freed buffers.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import functools
 import math
+import threading
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
+
+from kernelmesh.native.compile_cache import default_cache
 
 __all__ = [
     "CATALOG_DTYPES",
@@ -38,13 +55,23 @@ __all__ = [
     "CallBuffers",
     "CompileError",
     "Compiler",
+    "Conv2dGeometry",
     "Device",
     "DeviceProperties",
+    "KernelFile",
     "LaunchError",
+    "LaunchSize",
+    "OpCall",
+    "OpFn",
     "OutOfDeviceMemory",
+    "PooledAllocator",
     "Program",
     "ReductionPlan",
+    "TensorSpec",
     "kernel_source",
+    "kernel_table",
+    "op_table",
+    "output_spec",
     "reduction_plan",
     "without_float64",
 ]
@@ -60,7 +87,7 @@ def kernel_source(filename: str) -> str:
 
 
 _FLOATS = frozenset({"float32", "float64"})
-_NUMERIC = frozenset({"float32", "float64", "int32"})
+_NUMERIC = frozenset({"float32", "float64", "int32", "int64"})
 
 # op -> the dtypes each catalog op is defined for: what the CPU backend runs, and what
 # every other backend offers less what its device cannot do (see `without_float64`).
@@ -79,7 +106,7 @@ CATALOG_DTYPES: Mapping[str, frozenset[str]] = types.MappingProxyType(
         "mean": _NUMERIC,
         "softmax": _FLOATS,
         "matmul": _FLOATS,
-        "transpose": frozenset({"float32", "float64", "int32", "complex64"}),
+        "transpose": frozenset({"float32", "float64", "int32", "int64", "complex64"}),
         "conv2d": _FLOATS,
         "fft": frozenset({"complex64", "float32"}),
     }
@@ -134,35 +161,186 @@ class OutOfDeviceMemory(LaunchError):
     task fails with RESOURCE_EXHAUSTED and the device stays usable."""
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape and dtype of one output, as the catalog's validated call infers them."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, shape: Sequence[int], dtype: Any) -> TensorSpec:
+        return cls(tuple(map(int, shape)), np.dtype(dtype))
+
+    @functools.cached_property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def empty(self) -> np.ndarray:
+        return np.empty(self.shape, self.dtype)
+
+
+# --------------------------------------------------------------------------
+# Allocators
+# --------------------------------------------------------------------------
+
+
 class Allocator(abc.ABC):
-    """Device memory: opaque buffers of bytes."""
+    """Device memory: opaque buffers of bytes, with the bookkeeping every backend shares.
 
-    @abc.abstractmethod
-    def alloc(self, nbytes: int) -> Any: ...
+    A backend writes `_alloc`, `_free`, `_copyin` and `_copyout` (tinygrad's shape);
+    this class handles empty requests (a device buffer of `min_bytes` stands in, since
+    drivers refuse zero-length allocations), the per-buffer size limit, the count of
+    bytes in use, and copies of nothing. `_alloc` raises `OutOfDeviceMemory` when the
+    driver refuses."""
 
-    @abc.abstractmethod
-    def free(self, buffer: Any) -> None: ...
+    # Smallest buffer handed to the driver: an empty tensor still gets a real buffer,
+    # which no kernel reads past its element count.
+    min_bytes = 1
 
-    @abc.abstractmethod
+    def __init__(self, max_alloc: int | None = None) -> None:
+        self.max_alloc = max_alloc
+        self.in_use = 0
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        """Bytes this allocator holds from the driver."""
+        return self.in_use
+
+    def alloc(self, nbytes: int) -> Any:
+        if self.max_alloc is not None and nbytes > self.max_alloc:
+            raise OutOfDeviceMemory(
+                f"cannot allocate {nbytes} bytes on {self.device_name}: one buffer may hold "
+                f"at most {self.max_alloc} bytes"
+            )
+        size = max(nbytes, self.min_bytes)
+        buffer = self._acquire(size)
+        with self._lock:
+            self.in_use += size
+            self._sizes[id(buffer)] = size
+        return buffer
+
+    def free(self, buffer: Any) -> None:
+        with self._lock:
+            size = self._sizes.pop(id(buffer))
+            self.in_use -= size
+        self._release(buffer, size)
+
     def copyin(self, buffer: Any, host: np.ndarray) -> None:
         """Copies a C-contiguous host array into `buffer`."""
+        if host.nbytes:
+            self._copyin(buffer, host)
 
-    @abc.abstractmethod
     def copyout(self, host: np.ndarray, buffer: Any) -> None:
         """Fills the C-contiguous, writable host array from `buffer`."""
+        if host.nbytes:
+            self._copyout(host, buffer)
+
+    def release_pool(self) -> None:
+        """Gives pooled buffers back to the driver (none without a pool)."""
+        return None
+
+    device_name = "the device"
+
+    # what the pool overrides: where a buffer comes from and where it goes
+    def _acquire(self, size: int) -> Any:
+        return self._alloc(size)
+
+    def _release(self, buffer: Any, size: int) -> None:
+        self._free(buffer)
+
+    @abc.abstractmethod
+    def _alloc(self, nbytes: int) -> Any: ...
+
+    @abc.abstractmethod
+    def _free(self, buffer: Any) -> None: ...
+
+    @abc.abstractmethod
+    def _copyin(self, buffer: Any, host: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def _copyout(self, host: np.ndarray, buffer: Any) -> None: ...
+
+
+class PooledAllocator(Allocator):
+    """An `Allocator` that keeps freed buffers, by exact size, for the next request of
+    that size (tinygrad's LRUAllocator), up to `pool_limit` bytes in all.
+
+    Worth it where a fresh buffer costs its first touch: on PoCL, filling a new 64 MiB
+    buffer ran at 1 GB/s (page faults), a reused one at memcpy speed. When the driver
+    refuses an allocation, the pool is released and the allocation tried once more."""
+
+    def __init__(self, max_alloc: int | None = None, pool_limit: int = 256 << 20) -> None:
+        super().__init__(max_alloc)
+        self.pool_limit = pool_limit
+        self.pooled = 0
+        self._pool: dict[int, list[Any]] = {}
+
+    @property
+    def held(self) -> int:
+        return self.in_use + self.pooled
+
+    def _acquire(self, size: int) -> Any:
+        with self._lock:
+            reusable = self._pool.get(size)
+            if reusable:
+                self.pooled -= size
+                return reusable.pop()
+        try:
+            return self._alloc(size)
+        except OutOfDeviceMemory:
+            self.release_pool()  # the pool may be what stands in the way
+            return self._alloc(size)
+
+    def _release(self, buffer: Any, size: int) -> None:
+        with self._lock:
+            if self.pooled + size <= self.pool_limit:
+                self._pool.setdefault(size, []).append(buffer)
+                self.pooled += size
+                return
+        self._free(buffer)
+
+    def release_pool(self) -> None:
+        with self._lock:
+            pooled = [b for buffers in self._pool.values() for b in buffers]
+            self._pool.clear()
+            self.pooled = 0
+        for buffer in pooled:
+            self._free(buffer)
+
+
+# --------------------------------------------------------------------------
+# Compiler, program, kernel tables
+# --------------------------------------------------------------------------
 
 
 class Compiler(abc.ABC):
     """Source text to a loadable binary: pure, so its result can be cached on disk."""
 
     @abc.abstractmethod
-    def compile(self, source: str, options: Sequence[str] = ()) -> bytes: ...
+    def compile(self, source: str, options: Sequence[str] = (), *, name: str = "kernel") -> bytes:
+        """The binary of `source` built with `options`; `name` labels the compiler's log."""
+
+
+@dataclass(frozen=True)
+class LaunchSize:
+    """The grid of one launch, in the backend's own units (work-items on OpenCL, blocks
+    and threads on CUDA, threadgroups on Metal); `wait`: block and time the kernel."""
+
+    global_size: tuple[int, ...]
+    local_size: tuple[int, ...] | None
+    wait: bool
 
 
 class Program(abc.ABC):
     """One kernel of a loaded binary."""
 
-    @abc.abstractmethod
     def __call__(
         self,
         *args: Any,
@@ -171,15 +349,94 @@ class Program(abc.ABC):
         wait: bool = False,
     ) -> float | None:
         """Launches; with `wait`, blocks and returns the kernel's time in seconds."""
+        local = None if local_size is None else tuple(int(v) for v in local_size)
+        return self.launch(args, LaunchSize(tuple(int(v) for v in global_size), local, wait))
+
+    @abc.abstractmethod
+    def launch(self, args: tuple, size: LaunchSize) -> float | None:
+        """`__call__`'s work, with the sizes as tuples of ints."""
+
+
+@dataclass(frozen=True)
+class KernelFile:
+    """One kernel source file of ``native/kernels/``: the builds it is compiled as (build
+    name -> compile options) and the kernels each build holds. Every backend declares its
+    kernels as a table of these (`Device.kernels`); warm-up and the source tests read the
+    same table, so a kernel missing from a file, or a file missing from the table, shows
+    without running anything."""
+
+    file: str
+    variants: Mapping[str, tuple[str, ...]]
+    kernels: Mapping[str, tuple[str, ...]]
+
+    @property
+    def path(self) -> Path:
+        return KERNEL_DIR / self.file
+
+
+def kernel_table(*files: KernelFile) -> Mapping[str, KernelFile]:
+    """file name -> KernelFile, read-only."""
+    return types.MappingProxyType({k.file: k for k in files})
+
+
+# The catalog's families of ops that backends build from one function each.
+BINARY_OPS = ("add", "sub", "mul", "div")
+UNARY_OPS = ("relu", "gelu", "exp", "scale")
+REDUCTIONS = ("sum", "max", "mean")
+
+
+def op_table(
+    namespace: Mapping[str, Any],
+    binary: Callable[[str], OpFn],
+    unary: Callable[[str], OpFn],
+    reduce: Callable[[str], OpFn],
+) -> Mapping[str, OpFn]:
+    """A backend's ops, catalog name -> OpFn: the function ``_op_<name>`` of `namespace`
+    (the backend module's globals) where there is one, else `binary`, `unary` or `reduce`
+    of the name, for the ops of their family."""
+    families = dict.fromkeys(BINARY_OPS, binary) | dict.fromkeys(UNARY_OPS, unary)
+    families |= dict.fromkeys(REDUCTIONS, reduce)
+    table = {}
+    for name in CATALOG_DTYPES:
+        fn = namespace.get(f"_op_{name}")
+        if fn is None and name not in families:
+            raise LookupError(f"the backend defines no _op_{name} for catalog op {name!r}")
+        table[name] = fn if fn is not None else families[name](name)
+    return types.MappingProxyType(table)
+
+
+# One op of a backend: one `OpCall` (validated inputs, normalised params, the output's
+# spec from the validated call, the call's device buffers) -> a fresh C-contiguous array.
+OpFn = Callable[["OpCall"], np.ndarray]
 
 
 @dataclass(eq=False)
 class Device(abc.ABC):
-    """One device of a backend, able to run catalog ops."""
+    """One device of a backend, able to run catalog ops.
+
+    The generic part lives here: op dispatch (`run`: one signature for every backend,
+    with the outputs the catalog inferred, and empty outputs answered without touching
+    the device), the compile-and-load cache (`program`: compiled once per device through
+    the on-disk `compile_cache`, loaded once per process) and warm-up over the backend's
+    kernel table. A backend supplies `ops`, `kernels`, `compiler`, and `load`/`program_of`
+    for its binaries."""
 
     properties: DeviceProperties
     # op -> dtypes this device runs it for; an op absent here is never sent to it
     supported: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    # the backend's ops (catalog name -> OpFn) and kernel files (file -> KernelFile)
+    ops: ClassVar[Mapping[str, OpFn]] = types.MappingProxyType({})
+    kernels: ClassVar[Mapping[str, KernelFile]] = types.MappingProxyType({})
+    compiler: Compiler | None = field(default=None, init=False, repr=False)
+    # dtype -> why this backend never runs it, for the error of a call that asks anyway
+    missing_dtypes: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
+
+    def __post_init__(self) -> None:
+        # (file, variant, kernel) -> Program, and (file, variant) -> loaded binary
+        self._programs: dict[tuple[str, str, str], Program] = {}
+        self._binaries: dict[tuple[str, str], Any] = {}
+        self._program_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -195,21 +452,149 @@ class Device(abc.ABC):
         None. E.g. OpenCL's fft refuses lengths that are not powers of two."""
         return None
 
-    @abc.abstractmethod
+    # -- running ---------------------------------------------------------------
+
     def run(
-        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
-    ) -> list[np.ndarray]: ...
+        self,
+        op: str,
+        inputs: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        outputs: Sequence[Any] | None = None,
+    ) -> list[np.ndarray]:
+        """Runs one catalog op on validated inputs and normalised params; returns fresh
+        C-contiguous host arrays. `outputs` are the validated call's output specs (any
+        objects with ``shape`` and ``dtype``); a caller without them gets them from
+        `output_spec`, the same rules for an already valid call."""
+        fn = self.ops.get(op)
+        if fn is None:
+            raise ValueError(f"the {self.properties.kind} backend has no op {op!r}")
+        dtype = inputs[0].dtype.name
+        if dtype not in self.supported.get(op, ()):
+            why = self.missing_dtypes.get(dtype, f"not implemented on {self.properties.kind}")
+            raise ValueError(f"{op} for {dtype} does not run on {self.name}: {why}")
+        if type(self).refusal is not Device.refusal:  # only backends that refuse some calls
+            reason = self.refusal(op, [x.shape for x in inputs], params)
+            if reason:
+                raise ValueError(reason)
+        if not outputs:
+            out = output_spec(op, inputs, params)
+        elif isinstance(outputs[0], TensorSpec):
+            out = outputs[0]
+        else:
+            out = TensorSpec.of(outputs[0].shape, outputs[0].dtype)
+        if out.size == 0:
+            return [out.empty()]
+        if any(x.size == 0 for x in inputs):
+            # a non-empty output of empty inputs is a sum of nothing (sum over an empty
+            # axis, matmul with K = 0, conv2d without input channels): zeros
+            return [np.zeros(out.shape, out.dtype)]
+        with OpCall(self, op, inputs, params, out) as call, self.running(call):
+            return [fn(call)]
+
+    def running(self, call: OpCall) -> contextlib.AbstractContextManager[Any]:
+        """What surrounds one op (the driver's context, an autorelease pool, turning
+        driver errors into `LaunchError`); nothing by default."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def memory_available_bytes(self) -> int: ...
 
-    def warmup(self) -> None:
-        """Compiles (or loads from the compile cache) every kernel `run` uses."""
-        return None  # a backend without a compile step has nothing to do
+    # -- programs: compiled once per device, loaded once per process -------------
+
+    def options(self, kernel_file: KernelFile, variant: str) -> tuple[str, ...]:
+        """The compile options of one build on this device (the table's, plus whatever
+        the device adds)."""
+        return kernel_file.variants[variant]
+
+    def builds(self, kernel_file: KernelFile, variant: str) -> bool:
+        """Whether this device uses this build (a device without float64 skips those)."""
+        return True
+
+    def active(self) -> contextlib.AbstractContextManager[Any]:
+        """What must be current to load programs (CUDA's context); nothing by default."""
+        return contextlib.nullcontext()
+
+    def program(self, file: str, variant: str, name: str) -> Program:
+        """Kernel `name` of build `variant` of `file`, compiled or loaded on first use."""
+        key = (file, variant, name)
+        program = self._programs.get(key)
+        if program is not None:
+            return program
+        kernel_file = self.kernels[file]
+        if name not in kernel_file.kernels[variant]:
+            raise ValueError(f"{file} ({variant}) has no kernel {name!r}")
+        with self._program_lock:
+            program = self._programs.get(key)
+            if program is None:
+                loaded = self._binaries.get((file, variant))
+                if loaded is None:
+                    loaded = self._binaries[(file, variant)] = self.build(kernel_file, variant)
+                program = self._programs[key] = self.program_of(loaded, name)
+        return program
+
+    def build(self, kernel_file: KernelFile, variant: str) -> Any:
+        """The loaded binary of one build: compiled through the on-disk compile cache,
+        keyed on this device's fingerprint, then loaded."""
+        options = self.options(kernel_file, variant)
+        source = kernel_source(kernel_file.file)
+        return self.load(self.compile_cached(source, options, kernel_file.file, variant), options)
+
+    def compile_cached(
+        self, source: str, options: Sequence[str], file: str, variant: str = ""
+    ) -> bytes:
+        """The binary of `source` for this device, from the compile cache or compiled."""
+        compiler = self.compiler
+        if compiler is None:
+            raise CompileError(file, f"{self.properties.kind} has no compiler")
+        return default_cache().get_or_compile(
+            self.properties.kind,
+            self.properties.fingerprint,
+            source,
+            tuple(options),
+            lambda: compiler.compile(source, tuple(options), name=file),
+            name=f"{file}:{variant}" if variant else file,
+        )
+
+    def load(self, binary: bytes, options: Sequence[str]) -> Any:
+        """A compiled binary, loaded on the device (a module, a program, a library)."""
+        raise NotImplementedError(f"{self.properties.kind} loads no binaries")
+
+    def program_of(self, loaded: Any, name: str) -> Program:
+        """Kernel `name` of a loaded binary."""
+        raise NotImplementedError(f"{self.properties.kind} has no programs")
+
+    def forget_programs(self) -> None:
+        """Drops every loaded program (on close)."""
+        with self._program_lock:
+            self._programs.clear()
+            self._binaries.clear()
+
+    def warm_builds(self) -> list[tuple[KernelFile, str]]:
+        """Every (file, build) of the kernel table this device uses."""
+        return [
+            (kernel_file, variant)
+            for kernel_file in self.kernels.values()
+            for variant in kernel_file.kernels
+            if self.builds(kernel_file, variant)
+        ]
+
+    def warmup_steps(self) -> int:
+        """How many steps `warmup` reports through its `progress`."""
+        return len(self.warm_builds())
+
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compiles (or loads from the compile cache) every kernel `run` uses, build by
+        build; `progress` hears each build's name as it starts."""
+        with self.active():
+            for kernel_file, variant in self.warm_builds():
+                if progress is not None:
+                    progress(f"{kernel_file.file}:{variant}")
+                for name in kernel_file.kernels[variant]:
+                    self.program(kernel_file.file, variant, name)
 
     def close(self) -> None:
         """Releases the device's context and memory pools."""
-        return None
+        self.forget_programs()
 
 
 # --------------------------------------------------------------------------
@@ -225,8 +610,8 @@ class ReductionPlan:
     axis: int | None  # normalised to 0..ndim-1; None reduces every axis
     keepdims: bool
     shape: tuple[int, ...]  # of the output
-    # NumPy's output dtype: max keeps x's dtype, an int32 sum is int64 and an int32 mean
-    # float64; float sums and means keep x's dtype
+    # NumPy's output dtype: max keeps x's dtype, an integer sum is int64 and an integer
+    # mean float64; float sums and means keep x's dtype
     dtype: np.dtype
     # what sums accumulate in where the device can: int64 for integers, float64 for
     # floats (exact, or far more accurate than float32); max "accumulates" in x's dtype
@@ -276,6 +661,29 @@ def reduction_plan(x: np.ndarray, params: Mapping[str, Any], op: str) -> Reducti
     return ReductionPlan(axis, keepdims, shape, dtype, acc_dtype, planes, n, cols)
 
 
+def output_spec(op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> TensorSpec:
+    """The output of an already valid call: what ``core.ops.validate`` infers, for callers
+    that hold arrays but no validated call (warm-up, rate measurement, tests)."""
+    x = inputs[0]
+    if op in ("add", "sub", "mul", "div"):
+        b = inputs[1]
+        scalar_b = b.shape in ((), (1,))
+        return TensorSpec.of(x.shape if x.shape == b.shape or scalar_b else b.shape, x.dtype)
+    if op in ("sum", "max", "mean"):
+        plan = reduction_plan(x, params, op)
+        return TensorSpec.of(plan.shape, plan.dtype)
+    if op == "matmul":
+        return TensorSpec.of((*x.shape[:-1], inputs[1].shape[-1]), x.dtype)
+    if op == "transpose":
+        return TensorSpec.of(x.shape[::-1], x.dtype)
+    if op == "conv2d":
+        g = Conv2dGeometry.of(x.shape, inputs[1].shape, params)
+        return TensorSpec.of((g.n, g.o, g.oh, g.ow), x.dtype)
+    if op == "fft":
+        return TensorSpec.of(x.shape, np.complex64)
+    return TensorSpec.of(x.shape, x.dtype)  # relu, gelu, exp, scale, softmax
+
+
 class CallBuffers:
     """The device buffers of one `Device.run`, all freed when it ends, whatever happens:
 
@@ -319,3 +727,80 @@ class CallBuffers:
         host = np.empty(shape, dtype)
         self.allocator.copyout(host, buffer)
         return host
+
+
+class OpCall(CallBuffers):
+    """One `Device.run`: the op, its validated inputs, normalised params and output spec,
+    and the device buffers it allocates (all freed when it ends, whatever happens)."""
+
+    def __init__(
+        self,
+        device: Device,
+        op: str,
+        inputs: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        out: TensorSpec,
+    ) -> None:
+        super().__init__(getattr(device, "allocator", None))
+        self.device, self.op, self.inputs, self.params, self.out = device, op, inputs, params, out
+
+    @property
+    def x(self) -> np.ndarray:
+        """The first input."""
+        return self.inputs[0]
+
+    def kernel(self, file: str, variant: str, name: str) -> Program:
+        return self.device.program(file, variant, name)
+
+    def upload_all(self) -> list[Any]:
+        """A device copy of every input, in order."""
+        return [self.upload(x) for x in self.inputs]
+
+    def alloc_out(self) -> Any:
+        """A device buffer for the output."""
+        return self.alloc(self.out.nbytes)
+
+    def result(self, buffer: Any) -> np.ndarray:
+        """The output, downloaded from `buffer`."""
+        return self.download(buffer, self.out.shape, self.out.dtype)
+
+    def conv2d(self) -> Conv2dGeometry:
+        return Conv2dGeometry.of(self.inputs[0].shape, self.inputs[1].shape, self.params)
+
+
+@dataclass(frozen=True)
+class Conv2dGeometry:
+    """Every extent of a conv2d: input (n, c, h, w), weights (o, c, kh, kw), stride,
+    padding, output (oh, ow)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    o: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    oh: int
+    ow: int
+
+    @classmethod
+    def of(
+        cls, x: Sequence[int], weights: Sequence[int], params: Mapping[str, Any]
+    ) -> Conv2dGeometry:
+        (sh, sw), (ph, pw) = params["stride"], params["padding"]
+        n, c, h, w = x
+        o, _, kh, kw = weights
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        return cls(n, c, h, w, o, kh, kw, sh, sw, ph, pw, oh, ow)
+
+    @property
+    def window(self) -> int:
+        """Elements of one receptive field: c * kh * kw."""
+        return self.c * self.kh * self.kw
+
+    def astuple(self) -> tuple[int, ...]:
+        return dataclasses.astuple(self)

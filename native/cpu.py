@@ -25,19 +25,32 @@ or loads from Numba's on-disk cache, every signature `run` uses.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import math
 import os
+import sys
 import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from kernelmesh.native import cpu_info
-from kernelmesh.native.backend import CATALOG_DTYPES, Device, DeviceProperties, reduction_plan
+from kernelmesh.native.backend import (
+    CATALOG_DTYPES,
+    Device,
+    DeviceProperties,
+    OpCall,
+    OpFn,
+    op_table,
+    reduction_plan,
+)
 
 __all__ = ["NAME", "SUPPORTED_DTYPES", "CpuDevice", "available", "devices", "run", "warmup"]
 
@@ -334,10 +347,22 @@ def _max_rows(x, out):
 # --------------------------------------------------------------------------
 
 
-@_kernel(_PARALLEL_FROM_HEAVY)
-def _softmax(x, out):
-    # x, out (rows, n) with n >= 1; one row per task, so each row stays in cache
-    for r in prange(x.shape[0]):
+# softmax of a large input runs in blocks of rows that stay in cache, each block through
+# NumPy's own ufuncs in place (max, subtract, exp, sum, divide): no temporaries, each
+# block read from memory once, and NumPy's exp, SIMD on every CPU NumPy supports. A Numba
+# loop calling exp cannot match it: LLVM vectorises libm's exp only with Intel's SVML
+# (x86 only), and the scalar exp made the fused one-pass Numba kernel 0.45-0.58x NumPy
+# on a 2-core Xeon. Threads do not help either: the passes are memory-bound and, on a
+# loaded machine, a parallel region waits for its slowest thread.
+# Small inputs run one fused serial Numba pass, cheaper than a dozen ufunc calls.
+_SOFTMAX_BLOCK_BYTES = 1 << 20
+_SOFTMAX_FUSED_BELOW = 1 << 13  # elements
+
+
+@njit(**_JIT)
+def _softmax_small(x, out):
+    # x, out (rows, n) with n >= 1
+    for r in range(x.shape[0]):
         row, result = x[r], out[r]
         m = _nan_max(row)
         # subtracting the row max keeps exp <= 1: no overflow, whatever the inputs
@@ -400,51 +425,46 @@ def _im2col(x, n0, y0, kh, kw, sh, sw, ph, pw, ow, cols):
 # --------------------------------------------------------------------------
 
 
-def _binary(kernel: _Kernel) -> Callable[[Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def op(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        a, b = inputs
-        scalar_b = b.shape in ((), (1,))
-        shape = a.shape if a.shape == b.shape or scalar_b else b.shape
-        out = np.empty(shape, a.dtype)
-        kernel(out.size, _flat(a), _flat(b), out.reshape(-1))
-        return out
+def _binary(kernel: _Kernel) -> OpFn:
+    def op(call: OpCall) -> np.ndarray:
+        a, b = call.inputs
+        result = call.out.empty()
+        kernel(result.size, _flat(a), _flat(b), result.reshape(-1))
+        return result
 
     return op
 
 
-def _unary(kernel: _Kernel) -> Callable[[Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def op(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        (x,) = inputs
-        out = np.empty(x.shape, x.dtype)
-        kernel(out.size, _flat(x), out.reshape(-1))
-        return out
+def _unary(kernel: _Kernel) -> OpFn:
+    def op(call: OpCall) -> np.ndarray:
+        result = call.out.empty()
+        kernel(result.size, _flat(call.x), result.reshape(-1))
+        return result
 
     return op
 
 
-def _op_scale(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    out = np.empty(x.shape, x.dtype)
+def _op_scale(call: OpCall) -> np.ndarray:
+    x, result = call.x, call.out.empty()
     # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-    _scale(out.size, _flat(x), x.dtype.type(params["factor"]), out.reshape(-1))
-    return out
+    _scale(result.size, _flat(x), x.dtype.type(call.params["factor"]), result.reshape(-1))
+    return result
 
 
-def _op_exp(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    out = np.empty(x.shape, x.dtype)  # out=: an array even for 0-d x, never a NumPy scalar
+def _op_exp(call: OpCall) -> np.ndarray:
+    result = call.out.empty()  # out=: an array even for 0-d x, never a NumPy scalar
     with np.errstate(over="ignore", under="ignore"):  # exp(1000) is inf, as asked
-        np.exp(x, out=out)
-    return out
+        np.exp(call.x, out=result)
+    return result
 
 
-def _reduce(inputs: Sequence[np.ndarray], params: Mapping[str, Any], op: str) -> np.ndarray:
-    (x,) = inputs
+def _reduce(op: str) -> OpFn:
+    return lambda call: _reduction(op, call.x, call.params)
+
+
+def _reduction(op: str, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     # sum and mean accumulate in int64 or float64 (plan.acc_dtype); outputs follow NumPy
     plan = reduction_plan(x, params, op)
-    if plan.empty:
-        # an empty extent reaches here only for sum (0) or with an empty output
-        return np.zeros(plan.shape, plan.dtype)
     planes, n, cols = plan.planes, plan.n, plan.cols
 
     if cols == 1:
@@ -461,32 +481,39 @@ def _reduce(inputs: Sequence[np.ndarray], params: Mapping[str, Any], op: str) ->
     return acc.astype(plan.dtype, copy=False).reshape(plan.shape)
 
 
-def _op_softmax(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    out = np.empty(x.shape, x.dtype)
-    if out.size == 0:
-        return out
+def _op_softmax(call: OpCall) -> np.ndarray:
+    x, result = call.x, call.out.empty()
     n = x.shape[-1]
-    rows = out.size // n
-    # one row per task: a single row stays on one core, whatever its length
-    _softmax(out.size if rows > 1 else 0, _kernel_input(x, (rows, n)), out.reshape(rows, n))
-    return out
+    rows = result.size // n
+    x2, out2 = _kernel_input(x, (rows, n)), result.reshape(rows, n)
+    if result.size < _SOFTMAX_FUSED_BELOW:
+        _softmax_small(x2, out2)
+        return result
+    block = max(1, _SOFTMAX_BLOCK_BYTES // (n * x.itemsize))
+    # x - max is inf - inf = nan in a row holding inf, as in NumPy: no warning wanted
+    with np.errstate(invalid="ignore", under="ignore"):
+        for r0 in range(0, rows, block):
+            xb, ob = x2[r0 : r0 + block], out2[r0 : r0 + block]
+            np.subtract(xb, xb.max(axis=-1, keepdims=True), out=ob)
+            np.exp(ob, out=ob)
+            np.divide(ob, ob.sum(axis=-1, keepdims=True), out=ob)
+    return result
 
 
-def _op_matmul(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    a, b = inputs
+def _op_matmul(call: OpCall) -> np.ndarray:
+    a, b = call.inputs
     return np.ascontiguousarray(np.matmul(a, b))  # a no-op unless NumPy kept a strided layout
 
 
-def _op_transpose(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
+def _op_transpose(call: OpCall) -> np.ndarray:
+    x = call.x
     if x.T.flags.c_contiguous or not x.flags.c_contiguous:
         # x.T is already laid out in order (a plain copy), or x is a strided view that
         # NumPy reads in one pass; tiling would first need a contiguous copy.
         return np.array(x.T, order="C")  # a copy even when x.T is contiguous
-    out = np.empty((x.shape[1], x.shape[0]), x.dtype)
-    _transpose(x.size, _kernel_input(x), out)
-    return out
+    result = call.out.empty()
+    _transpose(x.size, _kernel_input(x), result)
+    return result
 
 
 # Elements of im2col columns built at once: bounds the scratch memory to 128 MiB of
@@ -494,20 +521,12 @@ def _op_transpose(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np
 _IM2COL_BUDGET = 1 << 24
 
 
-def _op_conv2d(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    out = np.empty((n, o, oh, ow), x.dtype)
-    if out.size == 0:
-        return out
-    window = c * kh * kw
+def _op_conv2d(call: OpCall) -> np.ndarray:
+    (x, w), g = call.inputs, call.conv2d()
+    n, c, h, wd, o, kh, kw, sh, sw, ph, pw, oh, ow = g.astuple()
+    window = g.window
     weights = np.ascontiguousarray(w).reshape(o, window)
-    if window == 0:
-        out.fill(0)
-        return out
+    out = call.out.empty()
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         # a 1x1 convolution is already a matmul over channels: no im2col needed
         np.matmul(weights, np.ascontiguousarray(x).reshape(n, c, h * wd), out=out.reshape(n, o, -1))
@@ -536,40 +555,38 @@ def _op_conv2d(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.nd
     return out
 
 
-def _op_fft(inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    transform = np.fft.ifft if params.get("inverse", False) else np.fft.fft
+def _op_fft(call: OpCall) -> np.ndarray:
+    x = call.x
+    transform = np.fft.ifft if call.params.get("inverse", False) else np.fft.fft
     # C order even for a Fortran-ordered x (pocketfft keeps the input's layout)
     return np.ascontiguousarray(transform(x, axis=-1), dtype=np.complex64)
 
 
-_OPS: Mapping[str, Callable[[Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]] = {
-    "add": _binary(_add),
-    "sub": _binary(_sub),
-    "mul": _binary(_mul),
-    "div": _binary(_div),
-    "relu": _unary(_relu),
-    "gelu": _unary(_gelu),
-    "exp": _op_exp,
-    "scale": _op_scale,
-    "sum": lambda inputs, params: _reduce(inputs, params, "sum"),
-    "max": lambda inputs, params: _reduce(inputs, params, "max"),
-    "mean": lambda inputs, params: _reduce(inputs, params, "mean"),
-    "softmax": _op_softmax,
-    "matmul": _op_matmul,
-    "transpose": _op_transpose,
-    "conv2d": _op_conv2d,
-    "fft": _op_fft,
+_ELEMENTWISE: Mapping[str, _Kernel] = {
+    "add": _add,
+    "sub": _sub,
+    "mul": _mul,
+    "div": _div,
+    "relu": _relu,
+    "gelu": _gelu,
 }
+_OPS: Mapping[str, OpFn] = op_table(
+    globals(),
+    lambda name: _binary(_ELEMENTWISE[name]),
+    lambda name: _unary(_ELEMENTWISE[name]),
+    _reduce,
+)
 
 
-def run(op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[np.ndarray]:
-    """Runs one op on validated inputs and normalised params; returns fresh outputs."""
-    try:
-        kernel = _OPS[op]
-    except KeyError:
-        raise ValueError(f"the cpu backend has no op {op!r}") from None
-    return [kernel(inputs, params)]
+def run(
+    op: str,
+    inputs: Sequence[np.ndarray],
+    params: Mapping[str, Any],
+    outputs: Sequence[Any] | None = None,
+) -> list[np.ndarray]:
+    """Runs one op on validated inputs and normalised params (`CpuDevice.run` of this
+    host's device); returns fresh outputs."""
+    return _device().run(op, inputs, params, outputs)
 
 
 def _warmup_calls() -> list[tuple[str, list[np.ndarray], dict[str, Any]]]:
@@ -597,12 +614,75 @@ def _warmup_calls() -> list[tuple[str, list[np.ndarray], dict[str, Any]]]:
     return calls
 
 
-def warmup() -> None:
-    """Compiles, or loads from Numba's on-disk cache, every kernel signature `run` uses."""
+def warmup(progress: Callable[[str], None] | None = None, jobs: int | None = None) -> None:
+    """Compiles, or loads from Numba's on-disk cache, every kernel signature `run` uses;
+    `progress` hears each step ("sum int64", "_add (parallel)") as it starts.
+
+    Compiling is single-threaded and takes most of a minute on two cores, so when the
+    cache is cold (no stamp of a finished warm-up of this source, Numba and CPU) it is
+    spread over `jobs` fresh processes that fill the on-disk cache; this process then
+    only loads. `kernelmesh warmup` runs this ahead of time. The default,
+    ``$KERNELMESH_COMPILE_JOBS`` or half the cores, leaves room for the rest of the
+    machine: on a loaded 2-core machine two compiling processes took longer than one."""
+    stamp = _warm_stamp()
+    if jobs is None:
+        default = max(1, (os.cpu_count() or 1) // 2)
+        jobs = 1 if stamp.exists() else int(os.environ.get("KERNELMESH_COMPILE_JOBS", default))
+    if jobs > 1:
+        _compile_in_processes(jobs, progress)
     for op, inputs, params in _warmup_calls():
+        if progress is not None:
+            progress(f"{op} {inputs[0].dtype.name}")
         run(op, inputs, params)  # small: compiles each serial twin
     for kernel in _Kernel.instances:
+        if progress is not None:
+            progress(f"{kernel.parallel.__name__} (parallel)")
         kernel.compile_parallel_like_serial()
+    with contextlib.suppress(OSError):  # a read-only cache costs a slower warm-up, no more
+        stamp.touch()
+
+
+def warmup_steps() -> int:
+    """How many steps `warmup` reports through `progress` (for "12/60" counts)."""
+    return len(_warmup_calls()) + len(_Kernel.instances)
+
+
+def _warm_stamp() -> Path:
+    """A file in Numba's cache folder whose presence says a warm-up of exactly this
+    source, Numba, Python and CPU finished (Numba keys its own entries likewise)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for part in (numba.__version__, sys.version, cpu_info.cpu_info().model):
+        digest.update(part.encode())
+    folder = Path(_add.serial._cache._cache_path)
+    return folder / f"kernelmesh-cpu-warm-{digest.hexdigest()[:16]}"
+
+
+def _compile_ops(ops: Sequence[str]) -> int:
+    """In a worker process: compiles (into the on-disk cache) every kernel the warm-up
+    calls of `ops` reach, serial and parallel; returns how many calls it made."""
+    calls = [call for call in _warmup_calls() if call[0] in ops]
+    for op, inputs, params in calls:
+        run(op, inputs, params)
+    for kernel in _Kernel.instances:
+        kernel.compile_parallel_like_serial()
+    return len(calls)
+
+
+def _compile_in_processes(jobs: int, progress: Callable[[str], None] | None) -> None:
+    """Fills Numba's cache from `jobs` fresh processes, each compiling a share of the ops
+    (spawned, not forked: the caller may be a server with gRPC threads running)."""
+    import concurrent.futures
+    import multiprocessing
+
+    ops = list(SUPPORTED_DTYPES)
+    shares = [ops[i::jobs] for i in range(jobs)]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(_compile_ops, share): share for share in shares if share}
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+            if progress is not None:
+                progress(f"compiled {', '.join(futures[future])} in a worker process")
 
 
 # --------------------------------------------------------------------------
@@ -611,26 +691,86 @@ def warmup() -> None:
 # --------------------------------------------------------------------------
 
 
+class _ThreadBudget:
+    """Shares the usable cores among the CPU ops running at once.
+
+    Each op may start Numba's pool and BLAS's pool, each sized to every core by default,
+    and the server runs several ops at once: on 2 cores, two ops of conv2d (im2col in
+    Numba, then a BLAS matmul) had 8 threads spinning on 2 cores, and conv2d's BLAS
+    matmul on a loaded 2-core machine took 44 ms at median on one thread but 159 ms on
+    two (a descheduled worker stalls the others). So with n ops running, each gets
+    cores // n Numba threads (a per-thread setting), and BLAS (one process-wide pool) all
+    cores for a lone op, one thread once ops overlap. Limits change only when the count
+    does, so a lone tiny task pays a counter update and nothing more."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores = max(1, cores)
+        self.running = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # the Numba thread count to restore, per thread
+        self._blas_threads = 0  # as last set; 0: not set yet
+        self._blas: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.running += 1
+            running = self.running
+            self._limit_blas(self.cores if running == 1 else 1)
+        restore = 0
+        if running > 1:
+            restore = numba.get_num_threads()
+            numba.set_num_threads(max(1, min(self.cores // running, restore)))
+        self._local.restore = restore
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._local.restore:
+            numba.set_num_threads(self._local.restore)
+        with self._lock:
+            self.running -= 1
+
+    def _limit_blas(self, threads: int) -> None:
+        if threads == self._blas_threads:
+            return
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController().select(user_api="blas")
+        self._blas.limit(limits=threads)
+        self._blas_threads = threads
+
+
+_budget = _ThreadBudget(cpu_info.cpu_info().threads)
+
+
 class CpuDevice(Device):
     """The host's cores, running the kernels of this module."""
 
-    def run(
-        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
-    ) -> list[np.ndarray]:
-        return run(op, inputs, params)
+    ops: ClassVar[Mapping[str, OpFn]] = _OPS
+
+    def running(self, call: OpCall) -> contextlib.AbstractContextManager[Any]:
+        return _budget
 
     def memory_available_bytes(self) -> int:
         return cpu_info.memory_available_bytes()
 
-    def warmup(self) -> None:
-        warmup()
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        warmup(progress)
+
+    def warmup_steps(self) -> int:
+        return warmup_steps()
 
 
 def available() -> str | None:
     return None  # NumPy and Numba are dependencies: the CPU backend always runs
 
 
-def devices() -> list[Device]:
+@functools.cache
+def _device() -> CpuDevice:
+    (device,) = devices()
+    return device
+
+
+def devices() -> list[CpuDevice]:
     info = cpu_info.cpu_info()
     properties = DeviceProperties(
         kind=NAME,

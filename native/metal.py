@@ -8,7 +8,7 @@ compute pipeline) and a device that runs catalog ops. Kernel sources are
 What runs here, and what does not:
 
 - Metal has no float64, so no op is offered for float64: the placement never sends
-  float64 work here. int32 sums accumulate in 64-bit ``long``; int32 mean is that exact
+  float64 work here. Integer sums accumulate in 64-bit ``long``; an integer mean is that exact
   int64 sum divided on the host in float64, so it matches the CPU backend exactly.
 - fft runs for power-of-two lengths only (radix-2 Stockham); `refusal` says so for others.
 - Kernels are compiled with fast math off: nan and inf behave as in NumPy.
@@ -37,9 +37,9 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,22 +49,26 @@ import numpy as np
 from kernelmesh.native.backend import (
     CATALOG_DTYPES,
     Allocator,
-    CallBuffers,
     CompileError,
     Compiler,
     Device,
     DeviceProperties,
+    KernelFile,
     LaunchError,
+    LaunchSize,
+    OpCall,
+    OpFn,
     OutOfDeviceMemory,
     Program,
     kernel_source,
+    kernel_table,
+    op_table,
     reduction_plan,
     without_float64,
 )
-from kernelmesh.native.compile_cache import default_cache
 
 __all__ = [
-    "KERNEL_FILES",
+    "KERNELS",
     "NAME",
     "OP_KERNELS",
     "SUPPORTED_DTYPES",
@@ -82,44 +86,55 @@ NAME = "metal"
 
 # The catalog's ops and dtypes less float64, which Metal lacks.
 SUPPORTED_DTYPES: Mapping[str, frozenset[str]] = without_float64(CATALOG_DTYPES)
+_DTYPES = ("float32", "int32", "int64")  # of the elementwise kernels
 
-# Kernel file -> the kernels (host names) it defines. tests/native/test_metal_sources.py
-# parses the files and checks these names against them, so drift shows without a Mac.
-KERNEL_FILES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
-    {
-        "metal_elementwise.metal": (
-            "add_float32",
-            "add_int32",
-            "sub_float32",
-            "sub_int32",
-            "mul_float32",
-            "mul_int32",
-            "div_float32",
-            "relu_float32",
-            "relu_int32",
-            "exp_float32",
-            "scale_float32",
-            "gelu_float32",
-        ),
-        "metal_reduce.metal": tuple(
+# Xcode's offline compiler, with fast math off as for in-process compiles.
+_OFFLINE_OPTIONS: tuple[str, ...] = ("-fno-fast-math",)
+# Each file is one build ("msl") holding kernels for every dtype, named by it.
+_MSL = "msl"
+
+
+def _file(file: str, *kernels: str) -> KernelFile:
+    return KernelFile(file, {_MSL: _OFFLINE_OPTIONS}, {_MSL: kernels})
+
+
+# Every kernel (host name) of every file. tests/native/test_metal_sources.py parses the
+# files and checks these names against them, so drift shows without a Mac.
+KERNELS: Mapping[str, KernelFile] = kernel_table(
+    _file(
+        "metal_elementwise.metal",
+        *(f"{op}_{dtype}" for op in ("add", "sub", "mul") for dtype in _DTYPES),
+        "div_float32",
+        *(f"relu_{dtype}" for dtype in _DTYPES),
+        "exp_float32",
+        "scale_float32",
+        "gelu_float32",
+    ),
+    _file(
+        "metal_reduce.metal",
+        *(
             f"{op}_{dtype}_{shape}"
             for op, dtype in (
                 ("sum", "float32"),
                 ("mean", "float32"),
                 ("sum", "int32"),
+                ("sum", "int64"),
                 ("max", "float32"),
                 ("max", "int32"),
+                ("max", "int64"),
             )
             for shape in ("group", "thread")
         ),
-        "metal_softmax.metal": ("softmax_float32",),
-        "metal_matmul.metal": ("matmul_float32",),
-        "metal_transpose.metal": ("transpose_b32", "transpose_b64"),
-        "metal_conv2d.metal": ("conv2d_float32",),
-        "metal_fft.metal": ("fft_stage",),
-    }
+    ),
+    _file("metal_softmax.metal", "softmax_float32"),
+    _file("metal_matmul.metal", "matmul_float32"),
+    _file("metal_transpose.metal", "transpose_b32", "transpose_b64"),
+    _file("metal_conv2d.metal", "conv2d_float32"),
+    _file("metal_fft.metal", "fft_stage"),
 )
-_FILE_OF: Mapping[str, str] = {k: f for f, names in KERNEL_FILES.items() for k in names}
+_FILE_OF: Mapping[str, str] = {
+    name: k.file for k in KERNELS.values() for names in k.kernels.values() for name in names
+}
 
 
 def _op_kernels() -> dict[str, dict[str, tuple[str, ...]]]:
@@ -128,11 +143,12 @@ def _op_kernels() -> dict[str, dict[str, tuple[str, ...]]]:
         table[op] = {}
         for dtype in sorted(dtypes):
             if op in ("sum", "max", "mean"):
-                # int32 mean is the int64 sum, divided on the host in float64
-                base = "sum" if (op, dtype) == ("mean", "int32") else op
+                # an integer mean is the int64 sum, divided on the host in float64
+                base = "sum" if op == "mean" and dtype != "float32" else op
                 kernels = (f"{base}_{dtype}_group", f"{base}_{dtype}_thread")
             elif op == "transpose":
-                kernels = ("transpose_b64",) if dtype == "complex64" else ("transpose_b32",)
+                bits = 64 if dtype in ("complex64", "int64") else 32
+                kernels = (f"transpose_b{bits}",)
             elif op == "fft":
                 kernels = ("fft_stage",)
             else:
@@ -143,9 +159,6 @@ def _op_kernels() -> dict[str, dict[str, tuple[str, ...]]]:
 
 # op -> dtype -> every kernel `run` may launch for it.
 OP_KERNELS: Mapping[str, Mapping[str, tuple[str, ...]]] = types.MappingProxyType(_op_kernels())
-
-# Xcode's offline compiler, with fast math off as for in-process compiles.
-_OFFLINE_OPTIONS: tuple[str, ...] = ("-fno-fast-math",)
 
 _MAX_GROUP = 256  # threadgroup-memory size of the reduce and softmax kernels
 _TILE = 16  # matmul and transpose tile side: TILE x TILE threads per group
@@ -241,14 +254,16 @@ class MetalAllocator(Allocator):
     """Shared-storage buffers: on Apple silicon the CPU and GPU see the same memory, so a
     copy in or out is one memcpy through ``contents()``, with no staging buffer."""
 
+    min_bytes = 16  # Metal returns nil for a zero-length buffer
+
     def __init__(self, mtl_device: Any) -> None:
+        super().__init__()
         self._device = mtl_device
+        self.device_name = str(mtl_device.name())
         self._shared = _pyobjc().Metal.MTLResourceStorageModeShared
 
-    def alloc(self, nbytes: int) -> Any:
-        # Metal returns nil for a zero-length buffer; empty tensors still get a real one,
-        # which no kernel reads past its element count.
-        buffer = self._device.newBufferWithLength_options_(max(nbytes, 16), self._shared)
+    def _alloc(self, nbytes: int) -> Any:
+        buffer = self._device.newBufferWithLength_options_(nbytes, self._shared)
         if buffer is None:
             raise OutOfDeviceMemory(
                 f"{self._device.name()} could not allocate a buffer of {nbytes} bytes "
@@ -256,18 +271,16 @@ class MetalAllocator(Allocator):
             )
         return buffer
 
-    def free(self, buffer: Any) -> None:
+    def _free(self, buffer: Any) -> None:
         # PyObjC releases the buffer when the last Python reference goes; marking it empty
         # gives its memory back now, even while a reference lingers in a traceback.
         buffer.setPurgeableState_(_pyobjc().Metal.MTLPurgeableStateEmpty)
 
-    def copyin(self, buffer: Any, host: np.ndarray) -> None:
-        if host.nbytes:
-            _bytes_of(buffer, host.nbytes)[:] = host.reshape(-1).view(np.uint8)
+    def _copyin(self, buffer: Any, host: np.ndarray) -> None:
+        _bytes_of(buffer, host.nbytes)[:] = host.reshape(-1).view(np.uint8)
 
-    def copyout(self, host: np.ndarray, buffer: Any) -> None:
-        if host.nbytes:
-            host.reshape(-1).view(np.uint8)[:] = _bytes_of(buffer, host.nbytes)
+    def _copyout(self, host: np.ndarray, buffer: Any) -> None:
+        host.reshape(-1).view(np.uint8)[:] = _bytes_of(buffer, host.nbytes)
 
 
 def _bytes_of(buffer: Any, nbytes: int) -> np.ndarray:
@@ -339,21 +352,16 @@ class MetalProgram(Program):
                 encoder.setBuffer_offset_atIndex_(arg, 0, index)
         encoder.dispatchThreadgroups_threadsPerThreadgroup_(_size(groups), _size(threads))
 
-    def __call__(
-        self,
-        *args: Any,
-        global_size: Sequence[int],
-        local_size: Sequence[int] | None = None,
-        wait: bool = False,
-    ) -> float | None:
-        """Launches on a command buffer of its own. `global_size` counts threadgroups
-        (as in tinygrad's Metal and CUDA backends), `local_size` threads per group."""
+    def launch(self, args: tuple, size: LaunchSize) -> float | None:
+        """Launches on a command buffer of its own. `size.global_size` counts
+        threadgroups (as in tinygrad's Metal and CUDA backends), `local_size` threads per
+        group."""
         command_buffer = self._queue.commandBuffer()
         encoder = command_buffer.computeCommandEncoder()
-        self.encode(encoder, args, global_size, local_size or (1,))
+        self.encode(encoder, args, size.global_size, size.local_size or (1,))
         encoder.endEncoding()
         command_buffer.commit()
-        if not wait:
+        if not size.wait:
             return None
         _finish(command_buffer, self.name, self._device_name)
         return command_buffer.GPUEndTime() - command_buffer.GPUStartTime()
@@ -400,6 +408,9 @@ class MetalDevice(Device):
     encodes its own command buffer on the device's queue (both thread-safe in Metal), and
     the libraries and pipelines, built once, are guarded by a lock."""
 
+    kernels = KERNELS
+    missing_dtypes = types.MappingProxyType({"float64": "Metal has no float64"})
+
     def __init__(self, index: int, mtl_device: Any) -> None:
         mac_version = platform.mac_ver()[0] or "unknown"
         name = str(mtl_device.name())
@@ -426,24 +437,17 @@ class MetalDevice(Device):
         self._queue = mtl_device.newCommandQueue()
         self.allocator = MetalAllocator(mtl_device)
         self.compiler = MetalCompiler()
-        self._libraries: dict[str, Any] = {}
-        self._programs: dict[str, MetalProgram] = {}
-        self._lock = threading.Lock()
 
     # --- compiling ------------------------------------------------------------
 
-    def build(self, source: str, what: str = "Metal source") -> Any:
+    def build(self, kernel_file: KernelFile, variant: str) -> Any:
+        return self.build_source(kernel_source(kernel_file.file), kernel_file.file)
+
+    def build_source(self, source: str, what: str = "Metal source") -> Any:
         """An MTLLibrary from MSL source, through the compile cache when the offline
         toolchain is here (see the module's docstring); CompileError carries the log."""
         if offline_toolchain() is not None:
-            binary = default_cache().get_or_compile(
-                NAME,
-                self.properties.fingerprint,
-                source,
-                _OFFLINE_OPTIONS,
-                lambda: self.compiler.compile(source, _OFFLINE_OPTIONS, name=what),
-                name=what,
-            )
+            binary = self.compile_cached(source, _OFFLINE_OPTIONS, what)
             library = self._load_metallib(binary)
             if library is not None:
                 return library
@@ -474,33 +478,12 @@ class MetalDevice(Device):
             raise CompileError(what, _describe(error))
         return library
 
-    def program(self, library: Any, kernel: str) -> MetalProgram:
-        """One kernel of a library built by `build`."""
-        return MetalProgram(self._mtl, self._queue, library, kernel)
+    def program_of(self, loaded: Any, name: str) -> MetalProgram:
+        """One kernel of a library built by `build_source`."""
+        return MetalProgram(self._mtl, self._queue, loaded, name)
 
     def _kernel(self, name: str) -> MetalProgram:
-        program = self._programs.get(name)
-        if program is not None:
-            return program
-        with self._lock:
-            if name not in self._programs:
-                filename = _FILE_OF[name]
-                if filename not in self._libraries:
-                    self._libraries[filename] = self.build(kernel_source(filename), filename)
-                self._programs[name] = self.program(self._libraries[filename], name)
-            return self._programs[name]
-
-    def warmup(self) -> None:
-        """Builds every pipeline `run` uses (from the compile cache where it can)."""
-        for kernels in OP_KERNELS.values():
-            for names in kernels.values():
-                for name in names:
-                    self._kernel(name)
-
-    def close(self) -> None:
-        with self._lock:
-            self._programs.clear()
-            self._libraries.clear()
+        return self.program(_FILE_OF[name], _MSL, name)
 
     # --- running ----------------------------------------------------------------
 
@@ -524,20 +507,10 @@ class MetalDevice(Device):
         total = int(self._mtl.recommendedMaxWorkingSetSize())
         return max(0, total - int(self._mtl.currentAllocatedSize()))
 
-    def run(
-        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
-    ) -> list[np.ndarray]:
-        host = _OPS.get(op)
-        if host is None:
-            raise ValueError(f"the metal backend has no op {op!r}")
-        dtype = str(inputs[0].dtype)
-        if not self.supports(op, dtype):
-            why = "Metal has no float64" if dtype == "float64" else "not implemented on Metal"
-            raise ValueError(f"{op} for {dtype} does not run on {self.name}: {why}")
+    def running(self, call: OpCall) -> AbstractContextManager[Any]:
         # Worker threads have no Cocoa autorelease pool of their own; without one the
         # command buffers and encoders Metal autoreleases would pile up.
-        with _pyobjc().objc.autorelease_pool():
-            return [host(self, list(inputs), params)]
+        return _pyobjc().objc.autorelease_pool()
 
     def _submit(self, what: str, dispatches: Sequence[_Dispatch]) -> None:
         """Encodes the dispatches, in order, into one command buffer and waits for it. A
@@ -560,25 +533,23 @@ class MetalDevice(Device):
         limit = min(wanted, _MAX_GROUP, self._kernel(kernel).max_threads)
         return 1 << max(0, limit.bit_length() - 1)
 
-    def _launch(
-        self,
-        what: str,
-        kernel: str,
-        inputs: Sequence[np.ndarray],
-        out: np.ndarray,
-        args: bytes,
-        groups: int,
-        threads: tuple[int, ...],
-    ) -> np.ndarray:
-        """Uploads the inputs, runs one dispatch writing `out`'s buffer, copies it back."""
-        with CallBuffers(self.allocator) as buffers:
-            device_inputs = [buffers.upload(x) for x in inputs]
-            device_out = buffers.alloc(out.nbytes)
-            self._submit(
-                what, [_Dispatch(kernel, (*device_inputs, device_out, args), groups, threads)]
-            )
-            self.allocator.copyout(out, device_out)
-        return out
+
+def _launch(
+    call: OpCall,
+    kernel: str,
+    args: bytes,
+    groups: int,
+    threads: tuple[int, ...],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Uploads the inputs, runs one dispatch writing the output's buffer (or `out`'s, a
+    host array of another shape), copies it back."""
+    host = call.out.empty() if out is None else out
+    device_out = call.alloc(host.nbytes)
+    dispatch = _Dispatch(kernel, (*call.upload_all(), device_out, args), groups, threads)
+    call.device._submit(call.op, [dispatch])
+    call.allocator.copyout(host, device_out)
+    return host
 
 
 def _pack(*values: int) -> bytes:
@@ -595,56 +566,43 @@ def _groups_of(count: int, threads: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _binary_op(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        a, b = inputs
-        shape = a.shape if a.shape == b.shape or b.shape in ((), (1,)) else b.shape
-        out = np.empty(shape, a.dtype)
-        if out.size == 0:
-            return out
-        kernel = f"{op}_{a.dtype}"
-        threads = device._threads(kernel, _MAX_GROUP)
+def _binary_op(op: str) -> OpFn:
+    def run(call: OpCall) -> np.ndarray:
+        (a, b), out = call.inputs, call.out
+        kernel = f"{op}_{out.dtype}"
+        threads = call.device._threads(kernel, _MAX_GROUP)
         # a step of 0 makes the one-element operand a scalar
         args = _pack(out.size, int(a.size == out.size), int(b.size == out.size))
-        groups = _groups_of(out.size, threads)
-        return device._launch(op, kernel, [a, b], out, args, groups, (threads,))
+        return _launch(call, kernel, args, _groups_of(out.size, threads), (threads,))
 
     return run
 
 
-def _unary_op(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        (x,) = inputs
-        out = np.empty(x.shape, x.dtype)
-        if out.size == 0:
-            return out
-        kernel = f"{op}_{x.dtype}"
-        threads = device._threads(kernel, _MAX_GROUP)
+def _unary_op(op: str) -> OpFn:
+    def run(call: OpCall) -> np.ndarray:
+        out = call.out
+        kernel = f"{op}_{out.dtype}"
+        threads = call.device._threads(kernel, _MAX_GROUP)
         # the factor rounded to float32 as NumPy's float32(factor) does (inf past the
         # range, where struct.pack("f") would raise)
-        factor = np.float32(params.get("factor", 1.0)) if op == "scale" else np.float32(0)
+        factor = np.float32(call.params.get("factor", 1.0)) if op == "scale" else np.float32(0)
         args = _pack(out.size) + factor.tobytes()
-        groups = _groups_of(out.size, threads)
-        return device._launch(op, kernel, [x], out, args, groups, (threads,))
+        return _launch(call, kernel, args, _groups_of(out.size, threads), (threads,))
 
     return run
 
 
-def _reduce(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]:
-    def run(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        (x,) = inputs
-        plan = reduction_plan(x, params, op)
-        if plan.empty:
-            # no outputs, or sums over an empty extent (max and mean refuse those in
-            # validation): nothing for the GPU to do, and the sum of nothing is 0
-            return np.zeros(plan.shape, plan.dtype)
+def _reduce(op: str) -> OpFn:
+    def run(call: OpCall) -> np.ndarray:
+        x, device = call.x, call.device
+        plan = reduction_plan(x, call.params, op)
         planes, n, cols, outputs = plan.planes, plan.n, plan.cols, plan.outputs
-        integer = x.dtype == np.int32
-
-        base = "sum" if (op, integer) == ("mean", True) else op
-        device_dtype = plan.accumulator(fp64=False)  # int64 for int32 sums, else x's dtype
+        # an integer mean is the exact int64 sum, divided on the host
+        integer_mean = op == "mean" and x.dtype.kind == "i"
+        base = "sum" if integer_mean else op
+        device_dtype = plan.accumulator(fp64=False)  # int64 for integer sums, else x's dtype
         per_thread = outputs >= _THREAD_PER_OUTPUT_FROM or n < _SHORT_EXTENT
-        kernel = f"{base}_{x.dtype}_{'thread' if per_thread else 'group'}"
+        kernel = f"{base}_{x.dtype.name}_{'thread' if per_thread else 'group'}"
         if per_thread:
             threads = device._threads(kernel, _MAX_GROUP)
             groups = _groups_of(outputs, threads)
@@ -652,123 +610,74 @@ def _reduce(op: str) -> Callable[[MetalDevice, list[np.ndarray], Mapping[str, An
             threads = device._threads(kernel, 1 << (n - 1).bit_length())
             groups = outputs
         acc = np.empty(outputs, device_dtype)
-        device._launch(op, kernel, [x], acc, _pack(planes, n, cols), groups, (threads,))
-        if (op, integer) == ("mean", True):
+        _launch(call, kernel, _pack(planes, n, cols), groups, (threads,), out=acc)
+        if integer_mean:
             acc = acc / n  # the exact int64 sum over n, in float64 as the CPU backend does
-        return acc.astype(plan.dtype, copy=False).reshape(plan.shape)
+        return acc.astype(call.out.dtype, copy=False).reshape(call.out.shape)
 
     return run
 
 
-def _softmax(
-    device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]
-) -> np.ndarray:
-    (x,) = inputs
-    out = np.empty(x.shape, x.dtype)
-    if out.size == 0:
-        return out
-    n = x.shape[-1]
-    kernel = f"softmax_{x.dtype}"
-    threads = device._threads(kernel, 1 << (n - 1).bit_length())
-    return device._launch("softmax", kernel, [x], out, _pack(n), out.size // n, (threads,))
+def _op_softmax(call: OpCall) -> np.ndarray:
+    n = call.out.shape[-1]
+    kernel = f"softmax_{call.out.dtype}"
+    threads = call.device._threads(kernel, 1 << (n - 1).bit_length())
+    return _launch(call, kernel, _pack(n), call.out.size // n, (threads,))
 
 
-def _matmul(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    a, b = inputs
+def _op_matmul(call: OpCall) -> np.ndarray:
+    a, b = call.inputs
     batch = a.shape[0] if a.ndim == 3 else 1
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    out = np.empty((*a.shape[:-1], n), a.dtype)
-    if out.size == 0:
-        return out
+    (m, k), n = a.shape[-2:], b.shape[-1]
     tiles_m, tiles_n = _groups_of(m, _TILE), _groups_of(n, _TILE)
     args = _pack(m, n, k, tiles_m, tiles_n)
     groups = batch * tiles_m * tiles_n
-    kernel = f"matmul_{a.dtype}"
-    return device._launch("matmul", kernel, [a, b], out, args, groups, (_TILE, _TILE))
+    return _launch(call, f"matmul_{call.out.dtype}", args, groups, (_TILE, _TILE))
 
 
-def _transpose(
-    device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]
-) -> np.ndarray:
-    (x,) = inputs
-    rows, cols = x.shape
-    out = np.empty((cols, rows), x.dtype)
-    if out.size == 0:
-        return out
-    kernel = f"transpose_b{x.dtype.itemsize * 8}"
+def _op_transpose(call: OpCall) -> np.ndarray:
+    rows, cols = call.x.shape
+    kernel = f"transpose_b{call.out.dtype.itemsize * 8}"
     tiles_down, tiles_across = _groups_of(rows, _TILE), _groups_of(cols, _TILE)
     args = _pack(rows, cols, tiles_across)
-    groups = tiles_down * tiles_across
-    return device._launch("transpose", kernel, [x], out, args, groups, (_TILE, _TILE))
+    return _launch(call, kernel, args, tiles_down * tiles_across, (_TILE, _TILE))
 
 
-def _conv2d(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    batch, channels, height, width = x.shape
-    out_channels, _, kh, kw = w.shape
-    oh, ow = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
-    out = np.empty((batch, out_channels, oh, ow), x.dtype)
-    if out.size == 0:
-        return out
-    kernel = f"conv2d_{x.dtype}"
-    args = _pack(batch, channels, height, width, out_channels, kh, kw, sh, sw, ph, pw, oh, ow)
-    threads = device._threads(kernel, _MAX_GROUP)
-    groups = _groups_of(out.size, threads)
-    return device._launch("conv2d", kernel, [x, w], out, args, groups, (threads,))
+def _op_conv2d(call: OpCall) -> np.ndarray:
+    g = call.conv2d()
+    kernel = f"conv2d_{call.out.dtype}"
+    args = _pack(*g.astuple())
+    threads = call.device._threads(kernel, _MAX_GROUP)
+    return _launch(call, kernel, args, _groups_of(call.out.size, threads), (threads,))
 
 
-def _fft(device: MetalDevice, inputs: list[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    inverse = bool(params.get("inverse", False))
+def _op_fft(call: OpCall) -> np.ndarray:
+    x, device = call.x, call.device
+    inverse = bool(call.params.get("inverse", False))
     n = x.shape[-1]
     # float32 input is the real part of a complex64 signal, as the catalog defines it
     signal = np.ascontiguousarray(x, dtype=np.complex64)
-    out = np.empty(x.shape, np.complex64)
-    if out.size == 0:
-        return out
+    result = call.out.empty()
     if n == 1:
         # the DFT of one point is that point (and 1/n is 1): nothing to compute
-        out[...] = signal
-        return out
-    if n & (n - 1):
-        raise ValueError(f"Metal's fft takes power-of-two lengths only; the last axis has {n}")
-
-    butterflies = out.size // 2
+        result[...] = signal
+        return result
+    butterflies = result.size // 2
     threads = device._threads("fft_stage", _MAX_GROUP)
     groups = _groups_of(butterflies, threads)
-    with CallBuffers(device.allocator) as buffers:
-        ping = buffers.upload(signal)
-        pong = buffers.alloc(signal.nbytes)
-        passes, span = [], 1
-        while span < n:
-            last = span * 2 == n
-            scale = 1.0 / n if inverse and last else 1.0
-            args = _pack(n, span, butterflies) + struct.pack("=2f", 1.0 if inverse else -1.0, scale)
-            passes.append(_Dispatch("fft_stage", (ping, pong, args), groups, (threads,)))
-            ping, pong = pong, ping
-            span *= 2
-        device._submit("fft", passes)
-        device.allocator.copyout(out, ping)  # the last pass wrote what is now `ping`
-    return out
+    ping = call.upload(signal)
+    pong = call.alloc(signal.nbytes)
+    passes, span = [], 1
+    while span < n:
+        last = span * 2 == n
+        scale = 1.0 / n if inverse and last else 1.0
+        args = _pack(n, span, butterflies) + struct.pack("=2f", 1.0 if inverse else -1.0, scale)
+        passes.append(_Dispatch("fft_stage", (ping, pong, args), groups, (threads,)))
+        ping, pong = pong, ping
+        span *= 2
+    device._submit("fft", passes)
+    call.allocator.copyout(result, ping)  # the last pass wrote what is now `ping`
+    return result
 
 
-_OPS: Mapping[str, Callable[[MetalDevice, list[np.ndarray], Mapping[str, Any]], np.ndarray]] = {
-    "add": _binary_op("add"),
-    "sub": _binary_op("sub"),
-    "mul": _binary_op("mul"),
-    "div": _binary_op("div"),
-    "relu": _unary_op("relu"),
-    "gelu": _unary_op("gelu"),
-    "exp": _unary_op("exp"),
-    "scale": _unary_op("scale"),
-    "sum": _reduce("sum"),
-    "max": _reduce("max"),
-    "mean": _reduce("mean"),
-    "softmax": _softmax,
-    "matmul": _matmul,
-    "transpose": _transpose,
-    "conv2d": _conv2d,
-    "fft": _fft,
-}
+MetalDevice.ops = op_table(globals(), _binary_op, _unary_op, _reduce)

@@ -15,12 +15,12 @@ Finding PoCL: the pyopencl wheel bundles an ICD loader that also looks in its ow
 ``pip install pyopencl pocl-binary-distribution`` is enough: no ``OCL_ICD_VENDORS`` to
 set. System ICDs (``/etc/OpenCL/vendors``) are found as well.
 
-Semantics follow the CPU backend (``cpu.py``) op for op: output dtypes (int32 sums to
-int64, int32 means to float64), nan propagation in max, IEEE division by zero. Sums of
+Semantics follow the CPU backend (``cpu.py``) op for op: output dtypes (integer sums to
+int64, integer means to float64), nan propagation in max, IEEE division by zero. Sums of
 floats accumulate in float64 when the device has fp64. On a device without it they
 accumulate in float32 (per work-item running sums over strided slices, then a tree, so
 far more accurate than one running sum, yet short of float64), and float64 ops and the
-int32 mean (a float64 output) are not offered; no such device has been tested yet.
+integer means (a float64 output) are not offered; no such device has been tested yet.
 
 Threads: `OpenCLDevice.run` may be called from several threads at once. OpenCL's enqueue
 calls are thread-safe; a kernel object's arguments are not, so each thread gets its own
@@ -30,16 +30,16 @@ blocking read. Programs are loaded under a lock.
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from kernelmesh.native import backend
-from kernelmesh.native.compile_cache import default_cache
+from kernelmesh.native.backend import KernelFile, OpCall, OpFn
 
 try:
     import pyopencl as cl
@@ -72,7 +72,53 @@ _ELEMENTWISE_LOCAL = 256
 # float32, as cpu.py's budget does.
 _IM2COL_BUDGET = 1 << 24
 
-_CL_TYPES = {"float32": "float", "float64": "double", "int32": "int"}
+_CL_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long"}
+_INTEGERS = frozenset({"int32", "int64"})
+
+# Each dtype build names its element type; integer builds also their unsigned twin (for
+# wrapping arithmetic) and their least value (the identity of max).
+_TYPED_BUILDS = {
+    "float32": ("-DT=float",),
+    "float64": ("-DT=double",),
+    "int32": ("-DT=int", "-DINTEGER", "-DUT=uint", "-DT_MIN=INT_MIN"),
+    "int64": ("-DT=long", "-DINTEGER", "-DUT=ulong", "-DT_MIN=LONG_MIN"),
+}
+_FLOAT_BUILDS = {dtype: _TYPED_BUILDS[dtype] for dtype in ("float32", "float64")}
+_BINARY = ("add", "sub", "mul")
+_INTEGER_ELEMENTWISE = (*(f"{op}_{v}" for op in _BINARY for v in ("tt", "ts", "st")), "relu")
+_FLOAT_ELEMENTWISE = (
+    *_INTEGER_ELEMENTWISE,
+    *(f"div_{v}" for v in ("tt", "ts", "st")),
+    "scale",
+    "exp_",
+    "gelu",
+)
+_INTEGER_REDUCE = ("partial_sum", "partial_max", "finish_sum", "finish_mean", "finish_max")
+
+
+def _by_dtype(floats: tuple[str, ...], integers: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    return {d: integers if d in _INTEGERS else floats for d in _TYPED_BUILDS}
+
+
+# Every kernel this backend launches, by file and build (see `backend.KernelFile`).
+KERNELS: Mapping[str, KernelFile] = backend.kernel_table(
+    KernelFile(
+        "opencl_elementwise.cl",
+        _TYPED_BUILDS,
+        _by_dtype(_FLOAT_ELEMENTWISE, _INTEGER_ELEMENTWISE),
+    ),
+    KernelFile(
+        "opencl_reduce.cl", _TYPED_BUILDS, _by_dtype((*_INTEGER_REDUCE, "softmax"), _INTEGER_REDUCE)
+    ),
+    KernelFile("opencl_matmul.cl", _FLOAT_BUILDS, dict.fromkeys(_FLOAT_BUILDS, ("matmul",))),
+    KernelFile("opencl_conv2d.cl", _FLOAT_BUILDS, dict.fromkeys(_FLOAT_BUILDS, ("im2col",))),
+    KernelFile(
+        "opencl_transpose.cl",
+        {"4": ("-DT=uint",), "8": ("-DT=ulong",)},
+        dict.fromkeys(("4", "8"), ("transpose",)),
+    ),
+    KernelFile("opencl_fft.cl", {"complex64": ()}, {"complex64": ("radix2", "real_to_complex")}),
+)
 
 
 def available() -> str | None:
@@ -101,83 +147,39 @@ def devices() -> list[OpenCLDevice]:
 # --------------------------------------------------------------------------
 
 
-class OpenCLAllocator(backend.Allocator):
-    """Device buffers, counting the bytes this backend holds, with a small pool of freed
-    buffers for reuse.
-
-    The pool exists because a fresh buffer costs its first touch: on PoCL, filling a new
-    64 MiB buffer ran at 1 GB/s (page faults), a reused one at memcpy speed. Freed
-    buffers are kept by exact size, up to `pool_limit` bytes in all.
+class OpenCLAllocator(backend.PooledAllocator):
+    """Device buffers through the shared pool (see `backend.PooledAllocator`: on PoCL a
+    fresh buffer costs its first touch), up to an eighth of the device's memory or
+    256 MiB.
 
     OpenCL has no portable query for free device memory, so `held` (live plus pooled
     bytes) is what this backend allocated and has not released; other processes' use
     is invisible.
     """
 
+    device_name = "the OpenCL device"
+
     def __init__(self, context: Any, queue: Any, device: Any) -> None:
+        super().__init__(
+            max_alloc=int(device.max_mem_alloc_size),
+            pool_limit=min(256 << 20, int(device.global_mem_size) // 8),
+        )
         self.context, self.queue = context, queue
-        self.max_alloc = int(device.max_mem_alloc_size)
-        self.pool_limit = min(256 << 20, int(device.global_mem_size) // 8)
-        self.in_use = 0
-        self.pooled = 0
-        self._pool: dict[int, list[Any]] = {}
-        self._lock = threading.Lock()
 
-    @property
-    def held(self) -> int:
-        return self.in_use + self.pooled
-
-    def alloc(self, nbytes: int) -> Any:
-        if nbytes > self.max_alloc:
-            raise backend.OutOfDeviceMemory(
-                f"cannot allocate {nbytes} bytes on the OpenCL device: one buffer may hold "
-                f"at most {self.max_alloc} bytes (CL_DEVICE_MAX_MEM_ALLOC_SIZE)"
-            )
-        size = max(nbytes, 1)  # OpenCL refuses empty buffers; an empty tensor gets one byte
-        with self._lock:
-            reusable = self._pool.get(size)
-            if reusable:
-                self.pooled -= size
-                self.in_use += size
-                return reusable.pop()
+    def _alloc(self, nbytes: int) -> Any:
         try:
-            buffer = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, size)
-        except cl.Error:
-            self.release_pool()  # the pool may be what stands in the way
-            try:
-                buffer = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, size)
-            except cl.Error as exc:
-                raise backend.OutOfDeviceMemory(f"cannot allocate {nbytes} bytes: {exc}") from exc
-        with self._lock:
-            self.in_use += size
-        return buffer
+            return cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
+        except cl.Error as exc:
+            raise backend.OutOfDeviceMemory(f"cannot allocate {nbytes} bytes: {exc}") from exc
 
-    def free(self, buffer: Any) -> None:
-        size = buffer.size
-        with self._lock:
-            self.in_use -= size
-            if self.pooled + size <= self.pool_limit:
-                self._pool.setdefault(size, []).append(buffer)
-                self.pooled += size
-                return
+    def _free(self, buffer: Any) -> None:
         buffer.release()
 
-    def release_pool(self) -> None:
-        """Releases every pooled buffer back to the driver."""
-        with self._lock:
-            pooled = [b for buffers in self._pool.values() for b in buffers]
-            self._pool.clear()
-            self.pooled = 0
-        for buffer in pooled:
-            buffer.release()
+    def _copyin(self, buffer: Any, host: np.ndarray) -> None:
+        cl.enqueue_copy(self.queue, buffer, host, is_blocking=True)
 
-    def copyin(self, buffer: Any, host: np.ndarray) -> None:
-        if host.nbytes:
-            cl.enqueue_copy(self.queue, buffer, host, is_blocking=True)
-
-    def copyout(self, host: np.ndarray, buffer: Any) -> None:
-        if host.nbytes:
-            cl.enqueue_copy(self.queue, host, buffer, is_blocking=True)
+    def _copyout(self, host: np.ndarray, buffer: Any) -> None:
+        cl.enqueue_copy(self.queue, host, buffer, is_blocking=True)
 
 
 class OpenCLCompiler(backend.Compiler):
@@ -186,14 +188,14 @@ class OpenCLCompiler(backend.Compiler):
     def __init__(self, context: Any, device: Any) -> None:
         self.context, self.device = context, device
 
-    def compile(self, source: str, options: Sequence[str] = ()) -> bytes:
+    def compile(self, source: str, options: Sequence[str] = (), *, name: str = "kernel") -> bytes:
         program = cl.Program(self.context, source)
         try:
             # cache_dir=False: pyopencl's own source cache stays out of the way; ours
             # (compile_cache) keys on the device fingerprint and stores the binary
             program.build(list(options), devices=[self.device], cache_dir=False)
         except cl.Error as exc:
-            raise backend.CompileError(f"OpenCL program ({' '.join(options)})", str(exc)) from exc
+            raise backend.CompileError(f"{name} ({' '.join(options)})", str(exc)) from exc
         (binary,) = program.get_info(cl.program_info.BINARIES)
         return bytes(binary)
 
@@ -215,22 +217,11 @@ class OpenCLProgram(backend.Program):
             kernel = self._local.kernel = cl.Kernel(self.program, self.name)
         return kernel
 
-    def __call__(
-        self,
-        *args: Any,
-        global_size: Sequence[int],
-        local_size: Sequence[int] | None = None,
-        wait: bool = False,
-    ) -> float | None:
+    def launch(self, args: tuple, size: backend.LaunchSize) -> float | None:
         kernel = self._kernel()
         kernel.set_args(*args)
-        event = cl.enqueue_nd_range_kernel(
-            self.queue,
-            kernel,
-            tuple(global_size),
-            None if local_size is None else tuple(local_size),
-        )
-        if not wait:
+        event = cl.enqueue_nd_range_kernel(self.queue, kernel, size.global_size, size.local_size)
+        if not size.wait:
             return None
         event.wait()
         return (event.profile.end - event.profile.start) * 1e-9
@@ -284,9 +275,9 @@ def _properties(index: int, device: Any) -> backend.DeviceProperties:
 def _supported(fp64: bool) -> dict[str, frozenset[str]]:
     if fp64:
         return dict(backend.CATALOG_DTYPES)
-    # float64 needs cl_khr_fp64, and so does the int32 mean (a float64 output)
+    # float64 needs cl_khr_fp64, and so do integer means (a float64 output)
     supported = dict(backend.without_float64(backend.CATALOG_DTYPES))
-    supported["mean"] -= {"int32"}
+    supported["mean"] -= _INTEGERS
     return supported
 
 
@@ -297,6 +288,8 @@ class OpenCLDevice(backend.Device):
     context: Any = None
     queue: Any = None
     cl_device: Any = None
+
+    kernels: ClassVar[Mapping[str, backend.KernelFile]] = KERNELS
 
     @classmethod
     def open(cls, index: int, device: Any) -> OpenCLDevice:
@@ -314,11 +307,9 @@ class OpenCLDevice(backend.Device):
         )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.allocator = OpenCLAllocator(self.context, self.queue, self.cl_device)
         self.compiler = OpenCLCompiler(self.context, self.cl_device)
-        self._programs: dict[tuple[str, tuple[str, ...], str], OpenCLProgram] = {}
-        self._binaries: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self._programs_lock = threading.Lock()
 
     # -- the Device interface ---------------------------------------------------
 
@@ -331,41 +322,20 @@ class OpenCLDevice(backend.Device):
                 return f"fft on {self.name} needs a power-of-two length, got {n}"
         return None
 
-    def run(
-        self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
-    ) -> list[np.ndarray]:
+    @contextmanager
+    def running(self, call: OpCall) -> Iterator[None]:
         try:
-            host_op = _OPS[op]
-        except KeyError:
-            raise ValueError(f"the opencl backend has no op {op!r}") from None
-        with _Call(self) as call:
-            try:
-                return [host_op(call, inputs, params)]
-            except cl.Error as exc:
-                raise backend.LaunchError(f"{op} on {self.name} failed: {exc}") from exc
+            yield
+        except cl.Error as exc:
+            raise backend.LaunchError(f"{call.op} on {self.name} failed: {exc}") from exc
 
     def memory_available_bytes(self) -> int:
         """Total global memory minus what this backend holds, pooled buffers included
         (OpenCL has no portable free-memory query, so other users are not counted)."""
         return max(0, self.properties.memory_total_bytes - self.allocator.held)
 
-    def warmup(self) -> None:
-        for dtype in _CL_TYPES:
-            if dtype == "float64" and not self.properties.supports_fp64:
-                continue
-            self.program("opencl_elementwise.cl", self.build_options(dtype), "relu")
-            self.program("opencl_reduce.cl", self.reduce_options(dtype), "partial_max")
-            if dtype != "int32":
-                self.program("opencl_matmul.cl", self.build_options(dtype), "matmul")
-                self.program("opencl_conv2d.cl", self.build_options(dtype), "im2col")
-        for element in ("uint", "ulong"):
-            self.program("opencl_transpose.cl", (f"-DT={element}",), "transpose")
-        self.program("opencl_fft.cl", (), "radix2")
-
     def close(self) -> None:
-        with self._programs_lock:
-            self._programs.clear()
-            self._binaries.clear()
+        self.forget_programs()
         if self.queue is not None:
             self.queue.finish()
             self.allocator.release_pool()
@@ -373,64 +343,50 @@ class OpenCLDevice(backend.Device):
 
     # -- programs -----------------------------------------------------------------
 
-    def build_options(self, dtype: str) -> tuple[str, ...]:
-        """The options that specialise a kernel file for one dtype on this device."""
+    def builds(self, kernel_file: backend.KernelFile, variant: str) -> bool:
+        return variant != "float64" or self.properties.supports_fp64
+
+    def options(self, kernel_file: backend.KernelFile, variant: str) -> tuple[str, ...]:
+        """The table's options, plus what this device adds for builds of one dtype."""
+        options = kernel_file.variants[variant]
+        if variant not in _CL_TYPES:
+            return options
         fp64 = self.properties.supports_fp64
-        options = [f"-DT={_CL_TYPES[dtype]}", f"-DWIDE={'double' if fp64 else 'float'}"]
+        options = (*options, f"-DWIDE={'double' if fp64 else 'float'}")
         if fp64:
-            options.append("-DHAVE_FP64")
-        if dtype == "int32":
-            options.append("-DINTEGER")
+            options += ("-DHAVE_FP64",)
         # OpenCL lets float32 division be off by 2.5 ulp; NumPy's is correctly rounded
-        options.append("-cl-fp32-correctly-rounded-divide-sqrt")
-        return tuple(options)
+        options += ("-cl-fp32-correctly-rounded-divide-sqrt",)
+        if kernel_file.file == "opencl_reduce.cl":
+            options += self._reduce_options(variant)
+        return options
 
     @property
     def reduce_local(self) -> int:
         return _REDUCE_LOCAL_CPU if "cpu" in self.properties.features else _REDUCE_LOCAL_GPU
 
-    def reduce_options(self, dtype: str) -> tuple[str, ...]:
+    def _reduce_options(self, dtype: str) -> tuple[str, ...]:
         fp64 = self.properties.supports_fp64
-        if dtype == "int32":
+        if dtype in _INTEGERS:
             acc, sum_out, mean_out = "long", "long", "double" if fp64 else "float"
         else:
             acc = "double" if fp64 else "float"
             sum_out = mean_out = _CL_TYPES[dtype]
         return (
-            *self.build_options(dtype),
             f"-DSUM_ACC={acc}",
             f"-DSUM_OUT={sum_out}",
             f"-DMEAN_OUT={mean_out}",
             f"-DLOCAL={self.reduce_local}",
         )
 
-    def program(self, file: str, options: Sequence[str], kernel: str) -> OpenCLProgram:
-        """The named kernel of `file` built with `options`, compiled or loaded on first use."""
-        key = (file, tuple(options), kernel)
-        program = self._programs.get(key)
-        if program is not None:
-            return program
-        with self._programs_lock:
-            binary = self._binaries.get(key[:2])
-            if binary is None:
-                binary = self._binaries[key[:2]] = self._load(file, tuple(options))
-            program = self._programs[key] = OpenCLProgram(self.queue, binary, kernel)
-        return program
-
-    def _load(self, file: str, options: tuple[str, ...]) -> Any:
-        source = backend.kernel_source(file)
-        binary = default_cache().get_or_compile(
-            NAME,
-            self.properties.fingerprint,
-            source,
-            options,
-            lambda: self.compiler.compile(source, options),
-            name=file,
-        )
+    def load(self, binary: bytes, options: Sequence[str]) -> Any:
         try:
             return cl.Program(self.context, [self.cl_device], [binary]).build(list(options))
         except cl.Error as exc:
-            raise backend.CompileError(f"{file} (cached binary)", str(exc)) from exc
+            raise backend.CompileError("a cached OpenCL binary", str(exc)) from exc
+
+    def program_of(self, loaded: Any, name: str) -> OpenCLProgram:
+        return OpenCLProgram(self.queue, loaded, name)
 
 
 # --------------------------------------------------------------------------
@@ -443,78 +399,55 @@ def _groups(n: int, local: int) -> int:
     return max(local, -(-n // local) * local)
 
 
-class _Call(backend.CallBuffers):
-    """The buffers of one `run`, all freed when it ends, whatever happens, and the
-    device's kernels."""
-
-    def __init__(self, device: OpenCLDevice) -> None:
-        super().__init__(device.allocator)
-        self.device = device
-
-    def kernel(self, file: str, options: Sequence[str], name: str) -> OpenCLProgram:
-        return self.device.program(file, options, name)
-
-
 # --------------------------------------------------------------------------
-# Ops: each takes validated inputs and normalised params, returns a fresh array
+# Ops: each takes one `OpCall` and returns a fresh array
 # --------------------------------------------------------------------------
 
-_HostOp = Callable[[_Call, Sequence[np.ndarray], Mapping[str, Any]], np.ndarray]
 
-
-def _launch_1d(program: OpenCLProgram, n: int, *args: Any) -> None:
+def _launch_1d(program: backend.Program, n: int, *args: Any) -> None:
     program(*args, global_size=(_groups(n, _ELEMENTWISE_LOCAL),), local_size=(_ELEMENTWISE_LOCAL,))
 
 
-def _binary(name: str) -> _HostOp:
-    def op(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        a, b = inputs
+def _binary(name: str) -> OpFn:
+    def op(call: OpCall) -> np.ndarray:
+        a, b = call.inputs
         if a.shape == b.shape and a.size != 1:
-            shape, variant = a.shape, "tt"
+            variant = "tt"
         elif b.size == 1:  # b is a scalar operand (also when both are)
-            shape, variant = a.shape, "ts"
+            variant = "ts"
         else:
-            shape, variant = b.shape, "st"
-        n = math.prod(shape)
-        if n == 0:
-            return np.empty(shape, a.dtype)
-        da, db, out = call.upload(a), call.upload(b), call.alloc(n * a.itemsize)
-        options = call.device.build_options(a.dtype.name)
-        kernel = call.kernel("opencl_elementwise.cl", options, f"{name}_{variant}")
-        _launch_1d(kernel, n, da, db, out, np.uint64(n))
-        return call.download(out, shape, a.dtype)
+            variant = "st"
+        n = call.out.size
+        kernel = call.kernel("opencl_elementwise.cl", a.dtype.name, f"{name}_{variant}")
+        dout = call.alloc_out()
+        _launch_1d(kernel, n, *call.upload_all(), dout, np.uint64(n))
+        return call.result(dout)
 
     return op
 
 
-def _unary(name: str) -> _HostOp:
-    def op(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        (x,) = inputs
-        if x.size == 0:
-            return np.empty(x.shape, x.dtype)
-        dx, out = call.upload(x), call.alloc(x.nbytes)
-        kernel = call.kernel("opencl_elementwise.cl", call.device.build_options(x.dtype.name), name)
-        if name == "scale":
-            # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
-            _launch_1d(kernel, x.size, dx, x.dtype.type(params["factor"]), out, np.uint64(x.size))
-        else:
-            _launch_1d(kernel, x.size, dx, out, np.uint64(x.size))
-        return call.download(out, x.shape, x.dtype)
+def _unary(name: str) -> OpFn:
+    def op(call: OpCall) -> np.ndarray:
+        x, n = call.x, call.out.size
+        # "exp_": OpenCL C has its own exp
+        kernel = call.kernel(
+            "opencl_elementwise.cl", x.dtype.name, "exp_" if name == "exp" else name
+        )
+        # the factor in x's dtype, as NumPy's x * factor computes it for a Python float
+        factor = (x.dtype.type(call.params["factor"]),) if name == "scale" else ()
+        dx, dout = call.upload(x), call.alloc_out()
+        _launch_1d(kernel, n, dx, *factor, dout, np.uint64(n))
+        return call.result(dout)
 
     return op
 
 
-def _reduce(op: str) -> _HostOp:
-    def run(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-        (x,) = inputs
-        plan = backend.reduction_plan(x, params, op)
-        if plan.empty:
-            # an empty extent reaches here only for sum (0) or with an empty output
-            return np.zeros(plan.shape, plan.dtype)
+def _reduce(op: str) -> OpFn:
+    def run(call: OpCall) -> np.ndarray:
+        x, device = call.x, call.device
+        plan = backend.reduction_plan(x, call.params, op)
         rows, cols, outputs = plan.n, plan.cols, plan.outputs
-
-        device = call.device
-        options = device.reduce_options(x.dtype.name)
+        variant = x.dtype.name
         # enough work-groups to fill every compute unit a few times over, each piece of a
         # row still long enough to repay its work-group
         target = 8 * device.properties.compute_units
@@ -525,38 +458,31 @@ def _reduce(op: str) -> _HostOp:
         acc_bytes = plan.accumulator(device.properties.supports_fp64).itemsize
         dx = call.upload(x)
         partial = call.alloc(outputs * chunks * acc_bytes)
-        out = call.alloc(outputs * plan.dtype.itemsize)
+        dout = call.alloc_out()
         kind = "max" if op == "max" else "sum"
-        first = call.kernel("opencl_reduce.cl", options, f"partial_{kind}")
-        first(
+        sizes = (rows, cols, chunk, chunks)
+        call.kernel("opencl_reduce.cl", variant, f"partial_{kind}")(
             dx,
             partial,
-            np.uint32(rows),
-            np.uint32(cols),
-            np.uint32(chunk),
-            np.uint32(chunks),
+            *(np.uint32(v) for v in sizes),
             global_size=(outputs * chunks * local,),
             local_size=(local,),
         )
-        finish = call.kernel("opencl_reduce.cl", options, f"finish_{op}")
+        finish = call.kernel("opencl_reduce.cl", variant, f"finish_{op}")
         extra = (np.uint32(rows),) if op == "mean" else ()
-        _launch_1d(finish, outputs, partial, out, np.uint32(chunks), np.uint32(outputs), *extra)
-        return call.download(out, plan.shape, plan.dtype)
+        _launch_1d(finish, outputs, partial, dout, np.uint32(chunks), np.uint32(outputs), *extra)
+        return call.result(dout)
 
     return run
 
 
-def _op_softmax(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    if x.size == 0:
-        return np.empty(x.shape, x.dtype)
-    n = x.shape[-1]
-    rows = x.size // n
-    dx, out = call.upload(x), call.alloc(x.nbytes)
-    kernel = call.kernel("opencl_reduce.cl", call.device.reduce_options(x.dtype.name), "softmax")
+def _op_softmax(call: OpCall) -> np.ndarray:
+    n = call.x.shape[-1]
     local = call.device.reduce_local
-    kernel(dx, out, np.uint32(n), global_size=(rows * local,), local_size=(local,))
-    return call.download(out, x.shape, x.dtype)
+    kernel = call.kernel("opencl_reduce.cl", call.x.dtype.name, "softmax")
+    dx, dout = call.upload(call.x), call.alloc_out()
+    kernel(dx, dout, np.uint32(n), global_size=(call.x.size // n * local,), local_size=(local,))
+    return call.result(dout)
 
 
 _MATMUL_TILE = 64  # rows and columns of C per work-group (TM, TN in opencl_matmul.cl)
@@ -578,152 +504,87 @@ class _Operand:
 
 
 def _matmul(
-    call: _Call,
-    dtype: np.dtype,
-    a: _Operand,
-    b: _Operand,
-    c: _Operand,
-    m: int,
-    n: int,
-    k: int,
-    batches: int,
+    call: OpCall, a: _Operand, b: _Operand, c: _Operand, m: int, n: int, k: int, batches: int
 ) -> None:
-    kernel = call.kernel("opencl_matmul.cl", call.device.build_options(dtype.name), "matmul")
+    kernel = call.kernel("opencl_matmul.cl", call.out.dtype.name, "matmul")
     groups_x, groups_y = -(-n // _MATMUL_TILE), -(-m // _MATMUL_TILE)
     kernel(
         *a.args(),
         *b.args(),
         *c.args(),
-        np.uint32(m),
-        np.uint32(n),
-        np.uint32(k),
+        *(np.uint32(v) for v in (m, n, k)),
         global_size=(groups_x * _MATMUL_ITEMS, groups_y * _MATMUL_ITEMS, batches),
         local_size=(_MATMUL_ITEMS, _MATMUL_ITEMS, 1),
     )
 
 
-def _op_matmul(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    a, b = inputs
-    batched = a.ndim == 3
-    batches = a.shape[0] if batched else 1
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    shape = (*a.shape[:-1], n)
-    if batches * m * n == 0:
-        return np.empty(shape, a.dtype)
-    # k == 0 still launches: the kernel writes the zeros of an empty sum
-    da, db, dc = call.upload(a), call.upload(b), call.alloc(batches * m * n * a.itemsize)
-    _matmul(
-        call,
-        a.dtype,
-        _Operand(da, 0, k, m * k),
-        _Operand(db, 0, n, k * n),
-        _Operand(dc, 0, n, m * n),
-        m,
-        n,
-        k,
-        batches,
-    )
-    return call.download(dc, shape, a.dtype)
+def _op_matmul(call: OpCall) -> np.ndarray:
+    a, b = call.inputs
+    batches = a.shape[0] if a.ndim == 3 else 1
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    (da, db), dc = call.upload_all(), call.alloc_out()
+    a_, b_, c_ = _Operand(da, 0, k, m * k), _Operand(db, 0, n, k * n), _Operand(dc, 0, n, m * n)
+    _matmul(call, a_, b_, c_, m, n, k, batches)
+    return call.result(dc)
 
 
 _TRANSPOSE_TILE = 16
 
 
-def _op_transpose(
-    call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
-) -> np.ndarray:
-    (x,) = inputs
-    rows, cols = x.shape
-    if x.size == 0:
-        return np.empty((cols, rows), x.dtype)
-    element = {4: "uint", 8: "ulong"}[x.itemsize]
-    dx, out = call.upload(x), call.alloc(x.nbytes)
-    kernel = call.kernel("opencl_transpose.cl", (f"-DT={element}",), "transpose")
+def _op_transpose(call: OpCall) -> np.ndarray:
+    rows, cols = call.x.shape
     tile = _TRANSPOSE_TILE
-    kernel(
-        dx,
-        out,
-        np.uint32(rows),
-        np.uint32(cols),
-        global_size=(_groups(cols, tile), _groups(rows, tile)),
-        local_size=(tile, tile),
-    )
-    return call.download(out, (cols, rows), x.dtype)
+    kernel = call.kernel("opencl_transpose.cl", str(call.x.itemsize), "transpose")
+    dx, dout = call.upload(call.x), call.alloc_out()
+    grid = (_groups(cols, tile), _groups(rows, tile))
+    kernel(dx, dout, np.uint32(rows), np.uint32(cols), global_size=grid, local_size=(tile, tile))
+    return call.result(dout)
 
 
-def _op_conv2d(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    x, w = inputs
-    (sh, sw), (ph, pw) = params["stride"], params["padding"]
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    shape = (n, o, oh, ow)
-    if math.prod(shape) == 0:
-        return np.empty(shape, x.dtype)
-    window = c * kh * kw
-    dx, dw = call.upload(x), call.upload(w)
-    out = call.alloc(math.prod(shape) * x.itemsize)
-    options = call.device.build_options(x.dtype.name)
-    im2col = call.kernel("opencl_conv2d.cl", options, "im2col")
+def _op_conv2d(call: OpCall) -> np.ndarray:
+    g = call.conv2d()
+    n, o, oh, ow, window = g.n, g.o, g.oh, g.ow, g.window
+    (dx, dw), dout = call.upload_all(), call.alloc_out()
+    im2col = call.kernel("opencl_conv2d.cl", call.x.dtype.name, "im2col")
     weights = _Operand(dw, 0, window, 0)  # batch stride 0: every image shares them
     # Tiles of whole images while their columns fit the budget, else bands of output
     # rows of one image; each tile is one im2col and one (batched) matmul.
     per_image = window * oh * ow
     if per_image <= _IM2COL_BUDGET:
-        # no input channels (window 0): one launch per tile still writes the zeros
         images, band = min(n, max(1, _IM2COL_BUDGET // max(per_image, 1))), oh
     else:
         images, band = 1, max(1, _IM2COL_BUDGET // (window * ow))
-    cols = call.alloc(images * window * band * ow * x.itemsize)
+    cols = call.alloc(images * window * band * ow * call.x.itemsize)
+    shape = (g.c, g.h, g.w, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, ow)
     for n0 in range(0, n, images):
         tile = min(images, n - n0)
         for y0 in range(0, oh, band):
             rows = min(band, oh - y0)
             pixels = rows * ow
-            total = tile * window * pixels
-            _launch_1d(
-                im2col,
-                total,
-                dx,
-                cols,
-                *(np.uint32(v) for v in (tile, n0, y0, rows, c, h, wd, kh, kw, sh, sw, ph, pw, ow)),
-            )
-            _matmul(
-                call,
-                x.dtype,
-                weights,
-                _Operand(cols, 0, pixels, window * pixels),
-                # out[n0 + b, :, y0:y0 + rows, :] is a (o, rows * ow) matrix with rows
-                # oh * ow apart
-                _Operand(out, (n0 * o * oh + y0) * ow, oh * ow, o * oh * ow),
-                o,
-                pixels,
-                window,
-                tile,
-            )
-    return call.download(out, shape, x.dtype)
+            args = (np.uint32(v) for v in (tile, n0, y0, rows, *shape))
+            _launch_1d(im2col, tile * window * pixels, dx, cols, *args)
+            staged = _Operand(cols, 0, pixels, window * pixels)
+            # out[n0 + b, :, y0:y0 + rows, :] is a (o, rows * ow) matrix with rows
+            # oh * ow apart
+            into = _Operand(dout, (n0 * o * oh + y0) * ow, oh * ow, o * oh * ow)
+            _matmul(call, weights, staged, into, o, pixels, window, tile)
+    return call.result(dout)
 
 
-def _op_fft(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    (x,) = inputs
-    if x.size == 0:
-        return np.empty(x.shape, np.complex64)
-    n = x.shape[-1]
-    if n & (n - 1):
-        raise ValueError(f"fft on opencl needs a power-of-two length, got {n}")
-    total = x.size
+def _op_fft(call: OpCall) -> np.ndarray:
+    x = call.x
+    n, total = x.shape[-1], x.size
     nbytes = total * 8
     if x.dtype == np.complex64:
         src = call.upload(x)
     else:
         real = call.upload(x)
         src = call.alloc(nbytes)
-        to_complex = call.kernel("opencl_fft.cl", (), "real_to_complex")
+        to_complex = call.kernel("opencl_fft.cl", "complex64", "real_to_complex")
         _launch_1d(to_complex, total, real, src, np.uint64(total))
     dst = call.alloc(nbytes)
-    radix2 = call.kernel("opencl_fft.cl", (), "radix2")
-    inverse = bool(params.get("inverse", False))
+    radix2 = call.kernel("opencl_fft.cl", "complex64", "radix2")
+    inverse = bool(call.params.get("inverse", False))
     sign = np.float32(1.0 if inverse else -1.0)
     items = total // 2
     ns = 1
@@ -736,24 +597,7 @@ def _op_fft(call: _Call, inputs: Sequence[np.ndarray], params: Mapping[str, Any]
         src, dst = dst, src
         ns *= 2
     # a length-1 transform is the identity (and its inverse divides by 1)
-    return call.download(src, x.shape, np.complex64)
+    return call.result(src)
 
 
-_OPS: Mapping[str, _HostOp] = {
-    "add": _binary("add"),
-    "sub": _binary("sub"),
-    "mul": _binary("mul"),
-    "div": _binary("div"),
-    "relu": _unary("relu"),
-    "gelu": _unary("gelu"),
-    "exp": _unary("exp_"),
-    "scale": _unary("scale"),
-    "sum": _reduce("sum"),
-    "max": _reduce("max"),
-    "mean": _reduce("mean"),
-    "softmax": _op_softmax,
-    "matmul": _op_matmul,
-    "transpose": _op_transpose,
-    "conv2d": _op_conv2d,
-    "fft": _op_fft,
-}
+OpenCLDevice.ops = backend.op_table(globals(), _binary, _unary, _reduce)

@@ -163,3 +163,41 @@ def cache_clear(numba: bool) -> None:
         for f in files:
             f.unlink(missing_ok=True)
         click.echo(f"removed {len(files)} Numba cache files from {directory}")
+
+
+@click.command()
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated backends to compile for (default: all available).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes compiling the CPU kernels at once (default: half the cores).",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+def warmup(backends: str | None, jobs: int | None, log_level: str) -> None:
+    """Compile every kernel ahead of time (Numba's cache for the CPU, the compile cache
+    for OpenCL, CUDA and Metal), so the first `kernelmesh serve` only loads them. Run it
+    after installing, as part of an image build, or in CI."""
+    import os
+    import time
+
+    from kernelmesh.core import devices as device_discovery
+
+    if jobs is not None:
+        os.environ["KERNELMESH_COMPILE_JOBS"] = str(jobs)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    began = time.perf_counter()
+    wanted = [b.strip() for b in backends.split(",")] if backends else None
+    try:
+        found = device_discovery.discover("warmup", wanted)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    device_discovery.prepare(found)
+    names = ", ".join(d.name for d in found)
+    click.echo(f"compiled the kernels of {names} in {time.perf_counter() - began:.1f}s")

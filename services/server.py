@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kernelmesh.core import devices as device_discovery
-from kernelmesh.core import placement
 from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.store import Store, UsageStore, open_store
@@ -183,8 +182,7 @@ class Server:
         """Compiles (or loads from the on-disk cache) every kernel, then
         reports SERVING. Requests that arrive earlier still run."""
         if self.config.warmup:
-            for device in self.devices:
-                await asyncio.to_thread(self._prepare_device, device)
+            await asyncio.to_thread(device_discovery.prepare, self.devices)
             cache = compile_cache.default_cache()
             log.info(
                 "compile cache %s: %d kernels loaded, %d compiled",
@@ -197,27 +195,6 @@ class Server:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.started = True
         log.info("kernelmesh ready on %s:%d", self.config.host, self.port)
-
-    @staticmethod
-    def _prepare_device(device: device_discovery.LocalDevice) -> None:
-        """Compiles the device's kernels (or loads them from the compile cache), then
-        measures its speed for placement. A device that fails here stays listed and
-        unmeasured, so placement prefers the others."""
-        began = time.perf_counter()
-        try:
-            device.backend.warmup()
-            device.speed = placement.measure(device)
-        except Exception:
-            log.exception("warming up %s failed; it is placed last", device.name)
-            return
-        log.info(
-            "%s ready in %.1fs: launch %.0f us, %.1f GB/s, %.1f GFLOP/s",
-            device.name,
-            time.perf_counter() - began,
-            device.speed.launch_seconds * 1e6,
-            device.speed.bytes_per_second / 1e9,
-            device.speed.flops_per_second / 1e9,
-        )
 
     def ready(self) -> bool:
         return self.started and not self.draining

@@ -23,21 +23,30 @@ struct UnaryArgs {
   float factor;  // scale only
 };
 
-// int32 wraps on overflow as NumPy's does. Signed overflow is undefined in C++ and so in
-// MSL; unsigned arithmetic wraps, and its low 32 bits are the two's-complement result.
+// int32 and int64 wrap on overflow as NumPy's do. Signed overflow is undefined in C++ and
+// so in MSL; unsigned arithmetic wraps, and its low bits are the two's-complement result.
 struct Add {
   float operator()(float a, float b) const { return a + b; }
   int operator()(int a, int b) const { return as_type<int>(as_type<uint>(a) + as_type<uint>(b)); }
+  long operator()(long a, long b) const {
+    return as_type<long>(as_type<ulong>(a) + as_type<ulong>(b));
+  }
 };
 
 struct Sub {
   float operator()(float a, float b) const { return a - b; }
   int operator()(int a, int b) const { return as_type<int>(as_type<uint>(a) - as_type<uint>(b)); }
+  long operator()(long a, long b) const {
+    return as_type<long>(as_type<ulong>(a) - as_type<ulong>(b));
+  }
 };
 
 struct Mul {
   float operator()(float a, float b) const { return a * b; }
   int operator()(int a, int b) const { return as_type<int>(as_type<uint>(a) * as_type<uint>(b)); }
+  long operator()(long a, long b) const {
+    return as_type<long>(as_type<ulong>(a) * as_type<ulong>(b));
+  }
 };
 
 struct Div {
@@ -129,6 +138,10 @@ INSTANTIATE("mul_int32", binary, int, Mul)
 INSTANTIATE("div_float32", binary, float, Div)
 INSTANTIATE("relu_float32", unary, float, Relu)
 INSTANTIATE("relu_int32", unary, int, Relu)
+INSTANTIATE("add_int64", binary, long, Add)
+INSTANTIATE("sub_int64", binary, long, Sub)
+INSTANTIATE("mul_int64", binary, long, Mul)
+INSTANTIATE("relu_int64", unary, long, Relu)
 INSTANTIATE("exp_float32", unary, float, Exp)
 INSTANTIATE("scale_float32", unary, float, Scale)
 INSTANTIATE("gelu_float32", unary, float, Gelu)

@@ -31,10 +31,12 @@ struct ReduceArgs {
 
 inline bool is_nan(float v) { return isnan(v); }
 inline bool is_nan(int) { return false; }
+inline bool is_nan(long) { return false; }
 
 // max's identity: below every value (n >= 1, so it never reaches an output alone)
 inline float lowest(float) { return -INFINITY; }
 inline int lowest(int) { return -2147483647 - 1; }
+inline long lowest(long) { return -9223372036854775807L - 1; }
 
 struct SumFloat {
   typedef float In;
@@ -65,15 +67,19 @@ struct MeanFloat : SumFloat {
   static float result(float acc, uint n) { return acc / float(n); }
 };
 
+// integer sums in 64 bits; an int64 sum that overflows wraps, as NumPy's does
+template <typename I>
 struct SumInt {
-  typedef int In;
+  typedef I In;
   typedef long Acc;
   typedef long Out;
   typedef long State;
   static State start() { return 0; }
-  static void add(thread State& s, int v) { s += long(v); }
+  static void add(thread State& s, I v) {
+    s = as_type<long>(as_type<ulong>(s) + as_type<ulong>(long(v)));
+  }
   static long finish(State s) { return s; }
-  static long combine(long a, long b) { return a + b; }
+  static long combine(long a, long b) { return as_type<long>(as_type<ulong>(a) + as_type<ulong>(b)); }
   static long result(long acc, uint) { return acc; }
 };
 
@@ -153,10 +159,14 @@ INSTANTIATE("sum_float32_group", reduce_group, SumFloat)
 INSTANTIATE("sum_float32_thread", reduce_thread, SumFloat)
 INSTANTIATE("mean_float32_group", reduce_group, MeanFloat)
 INSTANTIATE("mean_float32_thread", reduce_thread, MeanFloat)
-INSTANTIATE("sum_int32_group", reduce_group, SumInt)
-INSTANTIATE("sum_int32_thread", reduce_thread, SumInt)
+INSTANTIATE("sum_int32_group", reduce_group, SumInt<int>)
+INSTANTIATE("sum_int32_thread", reduce_thread, SumInt<int>)
+INSTANTIATE("sum_int64_group", reduce_group, SumInt<long>)
+INSTANTIATE("sum_int64_thread", reduce_thread, SumInt<long>)
 INSTANTIATE("max_float32_group", reduce_group, Max<float>)
 INSTANTIATE("max_float32_thread", reduce_thread, Max<float>)
 INSTANTIATE("max_int32_group", reduce_group, Max<int>)
 INSTANTIATE("max_int32_thread", reduce_thread, Max<int>)
+INSTANTIATE("max_int64_group", reduce_group, Max<long>)
+INSTANTIATE("max_int64_thread", reduce_thread, Max<long>)
 // clang-format on

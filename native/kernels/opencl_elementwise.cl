@@ -1,6 +1,7 @@
 // Elementwise ops for one dtype. Build options:
-//   -D T=<float|double|int>   the element type
+//   -D T=<float|double|int|long>  the element type
 //   -D INTEGER                 T is an integer type (no div, exp, gelu, scale)
+//   -D UT=<uint|ulong>         with INTEGER: T's unsigned twin
 //   -D WIDE=<double|float>     the type gelu computes in (double when the device has fp64)
 //   -D HAVE_FP64               the device has cl_khr_fp64
 // Every kernel takes the element count n and ignores work-items past it, so the host
@@ -12,10 +13,14 @@
 
 #ifdef INTEGER
 // Signed overflow is undefined in OpenCL C; unsigned arithmetic wraps, as NumPy's int32
-// does, and its low 32 bits are the two's-complement result.
-#define ADD(a, b) as_int(as_uint(a) + as_uint(b))
-#define SUB(a, b) as_int(as_uint(a) - as_uint(b))
-#define MUL(a, b) as_int(as_uint(a) * as_uint(b))
+// and int64 do, and its low bits are the two's-complement result.
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define AS_T CAT(as_, T)
+#define AS_UT CAT(as_, UT)
+#define ADD(a, b) AS_T(AS_UT(a) + AS_UT(b))
+#define SUB(a, b) AS_T(AS_UT(a) - AS_UT(b))
+#define MUL(a, b) AS_T(AS_UT(a) * AS_UT(b))
 #else
 #define ADD(a, b) ((a) + (b))
 #define SUB(a, b) ((a) - (b))

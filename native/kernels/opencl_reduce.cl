@@ -1,9 +1,10 @@
 // Reductions (sum, max, mean) over an axis of a C-contiguous tensor seen as (P, R, Q),
 // R reduced, and softmax over the last axis. Build options:
-//   -D T=<float|double|int>    the input type
-//   -D SUM_ACC=<double|float|long>  what sums accumulate in (int64 for int32; float64 for
-//                               floats when the device has fp64)
-//   -D SUM_OUT, -D MEAN_OUT     output types of sum and mean (int32: long and double)
+//   -D T=<float|double|int|long>  the input type
+//   -D SUM_ACC=<double|float|long>  what sums accumulate in (int64 for integers; float64
+//                               for floats when the device has fp64)
+//   -D SUM_OUT, -D MEAN_OUT     output types of sum and mean (integers: long and double)
+//   -D T_MIN=<INT_MIN|LONG_MIN> with INTEGER: T's least value
 //   -D WIDE=<double|float>     the type of a mean's division and softmax's sum
 //   -D INTEGER, -D HAVE_FP64
 //   -D LOCAL=<n>               the work-group size (a power of two)
@@ -20,7 +21,7 @@
 #define SUM(a, b) ((a) + (b))
 
 #ifdef INTEGER
-#define MAX_IDENTITY INT_MIN
+#define MAX_IDENTITY T_MIN
 #define MAX(a, b) max(a, b)
 #else
 #define MAX_IDENTITY ((T)-INFINITY)

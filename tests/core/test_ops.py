@@ -136,6 +136,9 @@ def test_scale_takes_a_float_factor():
         ("max", "float32", "float32"),
         ("mean", "int32", "float64"),
         ("mean", "float32", "float32"),
+        ("sum", "int64", "int64"),
+        ("max", "int64", "int64"),
+        ("mean", "int64", "float64"),
     ],
 )
 def test_reduction_output_dtype_follows_numpy(op, dtype, want):
@@ -259,6 +262,16 @@ def test_unsupported_dtype_lists_the_allowed_ones():
     (violation,) = violations("exp", [t("int32", 3)])
     assert violation.field == "inputs[0].dtype"
     assert "float32, float64" in violation.description
+    assert "x.astype('float32')" in violation.description  # how to convert, by example
+
+
+def test_int64_is_accepted_by_elementwise_ops_and_reductions():
+    for op in ("add", "sub", "mul"):
+        assert output(op, [t("int64", 3), t("int64", 3)]).dtype == "int64"
+    assert output("relu", [t("int64", 3)]).dtype == "int64"
+    assert output("transpose", [t("int64", 2, 3)]) == t("int64", 3, 2)
+    (violation,) = violations("div", [t("int64", 3), t("int64", 3)])[:1]
+    assert "integer division is ambiguous" in violation.description
 
 
 def test_unknown_dtype_name_is_a_violation():
@@ -279,7 +292,7 @@ def test_mismatched_dtypes_name_the_second_input():
 
 
 def test_unsupported_dtype_is_not_also_reported_as_a_mismatch():
-    assert fields("add", [t("float32", 3), t("int64", 3)]) == ["inputs[1].dtype"]
+    assert fields("add", [t("float32", 3), t("complex64", 3)]) == ["inputs[1].dtype"]
 
 
 def test_shape_mismatch_explains_the_broadcasting_rule():

@@ -71,6 +71,7 @@ def _transposed(x: np.ndarray) -> np.ndarray:
     return view
 
 
+_INTEGERS = ("int32", "int64")
 _SPECIAL = [0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, np.nan, 80.0, -80.0, 1e-30, -1e-30]
 
 
@@ -125,8 +126,9 @@ def _binary_cases(b: _Builder, op: str, dtype: str) -> None:
     b.add(op, "two-scalars", [b.random((), dtype, 1, 9), b.random((1,), dtype, 1, 9)])
     b.add(op, "empty", [np.zeros((3, 0), dtype), np.zeros((3, 0), dtype)])
     b.add(op, "empty-scalar", [np.zeros((0,), dtype), np.ones((), dtype)])
-    if dtype == "int32":
-        top = np.array([np.iinfo(np.int32).max, np.iinfo(np.int32).min, 7], np.int32)
+    if dtype in _INTEGERS:
+        info = np.iinfo(dtype)
+        top = np.array([info.max, info.min, 7], dtype)
         b.add(op, "wraps", [top, top[::-1].copy()])
     else:
         special = np.array(_SPECIAL, dtype)
@@ -147,7 +149,7 @@ def _unary_cases(b: _Builder, op: str, dtype: str, params: dict | None = None) -
     b.add(op, "strided", [_strided(x)], params)
     b.add(op, "transposed", [_transposed(x)], params)
     b.add(op, "empty", [np.zeros((2, 0), dtype)], params)
-    if dtype != "int32":
+    if dtype not in _INTEGERS:
         extra = [1000.0, -1000.0] if op == "exp" else [40.0, -40.0]
         b.add(op, "special", [np.array([*_SPECIAL, *extra], dtype)], params)
 
@@ -188,7 +190,10 @@ def _reduction_cases(b: _Builder, op: str, dtype: str) -> None:
     if dtype == "int32" and op != "max":
         # 2**17 * (2**31 - 1) overflows int32 but not the int64 accumulator
         b.add(op, "no-overflow", [np.full(1 << 17, np.iinfo(np.int32).max, np.int32)])
-    if dtype != "int32" and op == "max":
+    if dtype == "int64" and op != "max":
+        # sums of int64 wrap as NumPy's do (no wider accumulator): a sum that needs all 64 bits
+        b.add(op, "large", [np.full(1 << 10, np.iinfo(np.int64).max >> 12, np.int64)])
+    if dtype not in _INTEGERS and op == "max":
         for where in (0, 5, 100_002):
             x = b.random(100_003, dtype)
             x[where] = np.nan
@@ -430,9 +435,9 @@ def tolerance(case: OpCase) -> tuple[float, float]:
     """(rtol, atol) for this case: 0, 0 means bit-exact."""
     op, x = case.op, case.inputs[0]
     eps = _eps(_output_dtype(case))
-    if op in _EXACT or (op == "sum" and case.dtype == "int32"):  # int64 sums are exact
+    if op in _EXACT or (op == "sum" and case.dtype in _INTEGERS):  # int64 sums are exact
         return 0.0, 0.0
-    if op == "mean" and case.dtype == "int32":
+    if op == "mean" and case.dtype in _INTEGERS:
         return 2 * eps, 0.0  # an exact int64 sum, then one float64 division
     if op == "exp":
         return 4 * eps, 0.0  # OpenCL allows exp 3 ulp; libm and SIMD exps differ by 1-2

@@ -84,7 +84,7 @@ _COMPILE_BROKEN = {
     "cuda": lambda device: device.compiler.compile(
         'extern "C" __global__ void km_broken(float* x) { x[0] = undeclared_name; }', ()
     ),
-    "metal": lambda device: device.build(
+    "metal": lambda device: device.build_source(
         "kernel void broken(device float* x [[buffer(0)]]) { x[0] = undeclared_name; }",
         "broken.metal",
     ),

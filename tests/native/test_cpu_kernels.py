@@ -650,3 +650,11 @@ def test_after_warmup_no_call_compiles_anything():
         id(k): (len(k.serial.signatures), len(k.parallel.signatures)) for k in cpu._Kernel.instances
     }
     assert after == compiled
+
+
+def test_warmup_reports_every_step_and_stamps_numbas_cache():
+    steps: list[str] = []
+    cpu.warmup(steps.append, jobs=1)
+    assert len(steps) == cpu.warmup_steps()
+    assert steps[0] == "add float32" and steps[-1].endswith("(parallel)")
+    assert cpu._warm_stamp().exists()  # the next warm-up only loads

@@ -36,7 +36,7 @@ def device(request) -> cuda.CudaDevice:
 def fallback(device: cuda.CudaDevice):
     """The same GPU with CuPy switched off: matmul, conv2d and fft on our own kernels."""
     dev = cuda.CudaDevice(device.index)
-    dev._cupy, dev.cupy_missing = None, "switched off by the test"
+    dev.cupy, dev.cupy_missing = None, "switched off by the test"
     yield dev
     dev.close()
 
@@ -79,7 +79,7 @@ def test_fft_lengths_are_refused_only_without_cufft(device, fallback):
 def test_memory_available_shrinks_while_a_buffer_is_held(device):
     before = device.memory_available_bytes()
     assert 0 < before <= device.properties.memory_total_bytes
-    with device._active():
+    with device.active():
         buffer = device.allocator.alloc(256 << 20)
         try:
             assert device.memory_available_bytes() <= before - (256 << 20) + (2 << 20)
@@ -110,7 +110,7 @@ def test_big_endian_inputs_are_transferred_in_native_order(device):
 
 
 def test_an_allocation_beyond_device_memory_is_a_launch_error_and_the_device_recovers(device):
-    with device._active(), pytest.raises(backend.LaunchError, match="cannot allocate"):
+    with device.active(), pytest.raises(backend.LaunchError, match="cannot allocate"):
         device.allocator.alloc(4 * device.properties.memory_total_bytes)
     x = np.arange(-5, 5, dtype=np.float32)
     (out,) = device.run("relu", [x], {})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from kernelmesh.native import cuda
-from kernelmesh.native.backend import CompileError
+from kernelmesh.native.backend import KERNEL_DIR, CompileError
 
 # Ampere and Hopper: the data-centre GPUs a lent machine has; CUDA 13 builds sm_75 up.
 ARCHS = ["sm_80", "sm_90"]
@@ -36,7 +36,7 @@ def symbols(cubin: bytes) -> set[str]:
 
 
 def test_every_kernel_source_is_listed() -> None:
-    on_disk = {path.name for path in cuda.KERNEL_DIR.glob("*.cu")}
+    on_disk = {path.name for path in KERNEL_DIR.glob("*.cu")}
     assert on_disk == set(cuda.KERNELS)
 
 

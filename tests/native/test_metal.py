@@ -69,9 +69,11 @@ def test_memory_available_is_within_the_working_set(device):
 
 
 def test_a_missing_kernel_is_a_compile_error(device):
-    library = device.build("kernel void present(device float* x [[buffer(0)]]) {}", "present")
+    library = device.build_source(
+        "kernel void present(device float* x [[buffer(0)]]) {}", "present"
+    )
     with pytest.raises(backend.CompileError, match="absent"):
-        device.program(library, "absent")
+        device.program_of(library, "absent")
 
 
 def test_an_allocation_beyond_one_buffers_limit_is_a_launch_error(device):
