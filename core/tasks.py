@@ -106,6 +106,7 @@ class Task:
     run_seconds: float | None = None
     deadline: float | None = None  # time.monotonic() based
     elements: int = 0  # of inputs and outputs together
+    held_bytes: int = 0  # charged to the tenant's ledger until the task ends
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -272,6 +273,7 @@ class TaskManager:
             call=call,
             inputs=arrays,
             elements=work.elements,
+            held_bytes=work.elements * (arrays[0].itemsize if arrays else 8),
         )
         return task
 
@@ -354,6 +356,15 @@ class TaskManager:
         )
 
     def _record(self, task: Task) -> None:
+        # Per-tenant quotas (core.limits): unfinished tasks, and the bytes of their
+        # inputs and outputs, refused before the task is queued or run.
+        ledger = self.store.ledger
+        ledger.admit_task(task.tenant)
+        try:
+            ledger.reserve(task.tenant, task.held_bytes)
+        except ResourceExhausted:
+            ledger.task_done(task.tenant)
+            raise
         self._tasks[task.name] = task
 
     def _enqueue(self, task: Task) -> None:
@@ -506,6 +517,8 @@ class TaskManager:
         task.error = failure
         task.end_time = time.time()
         task.inputs = None  # inputs are not needed any more; free them now
+        self.store.ledger.task_done(task.tenant)
+        self.store.ledger.release(task.tenant, task.held_bytes)
         metrics.TASKS.inc((task.op, state.name))
         if task._watchers:
             self._emit(task, failure.message if failure else "succeeded")

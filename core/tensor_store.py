@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernelmesh.core.errors import NotFound, ResourceExhausted
+from kernelmesh.core.limits import TenantLedger, quote
 
 PREFIX = "tensors/"
 
@@ -29,8 +30,10 @@ class StoredTensor:
 class TensorStore:
     """A byte-bounded, tenant-scoped in-memory store of named tensors."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, ledger: TenantLedger | None = None) -> None:
         self.max_bytes = max_bytes
+        # Per-tenant byte quotas, shared with the tasks that hold inputs and outputs.
+        self.ledger = ledger or TenantLedger()
         self._items: dict[str, StoredTensor] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -51,9 +54,15 @@ class TensorStore:
                 retry_after=5.0,
             )
 
-    def put(self, array: np.ndarray, *, tenant: str, device: str = "cpu:0") -> StoredTensor:
+    def put(
+        self, array: np.ndarray, *, tenant: str, device: str = "cpu:0", reserved: bool = False
+    ) -> StoredTensor:
+        """`reserved`: the tenant's ledger already holds these bytes (an upload
+        reserves chunk by chunk as they arrive)."""
         with self._lock:
             self.reserve_check(array.nbytes)
+            if not reserved:
+                self.ledger.reserve(tenant, array.nbytes)
             name = PREFIX + uuid.uuid4().hex
             item = StoredTensor(name=name, tenant=tenant, device=device, array=array)
             self._items[name] = item
@@ -64,7 +73,7 @@ class TensorStore:
         item = self._items.get(name)
         # Another tenant's tensor is reported exactly like a missing one.
         if item is None or item.tenant != tenant:
-            raise NotFound(f"tensor {name!r} not found")
+            raise NotFound(f"tensor {quote(name)} not found")
         return item
 
     def delete(self, name: str, *, tenant: str) -> None:
@@ -72,3 +81,4 @@ class TensorStore:
             item = self.get(name, tenant=tenant)
             del self._items[name]
             self._bytes -= item.size_bytes
+            self.ledger.release(tenant, item.size_bytes)

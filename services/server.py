@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import time
@@ -17,17 +18,22 @@ from grpc_reflection.v1alpha import reflection
 
 from kernelmesh.core import devices as device_discovery
 from kernelmesh.core import placement
+from kernelmesh.core.api_keys import ApiKeyStore, MemoryApiKeyStore
+from kernelmesh.core.auth import KeyRing
 from kernelmesh.core.config import ServerConfig
+from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.store import UsageStore
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
-from kernelmesh.services import openai_facade, sidecar
+from kernelmesh.services import http_guard, openai_facade, sidecar
+from kernelmesh.services.auth_interceptor import AuthInterceptor
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
+from kernelmesh.services.keys_servicer import OrchestratorServicer
 from kernelmesh.services.llm_servicer import LLMServicer
+from kernelmesh.services.request_guard import RequestGuard
 from kernelmesh.services.task_servicer import TaskServicer
-from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -51,10 +57,37 @@ SERVICE_NAMES = (
 SERVING = SERVICE_NAMES[:3]
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond loopback
+
+
+def check_security(config: ServerConfig) -> None:
+    """Refuses settings that would expose the server: open (no auth) beyond
+    loopback without an explicit --insecure-open, auth without a state dir for
+    its bootstrap key, half a TLS pair."""
+    if not config.auth and not config.insecure_open and not is_loopback(config.host):
+        raise ValueError(
+            f"refusing to serve {config.host} without authentication: beyond loopback "
+            "kernelmesh needs --auth (API keys), or --insecure-open to run open anyway"
+        )
+    if config.auth and not config.state_dir:
+        raise ValueError("--auth needs --state-dir: the bootstrap admin key is written there")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+
 class Server:
     """One process: orchestrator-facing API plus this node's devices."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, api_keys: ApiKeyStore | None = None) -> None:
+        check_security(config)
         self.config = config
         self.port = 0
         self.http_port = 0
@@ -65,9 +98,14 @@ class Server:
         self._runner = None
         self._warmup: asyncio.Task | None = None
         self.devices = device_discovery.discover(config.node_name, config.backends)
+        # Keys live in the durable Store when one is given (issue 7); until then in memory.
+        self.api_keys: ApiKeyStore = api_keys if api_keys is not None else MemoryApiKeyStore()
+        self.keys = KeyRing(self.api_keys, cache_seconds=config.auth_cache_seconds)
+        self.auth = config.auth
+        self.ledger = TenantLedger(config.quotas)
         self.tasks = TaskManager(
             self.devices,
-            TensorStore(config.tensor_store_bytes),
+            TensorStore(config.tensor_store_bytes, self.ledger),
             TaskManagerOptions(
                 limits=config.limits,
                 retention_tasks=config.retention_tasks,
@@ -89,16 +127,25 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.auth:
+            interceptors.append(AuthInterceptor(self.keys))
+        interceptors.append(RequestGuard())
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         task_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(self.tasks, cfg.limits), server
+            TaskServicer(
+                self.tasks,
+                cfg.limits,
+                max_reply_bytes=max(1 << 20, cfg.max_message_bytes - (1 << 20)),
+            ),
+            server,
         )
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
-            DeviceServicer(DeviceMonitor(self.devices)), server
+            DeviceServicer(DeviceMonitor(self.devices), cfg.quotas), server
         )
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            UnimplementedOrchestratorServicer(), server
+            OrchestratorServicer(self.keys), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -110,7 +157,10 @@ class Server:
             server,
         )
         try:
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            if cfg.tls_cert:
+                self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", _tls_credentials(cfg))
+            else:
+                self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         except RuntimeError:  # grpcio raises rather than returning 0 on a busy port
             self.port = 0
         if self.port == 0:
@@ -121,6 +171,9 @@ class Server:
         if cfg.http_port is not None:
             app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
             openai_facade.add_routes(app, self.llm)
+            if self.auth:  # outermost: nothing is read for a caller without a key
+                http_guard.install_auth(app, self.keys, protect_metrics=cfg.protect_metrics)
+            http_guard.install(app)
             try:
                 self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
             except OSError as exc:
@@ -129,6 +182,8 @@ class Server:
                     f"could not bind the HTTP sidecar to {cfg.host}:{cfg.http_port}: "
                     f"{exc.strerror or exc} (choose another with --http-port, or --no-http)"
                 ) from None
+        if self.auth:
+            await self.keys.bootstrap(cfg.state_dir)
         await self.tasks.start()
         await self.llm.start()
         await server.start()
@@ -206,6 +261,15 @@ class Server:
     async def wait_for_termination(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def _tls_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
+    cert = Path(cfg.tls_cert).read_bytes()
+    key = Path(cfg.tls_key).read_bytes()
+    client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 async def serve(config: ServerConfig) -> None:

@@ -28,6 +28,19 @@ DOMAIN = "kernelmesh.v1"
 
 T = TypeVar("T")
 
+# Trailers carry the status: a message that quotes a huge input (a name, a label)
+# must not grow them past what proxies and the client's metadata limit accept.
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 256
+MAX_DESCRIPTION_CHARS = 512
+MAX_VIOLATIONS = 32
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 def _pack(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
@@ -45,7 +58,12 @@ def to_status(
     metadata: dict[str, str] | None = None,
 ) -> grpc.Status:
     details = []
+    message = _cut(message, MAX_MESSAGE_CHARS)
     if violations:
+        violations = [
+            Violation(_cut(v.field, MAX_FIELD_CHARS), _cut(v.description, MAX_DESCRIPTION_CHARS))
+            for v in violations[:MAX_VIOLATIONS]
+        ]
         details.append(
             _pack(
                 error_details_pb2.BadRequest(

@@ -1,0 +1,249 @@
+"""A server interceptor that turns every malformed request into INVALID_ARGUMENT
+before a servicer sees it, and anything a handler lets escape into a status.
+
+- Bytes that do not decode as the method's request message (truncated,
+  invalid UTF-8 in a string field, nesting past protobuf's limit) are answered
+  INVALID_ARGUMENT, not the UNKNOWN grpcio gives, and log no traceback.
+- proto3 keeps enum numbers it does not know; a request carrying one in any
+  field, however deep, is refused naming the field.
+- An exception escaping a handler becomes its rich status (a core error) or
+  INTERNAL (logged once), never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from kernelmesh.core.errors import InvalidArgument, KernelmeshError, Violation
+from kernelmesh.services.status import _internal, status_of
+
+log = logging.getLogger(__name__)
+
+# Methods whose servicer checks every enum of its requests itself: StreamTasks
+# answers a FAILED task for a bad item and goes on; Generate reports unset and
+# unknown roles together. Their requests are decoded here but not checked.
+ITEM_CHECKED_BY_SERVICER = frozenset(
+    {
+        "/kernelmesh.v1.TaskService/StreamTasks",
+        "/kernelmesh.v1.LLMService/Generate",
+        "/kernelmesh.v1.LLMService/GenerateStream",
+    }
+)
+
+
+class _Refused:
+    """Stands in for a request that failed decoding or checking."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+# --- unknown enum numbers, anywhere in a message -------------------------
+
+_Checker = Callable[[Any, str, list[Violation]], None]
+_CHECKERS: dict[str, _Checker | None] = {}
+
+
+def _checker(desc: Descriptor) -> _Checker | None:
+    """A function reporting unknown enum numbers in messages of this type, or
+    None when the type holds no enum (then nothing is walked at all). Well-known
+    google.protobuf types are skipped: Struct's NullValue means null whatever
+    its number."""
+    if desc.full_name in _CHECKERS:
+        return _CHECKERS[desc.full_name]
+    _CHECKERS[desc.full_name] = None  # a recursive type refers to itself: no enum via that path
+    steps: list[tuple[FieldDescriptor, Any]] = []
+    for field in desc.fields:
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            steps.append((field, frozenset(v.number for v in field.enum_type.values)))
+        elif (
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and not field.message_type.full_name.startswith("google.protobuf.")
+        ):
+            if field.message_type.GetOptions().map_entry:
+                value = field.message_type.fields_by_name["value"]
+                if value.type != FieldDescriptor.TYPE_MESSAGE:
+                    continue
+                inner = _checker(value.message_type)
+                if inner is not None:
+                    steps.append((field, ("map", inner)))
+                continue
+            inner = _checker(field.message_type)
+            if inner is not None:
+                steps.append((field, inner))
+    if not steps:
+        return None
+
+    plan = [(f.name, _is_repeated(f), f.enum_type.name if f.enum_type else "", r) for f, r in steps]
+
+    def check(msg: Any, path: str, out: list[Violation]) -> None:
+        for name, repeated, enum, rule in plan:
+            where = f"{path}{name}"
+            if isinstance(rule, frozenset):
+                values = getattr(msg, name) if repeated else (getattr(msg, name),)
+                for i, value in enumerate(values):
+                    if value not in rule:
+                        at = f"{where}[{i}]" if repeated else where
+                        out.append(Violation(at, f"{value} is not a {enum} value"))
+            elif isinstance(rule, tuple):  # a map of messages
+                for key, value in getattr(msg, name).items():
+                    rule[1](value, f"{where}[{key!s:.32}].", out)
+            elif repeated:
+                for i, item in enumerate(getattr(msg, name)):
+                    rule(item, f"{where}[{i}].", out)
+            elif msg.HasField(name):
+                rule(getattr(msg, name), f"{where}.", out)
+
+    _CHECKERS[desc.full_name] = check
+    return check
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 6 has `is_repeated` and deprecates `label`
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
+def unknown_enums(msg: Any) -> list[Violation]:
+    """Violations for every unknown enum number in `msg` (empty if none)."""
+    check = _checker(msg.DESCRIPTOR)
+    if check is None:
+        return []
+    out: list[Violation] = []
+    check(msg, "", out)
+    return out
+
+
+# --- the interceptor ------------------------------------------------------
+
+
+def _safe_deserializer(
+    deserialize: Callable[[bytes], Any] | None, check_enums: bool
+) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            msg = deserialize(raw) if deserialize is not None else raw
+        except Exception as exc:  # DecodeError, or invalid UTF-8 in a string field
+            return _Refused(
+                InvalidArgument(
+                    [Violation("request", f"not a valid encoding of the request message: {exc}")]
+                )
+            )
+        if check_enums and deserialize is not None:
+            violations = unknown_enums(msg)
+            if violations:
+                return _Refused(InvalidArgument(violations))
+        return msg
+
+    return decode
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is _Refused:
+            raise request.error
+        yield request
+
+
+async def _end(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, KernelmeshError):
+        await context.abort_with_status(status_of(exc))
+    await context.abort_with_status(_internal(exc))
+
+
+def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    check_items = method not in ITEM_CHECKED_BY_SERVICER
+    deserializer = _safe_deserializer(handler.request_deserializer, check_items)
+    serializer = handler.response_serializer
+
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if type(request) is _Refused:
+                await context.abort_with_status(status_of(request.error))
+            try:
+                return await inner(request, context)
+            except (grpc.aio.AbortError, grpc.RpcError):
+                raise
+            except Exception as exc:
+                await _end(context, exc)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
+
+    if handler.unary_stream is not None:
+        inner = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if type(request) is _Refused:
+                await context.abort_with_status(status_of(request.error))
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except (grpc.aio.AbortError, grpc.RpcError):
+                raise
+            except Exception as exc:
+                await _end(context, exc)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
+
+    if handler.stream_unary is not None:
+        inner = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            try:
+                return await inner(_checked(requests), context)
+            except (grpc.aio.AbortError, grpc.RpcError):
+                raise
+            except Exception as exc:
+                await _end(context, exc)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
+
+    inner = handler.stream_stream
+
+    async def stream_stream(requests, context):
+        try:
+            async for item in inner(_checked(requests), context):
+                yield item
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as exc:
+            await _end(context, exc)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # method -> (the handler the server gave, its guarded copy): servicers'
+        # handlers are made once, so each is wrapped once.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _guard(handler, method)
+        if len(self._guarded) < 1024:
+            self._guarded[method] = (handler, guarded)
+        return guarded
+
+
+__all__ = ["RequestGuard", "unknown_enums"]
