@@ -12,6 +12,7 @@ before a servicer sees it, and anything a handler lets escape into a status.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -153,7 +154,22 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+async def _items(result: Any) -> AsyncIterator[Any]:
+    """A streaming handler's responses: an async generator, or a coroutine that
+    writes with context.write (or only aborts, like an unimplemented stub)."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for item in result:
+        yield item
+
+
 async def _end(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if context.done():
+        # The caller cancelled or went away, so a status can no longer be sent
+        # (this is what grpcio's failed "execute_batch" on abort means).
+        log.debug("call ended before its status was sent: %s", type(exc).__name__)
+        return
     if isinstance(exc, KernelmeshError):
         await context.abort_with_status(status_of(exc))
     await context.abort_with_status(_internal(exc))
@@ -186,7 +202,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
             if type(request) is _Refused:
                 await context.abort_with_status(status_of(request.error))
             try:
-                async for item in inner(request, context):
+                async for item in _items(inner(request, context)):
                     yield item
             except (grpc.aio.AbortError, grpc.RpcError):
                 raise
@@ -212,7 +228,7 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 
     async def stream_stream(requests, context):
         try:
-            async for item in inner(_checked(requests), context):
+            async for item in _items(inner(_checked(requests), context)):
                 yield item
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
