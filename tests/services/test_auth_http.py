@@ -148,4 +148,3 @@ async def test_keys_cli_create_list_rotate_revoke(server_config, tmp_path, start
 def test_the_keys_cli_needs_a_key():
     result = CliRunner().invoke(keys_command, ["list"], env={"KERNELMESH_API_KEY": ""})
     assert result.exit_code != 0 and "KERNELMESH_API_KEY" in result.output
-
