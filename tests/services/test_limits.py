@@ -300,3 +300,23 @@ async def test_unfinished_tasks_per_tenant_are_limited():
     await manager.shutdown(0)
     assert ledger.tasks_of("a") == ledger.tasks_of("b") == 0
     assert ledger.total_bytes == 0
+
+
+async def test_unknown_enums_deep_inside_a_request_are_found(limited):
+    from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        request = orchestrator_pb2.RegisterNodeRequest(address="n:1")
+        request.devices.add(name="cpu:0", kind=1)
+        request.devices.add(name="gpu:9", kind=41)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await orchestrator.RegisterNode(request)
+        # refused before the (not yet built) RPC is reached
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "devices[1].kind" in violations(info.value)
+        ok = orchestrator_pb2.RegisterNodeRequest(address="n:1")
+        ok.devices.add(name="cpu:0", kind=1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await orchestrator.RegisterNode(ok)
+        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
