@@ -175,7 +175,7 @@ class KeyRing:
         # digest -> record, or None for a digest the store does not know (so a
         # flood of wrong keys does not become a flood of store reads)
         self._cache: TTLCache[bytes, ApiKeyRecord | None] = TTLCache(
-            maxsize=10_000, ttl=cache_seconds
+            maxsize=10_000, ttl=cache_seconds, timer=clock
         )
         self._lock = threading.Lock()
 

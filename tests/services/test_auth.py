@@ -409,3 +409,23 @@ def test_loopback_may_run_open(host):
 def test_auth_needs_a_state_dir_for_its_bootstrap_key():
     with pytest.raises(ValueError, match="--state-dir"):
         check_security(ServerConfig(auth=True))
+
+
+async def test_llm_calls_are_billed_to_the_keys_tenant(channel, make_key, auth_server):
+    from kernelmesh.v1 import llm_pb2_grpc
+
+    _, secret = await make_key("team-llm")
+    seen: list[str] = []
+    original = auth_server.llm.embed
+
+    async def spy(tenant, model, inputs):
+        seen.append(tenant)
+        return await original(tenant, model, inputs)
+
+    auth_server.llm.embed = spy
+    llm = llm_pb2_grpc.LLMServiceStub(channel)
+    await llm.Embed(
+        llm_pb2.EmbedRequest(model="local", inputs=["hi"]),
+        metadata=[*bearer(secret), ("kernelmesh-tenant", "someone-else")],
+    )
+    assert seen == ["team-llm"]
