@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from kernelmesh.core.api_keys import Role
 from kernelmesh.core.auth import KeyRing, bearer_secret
 from kernelmesh.core.errors import KernelmeshError
 
@@ -147,7 +148,7 @@ def install_auth(app: web.Application, keys: KeyRing, *, protect_metrics: bool =
                 "invalid_api_key",
                 **{"WWW-Authenticate": "Bearer"},
             )
-        if principal.role.value not in ("admin", "user"):
+        if principal.role not in (Role.ADMIN, Role.USER):
             return _error(
                 403,
                 f"a {principal.role.value} key may not call the HTTP API",

@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, Violation
-from kernelmesh.services.status import _internal, status_of
+from kernelmesh.services.status import internal_status, status_of
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ async def _end(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         return
     if isinstance(exc, KernelmeshError):
         await context.abort_with_status(status_of(exc))
-    await context.abort_with_status(_internal(exc))
+    await context.abort_with_status(internal_status(exc))
 
 
 def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

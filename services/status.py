@@ -97,7 +97,8 @@ def status_of(exc: KernelmeshError) -> grpc.Status:
     )
 
 
-def _internal(exc: BaseException) -> grpc.Status:
+def internal_status(exc: BaseException) -> grpc.Status:
+    """INTERNAL for an unexpected exception, logged here with its traceback."""
     log.exception("internal error", exc_info=exc)
     return to_status(
         code_pb2.INTERNAL,
@@ -117,7 +118,7 @@ async def _statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     except grpc.aio.AbortError:
         raise
     except Exception as exc:
-        await context.abort_with_status(_internal(exc))
+        await context.abort_with_status(internal_status(exc))
 
 
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -155,4 +156,4 @@ def code_of(value: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-__all__ = ["Code", "code_of", "rpc", "status_of", "stream_rpc", "to_status"]
+__all__ = ["Code", "code_of", "internal_status", "rpc", "status_of", "stream_rpc", "to_status"]

@@ -13,7 +13,6 @@ import numpy as np
 from kernelmesh.core import ops
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
 from kernelmesh.core.tasks import Task, TaskManager, TaskState
-from kernelmesh.core.tasks import _encode_token as page_token_below
 from kernelmesh.services import convert, paging
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -159,8 +158,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @rpc
     async def ListTasks(self, request, context):
         state = _task_state(request.state) if request.state else None
+        tenant = tenant_of(context)
         tasks, token = self.tasks.list(
-            tenant=tenant_of(context),
+            tenant=tenant,
             state=state,
             page_size=request.page_size,
             page_token=request.page_token,
@@ -179,7 +179,10 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                         "it with GetTask",
                         retry_after=0.0,
                     )
-                token = page_token_below(tasks[i - 1].seq)
+                # the same page cut to the i tasks that fit, and its token
+                _, token = self.tasks.list(
+                    tenant=tenant, state=state, page_size=i, page_token=request.page_token
+                )
                 break
             response.tasks.append(msg)
         response.next_page_token = token
