@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import ssl
 import time
 from pathlib import Path
 
@@ -175,7 +176,9 @@ class Server:
                 http_guard.install_auth(app, self.keys, protect_metrics=cfg.protect_metrics)
             http_guard.install(app)
             try:
-                self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
+                self._runner, self.http_port = await sidecar.start(
+                    app, cfg.host, cfg.http_port, _https_context(cfg)
+                )
             except OSError as exc:
                 await server.stop(None)
                 raise OSError(
@@ -184,6 +187,12 @@ class Server:
                 ) from None
         if self.auth:
             await self.keys.bootstrap(cfg.state_dir)
+        if not cfg.tls_cert and not is_loopback(cfg.host):
+            log.warning(
+                "serving %s without TLS: API keys and data cross the network in clear "
+                "(add --tls-cert and --tls-key)",
+                cfg.host,
+            )
         await self.tasks.start()
         await self.llm.start()
         await server.start()
@@ -270,6 +279,16 @@ def _tls_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _https_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """The sidecar serves HTTPS with the gRPC certificate (no client certificates:
+    OpenAI SDKs and probes do not carry one)."""
+    if not cfg.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    return context
 
 
 async def serve(config: ServerConfig) -> None:

@@ -180,3 +180,17 @@ def test_half_a_tls_pair_is_a_usage_error(tmp_path, pki, kernelmesh):
     result = kernelmesh("serve", "--port", "0", "--tls-cert", pki.write("x.pem", pki.server.cert))
     assert result.returncode != 0
     assert "--tls-cert and --tls-key go together" in result.stderr + result.stdout
+
+
+async def test_the_http_sidecar_serves_https_with_the_same_certificate(tls_server, pki):
+    import ssl
+
+    import aiohttp
+
+    context = ssl.create_default_context(cadata=pki.ca.cert.decode())
+    url = f"https://localhost:{tls_server.http_port}/health/live"
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=context) as r:
+        assert r.status == 200
+    with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer from a TLS port
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"http://localhost:{tls_server.http_port}/health/live")
