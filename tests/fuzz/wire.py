@@ -325,20 +325,24 @@ class Tally:
             )
 
 
-def call(channel: grpc.Channel, method: Method, items: list[bytes]) -> tuple[grpc.StatusCode, str]:
+def call(
+    channel: grpc.Channel,
+    method: Method,
+    items: list[bytes],
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> tuple[grpc.StatusCode, str]:
     """Sends raw request bytes; returns the call's status code and details."""
     path = method.path
+    kw = {"timeout": CALL_TIMEOUT, "metadata": metadata}
     try:
         if not method.client_streaming and not method.server_streaming:
-            channel.unary_unary(path)(items[0], timeout=CALL_TIMEOUT)
+            channel.unary_unary(path)(items[0], **kw)
         elif not method.client_streaming:
-            stream = channel.unary_stream(path)(items[0], timeout=CALL_TIMEOUT)
-            _drain(stream)
+            _drain(channel.unary_stream(path)(items[0], **kw))
         elif not method.server_streaming:
-            channel.stream_unary(path)(iter(items), timeout=CALL_TIMEOUT)
+            channel.stream_unary(path)(iter(items), **kw)
         else:
-            stream = channel.stream_stream(path)(iter(items), timeout=CALL_TIMEOUT)
-            _drain(stream)
+            _drain(channel.stream_stream(path)(iter(items), **kw))
     except grpc.RpcError as err:
         return err.code(), err.details() or ""
     return grpc.StatusCode.OK, ""
