@@ -495,6 +495,9 @@ class TaskManager:
         task.run_seconds = seconds
         metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
         if task.keep_outputs:
+            # the outputs move to the tensor store, which charges the tenant for them
+            self.store.ledger.release(task.tenant, task.held_bytes)
+            task.held_bytes = 0
             try:
                 for out in outputs:
                     task.output_refs.append(

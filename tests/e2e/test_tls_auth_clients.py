@@ -99,3 +99,9 @@ def test_grpcurl_with_the_key_header(auth_serve):
         check=False,
     )
     assert services.returncode == 0 and "kernelmesh.v1.TaskService" in services.stdout
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_auth(kernelmesh):
+    result = kernelmesh("serve", "--host", "0.0.0.0", "--port", "0", "--no-http")
+    assert result.returncode == 2
+    assert "--auth" in result.stderr and "--insecure-open" in result.stderr

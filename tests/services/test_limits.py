@@ -320,3 +320,16 @@ async def test_unknown_enums_deep_inside_a_request_are_found(limited):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await orchestrator.RegisterNode(ok)
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_kept_outputs_move_from_the_task_to_the_tensor_store(stub, limited):
+    # 400 KB in + 400 KB out held while it runs; counting the stored output on top
+    # of that would pass the 1 MiB quota
+    x = np.ones(100_000, np.float32)
+    msg = spec("exp", x)
+    msg.keep_outputs = True
+    task = (await stub.RunTask(task_pb2.RunTaskRequest(task=msg))).task
+    assert task.state == task_pb2.TASK_STATE_SUCCEEDED
+    # afterwards the tenant holds exactly the stored output, nothing for the task
+    assert limited.ledger.bytes_of("default") == task.output_refs[0].size_bytes == 400_000
+    assert limited.ledger.tasks_of("default") == 0
