@@ -46,8 +46,8 @@ class ServerConfig:
     state_dir: str | None = None
     # Security (issue 9): per-tenant quotas and request limits (core/limits.py).
     quotas: Quotas = field(default_factory=Quotas)
-    # Require an API key on every call but health and reflection. Always on when
-    # `host` is not a loopback address, unless insecure_open says otherwise.
+    # Require an API key on every call but health and reflection. Beyond loopback
+    # the server refuses to start without it, unless insecure_open says otherwise.
     auth: bool = False
     insecure_open: bool = False
     # Seconds a key check is cached: a revocation or expiry elsewhere takes effect
