@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import logging
 import os
 import secrets
@@ -159,6 +158,10 @@ class CreatedKey:
     secret: str  # shown once, never stored
 
 
+def _principal(record: ApiKeyRecord) -> Principal:
+    return Principal(record.key_id, record.tenant, record.role)
+
+
 class KeyRing:
     """Key management and checks over an `ApiKeyStore`."""
 
@@ -172,9 +175,10 @@ class KeyRing:
         self.store = store
         self.cache_seconds = cache_seconds
         self.clock = clock
-        # digest -> record, or None for a digest the store does not know (so a
-        # flood of wrong keys does not become a flood of store reads)
-        self._cache: TTLCache[bytes, ApiKeyRecord | None] = TTLCache(
+        # digest -> (record, its principal), or None for a digest the store does not
+        # know (so a flood of wrong keys does not become a flood of store reads).
+        # Lookups are by SHA-256 digest, so timing reveals nothing about secrets.
+        self._cache: TTLCache[bytes, tuple[ApiKeyRecord, Principal] | None] = TTLCache(
             maxsize=10_000, ttl=cache_seconds, timer=clock
         )
         self._lock = threading.Lock()
@@ -190,20 +194,15 @@ class KeyRing:
             )
         key = digest(secret)
         try:
-            record = self._cache[key]
+            found = self._cache[key]
         except KeyError:
             record = await self.store.get_api_key_by_digest(key)
+            found = None if record is None else (record, _principal(record))
             with self._lock:
-                self._cache[key] = record
-        # compare_digest: the lookup above is by digest, this keeps the last step
-        # constant-time as well
-        if (
-            record is None
-            or not hmac.compare_digest(record.digest, key)
-            or not record.active_at(self.clock())
-        ):
+                self._cache[key] = found
+        if found is None or not found[0].active_at(self.clock()):
             raise Unauthenticated("the API key is not valid (unknown, expired or revoked)")
-        return Principal(record.key_id, record.tenant, record.role)
+        return found[1]
 
     def authorize(self, principal: Principal, method: str) -> None:
         if not may_call(principal.role, method):

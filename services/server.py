@@ -128,11 +128,9 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        if self.auth:
-            interceptors.append(AuthInterceptor(self.keys))
-        interceptors.append(RequestGuard())
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+        # One interceptor: the request guard, with the key check in front when auth is on.
+        guard = AuthInterceptor(self.keys) if self.auth else RequestGuard()
+        server = grpc.aio.server(options=options, interceptors=[guard])
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(
                 self.tasks,
