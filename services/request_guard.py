@@ -1,5 +1,7 @@
-"""A server interceptor that turns every malformed request into INVALID_ARGUMENT
-before a servicer sees it, and anything a handler lets escape into a status.
+"""Guards every kernelmesh.v1 handler: every malformed request becomes
+INVALID_ARGUMENT before a servicer sees it, and anything a handler lets escape
+becomes a status. Handlers are wrapped once, when servicers are registered
+(`GuardedRegistrar`), which is where the API key check runs too.
 
 - Bytes that do not decode as the method's request message (truncated,
   invalid UTF-8 in a string field, nesting past protobuf's limit) are answered
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -176,10 +178,22 @@ async def _end(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         return
     if isinstance(exc, KernelmeshError):
         await context.abort_with_status(status_of(exc))
+    if isinstance(exc, NotImplementedError):
+        # what generated servicer bases (and grpcio-health's List) raise
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented")
     await context.abort_with_status(internal_status(exc))
 
 
-def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+# Checks a call's credentials before its handler runs; raises a core error
+# (UNAUTHENTICATED, PERMISSION_DENIED) to refuse it. See services.auth_interceptor.
+Authorizer = Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]
+
+
+def guard(
+    handler: grpc.RpcMethodHandler, method: str, authorize: Authorizer | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` with safe decoding, enum checks, `authorize` first (when given)
+    and every escaping error turned into a status."""
     check_items = method not in ENUMS_CHECKED_BY_SERVICER
     deserializer = _safe_deserializer(handler.request_deserializer, check_items)
     serializer = handler.response_serializer
@@ -188,9 +202,11 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
         inner = handler.unary_unary
 
         async def unary_unary(request, context):
-            if type(request) is _Refused:
-                await context.abort_with_status(status_of(request.error))
             try:
+                if authorize is not None:
+                    await authorize(context, method)
+                if type(request) is _Refused:
+                    raise request.error
                 return await inner(request, context)
             except (grpc.aio.AbortError, grpc.RpcError):
                 raise
@@ -203,9 +219,11 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
         inner = handler.unary_stream
 
         async def unary_stream(request, context):
-            if type(request) is _Refused:
-                await context.abort_with_status(status_of(request.error))
             try:
+                if authorize is not None:
+                    await authorize(context, method)
+                if type(request) is _Refused:
+                    raise request.error
                 async for item in _items(inner(request, context)):
                     yield item
             except (grpc.aio.AbortError, grpc.RpcError):
@@ -220,6 +238,8 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 
         async def stream_unary(requests, context):
             try:
+                if authorize is not None:
+                    await authorize(context, method)
                 return await inner(_checked(requests), context)
             except (grpc.aio.AbortError, grpc.RpcError):
                 raise
@@ -232,6 +252,8 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 
     async def stream_stream(requests, context):
         try:
+            if authorize is not None:
+                await authorize(context, method)
             async for item in _items(inner(_checked(requests), context)):
                 yield item
         except (grpc.aio.AbortError, grpc.RpcError):
@@ -242,28 +264,51 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
 
 
-class RequestGuard(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        # method -> (the handler the server gave, its guarded copy): servicers'
-        # handlers are made once, so each is wrapped once.
-        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+class _GuardedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap) -> None:
+        self._inner = inner
+        self._wrap = wrap
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+    def service(self, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        guarded = _guard(handler, method)
-        if len(self._guarded) < 1024:
-            self._guarded[method] = (handler, guarded)
-        return guarded
+        try:
+            return self._wrapped[method]
+        except KeyError:
+            pass
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None  # not this service's method; never cached (names are free text)
+        self._wrapped[method] = wrapped = self._wrap(handler, method)
+        return wrapped
 
 
-__all__ = ["RequestGuard", "unknown_enums"]
+class GuardedRegistrar:
+    """Stands in for the grpc.aio server while servicers are added to it: every
+    handler a servicer registers is guarded (and, with `authorize`, checked for
+    credentials) once, here. Calls then pay for one wrapper, not for a trip
+    through grpc.aio's interceptor pipeline.
+
+        registrar = GuardedRegistrar(server, authorize)
+        task_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
+    """
+
+    def __init__(self, server: grpc.aio.Server, authorize: Authorizer | None = None) -> None:
+        self._server = server
+        self._authorize = authorize
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return guard(handler, method, self._authorize)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedGeneric(h, self._wrap) for h in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrap(h, f"/{service}/{name}") for name, h in handlers.items()}
+        )
+
+
+__all__ = ["Authorizer", "GuardedRegistrar", "guard", "unknown_enums"]

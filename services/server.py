@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from kernelmesh.core import devices as device_discovery
 from kernelmesh.core import placement
@@ -29,11 +29,11 @@ from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
 from kernelmesh.services import http_guard, openai_facade, sidecar
-from kernelmesh.services.auth_interceptor import AuthInterceptor
+from kernelmesh.services.auth_interceptor import KeyCheck
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.keys_servicer import OrchestratorServicer
 from kernelmesh.services.llm_servicer import LLMServicer
-from kernelmesh.services.request_guard import RequestGuard
+from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.v1 import (
     device_pb2,
@@ -128,32 +128,36 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        # One interceptor: the request guard, with the key check in front when auth is on.
-        guard = AuthInterceptor(self.keys) if self.auth else RequestGuard()
-        server = grpc.aio.server(options=options, interceptors=[guard])
+        server = grpc.aio.server(options=options)
+        # Every kernelmesh.v1 handler is guarded, and key-checked with auth on.
+        guarded = GuardedRegistrar(server, KeyCheck(self.keys) if self.auth else None)
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(
                 self.tasks,
                 cfg.limits,
                 max_reply_bytes=max(1 << 20, cfg.max_message_bytes - (1 << 20)),
             ),
-            server,
+            guarded,
         )
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
-            DeviceServicer(DeviceMonitor(self.devices), cfg.quotas), server
+            DeviceServicer(DeviceMonitor(self.devices), cfg.quotas), guarded
         )
-        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), guarded)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(self.keys), server
+            OrchestratorServicer(self.keys), guarded
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        # Health and reflection: guarded too, but open to callers without a key.
+        open_guarded = GuardedRegistrar(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, open_guarded)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                )
             ),
-            server,
+            open_guarded,
         )
         try:
             if cfg.tls_cert:

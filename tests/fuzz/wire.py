@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 from google.protobuf import message_factory, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
 from kernelmesh.v1 import (
@@ -28,7 +30,8 @@ from kernelmesh.v1 import (
     tensor_pb2,
 )
 
-FILES = (task_pb2, device_pb2, llm_pb2, orchestrator_pb2)
+# every kernelmesh.v1 service, and the standard ones every server carries
+FILES = (task_pb2, device_pb2, llm_pb2, orchestrator_pb2, health_pb2, reflection_pb2)
 BAD_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 CALL_TIMEOUT = 10.0  # seconds: a unary answer later than this is a hang
 # Watches run forever (WatchDevices sends one status per interval, up to a minute
