@@ -129,7 +129,7 @@ def unknown_enums(msg: Any) -> list[Violation]:
     return out
 
 
-# --- the interceptor ------------------------------------------------------
+# --- the guard ------------------------------------------------------------
 
 
 def _safe_deserializer(
