@@ -23,7 +23,7 @@ import wire
 
 pytestmark = pytest.mark.e2e
 
-# Cases per method: 34 methods x 100 = about 3,400 cases (KERNELMESH_FUZZ_CASES overrides).
+# Cases per method: 35 methods x 100 = about 3,500 cases (KERNELMESH_FUZZ_CASES overrides).
 CASES_PER_METHOD = int(os.environ.get("KERNELMESH_FUZZ_CASES", "100"))
 WARMUP_PER_METHOD = 15
 
@@ -55,7 +55,7 @@ def test_no_request_gets_internal_unknown_a_hang_or_a_crash(tmp_path, serve_tool
     try:
         server = psutil.Process(proc.process.pid)
         methods = wire.methods()
-        assert len(methods) >= 34  # every RPC of the four services, health, reflection
+        assert len(methods) >= 35  # every RPC of the four services, health, reflection
         with grpc.insecure_channel(proc.target) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             warm = wire.Tally()
