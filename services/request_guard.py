@@ -1,7 +1,8 @@
 """Guards every kernelmesh.v1 handler: every malformed request becomes
 INVALID_ARGUMENT before a servicer sees it, and anything a handler lets escape
 becomes a status. Handlers are wrapped once, when servicers are registered
-(`GuardedRegistrar`), which is where the API key check runs too.
+(`GuardedRegistrar`), so calls pay for one wrapper and no trip through grpc.aio's
+interceptor pipeline.
 
 - Bytes that do not decode as the method's request message (truncated,
   invalid UTF-8 in a string field, nesting past protobuf's limit) are answered
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -184,16 +185,9 @@ async def _end(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort_with_status(internal_status(exc))
 
 
-# Checks a call's credentials before its handler runs; raises a core error
-# (UNAUTHENTICATED, PERMISSION_DENIED) to refuse it. See services.auth_interceptor.
-Authorizer = Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]
-
-
-def guard(
-    handler: grpc.RpcMethodHandler, method: str, authorize: Authorizer | None = None
-) -> grpc.RpcMethodHandler:
-    """`handler` with safe decoding, enum checks, `authorize` first (when given)
-    and every escaping error turned into a status."""
+def guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with safe decoding, enum checks and every escaping error turned
+    into a status."""
     check_items = method not in ENUMS_CHECKED_BY_SERVICER
     deserializer = _safe_deserializer(handler.request_deserializer, check_items)
     serializer = handler.response_serializer
@@ -203,8 +197,6 @@ def guard(
 
         async def unary_unary(request, context):
             try:
-                if authorize is not None:
-                    await authorize(context, method)
                 if type(request) is _Refused:
                     raise request.error
                 return await inner(request, context)
@@ -220,8 +212,6 @@ def guard(
 
         async def unary_stream(request, context):
             try:
-                if authorize is not None:
-                    await authorize(context, method)
                 if type(request) is _Refused:
                     raise request.error
                 async for item in _items(inner(request, context)):
@@ -238,8 +228,6 @@ def guard(
 
         async def stream_unary(requests, context):
             try:
-                if authorize is not None:
-                    await authorize(context, method)
                 return await inner(_checked(requests), context)
             except (grpc.aio.AbortError, grpc.RpcError):
                 raise
@@ -252,8 +240,6 @@ def guard(
 
     async def stream_stream(requests, context):
         try:
-            if authorize is not None:
-                await authorize(context, method)
             async for item in _items(inner(_checked(requests), context)):
                 yield item
         except (grpc.aio.AbortError, grpc.RpcError):
@@ -285,20 +271,17 @@ class _GuardedGeneric(grpc.GenericRpcHandler):
 
 class GuardedRegistrar:
     """Stands in for the grpc.aio server while servicers are added to it: every
-    handler a servicer registers is guarded (and, with `authorize`, checked for
-    credentials) once, here. Calls then pay for one wrapper, not for a trip
-    through grpc.aio's interceptor pipeline.
+    handler a servicer registers is guarded once, here.
 
-        registrar = GuardedRegistrar(server, authorize)
+        registrar = GuardedRegistrar(server)
         task_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
     """
 
-    def __init__(self, server: grpc.aio.Server, authorize: Authorizer | None = None) -> None:
+    def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
-        self._authorize = authorize
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        return guard(handler, method, self._authorize)
+        return guard(handler, method)
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self._server.add_generic_rpc_handlers(
@@ -311,4 +294,4 @@ class GuardedRegistrar:
         )
 
 
-__all__ = ["Authorizer", "GuardedRegistrar", "guard", "unknown_enums"]
+__all__ = ["GuardedRegistrar", "guard", "unknown_enums"]

@@ -429,3 +429,17 @@ async def test_llm_calls_are_billed_to_the_keys_tenant(channel, make_key, auth_s
         metadata=[*bearer(secret), ("kernelmesh-tenant", "someone-else")],
     )
     assert seen == ["team-llm"]
+
+
+async def test_without_a_key_nothing_sent_is_decoded(channel, caplog):
+    # undecodable bytes: INVALID_ARGUMENT to a caller with a key, but a caller
+    # without one is refused before the request is read at all
+    raw = channel.unary_unary("/kernelmesh.v1.TaskService/GetTask")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await raw(b"\x0a\x02\xff\xfe")
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    stream = channel.stream_unary("/kernelmesh.v1.TaskService/UploadTensor")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream(iter([b"\xff" * 64, b"\x00" * (1 << 20)]))
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert not [r for r in caplog.records if r.exc_info]
