@@ -17,6 +17,8 @@ Sections (names for --only):
            end to end through RunTask (reported, no target).
   add      elementwise add GB/s on 64 Mi float32 (3 x 4 bytes per element) vs np.add.
   queue    the Cython ReadyQueue vs a heapq queue (benchmarks/bench_queue.py's run()).
+  auth     RunTask p50 (as in latency) with auth on (an API key on every call) vs the
+           same server with auth off, interleaved in the same run.
 
 Process model: kernelmesh and the echo baseline each run in their own
 subprocess (this script with --serve), both with asyncio's default loop on
@@ -64,7 +66,7 @@ GRPC_OPTIONS = [
 SERVER_START_TIMEOUT_S = 180.0  # imports + kernel warm-up of a cold server
 SERVER_MAX_LIFETIME_S = 1800.0  # a --serve child never outlives this
 RPC_TIMEOUT_S = 120.0  # deadline of every benchmark call
-SECTIONS = ("latency", "stream", "matmul", "add", "queue")
+SECTIONS = ("latency", "stream", "matmul", "add", "queue", "auth")
 
 
 @dataclass(frozen=True)
@@ -236,11 +238,20 @@ class ProtoEcho(task_pb2_grpc.TaskServiceServicer):
 async def serve(kind: str) -> None:
     """Serves until SIGTERM, the parent's exit or SERVER_MAX_LIFETIME_S."""
     parent = os.getppid()
-    if kind == "kernelmesh":
+    extra = ""
+    state = None
+    if kind in ("kernelmesh", "kernelmesh-auth"):
+        import tempfile
+
         from kernelmesh.core.config import ServerConfig
         from kernelmesh.services.server import Server
 
-        km = Server(ServerConfig(host=HOST, port=0, http_port=None))
+        config = ServerConfig(host=HOST, port=0, http_port=None)
+        if kind == "kernelmesh-auth":
+            state = tempfile.mkdtemp(prefix="kernelmesh-bench-")
+            config = ServerConfig(host=HOST, port=0, http_port=None, auth=True, state_dir=state)
+            extra = f" {Path(state) / 'bootstrap-admin.key'}"  # the key's file, not the key
+        km = Server(config)
         await km.start()
         await km.wait_started()  # kernels compiled and warm
         port = km.port
@@ -264,13 +275,17 @@ async def serve(kind: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    print(f"PORT {port}", flush=True)
+    print(f"PORT {port}{extra}", flush=True)
     for _ in range(int(SERVER_MAX_LIFETIME_S / 0.5)):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 0.5)
         if done.is_set() or os.getppid() != parent:
             break
     await stop()
+    if state is not None:
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)
 
 
 class ServerProcess:
@@ -307,6 +322,7 @@ class ServerProcess:
                 f"the {self.kind} server failed to start (exit {self.proc.poll()}): {line!r}"
             )
         self.port = int(line.split()[1])
+        self.extra = line.split()[2:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -807,12 +823,59 @@ async def bench_queue(settings: Settings, servers: Servers) -> list[Row]:
     ]
 
 
+async def bench_auth(settings: Settings, servers: Servers) -> list[Row]:
+    """RunTask p50 with an API key checked on every call vs no auth at all: the
+    same server code, auth on in one process and off in the other."""
+    km, km_auth = servers.get("kernelmesh", "kernelmesh-auth")
+    secret = Path(km_auth.extra[0]).read_text().strip()
+    metadata = (("authorization", f"Bearer {secret}"),)
+    x = relu_input()
+    request = task_pb2.RunTaskRequest(task=task_spec("relu", x))
+    async with channel(km.target) as open_chan, channel(km_auth.target) as auth_chan:
+        open_stub = task_pb2_grpc.TaskServiceStub(open_chan)
+        auth_stub = task_pb2_grpc.TaskServiceStub(auth_chan)
+
+        def off():
+            return open_stub.RunTask(request, timeout=RPC_TIMEOUT_S)
+
+        def on():
+            return auth_stub.RunTask(request, timeout=RPC_TIMEOUT_S, metadata=metadata)
+
+        reply = await on()
+        if reply.task.state != task_pb2.TASK_STATE_SUCCEEDED:
+            raise RuntimeError(f"RunTask with auth failed: {reply.task}")
+        n = settings.latency_warmup
+        await timed_calls(off, n)
+        await timed_calls(on, n)
+        samples: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(settings.latency_rounds):  # interleaved, as in latency
+            samples["off"] += await timed_calls(off, settings.latency_per_round)
+            samples["on"] += await timed_calls(on, settings.latency_per_round)
+    o50, o99 = pcts(samples["off"])
+    a50, a99 = pcts(samples["on"])
+    figure("path", "p50 us", "p99 us")
+    figure("kernelmesh RunTask, auth off", f"{o50:.1f}", f"{o99:.1f}")
+    figure("kernelmesh RunTask, auth on (key)", f"{a50:.1f}", f"{a99:.1f}")
+    say(f"  auth's cost (p50): {a50 - o50:.1f} us per call")
+    return [
+        row(
+            "RunTask relu16 p50, auth on",
+            f"{a50:.0f} us",
+            f"{o50:.0f} us auth off",
+            a50 / o50,
+            "<= 1.05x",
+        ),
+        row("RunTask relu16 p99, auth on", f"{a99:.0f} us", f"{o99:.0f} us auth off", a99 / o99),
+    ]
+
+
 BENCHES = {
     "latency": ("1. RunTask latency, relu on 16 float32, one caller", bench_latency),
     "stream": ("2. StreamTasks throughput, relu on 16 float32", bench_stream),
     "matmul": ("3. matmul 1024x1024 float32", bench_matmul),
     "add": ("4. elementwise add, 64 Mi float32", bench_add),
     "queue": ("5. ReadyQueue (Cython) vs heapq", bench_queue),
+    "auth": ("6. RunTask latency with auth on vs off", bench_auth),
 }
 
 
@@ -878,7 +941,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[,NAME]",
         help=f"run only these sections: {', '.join(SECTIONS)}",
     )
-    parser.add_argument("--serve", choices=("kernelmesh", "echo", "proto"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve",
+        choices=("kernelmesh", "kernelmesh-auth", "echo", "proto"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(serve(args.serve))

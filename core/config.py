@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from kernelmesh.core.limits import Quotas
 from kernelmesh.core.ops import Limits
 
 MiB = 1 << 20
@@ -51,6 +52,22 @@ class ServerConfig:
     # Finished submitted tasks are forgotten after this many seconds (and beyond
     # retention_tasks / retention_bytes), in memory and in the store.
     retention_seconds: float = 7 * 24 * 3600.0
+    # Security (issue 9): per-tenant quotas and request limits (core/limits.py).
+    quotas: Quotas = field(default_factory=Quotas)
+    # Require an API key on every call but health and reflection. Beyond loopback
+    # the server refuses to start without it, unless insecure_open says otherwise.
+    auth: bool = False
+    insecure_open: bool = False
+    # Seconds a key check is cached: a revocation or expiry elsewhere takes effect
+    # on this server within this bound (at once for revocations made here).
+    auth_cache_seconds: float = 5.0
+    # Require a key for /metrics on the HTTP sidecar too.
+    protect_metrics: bool = False
+    # PEM files: the server's certificate chain and key (TLS), and the CA bundle
+    # client certificates must chain to (mutual TLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
@@ -74,4 +91,6 @@ def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
         values["backends"] = tuple(values["backends"])
     if isinstance(values.get("limits"), dict):
         values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
+    if isinstance(values.get("quotas"), dict):
+        values["quotas"] = Quotas(**values["quotas"])  # type: ignore[arg-type]
     return ServerConfig(**values)  # type: ignore[arg-type]

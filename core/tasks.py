@@ -153,6 +153,7 @@ class Task:
     attempt: int = 0
     attempts: list[Attempt] = field(default_factory=list)
     _retry_handle: asyncio.TimerHandle | None = None
+    held_bytes: int = 0  # charged to the tenant's ledger until the task ends
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -416,7 +417,9 @@ class TaskManager:
         task = self._restored(record, attempts, prepared.device, prepared.call, data)
         task.inputs = prepared.inputs
         task.elements = prepared.elements
+        task.held_bytes = prepared.held_bytes
         task.retry = retry
+        self._admit(task, enforce=False)
         wall = data.get("deadline")
         if wall is not None:
             task.deadline = time.monotonic() + (wall - time.time())
@@ -512,6 +515,7 @@ class TaskManager:
             inputs=arrays,
             elements=work.elements,
             device_name=device.name,
+            held_bytes=work.elements * (arrays[0].itemsize if arrays else 8),
         )
         return task
 
@@ -543,6 +547,7 @@ class TaskManager:
         """Records a task and queues it on its device; returns at once."""
         task = self.prepare(spec)
         task.deadline = deadline
+        self._admit(task)
         self._record(task)
         self._enqueue(task)
         return task
@@ -569,6 +574,7 @@ class TaskManager:
         task.request_id = request_id or None
         task.fingerprint = fingerprint or None
         task.retry = spec.retry or DEFAULT_RETRY
+        self._admit(task)  # before the commit: a refused task must not survive a restart
         if request_id:
             self._requests[(spec.tenant, request_id)] = task
         if self.journal is not None:
@@ -584,6 +590,7 @@ class TaskManager:
             except BaseException:
                 if request_id:
                     self._requests.pop((spec.tenant, request_id), None)
+                self._unadmit(task)
                 raise
             finally:
                 self._committing.pop(task.id, None)
@@ -649,6 +656,7 @@ class TaskManager:
         spot (a thread hop costs more than such a kernel); the rest queue."""
         task = self.prepare(spec)
         task.deadline = deadline
+        self._admit(task)
         self._record(task)
         if self._is_inline(task):
             self._run_inline(task)
@@ -689,6 +697,23 @@ class TaskManager:
             task.elements <= self.options.inline_max_elements
             and task.device.info.kind is DeviceKind.CPU
         )
+
+    def _admit(self, task: Task, *, enforce: bool = True) -> None:
+        """Per-tenant quotas (core.limits): unfinished tasks, and the bytes of their
+        inputs and outputs, refused before the task is journaled, queued or run.
+        `_finish` gives them back. A task recovered after a restart was admitted
+        before it, so it is only counted."""
+        ledger = self.store.ledger
+        ledger.admit_task(task.tenant, enforce=enforce)
+        try:
+            ledger.reserve(task.tenant, task.held_bytes, enforce=enforce)
+        except ResourceExhausted:
+            ledger.task_done(task.tenant)
+            raise
+
+    def _unadmit(self, task: Task) -> None:
+        self.store.ledger.task_done(task.tenant)
+        self.store.ledger.release(task.tenant, task.held_bytes)
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
@@ -886,6 +911,9 @@ class TaskManager:
         task.run_seconds = seconds
         metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
         if task.keep_outputs:
+            # the outputs move to the tensor store, which charges the tenant for them
+            self.store.ledger.release(task.tenant, task.held_bytes)
+            task.held_bytes = 0
             try:
                 for out in outputs:
                     task.output_refs.append(
@@ -910,6 +938,7 @@ class TaskManager:
         task.inputs = None  # inputs are not needed any more; free them now
         if task.journaled:
             self._journal_end(task)
+        self._unadmit(task)
         metrics.TASKS.inc((task.op, state.name))
         if task._watchers:
             self._emit(task, failure.message if failure else "succeeded")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernelmesh.core.errors import NotFound, ResourceExhausted
+from kernelmesh.core.limits import TenantLedger, quote
 from kernelmesh.core.store import Store, TensorRecord
 from kernelmesh.core.store.base import DeleteTensor, PutTensor
 
@@ -35,8 +36,10 @@ class StoredTensor:
 class TensorStore:
     """A byte-bounded, tenant-scoped in-memory store of named tensors."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, ledger: TenantLedger | None = None) -> None:
         self.max_bytes = max_bytes
+        # Per-tenant byte quotas, shared with the tasks that hold inputs and outputs.
+        self.ledger = ledger or TenantLedger()
         self._items: dict[str, StoredTensor] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -58,9 +61,15 @@ class TensorStore:
                 retry_after=5.0,
             )
 
-    def put(self, array: np.ndarray, *, tenant: str, device: str = "cpu:0") -> StoredTensor:
+    def put(
+        self, array: np.ndarray, *, tenant: str, device: str = "cpu:0", reserved: bool = False
+    ) -> StoredTensor:
+        """`reserved`: the tenant's ledger already holds these bytes (an upload
+        reserves chunk by chunk as they arrive)."""
         with self._lock:
             self.reserve_check(array.nbytes)
+            if not reserved:
+                self.ledger.reserve(tenant, array.nbytes)
             name = PREFIX + uuid.uuid4().hex
             item = StoredTensor(name=name, tenant=tenant, device=device, array=array)
             self._items[name] = item
@@ -82,6 +91,8 @@ class TensorStore:
                     record.name, record.tenant, record.device, array
                 )
                 self._bytes += array.nbytes
+            # admitted before the restart: counted again, never refused
+            self.ledger.reserve(record.tenant, array.nbytes, enforce=False)
             restored += 1
         return restored
 
@@ -89,7 +100,7 @@ class TensorStore:
         item = self._items.get(name)
         # Another tenant's tensor is reported exactly like a missing one.
         if item is None or item.tenant != tenant:
-            raise NotFound(f"tensor {name!r} not found")
+            raise NotFound(f"tensor {quote(name)} not found")
         return item
 
     def delete(self, name: str, *, tenant: str) -> None:
@@ -97,6 +108,7 @@ class TensorStore:
             item = self.get(name, tenant=tenant)
             del self._items[name]
             self._bytes -= item.size_bytes
+            self.ledger.release(tenant, item.size_bytes)
         if self.journal is not None:
             self.journal.write(DeleteTensor(name))
 

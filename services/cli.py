@@ -52,6 +52,33 @@ from kernelmesh.core import config as config_module
 )
 @click.option("--grace", type=float, default=None, help="Seconds to drain on SIGTERM (default 30).")
 @click.option("--no-warmup", is_flag=True, help="Compile kernels on first use, not at start.")
+@click.option(
+    "--auth", is_flag=True, help="Require API keys (always needed beyond loopback); see README."
+)
+@click.option(
+    "--insecure-open",
+    is_flag=True,
+    help="Serve beyond loopback WITHOUT authentication (not recommended).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM certificate chain: serve gRPC over TLS.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
+)
+@click.option("--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too.")
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(
     host: str | None,
@@ -65,6 +92,12 @@ def serve(
     backends: str | None,
     grace: float | None,
     no_warmup: bool,
+    auth: bool,
+    insecure_open: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    protect_metrics: bool,
     log_level: str,
 ) -> None:
     """Run the all-in-one server: every service on one port, every device found."""
@@ -85,6 +118,12 @@ def serve(
             state_dir=state_dir,
             store=store,
             warmup=False if no_warmup else None,
+            auth=auth or None,
+            insecure_open=insecure_open or None,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            protect_metrics=protect_metrics or None,
         )
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -97,7 +136,12 @@ def serve(
     if cfg.state_dir is None:
         cfg = dataclasses.replace(cfg, state_dir=str(default_state_dir()))
     from kernelmesh.core.llm.config import LLMConfigError
+    from kernelmesh.services.server import check_security
 
+    try:
+        check_security(cfg)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         asyncio.run(run_server(cfg))
     except StoreError as exc:

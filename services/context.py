@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import re
 import time
+from contextvars import ContextVar
 
 import grpc
 
+from kernelmesh.core.auth import Principal
 from kernelmesh.core.errors import InvalidArgument, Violation
 from kernelmesh.core.tasks import DEFAULT_TENANT
 
-# Until API keys exist (the orchestrator issue), a caller may name its tenant in
-# this metadata key; with keys, the key's tenant will take precedence.
+# With auth off, a caller may name its tenant in this metadata key. With auth on,
+# the key's tenant is the call's tenant and this metadata is ignored.
 TENANT_METADATA_KEY = "kernelmesh-tenant"
+# Set by services.auth_interceptor for the call being handled (auth on only).
+CURRENT_PRINCIPAL: ContextVar[Principal | None] = ContextVar("kernelmesh_principal", default=None)
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -33,6 +37,9 @@ def check_tenant(value: str, field: str) -> str:
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    principal = CURRENT_PRINCIPAL.get()
+    if principal is not None:
+        return principal.tenant
     for key, value in context.invocation_metadata() or ():
         if key == TENANT_METADATA_KEY:
             return check_tenant(value, f"metadata.{TENANT_METADATA_KEY}")

@@ -7,11 +7,11 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from google.protobuf import json_format
 
 from kernelmesh.core import ops
 from kernelmesh.core.devices import DeviceInfo, DeviceKind, DeviceSelector, DeviceStatus
 from kernelmesh.core.errors import InvalidArgument, Violation
+from kernelmesh.core.limits import Quotas
 from kernelmesh.core.tasks import Task, TaskEvent, TaskSpec, TaskState, dtype_name
 from kernelmesh.core.tensor_store import StoredTensor
 from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
@@ -50,12 +50,29 @@ def numpy_dtype(code: int, field: str) -> np.dtype:
     return dtype
 
 
-def check_shape(shape: Iterable[int], dtype: np.dtype, field: str, limits: ops.Limits) -> int:
+DEFAULT_QUOTAS = Quotas()
+
+
+def check_shape(
+    shape: Iterable[int],
+    dtype: np.dtype,
+    field: str,
+    limits: ops.Limits,
+    max_dims: int = DEFAULT_QUOTAS.max_dims,
+) -> int:
     """Validates a shape before anything is allocated; returns its byte size."""
     dims = list(shape)
+    if len(dims) > max_dims:
+        raise InvalidArgument(
+            [Violation(f"{field}.shape", f"{len(dims)} dimensions; at most {max_dims}")]
+        )
     if any(d < 0 for d in dims):
         raise InvalidArgument([Violation(f"{field}.shape", "dimensions must be >= 0")])
+    # Zero-length dimensions are counted as 1 here: (0, 2**62) holds no element,
+    # but NumPy still refuses a shape whose other dimensions overflow.
     elements = math.prod(dims)
+    if math.prod(d or 1 for d in dims) > limits.max_elements:
+        elements = max(elements, limits.max_elements + 1)
     if elements > limits.max_elements:
         raise InvalidArgument(
             [
@@ -69,9 +86,14 @@ def check_shape(shape: Iterable[int], dtype: np.dtype, field: str, limits: ops.L
     return elements * dtype.itemsize
 
 
-def tensor_from_proto(msg: tensor_pb2.Tensor, field: str, limits: ops.Limits) -> np.ndarray:
+def tensor_from_proto(
+    msg: tensor_pb2.Tensor,
+    field: str,
+    limits: ops.Limits,
+    max_dims: int = DEFAULT_QUOTAS.max_dims,
+) -> np.ndarray:
     dtype = numpy_dtype(msg.dtype, f"{field}.dtype")
-    nbytes = check_shape(msg.shape, dtype, field, limits)
+    nbytes = check_shape(msg.shape, dtype, field, limits, max_dims)
     if len(msg.data) != nbytes:
         raise InvalidArgument(
             [
@@ -122,19 +144,55 @@ def ref_to_proto(item: StoredTensor) -> tensor_pb2.TensorRef:
 _ANY_DEVICE = DeviceSelector()
 
 
-def selector_from_proto(msg: device_pb2.DeviceSelector) -> DeviceSelector:
+def selector_from_proto(msg: device_pb2.DeviceSelector, field: str = "device") -> DeviceSelector:
     if not msg.kind and not msg.name:
         return _ANY_DEVICE  # the common case; selectors are immutable
-    kind = PROTO_TO_KIND.get(msg.kind) if msg.kind else None
+    kind = device_kind(msg.kind, f"{field}.kind") if msg.kind else None
     return DeviceSelector(kind=kind, name=msg.name)
 
 
-def params_from_proto(msg) -> dict[str, object]:  # google.protobuf.Struct
-    return json_format.MessageToDict(msg) if msg.fields else {}
+def device_kind(value: int, field: str) -> DeviceKind:
+    """A DeviceKind from the wire; proto3 keeps unknown enum numbers, which are refused."""
+    kind = PROTO_TO_KIND.get(value)
+    if kind is None:
+        names = ", ".join(device_pb2.DeviceKind.Name(k) for k in PROTO_TO_KIND)
+        raise InvalidArgument([Violation(field, f"must be one of {names}; got {value}")])
+    return kind
+
+
+def params_from_proto(msg, field: str = "params") -> dict[str, object]:  # a protobuf Struct
+    """The Struct as plain Python values. NaN and infinities are refused here: JSON
+    has no spelling for them and no op parameter means anything by them."""
+    if not msg.fields:
+        return {}
+    return {key: _value(value, f"{field}.{key}") for key, value in msg.fields.items()}
+
+
+def _value(msg, field: str) -> object:  # a protobuf Value
+    kind = msg.WhichOneof("kind")
+    if kind == "number_value":
+        number = msg.number_value
+        if not math.isfinite(number):
+            raise InvalidArgument([Violation(field, f"must be a finite number, got {number}")])
+        return number
+    if kind == "string_value":
+        return msg.string_value
+    if kind == "bool_value":
+        return msg.bool_value
+    if kind == "struct_value":
+        return params_from_proto(msg.struct_value, field)
+    if kind == "list_value":
+        return [_value(v, f"{field}[{i}]") for i, v in enumerate(msg.list_value.values)]
+    return None  # null_value (whatever its number) or no value at all
 
 
 def spec_from_proto(
-    msg: task_pb2.TaskSpec, *, tenant: str, limits: ops.Limits, field: str = "task"
+    msg: task_pb2.TaskSpec,
+    *,
+    tenant: str,
+    limits: ops.Limits,
+    field: str = "task",
+    quotas: Quotas = DEFAULT_QUOTAS,
 ) -> TaskSpec:
     if not msg.op:
         raise InvalidArgument([Violation(f"{field}.op", "required; ListOps shows the catalog")])
@@ -145,7 +203,9 @@ def spec_from_proto(
         source = arg.WhichOneof("source")
         try:
             if source == "tensor":
-                inputs.append(tensor_from_proto(arg.tensor, f"{where}.tensor", limits))
+                inputs.append(
+                    tensor_from_proto(arg.tensor, f"{where}.tensor", limits, quotas.max_dims)
+                )
             elif source == "ref":
                 inputs.append(arg.ref)
             else:
@@ -154,16 +214,40 @@ def spec_from_proto(
             violations.extend(exc.violations)
     if violations:
         raise InvalidArgument(violations)
+    labels = dict(msg.labels) if msg.labels else {}
+    if labels:
+        _check_labels(labels, f"{field}.labels", quotas)
     return TaskSpec(
         op=msg.op,
         inputs=inputs,
-        params=params_from_proto(msg.params),
-        selector=selector_from_proto(msg.device),
+        params=params_from_proto(msg.params, f"{field}.params") if msg.params.fields else {},
+        selector=selector_from_proto(msg.device, f"{field}.device"),
         priority=msg.priority,
         keep_outputs=msg.keep_outputs,
-        labels=dict(msg.labels) if msg.labels else {},
+        labels=labels,
         tenant=tenant,
     )
+
+
+def _check_labels(labels: dict[str, str], field: str, quotas: Quotas) -> None:
+    if len(labels) > quotas.max_labels:
+        raise InvalidArgument(
+            [Violation(field, f"{len(labels)} labels; at most {quotas.max_labels}")]
+        )
+    for key, value in labels.items():
+        if not 0 < len(key) <= quotas.max_label_key_chars:
+            raise InvalidArgument(
+                [Violation(field, f"label keys are 1-{quotas.max_label_key_chars} characters")]
+            )
+        if len(value) > quotas.max_label_value_chars:
+            raise InvalidArgument(
+                [
+                    Violation(
+                        f"{field}[{key}]",
+                        f"label values are at most {quotas.max_label_value_chars} characters",
+                    )
+                ]
+            )
 
 
 def _timestamp(target, seconds: float | None) -> None:

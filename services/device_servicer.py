@@ -6,7 +6,8 @@ import asyncio
 import time
 
 from kernelmesh.core.devices import CpuUtilisation, DeviceKind, DeviceStatus, LocalDevice
-from kernelmesh.core.errors import NotFound
+from kernelmesh.core.errors import InvalidArgument, NotFound, Violation
+from kernelmesh.core.limits import Quotas, quote
 from kernelmesh.services import convert, paging
 from kernelmesh.services.status import rpc, stream_rpc
 from kernelmesh.v1 import device_pb2, device_pb2_grpc
@@ -59,16 +60,17 @@ class DeviceMonitor:
             if device.name == name:
                 return device
         have = ", ".join(d.name for d in self.devices)
-        raise NotFound(f"device {name!r} not found (devices: {have})")
+        raise NotFound(f"device {quote(name)} not found (devices: {have})")
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, monitor: DeviceMonitor) -> None:
+    def __init__(self, monitor: DeviceMonitor, quotas: Quotas | None = None) -> None:
         self.monitor = monitor
+        self.quotas = quotas or Quotas()
 
     @rpc
     async def ListDevices(self, request, context):
-        kind = convert.PROTO_TO_KIND.get(request.kind) if request.kind else None
+        kind = convert.device_kind(request.kind, "kind") if request.kind else None
         devices = [d for d in self.monitor.devices if kind is None or d.info.kind is kind]
         start, size = paging.page_bounds(request.page_token, request.page_size, len(devices))
         page = devices[start : start + size]
@@ -87,6 +89,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
 
     @stream_rpc
     async def WatchDevices(self, request, context):
+        if len(request.names) > self.quotas.max_filter_names:
+            raise InvalidArgument(
+                [
+                    Violation(
+                        "names",
+                        f"{len(request.names)} names; at most {self.quotas.max_filter_names}",
+                    )
+                ]
+            )
         devices = [self.monitor.find(n) for n in request.names] or self.monitor.devices
         interval_ms = request.interval_ms or 1000
         interval = min(max(interval_ms, MIN_INTERVAL_MS), MAX_INTERVAL_MS) / 1000

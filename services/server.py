@@ -5,29 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
+import ssl
 import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from kernelmesh.core import devices as device_discovery
+from kernelmesh.core.api_keys import ApiKeyStore
+from kernelmesh.core.auth import KeyRing
 from kernelmesh.core.config import ServerConfig
+from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
-from kernelmesh.services import dashboard, openai_facade, sidecar
+from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar
+from kernelmesh.services.auth_interceptor import AuthInterceptor
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
+from kernelmesh.services.keys_servicer import OrchestratorServicer
 from kernelmesh.services.llm_servicer import LLMServicer
+from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.task_servicer import TaskServicer
-from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -51,10 +58,37 @@ SERVICE_NAMES = (
 SERVING = SERVICE_NAMES[:3]
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond loopback
+
+
+def check_security(config: ServerConfig) -> None:
+    """Refuses settings that would expose the server: open (no auth) beyond
+    loopback without an explicit --insecure-open, auth without a state dir for
+    its bootstrap key, half a TLS pair."""
+    if not config.auth and not config.insecure_open and not is_loopback(config.host):
+        raise ValueError(
+            f"refusing to serve {config.host} without authentication: beyond loopback "
+            "kernelmesh needs --auth (API keys), or --insecure-open to run open anyway"
+        )
+    if config.auth and not config.state_dir:
+        raise ValueError("--auth needs --state-dir: the bootstrap admin key is written there")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+
 class Server:
     """One process: orchestrator-facing API plus this node's devices."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, api_keys: ApiKeyStore | None = None) -> None:
+        check_security(config)
         self.config = config
         self.port = 0
         self.http_port = 0
@@ -68,9 +102,15 @@ class Server:
         store_kind = config.store or ("sqlite" if config.state_dir else "memory")
         # Opened (and migrated) in start(); a bad --store fails here.
         self.state: Store = open_store(store_kind, config.state_dir)
+        # API keys live in the state store (digests only), so they survive restarts
+        # and are shared by orchestrators on one PostgreSQL.
+        self.api_keys: ApiKeyStore = api_keys if api_keys is not None else self.state
+        self.keys = KeyRing(self.api_keys, cache_seconds=config.auth_cache_seconds)
+        self.auth = config.auth
+        self.ledger = TenantLedger(config.quotas)
         self.tasks = TaskManager(
             self.devices,
-            TensorStore(config.tensor_store_bytes),
+            TensorStore(config.tensor_store_bytes, self.ledger),
             TaskManagerOptions(
                 limits=config.limits,
                 retention_tasks=config.retention_tasks,
@@ -106,28 +146,48 @@ class Server:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        # Per-RPC metrics (grpc_server_*): outermost, so they see every call's final code.
-        server = grpc.aio.server(options=options, interceptors=[RpcMetricsInterceptor()])
+        # Per-RPC metrics (grpc_server_*) outermost, so they see every call's final code,
+        # refusals by the key check included. The key check runs before a request is
+        # read; with auth off there is no auth interceptor at all.
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
+        if self.auth:
+            interceptors.append(AuthInterceptor(self.keys))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        # Every handler is guarded: bad bytes and bad enums are INVALID_ARGUMENT.
+        guarded = GuardedRegistrar(server)
         task_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(self.tasks, cfg.limits), server
+            TaskServicer(
+                self.tasks,
+                cfg.limits,
+                max_reply_bytes=max(1 << 20, cfg.max_message_bytes - (1 << 20)),
+            ),
+            guarded,
         )
         monitor = DeviceMonitor(self.devices)
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(monitor), server)
-        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
-        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            UnimplementedOrchestratorServicer(), server
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(
+            DeviceServicer(monitor, cfg.quotas), guarded
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), guarded)
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+            OrchestratorServicer(self.keys), guarded
+        )
+        # Health and reflection: guarded too (open to callers without a key).
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                )
             ),
-            server,
+            guarded,
         )
         try:
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            if cfg.tls_cert:
+                self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", _tls_credentials(cfg))
+            else:
+                self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         except RuntimeError:  # grpcio raises rather than returning 0 on a busy port
             self.port = 0
         if self.port == 0:
@@ -144,14 +204,27 @@ class Server:
                     cfg.node_name, self.devices, monitor, self.usage, self.ready, time.monotonic()
                 ),
             )
+            if self.auth:  # outermost: nothing is read for a caller without a key
+                http_guard.install_auth(app, self.keys, protect_metrics=cfg.protect_metrics)
+            http_guard.install(app)
             try:
-                self._runner, self.http_port = await sidecar.start(app, cfg.host, cfg.http_port)
+                self._runner, self.http_port = await sidecar.start(
+                    app, cfg.host, cfg.http_port, _https_context(cfg)
+                )
             except OSError as exc:
                 await server.stop(None)
                 raise OSError(
                     f"could not bind the HTTP sidecar to {cfg.host}:{cfg.http_port}: "
                     f"{exc.strerror or exc} (choose another with --http-port, or --no-http)"
                 ) from None
+        if self.auth:
+            await self.keys.bootstrap(cfg.state_dir)
+        if not cfg.tls_cert and not is_loopback(cfg.host):
+            log.warning(
+                "serving %s without TLS: API keys and data cross the network in clear "
+                "(add --tls-cert and --tls-key)",
+                cfg.host,
+            )
         await self.tasks.start()
         try:
             queued, finished, tensors = await self.tasks.recover()
@@ -225,6 +298,25 @@ class Server:
     async def wait_for_termination(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+
+def _tls_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
+    cert = Path(cfg.tls_cert).read_bytes()
+    key = Path(cfg.tls_key).read_bytes()
+    client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _https_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """The sidecar serves HTTPS with the gRPC certificate (no client certificates:
+    OpenAI SDKs and probes do not carry one)."""
+    if not cfg.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    return context
 
 
 async def serve(config: ServerConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -40,14 +41,17 @@ def make_app(*, started: Callable[[], bool], ready: Callable[[], bool]) -> web.A
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Starts serving; returns the runner and the bound port (port 0 picks one)."""
+async def start(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Starts serving (HTTPS with `ssl_context`); returns the runner and the bound
+    port (port 0 picks one)."""
     # handler_cancellation: a client that disconnects cancels its handler, so
     # an abandoned LLM request closes its upstream request too (aiohttp >= 3.9
     # no longer cancels by default).
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # aiohttp exposes no public accessor
     return runner, bound

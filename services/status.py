@@ -28,6 +28,19 @@ DOMAIN = "kernelmesh.v1"
 
 T = TypeVar("T")
 
+# Trailers carry the status: a message that quotes a huge input (a name, a label)
+# must not grow them past what proxies and the client's metadata limit accept.
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 256
+MAX_DESCRIPTION_CHARS = 512
+MAX_VIOLATIONS = 32
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 def _pack(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
@@ -45,7 +58,12 @@ def to_status(
     metadata: dict[str, str] | None = None,
 ) -> grpc.Status:
     details = []
+    message = _cut(message, MAX_MESSAGE_CHARS)
     if violations:
+        violations = [
+            Violation(_cut(v.field, MAX_FIELD_CHARS), _cut(v.description, MAX_DESCRIPTION_CHARS))
+            for v in violations[:MAX_VIOLATIONS]
+        ]
         details.append(
             _pack(
                 error_details_pb2.BadRequest(
@@ -79,7 +97,8 @@ def status_of(exc: KernelmeshError) -> grpc.Status:
     )
 
 
-def _internal(exc: BaseException) -> grpc.Status:
+def internal_status(exc: BaseException) -> grpc.Status:
+    """INTERNAL for an unexpected exception, logged here with its traceback."""
     log.exception("internal error", exc_info=exc)
     return to_status(
         code_pb2.INTERNAL,
@@ -99,7 +118,7 @@ async def _statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     except grpc.aio.AbortError:
         raise
     except Exception as exc:
-        await context.abort_with_status(_internal(exc))
+        await context.abort_with_status(internal_status(exc))
 
 
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -137,4 +156,4 @@ def code_of(value: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-__all__ = ["Code", "code_of", "rpc", "status_of", "stream_rpc", "to_status"]
+__all__ = ["Code", "code_of", "internal_status", "rpc", "status_of", "stream_rpc", "to_status"]

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from kernelmesh.core import ops
-from kernelmesh.core.errors import InvalidArgument, KernelmeshError, Violation
+from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
 from kernelmesh.core.tasks import Task, TaskEvent, TaskManager, TaskState, fingerprint_of
 from kernelmesh.services import convert, paging
@@ -33,12 +33,20 @@ MAX_ATTEMPTS = 100
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
-    def __init__(self, tasks: TaskManager, limits: ops.Limits) -> None:
+    def __init__(
+        self, tasks: TaskManager, limits: ops.Limits, max_reply_bytes: int = 64 << 20
+    ) -> None:
         self.tasks = tasks
         self.limits = limits
+        self.quotas = tasks.store.ledger.quotas
+        # A List reply is cut to fit this (the server's max message size, less room
+        # for framing); the page token continues after the last task that fit.
+        self.max_reply_bytes = max_reply_bytes
 
     def _spec(self, msg: task_pb2.TaskSpec, context: grpc.aio.ServicerContext):
-        return convert.spec_from_proto(msg, tenant=tenant_of(context), limits=self.limits)
+        return convert.spec_from_proto(
+            msg, tenant=tenant_of(context), limits=self.limits, quotas=self.quotas
+        )
 
     @rpc
     async def ListOps(self, request, context):
@@ -108,20 +116,27 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             convert.fill_task(response.task, task)
             results.put_nowait(response)
 
+        failure: list[BaseException] = []
+
         async def read() -> None:
             try:
                 async for req in request_iterator:
                     await window.acquire()
                     try:
-                        spec = convert.spec_from_proto(req.task, tenant=tenant, limits=self.limits)
+                        spec = convert.spec_from_proto(
+                            req.task, tenant=tenant, limits=self.limits, quotas=self.quotas
+                        )
                         with qualified(req.task):
                             task = self.tasks.begin(spec, deadline=deadline_of(context))
                     except KernelmeshError as exc:
+                        # one bad request fails its own item; the stream goes on
                         window.release()
                         results.put_nowait(_rejected(req.correlation_id, exc))
                         continue
                     in_flight.add(task)
                     task.add_done_callback(lambda t, cid=req.correlation_id: deliver(cid, t))
+            except KernelmeshError as exc:  # the request stream itself is broken
+                failure.append(exc)
             finally:
                 results.put_nowait(None)
 
@@ -136,6 +151,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     continue
                 yield item
             await reader
+            if failure:
+                await context.abort_with_status(status_of(failure[0]))
         finally:
             reader.cancel()
             # The client went away or the call ended: its unfinished work stops.
@@ -164,17 +181,36 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc
     async def ListTasks(self, request, context):
-        state = TaskState(request.state) if request.state else None
+        state = _task_state(request.state) if request.state else None
+        tenant = tenant_of(context)
         tasks, token = self.tasks.list(
-            tenant=tenant_of(context),
+            tenant=tenant,
             state=state,
             page_size=request.page_size,
             page_token=request.page_token,
         )
         full = request.view == task_pb2.TASK_VIEW_FULL
-        return task_pb2.ListTasksResponse(
-            tasks=[convert.task_to_proto(t, full=full) for t in tasks], next_page_token=token
-        )
+        response = task_pb2.ListTasksResponse()
+        size = 0
+        for i, task in enumerate(tasks):
+            msg = convert.task_to_proto(task, full=full)
+            size += msg.ByteSize() + 16  # the field's tag and length prefix, generously
+            if size > self.max_reply_bytes:
+                if i == 0:
+                    raise ResourceExhausted(
+                        f"{task.name} alone is larger than a reply may be "
+                        f"({self.max_reply_bytes} bytes); list with view BASIC, or read "
+                        "it with GetTask",
+                        retry_after=0.0,
+                    )
+                # the same page cut to the i tasks that fit, and its token
+                _, token = self.tasks.list(
+                    tenant=tenant, state=state, page_size=i, page_token=request.page_token
+                )
+                break
+            response.tasks.append(msg)
+        response.next_page_token = token
+        return response
 
     @rpc
     async def UploadTensor(self, request_iterator, context):
@@ -182,36 +218,50 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         header = None
         buffer: bytearray | None = None
         filled = 0
-        async for req in request_iterator:
-            part = req.WhichOneof("part")
+        ledger = self.tasks.store.ledger
+        nbytes = 0
+        # Memory is taken as chunks arrive, never from the header's declared size:
+        # a header alone holds nothing, and each chunk is charged to the tenant first.
+        try:
+            async for req in request_iterator:
+                part = req.WhichOneof("part")
+                if header is None:
+                    if part != "header":
+                        raise InvalidArgument(
+                            [Violation("header", "the first message must be a header")]
+                        )
+                    header = req.header
+                    dtype = convert.numpy_dtype(header.dtype, "header.dtype")
+                    nbytes = convert.check_shape(
+                        header.shape, dtype, "header", self.limits, self.quotas.max_dims
+                    )
+                    self.tasks.store.reserve_check(nbytes)
+                    buffer = bytearray()
+                elif part == "chunk":
+                    end = filled + len(req.chunk)
+                    if end > nbytes:
+                        raise InvalidArgument(
+                            [Violation("chunk", f"more data than the header's {nbytes} bytes")]
+                        )
+                    self.tasks.store.reserve_check(end)
+                    ledger.reserve(tenant, len(req.chunk))
+                    filled = end
+                    buffer += req.chunk
+                else:
+                    raise InvalidArgument(
+                        [Violation("header", "only the first message is a header")]
+                    )
             if header is None:
-                if part != "header":
-                    raise InvalidArgument(
-                        [Violation("header", "the first message must be a header")]
-                    )
-                header = req.header
-                dtype = convert.numpy_dtype(header.dtype, "header.dtype")
-                nbytes = convert.check_shape(header.shape, dtype, "header", self.limits)
-                self.tasks.store.reserve_check(nbytes)
-                buffer = bytearray(nbytes)
-            elif part == "chunk":
-                end = filled + len(req.chunk)
-                if end > len(buffer):
-                    raise InvalidArgument(
-                        [Violation("chunk", f"more data than the header's {len(buffer)} bytes")]
-                    )
-                buffer[filled:end] = req.chunk
-                filled = end
-            else:
-                raise InvalidArgument([Violation("header", "only the first message is a header")])
-        if header is None:
-            raise InvalidArgument([Violation("header", "the stream was empty")])
-        if filled != len(buffer):
-            raise InvalidArgument(
-                [Violation("chunk", f"got {filled} bytes; the header needs {len(buffer)}")]
-            )
-        array = np.frombuffer(buffer, dtype=dtype).reshape(tuple(header.shape))
-        item = self.tasks.store.put(array, tenant=tenant)
+                raise InvalidArgument([Violation("header", "the stream was empty")])
+            if filled != nbytes:
+                raise InvalidArgument(
+                    [Violation("chunk", f"got {filled} bytes; the header needs {nbytes}")]
+                )
+            array = np.frombuffer(buffer, dtype=dtype).reshape(tuple(header.shape))
+            item = self.tasks.store.put(array, tenant=tenant, reserved=True)
+        except BaseException:
+            ledger.release(tenant, filled)
+            raise
         if self.tasks.journal is not None:
             await self.tasks.journal.sync()  # the tensor survives a crash once acknowledged
         return task_pb2.UploadTensorResponse(tensor=convert.ref_to_proto(item))
@@ -326,6 +376,16 @@ def _event_message(event: TaskEvent) -> task_pb2.WatchTaskResponse:
     msg = task_pb2.WatchTaskResponse(name=event.name, state=int(event.state), message=message)
     msg.time.FromNanoseconds(int(event.time * 1e9))
     return msg  # no task: see WatchTaskResponse in task.proto
+
+
+def _task_state(value: int) -> TaskState:
+    try:
+        return TaskState(value)
+    except ValueError:
+        names = ", ".join(task_pb2.TaskState.Name(s.value) for s in TaskState)
+        raise InvalidArgument(
+            [Violation("state", f"must be one of {names}; got {value}")]
+        ) from None
 
 
 def _task_failure_status(task: Task) -> grpc.Status:

@@ -9,7 +9,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 PLANNED = {
-    "OrchestratorService": "the multi-node mesh (nodes, placement, workflows, API keys)",
+    "OrchestratorService": "the multi-node mesh (nodes, placement, workflows)",
 }
 
 

@@ -208,7 +208,10 @@ async def test_client_disconnect_closes_the_upstream_stream(llm_server, upstream
 
 async def test_malformed_json_is_400(llm_server):
     url = f"http://127.0.0.1:{llm_server.http_port}/v1/chat/completions"
-    async with aiohttp.ClientSession() as session, session.post(url, data=b"{not json") as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=b"{not json", headers={"Content-Type": "application/json"}) as r,
+    ):
         assert r.status == 400
         assert (await r.json())["error"]["param"] == "body"
 

@@ -9,6 +9,7 @@
 //   {"devices": [...], "add": {task}, "invalid": {"code", "details", "status_details_bin"}}
 // Tensor bytes (Buffers) come out base64. Exit status 0 unless something
 // unexpected happened (then the error goes to stderr, status 1).
+// With KERNELMESH_API_KEY set, every call sends `authorization: Bearer <key>`.
 "use strict";
 
 const path = require("path");
@@ -35,8 +36,12 @@ function loadServices() {
 
 function call(client, method, request, seconds = 20) {
   const deadline = new Date(Date.now() + seconds * 1000);
+  const metadata = new grpc.Metadata();
+  if (process.env.KERNELMESH_API_KEY) {
+    metadata.set("authorization", `Bearer ${process.env.KERNELMESH_API_KEY}`);
+  }
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline }, (err, response) =>
+    client[method](request, metadata, { deadline }, (err, response) =>
       err ? reject(err) : resolve(response),
     );
   });

@@ -1,0 +1,335 @@
+"""Limits before allocation, and bad input answered INVALID_ARGUMENT (never
+INTERNAL or UNKNOWN), on a real in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import aiohttp
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from helpers import rich_status, spec, violations
+
+from kernelmesh.core.limits import Quotas
+from kernelmesh.v1 import device_pb2, device_pb2_grpc, task_pb2, task_pb2_grpc, tensor_pb2
+
+MiB = 1 << 20
+
+
+def _retry_info(err: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
+    for detail in rich_status(err).details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+@pytest.fixture
+async def limited(server_config, start_server):
+    quotas = Quotas(max_bytes_per_tenant=1 * MiB, max_tasks_per_tenant=64, max_labels=4)
+    return await start_server(dataclasses.replace(server_config, quotas=quotas))
+
+
+@pytest.fixture
+async def stub(limited):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        yield task_pb2_grpc.TaskServiceStub(chan)
+
+
+def _header(shape, dtype=tensor_pb2.DTYPE_FLOAT32) -> task_pb2.UploadTensorRequest:
+    return task_pb2.UploadTensorRequest(header=task_pb2.TensorHeader(dtype=dtype, shape=shape))
+
+
+async def test_an_upload_header_alone_allocates_nothing(stub, limited):
+    # Declares 4 MiB, past the tenant's 1 MiB quota by itself: only chunks count.
+    call = stub.UploadTensor()
+    await call.write(_header([1 << 20]))
+    await call.write(task_pb2.UploadTensorRequest(chunk=b"\0" * 4096))
+    # The chunk is charged as it arrives: exactly its bytes, not the declared size.
+    for _ in range(200):
+        if limited.ledger.bytes_of("default") == 4096:
+            break
+        await asyncio.sleep(0.01)
+    assert limited.ledger.bytes_of("default") == 4096
+    await call.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # too few bytes
+    assert limited.ledger.bytes_of("default") == 0  # given back
+
+
+async def test_uploads_past_the_tenant_quota_are_resource_exhausted(stub, limited):
+    async def upload(tenant: str, nbytes: int):
+        async def parts():
+            yield _header([nbytes // 4])
+            for start in range(0, nbytes, 64 << 10):
+                yield task_pb2.UploadTensorRequest(chunk=b"\1" * min(64 << 10, nbytes - start))
+
+        return await stub.UploadTensor(parts(), metadata=[("kernelmesh-tenant", tenant)])
+
+    first = await upload("a", 768 << 10)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await upload("a", 512 << 10)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retry_info(info.value) is not None
+    assert limited.ledger.bytes_of("a") == 768 << 10  # the refused upload holds nothing
+    await upload("b", 512 << 10)  # another tenant has its own quota
+    await stub.DeleteTensor(
+        task_pb2.DeleteTensorRequest(name=first.tensor.name), metadata=[("kernelmesh-tenant", "a")]
+    )
+    assert limited.ledger.bytes_of("a") == 0
+    await upload("a", 512 << 10)
+
+
+async def test_task_inputs_count_against_the_tenant_quota(stub):
+    big = np.ones(200_000, np.float32)  # 800 KB in + 800 KB out > 1 MiB
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("exp", big)))
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retry_info(info.value) is not None
+
+
+async def test_too_many_labels_is_invalid_argument(stub):
+    msg = spec("exp", np.ones(4, np.float32))
+    for i in range(5):
+        msg.labels[f"k{i}"] = "v"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "task.labels" in violations(info.value)
+
+
+async def test_a_huge_label_value_is_invalid_argument(stub):
+    msg = spec("exp", np.ones(4, np.float32))
+    msg.labels["k"] = "v" * 10_000
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("shape", "what"),
+    [
+        ([1] * 40, "too many dimensions"),
+        ([1 << 40, 1 << 40], "element count past int64"),
+        ([0, 1 << 62, 1 << 62], "zero elements, overflowing other dimensions"),
+        ([-1, 4], "a negative dimension"),
+    ],
+)
+async def test_bad_shapes_are_invalid_argument(stub, shape, what):
+    msg = task_pb2.TaskSpec(op="exp")
+    msg.inputs.add(tensor=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, what
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        call = stub.UploadTensor()
+        await call.write(_header(shape))
+        await call.done_writing()
+        await call
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, what
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e308])
+async def test_non_finite_or_huge_params_are_invalid_argument(stub, value):
+    msg = spec("sum", np.ones((2, 2), np.float32))
+    msg.params["axis"] = value
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "task.params.axis" in violations(info.value)
+
+
+async def test_unknown_enum_values_are_invalid_argument(stub, limited):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        devices = device_pb2_grpc.DeviceServiceStub(chan)
+        calls = [
+            (stub.ListTasks(task_pb2.ListTasksRequest(state=99)), "state"),
+            (stub.ListTasks(task_pb2.ListTasksRequest(view=7)), "view"),
+            (stub.GetTask(task_pb2.GetTaskRequest(name="tasks/x", view=5)), "view"),
+            (devices.ListDevices(device_pb2.ListDevicesRequest(kind=42)), "kind"),
+        ]
+        msg = spec("exp", np.ones(2, np.float32))
+        msg.device.kind = 77
+        calls.append((stub.RunTask(task_pb2.RunTaskRequest(task=msg)), "task.device.kind"))
+        msg = spec("exp", np.ones(2, np.float32))
+        msg.inputs[0].tensor.dtype = 1234
+        calls.append(
+            (stub.RunTask(task_pb2.RunTaskRequest(task=msg)), "task.inputs[0].tensor.dtype")
+        )
+        for call, field in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, field
+            assert field in violations(info.value), (field, violations(info.value))
+
+
+async def test_undecodable_requests_are_invalid_argument_without_a_traceback(limited, caplog):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        raw = chan.unary_unary("/kernelmesh.v1.TaskService/GetTask")
+        bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (string name): two bytes, not UTF-8
+        truncated = b"\x0a\x10abc"  # declares 16 bytes, has 3
+        with caplog.at_level(logging.DEBUG):
+            for payload in (bad_utf8, truncated, b"\xff" * 32):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await raw(payload)
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, payload
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_bad_item_in_stream_tasks_fails_alone(stub):
+    async def requests():
+        yield task_pb2.StreamTasksRequest(
+            correlation_id="good-1", task=spec("exp", np.ones(4, np.float32))
+        )
+        bad = spec("exp", np.ones(4, np.float32))
+        bad.device.kind = 99
+        yield task_pb2.StreamTasksRequest(correlation_id="bad", task=bad)
+        nan = spec("sum", np.ones(4, np.float32))
+        nan.params["axis"] = float("nan")
+        yield task_pb2.StreamTasksRequest(correlation_id="nan", task=nan)
+        yield task_pb2.StreamTasksRequest(
+            correlation_id="good-2", task=spec("exp", np.ones(4, np.float32))
+        )
+
+    results = {r.correlation_id: r.task async for r in stub.StreamTasks(requests())}
+    assert results["good-1"].state == task_pb2.TASK_STATE_SUCCEEDED
+    assert results["good-2"].state == task_pb2.TASK_STATE_SUCCEEDED
+    for cid in ("bad", "nan"):
+        assert results[cid].state == task_pb2.TASK_STATE_FAILED
+        assert results[cid].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_error_messages_quoting_input_stay_small(stub):
+    name = "tasks/" + "x" * 1_000_000
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetTask(task_pb2.GetTaskRequest(name=name))
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    assert len(info.value.details()) < 2048
+    assert len(rich_status(info.value).SerializeToString()) < 4096
+
+
+async def test_watch_devices_refuses_a_huge_name_filter(limited):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        devices = device_pb2_grpc.DeviceServiceStub(chan)
+        request = device_pb2.WatchDevicesRequest(names=[f"cpu:{i}" for i in range(1000)])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in devices.WatchDevices(request):
+                pass
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_list_tasks_pages_are_cut_to_fit_the_message_size(server_config, start_server):
+    server = await start_server(dataclasses.replace(server_config, max_message_bytes=3 * MiB))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+        x = np.ones(1 << 16, np.float32)  # 256 KiB out per task
+        for _ in range(16):
+            await stub.RunTask(task_pb2.RunTaskRequest(task=spec("exp", x)))
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            reply = await stub.ListTasks(
+                task_pb2.ListTasksRequest(
+                    view=task_pb2.TASK_VIEW_FULL, page_size=1000, page_token=token
+                )
+            )
+            assert reply.ByteSize() <= 3 * MiB
+            seen += [t.name for t in reply.tasks]
+            pages += 1
+            token = reply.next_page_token
+            if not token:
+                break
+            assert pages < 20
+        assert len(seen) == len(set(seen)) == 16
+        assert pages > 1
+
+
+async def test_http_guard_statuses(server):
+    base = f"http://127.0.0.1:{server.http_port}/v1/embeddings"
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            base, data=b"input=hi", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ) as r:
+            assert r.status == 415
+        for body, why in [
+            (b"[" * 1000 + b"]" * 1000, "deep nesting"),
+            (b'{"input": ' + b"9" * 5000 + b"}", "a huge integer"),
+            (b'{"input": "\\ud800"}', "a lone surrogate"),
+            (b'{"input": NaN}', "NaN"),
+            (b'{"input": "\xff"}', "invalid UTF-8"),
+        ]:
+            async with session.post(base, data=body, headers=json_type) as r:
+                assert r.status == 400, why
+                assert (await r.json())["error"]["code"] == "invalid_json"
+        async with session.post(base, data=b" " * (33 * MiB), headers=json_type) as r:
+            assert r.status == 413
+        async with session.post(base, json={"model": "local", "input": "hi"}) as r:
+            assert r.status == 200
+
+
+async def test_unfinished_tasks_per_tenant_are_limited():
+    from kernelmesh.core import devices
+    from kernelmesh.core.errors import ResourceExhausted
+    from kernelmesh.core.limits import TenantLedger
+    from kernelmesh.core.tasks import TaskManager, TaskSpec
+    from kernelmesh.core.tensor_store import TensorStore
+
+    ledger = TenantLedger(Quotas(max_tasks_per_tenant=2))
+    manager = TaskManager(devices.discover("t", ("cpu",)), TensorStore(1 << 20, ledger))
+    # queues without workers (start() is not called): queued tasks stay unfinished
+    for device in manager.devices:
+        manager._work[device] = asyncio.Event()
+    x = np.ones(4, np.float32)
+    first = manager.submit(TaskSpec("exp", [x], tenant="a"))
+    manager.submit(TaskSpec("exp", [x], tenant="a"))
+    with pytest.raises(ResourceExhausted) as info:
+        manager.submit(TaskSpec("exp", [x], tenant="a"))
+    assert info.value.retry_after > 0
+    manager.submit(TaskSpec("exp", [x], tenant="b"))  # a tenant of its own
+    manager.cancel(first.name, tenant="a")  # a finished task frees its place
+    manager.submit(TaskSpec("exp", [x], tenant="a"))
+    assert ledger.tasks_of("a") == 2
+    await manager.shutdown(0)
+    assert ledger.tasks_of("a") == ledger.tasks_of("b") == 0
+    assert ledger.total_bytes == 0
+
+
+async def test_unknown_enums_deep_inside_a_request_are_found(limited):
+    from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        request = orchestrator_pb2.RegisterNodeRequest(address="n:1")
+        request.devices.add(name="cpu:0", kind=1)
+        request.devices.add(name="gpu:9", kind=41)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await orchestrator.RegisterNode(request)
+        # refused before the (not yet built) RPC is reached
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "devices[1].kind" in violations(info.value)
+        ok = orchestrator_pb2.RegisterNodeRequest(address="n:1")
+        ok.devices.add(name="cpu:0", kind=1)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await orchestrator.RegisterNode(ok)
+        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_kept_outputs_move_from_the_task_to_the_tensor_store(stub, limited):
+    # 400 KB in + 400 KB out held while it runs; counting the stored output on top
+    # of that would pass the 1 MiB quota
+    x = np.ones(100_000, np.float32)
+    msg = spec("exp", x)
+    msg.keep_outputs = True
+    task = (await stub.RunTask(task_pb2.RunTaskRequest(task=msg))).task
+    assert task.state == task_pb2.TASK_STATE_SUCCEEDED
+    # afterwards the tenant holds exactly the stored output, nothing for the task
+    assert limited.ledger.bytes_of("default") == task.output_refs[0].size_bytes == 400_000
+    assert limited.ledger.tasks_of("default") == 0

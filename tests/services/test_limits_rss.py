@@ -1,0 +1,48 @@
+"""Memory of a real `kernelmesh serve` process: headers that declare huge
+uploads must not make the server allocate them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import psutil
+import pytest
+
+from kernelmesh.v1 import task_pb2, task_pb2_grpc, tensor_pb2
+
+pytestmark = pytest.mark.e2e
+MiB = 1 << 20
+
+
+async def test_declared_upload_sizes_are_not_allocated(tmp_path, serve_tools):
+    proc = serve_tools.start_serve(tmp_path, "--no-warmup")
+    try:
+        rss = psutil.Process(proc.process.pid)
+        async with grpc.aio.insecure_channel(proc.target) as chan:
+            stub = task_pb2_grpc.TaskServiceStub(chan)
+            await chan.channel_ready()
+            before = rss.memory_info().rss
+            # 16 streams, each declaring the most one tensor may hold (2**26
+            # float64, 512 MiB): 8 GiB if the server believed the headers.
+            header = task_pb2.UploadTensorRequest(
+                header=task_pb2.TensorHeader(dtype=tensor_pb2.DTYPE_FLOAT64, shape=[1 << 26])
+            )
+            calls = [stub.UploadTensor() for _ in range(16)]
+            for call in calls:
+                await call.write(header)
+                await call.write(task_pb2.UploadTensorRequest(chunk=b"\0" * (64 << 10)))
+            peak = before
+            for _ in range(20):  # a bounded look while every stream stays open
+                peak = max(peak, rss.memory_info().rss)
+                await asyncio.sleep(0.05)
+            for call in calls:  # a second header: proof the first was taken
+                await call.write(header)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert "only the first message" in info.value.details()
+            peak = max(peak, rss.memory_info().rss)
+        assert peak - before < 256 * MiB, f"RSS grew by {(peak - before) / MiB:.0f} MiB"
+    finally:
+        serve_tools.stop_serve(proc)
