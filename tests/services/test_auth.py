@@ -418,9 +418,9 @@ async def test_llm_calls_are_billed_to_the_keys_tenant(channel, make_key, auth_s
     seen: list[str] = []
     original = auth_server.llm.embed
 
-    async def spy(tenant, model, inputs):
+    async def spy(tenant, model, inputs, **kwargs):
         seen.append(tenant)
-        return await original(tenant, model, inputs)
+        return await original(tenant, model, inputs, **kwargs)
 
     auth_server.llm.embed = spy
     llm = llm_pb2_grpc.LLMServiceStub(channel)
