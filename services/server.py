@@ -20,6 +20,7 @@ from kernelmesh.core.llm import Gateway
 from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
+from kernelmesh.core.workflows import WorkflowEngine, WorkflowOptions
 from kernelmesh.native import compile_cache
 from kernelmesh.services import dashboard, openai_facade, sidecar
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
@@ -28,6 +29,7 @@ from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
+from kernelmesh.services.workflow_servicer import WorkflowServicer
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -40,6 +42,12 @@ from kernelmesh.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class OrchestratorServicer(WorkflowServicer, UnimplementedOrchestratorServicer):
+    """OrchestratorService: each group of RPCs comes from its own servicer
+    module (first in the bases wins); RPCs nobody implements stay UNIMPLEMENTED."""
+
 
 SERVICE_NAMES = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
@@ -87,6 +95,9 @@ class Server:
             Path(config.state_dir) / "usage.sqlite" if config.state_dir else ":memory:"
         )
         self.llm = Gateway.from_file(config.llm_config, store=self.usage)
+        self.workflows = WorkflowEngine(
+            self.tasks, self.llm, journal=self.state, options=WorkflowOptions(limits=config.limits)
+        )
 
     async def start(self) -> None:
         # The store first: a state dir or database that cannot be used stops the
@@ -115,7 +126,7 @@ class Server:
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(monitor), server)
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            UnimplementedOrchestratorServicer(), server
+            OrchestratorServicer(self.workflows, cfg.limits), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -171,6 +182,10 @@ class Server:
             time.perf_counter() - began,
         )
         await self.llm.start()
+        # After the tasks' recovery (a resumed step finds its task) and the gateway.
+        resumed, kept = await self.workflows.recover()
+        if resumed or kept:
+            log.info("workflows: %d resumed, %d finished ones restored", resumed, kept)
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
@@ -213,6 +228,7 @@ class Server:
         await self._health.enter_graceful_shutdown()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
+        await self.workflows.shutdown()  # running workflows resume at the next start
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
         await self.state.close()  # commits what is queued
         if self._runner is not None:
