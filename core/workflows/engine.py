@@ -393,8 +393,11 @@ class WorkflowEngine:
         # One request id per step: after a restart the same submission returns
         # the step's task instead of running it again.
         request = f"{wf.name}/steps/{step.id}"
+        # The step needs no commit before it runs: after a crash the engine
+        # submits it again with this request id (and a finished task's end
+        # commits after its submission, in order).
         task = await self.tasks.submit_journaled(
-            spec, request_id=request, fingerprint=request, deadline=deadline
+            spec, request_id=request, fingerprint=request, deadline=deadline, await_commit=False
         )
         self._step_running(wf, step, task=task.name)
         try:
