@@ -22,6 +22,7 @@ from kernelmesh.core.workflows import (
     spec_from_dict,
     spec_to_dict,
 )
+from kernelmesh.core.workflows.spec import MAX_STEPS
 from kernelmesh.services import convert
 from kernelmesh.services.context import tenant_of
 from kernelmesh.services.status import rpc, stream_rpc
@@ -41,6 +42,10 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         tenant = tenant_of(context)
         if len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument([Violation("request_id", f"at most {MAX_REQUEST_ID} characters")])
+        if len(request.steps) > MAX_STEPS:  # refused before any step is decoded
+            raise InvalidArgument(
+                [Violation("steps", f"{len(request.steps)} steps; at most {MAX_STEPS}")]
+            )
         try:
             spec = spec_from_dict(spec_dict_from_proto(request, self.limits))
         except SpecError as exc:

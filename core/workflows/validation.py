@@ -216,6 +216,10 @@ def _check_types(
                         )
                     )
             want = "embedding" if action.kind == "embed" else "chat"
+            if want == "chat" and not action.model:
+                violations.append(
+                    Violation(f"{where}.llm.generate.model", "required: a chat model's name")
+                )
             if models is not None and action.model and models.get(action.model) != want:
                 violations.append(
                     Violation(
