@@ -308,9 +308,14 @@ class WorkflowEngine:
                     self._step_end(wf, nxt, StepState.SKIPPED, None, why)
                     stack.extend(dependants[nxt.id])
 
-        for sid in wf.plan.order:
+        for sid in wf.plan.order:  # resumed workflows have finished steps already
             step = wf.steps[sid]
             if step.state.terminal:
+                if step.state is StepState.FAILED and not step.spec.continue_on_failure:
+                    error = step.error or TaskFailure(Code.UNKNOWN, "failed")
+                    message = f"step {sid!r}: {error.message}"
+                    self._abort(wf, WorkflowState.FAILED, TaskFailure(error.code, message))
+                    return
                 if step.state is not StepState.SUCCEEDED:
                     skip_after(sid, f"step {sid!r} did not succeed")
             elif waiting[sid] == 0:

@@ -253,19 +253,13 @@ async def test_tenants_see_only_their_workflows(engine):
 
 
 async def test_list_pages_and_filters_by_state(engine):
-    spec = spec_from_dict({"steps": [{"id": "a", "task": task("relu", np.ones(2, np.float32))}]})
-    made = [
-        await finished(
-            engine, {"steps": [{"id": "a", "task": task("relu", np.ones(2, np.float32))}]}
-        )
-        for _ in range(3)
-    ]
+    spec = {"steps": [{"id": "a", "task": task("relu", np.ones(2, np.float32))}]}
+    made = [await finished(engine, spec) for _ in range(3)]
     page, token = engine.list(tenant="default", page_size=2)
     assert page == [made[2], made[1]] and token
     rest, token = engine.list(tenant="default", page_size=2, page_token=token)
     assert rest == [made[0]] and token == ""
     assert engine.list(tenant="default", state=WorkflowState.FAILED)[0] == []
-    del spec
 
 
 async def test_cancel_cancels_running_steps(engine):
@@ -361,6 +355,46 @@ async def test_resumes_from_finished_steps_after_restart(tmp_path):
         runs = [t for t in tasks.list(tenant="default")[0] if t.labels.get("step") == "first"]
         assert len(runs) == 1
         np.testing.assert_allclose(output(engine, back, "second"), np.maximum(x, 0) + x)
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+async def test_a_step_that_failed_before_the_crash_fails_the_resumed_workflow(tmp_path):
+    from kernelmesh.core.store.workflow_records import PutWorkflowStep
+    from kernelmesh.core.tasks import TaskFailure
+    from kernelmesh.core.workflows.engine import _step_record
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    a = np.ones((800, 800), np.float64)
+    spec = spec_from_dict(
+        {
+            "inputs": {"a": a},
+            "steps": [
+                {"id": "bad", "task": task("matmul", "${inputs.a}", "${inputs.a}")},
+                {"id": "after", "task": task("relu", "${bad.outputs[0]}")},
+            ],
+        }
+    )
+    wf = await engine.submit(spec, tenant="default")
+    await engine.shutdown()  # the process stops with the workflow running
+    bad = wf.steps["bad"]
+    bad.state, bad.error = StepState.FAILED, TaskFailure(Code.INTERNAL, "boom")
+    await store.write(PutWorkflowStep(_step_record(wf, bad)), wait=True)
+    await tasks.shutdown(grace=5.0)
+    await store.close()
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        back = engine.get(wf.name, tenant="default")
+        await asyncio.wait_for(back.wait(), 30)
+        assert back.state is WorkflowState.FAILED and "boom" in back.error.message
+        assert back.steps["after"].state is StepState.CANCELLED
     finally:
         await engine.shutdown()
         await tasks.shutdown(grace=1.0)
