@@ -137,11 +137,14 @@ class WorkflowEvent:
 
 
 def load_spec(source: str | Path | Mapping[str, object]) -> Mapping[str, object]:
-    """A spec from a YAML file, YAML text, or a dict already."""
+    """A spec from a YAML file (a Path, or a name ending .yaml/.yml/.json),
+    YAML text, or a dict already."""
     if isinstance(source, Mapping):
         return source
-    path = Path(source)
-    text = path.read_text() if "\n" not in str(source) and path.exists() else str(source)
+    is_file = isinstance(source, Path) or (
+        "\n" not in source and source.endswith((".yaml", ".yml", ".json"))
+    )
+    text = Path(source).read_text() if is_file else str(source)
     data = yaml.safe_load(text)
     if not isinstance(data, Mapping):
         raise ValueError("a workflow spec is a mapping with a 'steps' list")
