@@ -25,6 +25,7 @@ from kernelmesh.clients.types import (
     TensorRef,
     task_spec,
 )
+from kernelmesh.clients.workflows import AsyncWorkflows
 
 
 class AsyncClient(Connected):
@@ -38,6 +39,7 @@ class AsyncClient(Connected):
         self._io = AsyncTransport(target, options, credentials)
         # The LLM gateway: generate, stream, embed, models.
         self.llm = AsyncLLM(self._io)
+        self.workflows = AsyncWorkflows(self._io)
 
     async def close(self) -> None:
         await self._io.close()

@@ -438,3 +438,8 @@ def embed(
         with np.printoptions(precision=3, suppress=True):
             click.echo("cosine similarities:")
             click.echo(unit @ unit.T)
+
+
+from kernelmesh.clients.workflow_cli import workflow  # noqa: E402 - it builds on the above
+
+main.add_command(workflow)

@@ -33,6 +33,7 @@ from kernelmesh.clients.types import (
     TensorRef,
     task_spec,
 )
+from kernelmesh.clients.workflows import Workflows
 
 
 class Client(Connected):
@@ -50,6 +51,7 @@ class Client(Connected):
         self._io = Transport(target, options, credentials)
         # The LLM gateway: generate, stream, embed, models.
         self.llm = LLM(self._io)
+        self.workflows = Workflows(self._io)
 
     def close(self) -> None:
         self._io.close()

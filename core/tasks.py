@@ -559,11 +559,16 @@ class TaskManager:
         request_id: str = "",
         fingerprint: str = "",
         deadline: float | None = None,
+        await_commit: bool = True,
     ) -> Task:
         """Records a task, commits it to the journal, then queues it: once this
         returns, the task survives a crash. The same `request_id` from the same
         tenant returns the first task (waiting for its commit if it is still
-        under way); with a different `fingerprint` it is INVALID_ARGUMENT."""
+        under way); with a different `fingerprint` it is INVALID_ARGUMENT.
+        `await_commit=False` queues the commit without waiting for it (retried
+        until it commits, like the task's later updates, which follow it in
+        order): for a caller that resubmits with the same request_id after a
+        crash itself, a workflow step."""
         if request_id:
             first = self._requests.get((spec.tenant, request_id))
             if first is not None:
@@ -581,19 +586,19 @@ class TaskManager:
             future = self.journal.write(
                 PutTask(self._record_of(task, spec)),
                 PutBlob(inputs_key(task.id), codec.encode(list(spec.inputs))),
-                wait=True,
+                wait=await_commit,
             )
-            assert future is not None
-            self._committing[task.id] = future
-            try:
-                await future
-            except BaseException:
-                if request_id:
-                    self._requests.pop((spec.tenant, request_id), None)
-                self._unadmit(task)
-                raise
-            finally:
-                self._committing.pop(task.id, None)
+            if future is not None:
+                self._committing[task.id] = future
+                try:
+                    await future
+                except BaseException:
+                    if request_id:
+                        self._requests.pop((spec.tenant, request_id), None)
+                    self._unadmit(task)
+                    raise
+                finally:
+                    self._committing.pop(task.id, None)
         self._record(task)
         self._enqueue(task)
         return task

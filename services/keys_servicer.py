@@ -11,8 +11,7 @@ from kernelmesh.core.limits import quote
 from kernelmesh.services import paging
 from kernelmesh.services.context import check_tenant
 from kernelmesh.services.status import rpc
-from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
-from kernelmesh.v1 import orchestrator_pb2
+from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 ROLE_FROM_PROTO = {
     orchestrator_pb2.API_KEY_ROLE_ADMIN: Role.ADMIN,
@@ -61,7 +60,9 @@ def _key_id(name: str) -> str:
     return name[len(KEY_PREFIX) :]
 
 
-class OrchestratorServicer(UnimplementedOrchestratorServicer):
+class ApiKeyServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """The API-key RPCs of OrchestratorService (composed with the others in server.py)."""
+
     def __init__(self, keys: KeyRing) -> None:
         self.keys = keys
 
@@ -106,4 +107,4 @@ class OrchestratorServicer(UnimplementedOrchestratorServicer):
         return orchestrator_pb2.RevokeApiKeyResponse(api_key=key_to_proto(record))
 
 
-__all__ = ["OrchestratorServicer", "key_to_proto"]
+__all__ = ["ApiKeyServicer", "key_to_proto"]

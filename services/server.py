@@ -22,19 +22,23 @@ from kernelmesh.core.auth import KeyRing
 from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
+from kernelmesh.core.ops import Limits
 from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
+from kernelmesh.core.workflows import WorkflowEngine, WorkflowOptions
 from kernelmesh.native import compile_cache
 from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar
 from kernelmesh.services.auth_interceptor import AuthInterceptor
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
-from kernelmesh.services.keys_servicer import OrchestratorServicer
+from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.task_servicer import TaskServicer
+from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
+from kernelmesh.services.workflow_servicer import WorkflowServicer
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -47,6 +51,16 @@ from kernelmesh.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class OrchestratorServicer(ApiKeyServicer, WorkflowServicer, UnimplementedOrchestratorServicer):
+    """OrchestratorService: each group of RPCs comes from its own servicer
+    module (first in the bases wins); RPCs nobody implements stay UNIMPLEMENTED."""
+
+    def __init__(self, keys: KeyRing, workflows: WorkflowEngine, limits: Limits) -> None:
+        ApiKeyServicer.__init__(self, keys)
+        WorkflowServicer.__init__(self, workflows, limits)
+
 
 SERVICE_NAMES = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
@@ -127,6 +141,9 @@ class Server:
             Path(config.state_dir) / "usage.sqlite" if config.state_dir else ":memory:"
         )
         self.llm = Gateway.from_file(config.llm_config, store=self.usage)
+        self.workflows = WorkflowEngine(
+            self.tasks, self.llm, journal=self.state, options=WorkflowOptions(limits=config.limits)
+        )
 
     async def start(self) -> None:
         # The store first: a state dir or database that cannot be used stops the
@@ -169,7 +186,7 @@ class Server:
         )
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), guarded)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(self.keys), guarded
+            OrchestratorServicer(self.keys, self.workflows, cfg.limits), guarded
         )
         # Health and reflection: guarded too (open to callers without a key).
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
@@ -244,6 +261,10 @@ class Server:
             time.perf_counter() - began,
         )
         await self.llm.start()
+        # After the tasks' recovery (a resumed step finds its task) and the gateway.
+        resumed, kept = await self.workflows.recover()
+        if resumed or kept:
+            log.info("workflows: %d resumed, %d finished ones restored", resumed, kept)
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
@@ -286,6 +307,7 @@ class Server:
         await self._health.enter_graceful_shutdown()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
+        await self.workflows.shutdown()  # running workflows resume at the next start
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
         await self.state.close()  # commits what is queued
         if self._runner is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.errors import Unavailable
+from kernelmesh.core.store.workflow_records import WorkflowOp, WorkflowSnapshot
 
 
 class StoreError(Exception):
@@ -169,6 +170,7 @@ Op = (
     | DeleteTensor
     | PutApiKey
     | RevokeApiKey
+    | WorkflowOp
 )
 
 
@@ -229,6 +231,12 @@ class Store(ABC):
         future = self.write(wait=True)
         if future is not None:
             await future
+
+    # -- workflows (kernelmesh.core.workflows) -------------------------------
+
+    @abstractmethod
+    async def load_workflows(self) -> WorkflowSnapshot:
+        """Every workflow kept, oldest first, with its steps."""
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

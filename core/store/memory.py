@@ -27,6 +27,15 @@ from kernelmesh.core.store.base import (
     inputs_key,
     outputs_key,
 )
+from kernelmesh.core.store.workflow_records import (
+    DeleteWorkflow,
+    PutWorkflow,
+    PutWorkflowStep,
+    UpdateWorkflow,
+    WorkflowRecord,
+    WorkflowSnapshot,
+    WorkflowStepRecord,
+)
 
 
 class MemoryStore(Store):
@@ -39,6 +48,8 @@ class MemoryStore(Store):
         self.blobs: dict[str, bytes] = {}
         self.tensors: dict[str, TensorRecord] = {}
         self.api_keys: dict[str, ApiKeyRecord] = {}
+        self.workflows: dict[str, WorkflowRecord] = {}
+        self.workflow_steps: dict[tuple[str, str], WorkflowStepRecord] = {}
 
     @property
     def where(self) -> str:
@@ -91,6 +102,20 @@ class MemoryStore(Store):
             record = self.api_keys.get(op.key_id)
             if record is not None and (record.revoked_at is None or record.revoked_at > op.at):
                 self.api_keys[op.key_id] = dataclasses.replace(record, revoked_at=op.at)
+        elif isinstance(op, PutWorkflow):
+            self.workflows[op.record.id] = dataclasses.replace(op.record)
+        elif isinstance(op, UpdateWorkflow):
+            workflow = self.workflows.get(op.id)
+            if workflow is not None:
+                for name, value in op.fields.items():
+                    setattr(workflow, name, value)
+        elif isinstance(op, PutWorkflowStep):
+            key = (op.record.workflow_id, op.record.step_id)
+            self.workflow_steps[key] = dataclasses.replace(op.record)
+        elif isinstance(op, DeleteWorkflow):
+            self.workflows.pop(op.id, None)
+            for key in [k for k in self.workflow_steps if k[0] == op.id]:
+                del self.workflow_steps[key]
 
     async def load(self) -> Snapshot:
         snap = Snapshot(
@@ -100,6 +125,15 @@ class MemoryStore(Store):
         )
         for (task_id, _), attempt in sorted(self.attempts.items()):
             snap.attempts.setdefault(task_id, []).append(attempt)
+        return snap
+
+    async def load_workflows(self) -> WorkflowSnapshot:
+        snap = WorkflowSnapshot(
+            sorted((dataclasses.replace(w) for w in self.workflows.values()), key=lambda w: w.seq),
+            {},
+        )
+        for (workflow_id, _), step in sorted(self.workflow_steps.items()):
+            snap.steps.setdefault(workflow_id, []).append(dataclasses.replace(step))
         return snap
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:

@@ -86,6 +86,43 @@ CREATE TABLE api_keys (
 """
 
 
+# Workflows (issue 10): the spec as JSON, and one row per step so a restart
+# resumes from the finished steps.
+_V2_WORKFLOWS = """
+CREATE TABLE workflows (
+    id TEXT PRIMARY KEY,
+    seq {bigint} NOT NULL,
+    tenant TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    request_id TEXT,
+    fingerprint TEXT,
+    create_time {real} NOT NULL,
+    end_time {real},
+    error_code INTEGER,
+    error_message TEXT
+);
+CREATE UNIQUE INDEX workflows_request_id ON workflows (tenant, request_id)
+    WHERE request_id IS NOT NULL;
+CREATE INDEX workflows_tenant_seq ON workflows (tenant, seq);
+
+CREATE TABLE workflow_steps (
+    workflow_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    start_time {real},
+    end_time {real},
+    error_code INTEGER,
+    error_message TEXT,
+    outputs TEXT NOT NULL,
+    text TEXT,
+    PRIMARY KEY (workflow_id, step_id)
+);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -95,6 +132,7 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tasks, attempts, blobs, named tensors, API keys", _V1),
+    Migration(2, "workflows and their steps", _V2_WORKFLOWS),
 )
 LATEST = MIGRATIONS[-1].version
 

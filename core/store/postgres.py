@@ -28,6 +28,7 @@ from kernelmesh.core.store.base import (
     StoreError,
     StoreUnavailable,
 )
+from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,15 @@ class PostgresStore(Store):
         ]
         for key, data, path in await self._fetch(sql.SELECT_BLOBS):
             snap.blobs[key] = bytes(data) if path is None else self.files.read(path)
+        return snap
+
+    async def load_workflows(self) -> WorkflowSnapshot:
+        snap = WorkflowSnapshot(
+            [sql.workflow_from_row(tuple(r)) for r in await self._fetch(sql.SELECT_WORKFLOWS)], {}
+        )
+        for row in await self._fetch(sql.SELECT_WORKFLOW_STEPS):
+            step = sql.workflow_step_from_row(tuple(row))
+            snap.steps.setdefault(step.workflow_id, []).append(step)
         return snap
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:

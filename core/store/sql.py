@@ -31,6 +31,16 @@ from kernelmesh.core.store.base import (
     outputs_key,
     tensor_key,
 )
+from kernelmesh.core.store.workflow_records import (
+    WORKFLOW_OPS,
+    WORKFLOW_UPDATABLE,
+    DeleteWorkflow,
+    PutWorkflow,
+    PutWorkflowStep,
+    UpdateWorkflow,
+    WorkflowRecord,
+    WorkflowStepRecord,
+)
 
 # Blobs up to this size live in the database; bigger ones are files in the
 # blob directory (written and fsynced before the transaction that names them).
@@ -40,6 +50,8 @@ TASK_COLUMNS = tuple(f.name for f in dataclasses.fields(TaskRecord))
 ATTEMPT_COLUMNS = tuple(f.name for f in dataclasses.fields(AttemptRecord))
 TENSOR_COLUMNS = tuple(f.name for f in dataclasses.fields(TensorRecord))
 API_KEY_COLUMNS = tuple(f.name for f in dataclasses.fields(ApiKeyRecord))
+WORKFLOW_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkflowRecord))
+WORKFLOW_STEP_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkflowStepRecord))
 
 
 def _upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
@@ -57,6 +69,8 @@ PUT_TENSOR = _upsert("tensors", TENSOR_COLUMNS, ("name",))
 PUT_API_KEY = _upsert("api_keys", API_KEY_COLUMNS, ("key_id",))
 PUT_BLOB = _upsert("blobs", ("key", "size", "data", "path"), ("key",))
 DELETE_BLOB = "DELETE FROM blobs WHERE key = ?"
+PUT_WORKFLOW = _upsert("workflows", WORKFLOW_COLUMNS, ("id",))
+PUT_WORKFLOW_STEP = _upsert("workflow_steps", WORKFLOW_STEP_COLUMNS, ("workflow_id", "step_id"))
 REVOKE_API_KEY = (
     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND (revoked_at IS NULL OR revoked_at > ?)"
 )
@@ -66,6 +80,10 @@ SELECT_ATTEMPTS = f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM task_attempts ORDER
 SELECT_TENSORS = f"SELECT {', '.join(TENSOR_COLUMNS)} FROM tensors"
 SELECT_BLOBS = "SELECT key, data, path FROM blobs"
 SELECT_API_KEYS = f"SELECT {', '.join(API_KEY_COLUMNS)} FROM api_keys"
+SELECT_WORKFLOWS = f"SELECT {', '.join(WORKFLOW_COLUMNS)} FROM workflows ORDER BY seq"
+SELECT_WORKFLOW_STEPS = (
+    f"SELECT {', '.join(WORKFLOW_STEP_COLUMNS)} FROM workflow_steps ORDER BY workflow_id"
+)
 
 
 class BlobFiles:
@@ -177,8 +195,30 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
         )
     elif isinstance(op, RevokeApiKey):
         yield REVOKE_API_KEY, (float(op.at), op.key_id, float(op.at))
+    elif isinstance(op, WORKFLOW_OPS):
+        yield from _workflow_statements(op)
     else:  # pragma: no cover - a new Op without SQL is a programming error
         raise TypeError(f"unknown store operation {op!r}")
+
+
+def _workflow_statements(op: object) -> Iterator[tuple[str, tuple]]:
+    if isinstance(op, PutWorkflow):
+        yield PUT_WORKFLOW, dataclasses.astuple(op.record)
+    elif isinstance(op, UpdateWorkflow):
+        names = sorted(op.fields)
+        unknown = set(names) - WORKFLOW_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        sets = ", ".join(f"{n} = ?" for n in names)
+        yield (
+            f"UPDATE workflows SET {sets} WHERE id = ?",
+            (*(op.fields[n] for n in names), op.id),
+        )
+    elif isinstance(op, PutWorkflowStep):
+        yield PUT_WORKFLOW_STEP, dataclasses.astuple(op.record)
+    elif isinstance(op, DeleteWorkflow):
+        yield "DELETE FROM workflow_steps WHERE workflow_id = ?", (op.id,)
+        yield "DELETE FROM workflows WHERE id = ?", (op.id,)
 
 
 def _put_blob(key: str, data: bytes, files: BlobFiles) -> tuple[str, tuple]:
@@ -225,3 +265,11 @@ def api_key_from_row(row: tuple) -> ApiKeyRecord:
         expires_at=expires,
         revoked_at=revoked,
     )
+
+
+def workflow_from_row(row: tuple) -> WorkflowRecord:
+    return WorkflowRecord(*row)
+
+
+def workflow_step_from_row(row: tuple) -> WorkflowStepRecord:
+    return WorkflowStepRecord(*row)

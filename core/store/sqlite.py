@@ -22,6 +22,7 @@ from kernelmesh.core.store.base import (
     StoreError,
     StoreUnavailable,
 )
+from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,18 @@ class SqliteStore(Store):
         snap.tensors = [sql.tensor_from_row(r) for r in self._read(sql.SELECT_TENSORS)]
         for key, data, path in self._read(sql.SELECT_BLOBS):
             snap.blobs[key] = bytes(data) if path is None else self.files.read(path)
+        return snap
+
+    async def load_workflows(self) -> WorkflowSnapshot:
+        return await asyncio.to_thread(self._load_workflows)
+
+    def _load_workflows(self) -> WorkflowSnapshot:
+        snap = WorkflowSnapshot(
+            [sql.workflow_from_row(r) for r in self._read(sql.SELECT_WORKFLOWS)], {}
+        )
+        for row in self._read(sql.SELECT_WORKFLOW_STEPS):
+            step = sql.workflow_step_from_row(row)
+            snap.steps.setdefault(step.workflow_id, []).append(step)
         return snap
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:

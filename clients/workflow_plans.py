@@ -1,0 +1,81 @@
+"""Request plans of the workflow calls, written once for both faces."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+
+from kernelmesh.clients.calls import NO_DEADLINE, Pages, Plan, Stream, call, read, rpc
+from kernelmesh.clients.workflow_types import (
+    WorkflowEvent,
+    WorkflowInfo,
+    WorkflowState,
+    submit_request,
+)
+from kernelmesh.v1 import orchestrator_pb2 as o
+
+SUBMIT = rpc(
+    "OrchestratorService", "SubmitWorkflow", o.SubmitWorkflowRequest, o.SubmitWorkflowResponse
+)
+GET = rpc("OrchestratorService", "GetWorkflow", o.GetWorkflowRequest, o.GetWorkflowResponse)
+WATCH = rpc("OrchestratorService", "WatchWorkflow", o.WatchWorkflowRequest, o.WatchWorkflowResponse)
+CANCEL = rpc(
+    "OrchestratorService", "CancelWorkflow", o.CancelWorkflowRequest, o.CancelWorkflowResponse
+)
+LIST = rpc("OrchestratorService", "ListWorkflows", o.ListWorkflowsRequest, o.ListWorkflowsResponse)
+
+
+def submit(
+    spec: Mapping[str, object], inputs: Mapping[str, object] | None, request_id: str | None
+) -> Plan[WorkflowInfo]:
+    """One request id for every attempt: a retry after a lost reply finds the
+    first workflow instead of starting a second."""
+    request = submit_request(spec, inputs, request_id or str(uuid.uuid4()))
+    reply = yield from call(SUBMIT, request)
+    return WorkflowInfo.from_proto(reply.workflow)
+
+
+def get(name: str) -> Plan[WorkflowInfo]:
+    reply = yield from call(GET, o.GetWorkflowRequest(name=name))
+    return WorkflowInfo.from_proto(reply.workflow)
+
+
+def cancel(name: str) -> Plan[WorkflowInfo]:
+    reply = yield from call(CANCEL, o.CancelWorkflowRequest(name=name))
+    return WorkflowInfo.from_proto(reply.workflow)
+
+
+def _page(reply: o.ListWorkflowsResponse) -> tuple[Iterable[WorkflowInfo], str]:
+    return map(WorkflowInfo.from_proto, reply.workflows), reply.next_page_token
+
+
+def list_workflows(
+    state: WorkflowState | None, page_size: int
+) -> Pages[o.ListWorkflowsRequest, o.ListWorkflowsResponse, WorkflowInfo]:
+    def request(token: str) -> o.ListWorkflowsRequest:
+        return o.ListWorkflowsRequest(page_size=page_size, page_token=token, state=int(state or 0))
+
+    return Pages(LIST, request, _page)
+
+
+def _ended(event: WorkflowEvent) -> bool:
+    return not event.step and event.state.terminal
+
+
+def watch(
+    name: str, timeout: float | None = None
+) -> Stream[o.WatchWorkflowRequest, o.WatchWorkflowResponse, WorkflowEvent]:
+    """The workflow as it stands, then each transition until it ends."""
+    deadline = NO_DEADLINE if timeout is None else timeout
+    return Stream(
+        WATCH, o.WatchWorkflowRequest(name=name), WorkflowEvent.from_proto, deadline, until=_ended
+    )
+
+
+def wait(name: str, timeout: float | None = None) -> Plan[WorkflowInfo]:
+    """The workflow once it ends."""
+    events = yield from read(watch(name, timeout))
+    final = events[-1].workflow if events else None
+    if final is not None and final.state.terminal:
+        return final
+    return (yield from get(name))

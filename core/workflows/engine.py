@@ -1,0 +1,782 @@
+"""Runs workflows: each ready step starts at once (steps run in parallel), a
+task step is submitted through the task manager like any SubmitTask (so it is
+journaled, placed and retried by its policy), an LLM step calls the gateway.
+Tensors stay on the server as named tensors and pass to the next step by name.
+
+Durability (Temporal's shape without replay): the workflow is committed before
+submission returns; each step's transitions and outputs are journaled. At
+start, `recover` resumes unfinished workflows from their finished steps. A step
+that was running is submitted again with the same request id, which returns
+its task (finished, or queued again by the task manager's own recovery), so
+no finished step runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+import numpy as np
+
+from kernelmesh.core import ops
+from kernelmesh.core.errors import (
+    Code,
+    InvalidArgument,
+    KernelmeshError,
+    NotFound,
+    Unavailable,
+    Violation,
+)
+from kernelmesh.core.store import Store, StoreUnavailable
+from kernelmesh.core.store.workflow_records import (
+    DeleteWorkflow,
+    PutWorkflow,
+    PutWorkflowStep,
+    UpdateWorkflow,
+    WorkflowRecord,
+    WorkflowStepRecord,
+)
+from kernelmesh.core.task_retry import DEFAULT_RETRY
+from kernelmesh.core.tasks import TaskFailure, TaskManager, TaskSpec, TaskState
+from kernelmesh.core.workflows.refs import Ref, interpolate, tensor_ref
+from kernelmesh.core.workflows.spec import (
+    LlmAction,
+    StepSpec,
+    TaskAction,
+    WorkflowSpec,
+    spec_from_dict,
+    spec_to_dict,
+)
+from kernelmesh.core.workflows.validation import Plan, plan_of, validate
+
+PREFIX = "workflows/"
+log = logging.getLogger(__name__)
+
+
+class WorkflowState(IntEnum):
+    """Values match kernelmesh.v1.WorkflowState."""
+
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    CANCELLED = 4
+
+    @property
+    def terminal(self) -> bool:
+        return self is not WorkflowState.RUNNING
+
+
+class StepState(IntEnum):
+    """Values match kernelmesh.v1.WorkflowStepState."""
+
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+    SKIPPED = 6
+
+    @property
+    def terminal(self) -> bool:
+        return self >= StepState.SUCCEEDED
+
+
+@dataclass(eq=False)
+class StepRun:
+    spec: StepSpec
+    state: StepState = StepState.PENDING
+    task: str = ""
+    attempt: int = 0
+    start_time: float | None = None
+    end_time: float | None = None
+    error: TaskFailure | None = None
+    outputs: list[str] = field(default_factory=list)  # tensor names
+    text: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+@dataclass(eq=False)
+class Workflow:
+    id: str
+    seq: int
+    tenant: str
+    spec: WorkflowSpec
+    plan: Plan
+    steps: dict[str, StepRun]
+    request_id: str | None = None
+    fingerprint: str | None = None
+    state: WorkflowState = WorkflowState.RUNNING
+    create_time: float = field(default_factory=time.time)
+    end_time: float | None = None
+    error: TaskFailure | None = None
+    _watchers: list[asyncio.Queue] = field(default_factory=list)
+    _runner: asyncio.Task | None = None
+    _running: dict[str, asyncio.Task] = field(default_factory=dict)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return PREFIX + self.id
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
+@dataclass(frozen=True)
+class WorkflowEvent:
+    """A transition: of one step (`step` set), or of the workflow."""
+
+    workflow: Workflow
+    step: str
+    step_state: StepState | None
+    state: WorkflowState
+    time: float
+    message: str
+    duration: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkflowOptions:
+    limits: ops.Limits = field(default_factory=ops.Limits)
+    # Finished workflows kept (in memory and in the store); the oldest go first.
+    retention: int = 10_000
+
+
+class WorkflowEngine:
+    def __init__(
+        self,
+        tasks: TaskManager,
+        llm: object | None = None,  # kernelmesh.core.llm.Gateway
+        journal: Store | None = None,
+        options: WorkflowOptions | None = None,
+    ) -> None:
+        self.tasks = tasks
+        self.llm = llm
+        self.journal = journal if journal is not None and journal.durable else None
+        self.options = options or WorkflowOptions()
+        self._workflows: OrderedDict[str, Workflow] = OrderedDict()
+        self._finished: OrderedDict[str, Workflow] = OrderedDict()
+        self._requests: dict[tuple[str, str], Workflow] = {}
+        self._committing: dict[str, asyncio.Future[None]] = {}
+        self._seq = 0
+        self._stopping = False
+
+    # -- submission ----------------------------------------------------------
+
+    async def submit(
+        self,
+        spec: WorkflowSpec,
+        *,
+        tenant: str,
+        request_id: str = "",
+        fingerprint: str = "",
+    ) -> Workflow:
+        """Validates, stores inline tensors, commits the workflow, then starts
+        it. The same request_id from the same tenant returns the first workflow."""
+        if self._stopping:
+            raise Unavailable("the server is shutting down and accepts no new workflows")
+        if request_id:
+            first = self._requests.get((tenant, request_id))
+            if first is not None:
+                return await self._same_request(first, fingerprint)
+        plan = validate(
+            spec,
+            tensor_meta=lambda name: self._meta(name, tenant),
+            devices=self.tasks.devices,
+            limits=self.options.limits,
+            models=self._models(),
+        )
+        spec = self._stored(spec, tenant)
+        self._seq += 1
+        wf = Workflow(
+            id=f"{random.getrandbits(128):032x}",
+            seq=self._seq,
+            tenant=tenant,
+            spec=spec,
+            plan=plan,
+            steps={s.id: StepRun(s) for s in spec.steps},
+            request_id=request_id or None,
+            fingerprint=fingerprint or None,
+        )
+        if request_id:
+            self._requests[(tenant, request_id)] = wf
+        if self.journal is not None:
+            future = self.journal.write(PutWorkflow(_record_of(wf)), wait=True)
+            assert future is not None
+            self._committing[wf.id] = future
+            try:
+                await future
+            except BaseException:
+                if request_id:
+                    self._requests.pop((tenant, request_id), None)
+                raise
+            finally:
+                self._committing.pop(wf.id, None)
+        self._workflows[wf.name] = wf
+        self._start(wf)
+        return wf
+
+    async def _same_request(self, first: Workflow, fingerprint: str) -> Workflow:
+        if (first.fingerprint or "") != fingerprint:
+            raise InvalidArgument(
+                [
+                    Violation(
+                        "request_id",
+                        f"already used for a different workflow ({first.name}); "
+                        "a retry must send the same workflow, a new one a new request_id",
+                    )
+                ]
+            )
+        pending = self._committing.get(first.id)
+        if pending is not None:
+            await asyncio.shield(pending)
+        return first
+
+    def _meta(self, name: str, tenant: str) -> ops.TensorMeta | None:
+        try:
+            array = self.tasks.store.get(name, tenant=tenant).array
+        except NotFound:
+            return None
+        return ops.TensorMeta(array.dtype.name, tuple(array.shape))
+
+    def _models(self) -> dict[str, str]:
+        if self.llm is None:
+            return {}
+        return {m.name: m.kind for m in self.llm.models()}
+
+    def _stored(self, spec: WorkflowSpec, tenant: str) -> WorkflowSpec:
+        """The spec with every inline tensor kept on the server, by name."""
+        names: dict[int, str] = {}  # the same array given twice is stored once
+
+        def put(value: str | np.ndarray) -> str:
+            if isinstance(value, str):
+                return value
+            if id(value) not in names:
+                array = np.ascontiguousarray(value)
+                names[id(value)] = self.tasks.store.put(array, tenant=tenant).name
+            return names[id(value)]
+
+        inputs = {k: put(v) for k, v in spec.inputs.items()}
+        steps = []
+        for step in spec.steps:
+            action = step.action
+            if isinstance(action, TaskAction) and any(
+                not isinstance(i, str) for i in action.inputs
+            ):
+                stored = tuple(put(i) for i in action.inputs)
+                step = replace(step, action=replace(action, inputs=stored))
+            steps.append(step)
+        return WorkflowSpec(tuple(steps), inputs)
+
+    # -- running -------------------------------------------------------------
+
+    def _start(self, wf: Workflow) -> None:
+        wf._runner = asyncio.create_task(self._run(wf), name=f"workflow-{wf.id}")
+
+    async def _run(self, wf: Workflow) -> None:
+        deps = wf.plan.deps
+        dependants: dict[str, list[str]] = {sid: [] for sid in deps}
+        for sid, ds in deps.items():
+            for d in ds:
+                dependants[d].append(sid)
+        waiting = {
+            sid: sum(wf.steps[d].state is not StepState.SUCCEEDED for d in ds)
+            for sid, ds in deps.items()
+        }
+        running = wf._running
+
+        def launch(sid: str) -> None:
+            running[sid] = asyncio.create_task(self._run_step(wf, wf.steps[sid]))
+
+        def skip_after(sid: str, why: str) -> None:
+            stack = list(dependants[sid])
+            while stack:
+                nxt = wf.steps[stack.pop()]
+                if nxt.state is StepState.PENDING:
+                    self._step_end(wf, nxt, StepState.SKIPPED, None, why)
+                    stack.extend(dependants[nxt.id])
+
+        for sid in wf.plan.order:  # resumed workflows have finished steps already
+            step = wf.steps[sid]
+            if step.state.terminal:
+                if step.state is StepState.FAILED and not step.spec.continue_on_failure:
+                    error = step.error or TaskFailure(Code.UNKNOWN, "failed")
+                    message = f"step {sid!r}: {error.message}"
+                    self._abort(wf, WorkflowState.FAILED, TaskFailure(error.code, message))
+                    return
+                if step.state is not StepState.SUCCEEDED:
+                    skip_after(sid, f"step {sid!r} did not succeed")
+            elif waiting[sid] == 0:
+                launch(sid)
+        try:
+            while running:
+                done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+                for sid in [s for s, t in running.items() if t in done]:
+                    del running[sid]
+                    step = wf.steps[sid]
+                    if step.state is StepState.SUCCEEDED:
+                        for nxt in dependants[sid]:
+                            waiting[nxt] -= 1
+                            if waiting[nxt] == 0 and wf.steps[nxt].state is StepState.PENDING:
+                                launch(nxt)
+                    elif step.spec.continue_on_failure:
+                        skip_after(sid, f"step {sid!r} failed")
+                    else:
+                        error = step.error or TaskFailure(Code.UNKNOWN, "failed")
+                        self._abort(
+                            wf,
+                            WorkflowState.FAILED,
+                            TaskFailure(error.code, f"step {sid!r}: {error.message}"),
+                        )
+                        return
+        except asyncio.CancelledError:
+            return  # cancelled (state already set) or shutting down (resumed at start)
+        if not wf.state.terminal:
+            self._end(wf, WorkflowState.SUCCEEDED, None)
+
+    async def _run_step(self, wf: Workflow, step: StepRun) -> None:
+        try:
+            if isinstance(step.spec.action, TaskAction):
+                await self._run_task(wf, step, step.spec.action)
+            else:
+                await self._run_llm(wf, step, step.spec.action)
+        except asyncio.CancelledError:
+            raise
+        except KernelmeshError as exc:
+            self._step_end(wf, step, StepState.FAILED, TaskFailure(exc.code, exc.message))
+        except Exception as exc:  # a bug fails its step, never the engine
+            log.exception("workflow %s step %s", wf.name, step.id)
+            self._step_end(
+                wf,
+                step,
+                StepState.FAILED,
+                TaskFailure(Code.INTERNAL, f"{type(exc).__name__}: {exc}"),
+            )
+
+    def _resolve(self, wf: Workflow, ref: Ref) -> str:
+        if ref.is_input:
+            return str(wf.spec.inputs[ref.field])
+        source = wf.steps[ref.source]
+        if ref.field == "text":
+            return source.text or ""
+        if ref.index is None or ref.index >= len(source.outputs):
+            raise InvalidArgument(
+                [Violation(ref.text, f"step {ref.source!r} has {len(source.outputs)} output(s)")]
+            )
+        return source.outputs[ref.index]
+
+    async def _run_task(self, wf: Workflow, step: StepRun, action: TaskAction) -> None:
+        inputs: list[np.ndarray | str] = []
+        for item in action.inputs:
+            ref = tensor_ref(item) if isinstance(item, str) else None
+            inputs.append(self._resolve(wf, ref) if ref is not None else item)
+        spec = TaskSpec(
+            op=action.op,
+            inputs=inputs,
+            params=action.params,
+            selector=action.selector,
+            priority=action.priority,
+            keep_outputs=True,
+            labels={"workflow": wf.name, "step": step.id},
+            tenant=wf.tenant,
+            retry=step.spec.retry or DEFAULT_RETRY,
+        )
+        timeout = step.spec.timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        # One request id per step: after a restart the same submission returns
+        # the step's task instead of running it again.
+        request = f"{wf.name}/steps/{step.id}"
+        # The step needs no commit before it runs: after a crash the engine
+        # submits it again with this request id (and a finished task's end
+        # commits after its submission, in order).
+        task = await self.tasks.submit_journaled(
+            spec, request_id=request, fingerprint=request, deadline=deadline, await_commit=False
+        )
+        self._step_running(wf, step, task=task.name)
+        try:
+            if deadline is None:
+                await task.wait()
+            else:
+                await asyncio.wait_for(task.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            with contextlib.suppress(KernelmeshError):
+                self.tasks.cancel(task.name, tenant=wf.tenant)
+            step.attempt = task.attempt
+            self._step_end(
+                wf,
+                step,
+                StepState.FAILED,
+                TaskFailure(Code.DEADLINE_EXCEEDED, f"the step's timeout of {timeout:g}s passed"),
+            )
+            return
+        step.attempt = task.attempt
+        if task.state is TaskState.SUCCEEDED:
+            step.outputs = [r.name for r in task.output_refs]
+            self._step_end(wf, step, StepState.SUCCEEDED, None)
+        else:
+            error = task.error or TaskFailure(Code.UNKNOWN, task.state.name.lower())
+            self._step_end(wf, step, StepState.FAILED, error)
+
+    async def _run_llm(self, wf: Workflow, step: StepRun, action: LlmAction) -> None:
+        from kernelmesh.core.llm.types import GenerationOptions, Message, Role
+
+        if self.llm is None:
+            raise Unavailable("no LLM gateway is configured on this server")
+        policy = step.spec.retry or DEFAULT_RETRY
+        timeout = step.spec.timeout
+        deadline = time.monotonic() + timeout if timeout else None
+
+        def text(t: str) -> str:
+            return interpolate(t, lambda ref: self._resolve(wf, ref))
+
+        self._step_running(wf, step, task="")
+        while True:
+            step.attempt += 1
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                if action.kind == "embed":
+                    call = self.llm.embed(
+                        wf.tenant, action.model, [text(t) for t in action.inputs], timeout=left
+                    )
+                else:
+                    messages = [Message(Role(r), text(c)) for r, c in action.messages]
+                    options = GenerationOptions(
+                        temperature=action.temperature,
+                        max_tokens=action.max_tokens,
+                        seed=action.seed,
+                    )
+                    call = self.llm.generate(
+                        wf.tenant, action.model, messages, options, timeout=left
+                    )
+                result = await (call if left is None else asyncio.wait_for(call, left))
+            except TimeoutError:
+                failure = TaskFailure(
+                    Code.DEADLINE_EXCEEDED, f"the step's timeout of {timeout:g}s passed"
+                )
+            except KernelmeshError as exc:
+                failure = TaskFailure(exc.code, exc.message)
+            else:
+                if action.kind == "embed":
+                    array = np.asarray(result.vectors, dtype=np.float32)
+                    step.outputs = [self.tasks.store.put(array, tenant=wf.tenant).name]
+                else:
+                    step.text = result.text
+                self._step_end(wf, step, StepState.SUCCEEDED, None)
+                return
+            if policy.retryable(int(failure.code)) and step.attempt < policy.maximum_attempts:
+                delay = policy.delay(step.attempt)
+                if deadline is None or time.monotonic() + delay < deadline:
+                    self._emit(
+                        wf,
+                        step,
+                        f"attempt {step.attempt} failed ({failure.message}); "
+                        f"retrying in {delay:g}s",
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+            self._step_end(wf, step, StepState.FAILED, failure)
+            return
+
+    # -- transitions -----------------------------------------------------------
+
+    def _step_running(self, wf: Workflow, step: StepRun, *, task: str) -> None:
+        step.state = StepState.RUNNING
+        step.task = task
+        if step.start_time is None:
+            step.start_time = time.time()
+        self._journal(PutWorkflowStep(_step_record(wf, step)))
+        self._emit(wf, step, f"running as {task}" if task else "running")
+
+    def _step_end(
+        self,
+        wf: Workflow,
+        step: StepRun,
+        state: StepState,
+        error: TaskFailure | None,
+        message: str = "",
+    ) -> None:
+        step.state = state
+        step.error = error
+        step.end_time = time.time()
+        self._journal(PutWorkflowStep(_step_record(wf, step)))
+        duration = None
+        if step.start_time is not None:
+            duration = step.end_time - step.start_time
+        self._emit(wf, step, message or (error.message if error else state.name.lower()), duration)
+
+    def _abort(self, wf: Workflow, state: WorkflowState, error: TaskFailure) -> None:
+        """Ends a workflow early: its running steps are cancelled (with their
+        tasks), its pending ones will never run."""
+        for sid, runner in list(wf._running.items()):
+            runner.cancel()
+            step = wf.steps[sid]
+            if step.task:
+                with contextlib.suppress(KernelmeshError):
+                    self.tasks.cancel(step.task, tenant=wf.tenant)
+            if not step.state.terminal:
+                self._step_end(wf, step, StepState.CANCELLED, None, "cancelled")
+        wf._running.clear()
+        for step in wf.steps.values():
+            if not step.state.terminal:
+                self._step_end(wf, step, StepState.CANCELLED, None, "cancelled")
+        self._end(wf, state, error)
+
+    def _end(self, wf: Workflow, state: WorkflowState, error: TaskFailure | None) -> None:
+        wf.state = state
+        wf.error = error
+        wf.end_time = time.time()
+        self._journal(
+            UpdateWorkflow(
+                wf.id,
+                {
+                    "state": int(state),
+                    "end_time": wf.end_time,
+                    "error_code": int(error.code) if error else None,
+                    "error_message": error.message if error else None,
+                },
+            )
+        )
+        self._emit(wf, None, error.message if error else state.name.lower())
+        wf._done.set()
+        self._finished[wf.name] = wf
+        self._evict()
+
+    def _emit(
+        self, wf: Workflow, step: StepRun | None, message: str, duration: float | None = None
+    ) -> None:
+        if not wf._watchers:
+            return
+        event = WorkflowEvent(
+            wf,
+            step.id if step else "",
+            step.state if step else None,
+            wf.state,
+            time.time(),
+            message,
+            duration,
+        )
+        for queue in wf._watchers:
+            queue.put_nowait(event)
+
+    def _journal(self, *ops_: object) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.write(*ops_)  # type: ignore[arg-type]
+        except StoreUnavailable as exc:  # closed while shutting down: recovery redoes it
+            log.warning("workflow state not journaled: %s", exc)
+
+    def _evict(self) -> None:
+        while len(self._finished) > self.options.retention:
+            name, wf = self._finished.popitem(last=False)
+            self._workflows.pop(name, None)
+            if wf.request_id:
+                self._requests.pop((wf.tenant, wf.request_id), None)
+            self._journal(DeleteWorkflow(wf.id))
+
+    # -- reads -------------------------------------------------------------
+
+    def get(self, name: str, *, tenant: str) -> Workflow:
+        wf = self._workflows.get(name)
+        # Another tenant's workflow is reported exactly like a missing one.
+        if wf is None or wf.tenant != tenant:
+            raise NotFound(f"workflow {name!r} not found")
+        return wf
+
+    def list(
+        self,
+        *,
+        tenant: str,
+        state: WorkflowState | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Workflow], str]:
+        """Newest first; the token is the sequence number to continue below."""
+        size = 100 if page_size <= 0 else min(page_size, 1000)
+        below = _decode_token(page_token) if page_token else math.inf
+        page: list[Workflow] = []
+        for wf in reversed(self._workflows.values()):
+            if wf.seq >= below or wf.tenant != tenant:
+                continue
+            if state is not None and wf.state is not state:
+                continue
+            if len(page) == size:
+                return page, _encode_token(page[-1].seq)
+            page.append(wf)
+        return page, ""
+
+    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[WorkflowEvent]:
+        """The workflow as it stands, then every transition until it ends."""
+        wf = self.get(name, tenant=tenant)
+        queue: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
+        wf._watchers.append(queue)
+        try:
+            event = WorkflowEvent(wf, "", None, wf.state, time.time(), "current state")
+            while True:
+                yield event
+                if event.step == "" and event.state.terminal:
+                    return
+                event = await queue.get()
+        finally:
+            wf._watchers.remove(queue)
+
+    def cancel(self, name: str, *, tenant: str) -> Workflow:
+        """Cancels running steps (and their tasks); a finished workflow is unchanged."""
+        wf = self.get(name, tenant=tenant)
+        if not wf.state.terminal:
+            if wf._runner is not None:
+                wf._runner.cancel()
+            self._abort(
+                wf, WorkflowState.CANCELLED, TaskFailure(Code.CANCELLED, "cancelled by request")
+            )
+        return wf
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def recover(self) -> tuple[int, int]:
+        """Loads the journal (after the task manager's recovery): finished
+        workflows within retention, and unfinished ones, resumed. Returns
+        (workflows resumed, finished workflows restored)."""
+        if self.journal is None:
+            return 0, 0
+        snap = await self.journal.load_workflows()
+        resumed = finished = 0
+        for record in snap.workflows:
+            self._seq = max(self._seq, record.seq)
+            try:
+                spec = spec_from_dict(json.loads(record.spec))
+                plan = plan_of(spec)
+            except (ValueError, KeyError) as exc:  # written by a kernelmesh that read it
+                log.error("workflow %s cannot be read back: %s", record.id, exc)
+                continue
+            wf = Workflow(
+                id=record.id,
+                seq=record.seq,
+                tenant=record.tenant,
+                spec=spec,
+                plan=plan,
+                steps={s.id: StepRun(s) for s in spec.steps},
+                request_id=record.request_id,
+                fingerprint=record.fingerprint,
+                state=WorkflowState(record.state),
+                create_time=record.create_time,
+                end_time=record.end_time,
+            )
+            if record.error_code is not None:
+                wf.error = TaskFailure(_code(record.error_code), record.error_message or "")
+            for row in snap.steps.get(record.id, []):
+                step = wf.steps.get(row.step_id)
+                if step is None:
+                    continue
+                step.state = StepState(row.state)
+                step.task = row.task
+                step.attempt = row.attempt
+                step.start_time = row.start_time
+                step.end_time = row.end_time
+                step.outputs = json.loads(row.outputs)
+                step.text = row.text
+                if row.error_code is not None:
+                    step.error = TaskFailure(_code(row.error_code), row.error_message or "")
+            self._workflows[wf.name] = wf
+            if wf.request_id:
+                self._requests[(wf.tenant, wf.request_id)] = wf
+            if wf.state.terminal:
+                wf._done.set()
+                self._finished[wf.name] = wf
+                finished += 1
+            else:
+                self._start(wf)
+                resumed += 1
+        self._evict()
+        return resumed, finished
+
+    async def shutdown(self) -> None:
+        """Stops running workflows where they stand: the store keeps them
+        RUNNING, and the next start resumes them."""
+        self._stopping = True
+        runners = []
+        for wf in self._workflows.values():
+            if not wf.state.terminal:
+                for step_runner in wf._running.values():
+                    step_runner.cancel()
+                    runners.append(step_runner)
+                if wf._runner is not None:
+                    wf._runner.cancel()
+                    runners.append(wf._runner)
+        await asyncio.gather(*runners, return_exceptions=True)
+
+
+def _record_of(wf: Workflow) -> WorkflowRecord:
+    return WorkflowRecord(
+        id=wf.id,
+        seq=wf.seq,
+        tenant=wf.tenant,
+        state=int(wf.state),
+        spec=json.dumps(spec_to_dict(wf.spec), separators=(",", ":")),
+        request_id=wf.request_id,
+        fingerprint=wf.fingerprint,
+        create_time=wf.create_time,
+    )
+
+
+def _step_record(wf: Workflow, step: StepRun) -> WorkflowStepRecord:
+    error = step.error
+    return WorkflowStepRecord(
+        workflow_id=wf.id,
+        step_id=step.id,
+        state=int(step.state),
+        task=step.task,
+        attempt=step.attempt,
+        start_time=step.start_time,
+        end_time=step.end_time,
+        error_code=int(error.code) if error else None,
+        error_message=error.message if error else None,
+        outputs=json.dumps(step.outputs),
+        text=step.text,
+    )
+
+
+def _code(value: int) -> Code | int:
+    try:
+        return Code(value)
+    except ValueError:
+        return value
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"below:{seq}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "below":
+            raise ValueError(kind)
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            [Violation("page_token", "not a page token returned by this server")]
+        ) from None
+
+
+__all__ = [
+    "StepRun",
+    "StepState",
+    "Workflow",
+    "WorkflowEngine",
+    "WorkflowEvent",
+    "WorkflowOptions",
+    "WorkflowState",
+]

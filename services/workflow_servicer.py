@@ -1,0 +1,285 @@
+"""The workflow RPCs of OrchestratorService: translate kernelmesh.v1
+messages to the core workflow engine and back. The node and API-key RPCs of
+the same service live in their own modules; services/server.py composes them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+from google.protobuf import json_format
+
+from kernelmesh.core import ops
+from kernelmesh.core.devices import DeviceKind
+from kernelmesh.core.errors import InvalidArgument, NotFound, Violation
+from kernelmesh.core.workflows import (
+    SpecError,
+    StepState,
+    Workflow,
+    WorkflowEngine,
+    WorkflowEvent,
+    WorkflowState,
+    spec_from_dict,
+    spec_to_dict,
+)
+from kernelmesh.core.workflows.spec import MAX_STEPS
+from kernelmesh.services import convert
+from kernelmesh.services.context import tenant_of
+from kernelmesh.services.status import rpc, stream_rpc
+from kernelmesh.services.task_servicer import MAX_REQUEST_ID, retry_from_proto
+from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, task_pb2, tensor_pb2
+
+
+class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, workflows: WorkflowEngine, limits: ops.Limits) -> None:
+        self.workflows = workflows
+        self.limits = limits
+
+    @rpc
+    async def SubmitWorkflow(self, request, context):
+        """Validates the whole workflow, commits it to the store, then replies;
+        request_id makes a retry return the first workflow."""
+        tenant = tenant_of(context)
+        if len(request.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument([Violation("request_id", f"at most {MAX_REQUEST_ID} characters")])
+        if len(request.steps) > MAX_STEPS:  # refused before any step is decoded
+            raise InvalidArgument(
+                [Violation("steps", f"{len(request.steps)} steps; at most {MAX_STEPS}")]
+            )
+        try:
+            spec = spec_from_dict(spec_dict_from_proto(request, self.limits))
+        except SpecError as exc:
+            raise InvalidArgument(exc.violations) from None
+        fingerprint = ""
+        if request.request_id:
+            body = orchestrator_pb2.SubmitWorkflowRequest()
+            body.CopyFrom(request)
+            body.request_id = ""
+            fingerprint = hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+        wf = await self.workflows.submit(
+            spec, tenant=tenant, request_id=request.request_id, fingerprint=fingerprint
+        )
+        return orchestrator_pb2.SubmitWorkflowResponse(workflow=self._proto(wf))
+
+    @rpc
+    async def GetWorkflow(self, request, context):
+        wf = self.workflows.get(_name(request.name), tenant=tenant_of(context))
+        return orchestrator_pb2.GetWorkflowResponse(workflow=self._proto(wf))
+
+    @stream_rpc
+    async def WatchWorkflow(self, request, context) -> AsyncIterator:
+        name = _name(request.name)
+        async for event in self.workflows.watch(name, tenant=tenant_of(context)):
+            yield self._event(event)
+
+    @rpc
+    async def CancelWorkflow(self, request, context):
+        wf = self.workflows.cancel(_name(request.name), tenant=tenant_of(context))
+        return orchestrator_pb2.CancelWorkflowResponse(workflow=self._proto(wf))
+
+    @rpc
+    async def ListWorkflows(self, request, context):
+        state = WorkflowState(request.state) if request.state else None
+        page, token = self.workflows.list(
+            tenant=tenant_of(context),
+            state=state,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return orchestrator_pb2.ListWorkflowsResponse(
+            workflows=[self._proto(wf) for wf in page], next_page_token=token
+        )
+
+    # -- translation ------------------------------------------------------------
+
+    def _ref(self, name: str, tenant: str):
+        try:
+            return convert.ref_to_proto(self.workflows.tasks.store.get(name, tenant=tenant))
+        except NotFound:  # deleted since: the name is still worth showing
+            return tensor_pb2.TensorRef(name=name)
+
+    def _proto(self, wf: Workflow) -> orchestrator_pb2.Workflow:
+        msg = orchestrator_pb2.Workflow(
+            name=wf.name,
+            state=int(wf.state),
+            tenant=wf.tenant,
+            request_id=wf.request_id or "",
+        )
+        msg.steps.extend(steps_to_proto(spec_to_dict(wf.spec)["steps"]))
+        for name, tensor in wf.spec.inputs.items():
+            msg.inputs[name].CopyFrom(self._ref(str(tensor), wf.tenant))
+        for step in wf.steps.values():
+            status = msg.step_statuses.add(
+                id=step.id, state=int(step.state), task=step.task, attempt=step.attempt
+            )
+            if step.task:
+                msg.step_tasks[step.id] = step.task
+            _timestamp(status.start_time, step.start_time)
+            _timestamp(status.end_time, step.end_time)
+            if step.error is not None:
+                status.error.code = int(step.error.code)
+                status.error.message = step.error.message
+            status.outputs.extend(self._ref(n, wf.tenant) for n in step.outputs)
+            if step.text is not None:
+                status.text = step.text
+        if wf.error is not None:
+            msg.error.code = int(wf.error.code)
+            msg.error.message = wf.error.message
+        _timestamp(msg.create_time, wf.create_time)
+        _timestamp(msg.end_time, wf.end_time)
+        return msg
+
+    def _event(self, event: WorkflowEvent) -> orchestrator_pb2.WatchWorkflowResponse:
+        msg = orchestrator_pb2.WatchWorkflowResponse(
+            step=event.step, state=int(event.state), message=event.message
+        )
+        if event.step_state is not None:
+            msg.step_state = int(event.step_state)
+        _timestamp(msg.time, event.time)
+        if event.duration is not None:
+            msg.step_duration.FromNanoseconds(int(event.duration * 1e9))
+        if not event.step:  # the first message and the workflow's own transitions
+            msg.workflow.CopyFrom(self._proto(event.workflow))
+        return msg
+
+
+def spec_dict_from_proto(
+    request: orchestrator_pb2.SubmitWorkflowRequest, limits: ops.Limits
+) -> dict[str, object]:
+    """The request in the dict shape `spec_from_dict` reads (the YAML shape)."""
+    violations: list[Violation] = []
+    steps: list[dict[str, object]] = []
+    for i, step in enumerate(request.steps):
+        where = f"steps[{i}]"
+        item: dict[str, object] = {
+            "id": step.id,
+            "depends_on": list(step.depends_on),
+            "continue_on_failure": step.continue_on_failure,
+        }
+        action = step.WhichOneof("action")
+        if action == "task":
+            item["task"] = _task_dict(step.task, f"{where}.task", limits, violations)
+            policy = step.retry_policy if step.HasField("retry_policy") else None
+            if policy is None and step.task.HasField("retry_policy"):
+                policy = step.task.retry_policy
+        elif action == "llm":
+            item["llm"] = _integral(json_format.MessageToDict(step.llm))
+            policy = step.retry_policy if step.HasField("retry_policy") else None
+        else:
+            item["task"] = None  # spec_from_dict names it
+            policy = None
+        if policy is not None:
+            try:
+                item["retry_policy"] = retry_from_proto(task_pb2.TaskSpec(retry_policy=policy))
+            except InvalidArgument as exc:
+                violations.extend(
+                    Violation(
+                        v.field.replace("task.retry_policy", f"{where}.retry_policy"), v.description
+                    )
+                    for v in exc.violations
+                )
+        if step.HasField("timeout"):
+            item["timeout"] = step.timeout.ToNanoseconds() / 1e9
+        steps.append(item)
+    inputs: dict[str, object] = {}
+    for name, arg in request.inputs.items():
+        inputs[name] = _tensor_arg(arg, f"inputs[{name}]", limits, violations)
+    if violations:
+        raise InvalidArgument(violations)
+    return {"steps": steps, "inputs": inputs}
+
+
+def _task_dict(msg, where: str, limits: ops.Limits, violations: list[Violation]) -> dict:
+    selector = convert.selector_from_proto(msg.device)
+    device: dict[str, str] = {}
+    if selector.kind is not None:
+        device["kind"] = selector.kind.value
+    if selector.name:
+        device["name"] = selector.name
+    return {
+        "op": msg.op,
+        "inputs": [
+            _tensor_arg(arg, f"{where}.inputs[{j}]", limits, violations)
+            for j, arg in enumerate(msg.inputs)
+        ],
+        "params": convert.params_from_proto(msg.params),
+        "device": device,
+        "priority": msg.priority,
+    }
+
+
+def _tensor_arg(arg, where: str, limits: ops.Limits, violations: list[Violation]) -> object:
+    source = arg.WhichOneof("source")
+    if source == "ref":
+        return arg.ref
+    if source == "tensor":
+        try:
+            return convert.tensor_from_proto(arg.tensor, f"{where}.tensor", limits)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+            return ""
+    violations.append(Violation(where, "set either tensor or ref"))
+    return ""
+
+
+def _integral(value: object) -> object:
+    """Struct numbers are doubles: 64.0 means the integer 64 here."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def steps_to_proto(steps: list) -> list[orchestrator_pb2.WorkflowStep]:
+    out = []
+    for step in steps:
+        msg = orchestrator_pb2.WorkflowStep(
+            id=step["id"],
+            depends_on=step["depends_on"],
+            continue_on_failure=step.get("continue_on_failure", False),
+        )
+        if "task" in step:
+            task = step["task"]
+            msg.task.op = task["op"]
+            for name in task["inputs"]:
+                msg.task.inputs.add(ref=name)
+            if task["params"]:
+                msg.task.params.update(task["params"])
+            device = task.get("device") or {}
+            if device.get("kind"):
+                msg.task.device.kind = convert.KIND_TO_PROTO[DeviceKind(device["kind"])]
+            msg.task.device.name = device.get("name", "")
+            msg.task.priority = task.get("priority", 0)
+        else:
+            msg.llm.update(step["llm"])
+        if "timeout" in step:
+            msg.timeout.FromNanoseconds(int(step["timeout"] * 1e9))
+        retry = step.get("retry_policy")
+        if retry:
+            policy = msg.retry_policy
+            policy.initial_interval.FromNanoseconds(int(retry["initial_interval"] * 1e9))
+            policy.backoff_coefficient = retry["backoff_coefficient"]
+            if retry.get("maximum_interval") is not None:
+                policy.maximum_interval.FromNanoseconds(int(retry["maximum_interval"] * 1e9))
+            policy.maximum_attempts = retry["maximum_attempts"]
+        out.append(msg)
+    return out
+
+
+def _timestamp(target, seconds: float | None) -> None:
+    if seconds is not None:
+        target.seconds, target.nanos = divmod(int(seconds * 1e9), 1_000_000_000)
+
+
+def _name(name: str) -> str:
+    if not name:
+        raise InvalidArgument(
+            [Violation("name", "required: the workflow's name, e.g. workflows/0123abcd")]
+        )
+    return name
+
+
+__all__ = ["StepState", "WorkflowServicer", "spec_dict_from_proto"]

@@ -1,0 +1,401 @@
+"""Workflows in core, without gRPC: validation, DAG order, parallelism,
+substitution, failure handling, cancellation, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from kernelmesh.core import devices
+from kernelmesh.core.errors import Code, FailedPrecondition, InvalidArgument, NotFound
+from kernelmesh.core.store.sqlite import SqliteStore
+from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
+from kernelmesh.core.tensor_store import TensorStore
+from kernelmesh.core.workflows import (
+    SpecError,
+    StepState,
+    WorkflowEngine,
+    WorkflowState,
+    spec_from_dict,
+)
+from kernelmesh.core.workflows.spec import MAX_STEPS
+
+
+async def _engine(journal=None, llm=None):
+    tasks = TaskManager(
+        devices.discover("test"),
+        TensorStore(64 << 20),
+        TaskManagerOptions(workers_per_device=2),
+        journal=journal,
+    )
+    await tasks.start()
+    if journal is not None:
+        await tasks.recover()
+    engine = WorkflowEngine(tasks, llm, journal=journal)
+    await engine.recover()
+    return tasks, engine
+
+
+@pytest.fixture
+async def engine():
+    tasks, eng = await _engine()
+    try:
+        yield eng
+    finally:
+        await eng.shutdown()
+        await tasks.shutdown(grace=2.0)
+
+
+def task(op, *inputs, **params):
+    return {"op": op, "inputs": list(inputs), "params": params}
+
+
+async def finished(engine, spec, **kw):
+    wf = await engine.submit(spec_from_dict(spec), tenant=kw.pop("tenant", "default"), **kw)
+    await asyncio.wait_for(wf.wait(), 30)
+    return wf
+
+
+def output(engine, wf, step, index=0):
+    return engine.tasks.store.get(wf.steps[step].outputs[index], tenant=wf.tenant).array
+
+
+async def test_chain_substitutes_outputs_and_inputs(engine):
+    x = np.arange(-3, 3, dtype=np.float32)
+    wf = await finished(
+        engine,
+        {
+            "inputs": {"x": x},
+            "steps": [
+                {"id": "neg", "task": task("relu", "${inputs.x}")},
+                {"id": "sum", "task": task("add", "${neg.outputs[0]}", "${inputs.x}")},
+            ],
+        },
+    )
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    np.testing.assert_allclose(output(engine, wf, "sum"), np.maximum(x, 0) + x)
+    assert wf.plan.deps["sum"] == ("neg",), "a reference implies the dependency"
+
+
+async def test_independent_steps_run_in_parallel_and_dependants_after(engine):
+    a = np.ones((300, 300), np.float64)
+    steps = [{"id": f"m{i}", "task": task("matmul", a, a)} for i in range(4)]
+    steps.append(
+        {
+            "id": "join",
+            "depends_on": [f"m{i}" for i in range(4)],
+            "task": task("add", "${m0.outputs[0]}", "${m1.outputs[0]}"),
+        }
+    )
+    wf = await finished(engine, {"steps": steps})
+    assert wf.state is WorkflowState.SUCCEEDED
+    runs = [wf.steps[f"m{i}"] for i in range(4)]
+    # every fan-out step started before any of them ended: they ran at once
+    assert max(r.start_time for r in runs) <= min(r.end_time for r in runs)
+    assert wf.steps["join"].start_time >= max(r.end_time for r in runs)
+
+
+async def test_failure_fails_workflow_and_cancels_the_rest(engine):
+    wf = await finished(
+        engine,
+        {
+            "steps": [
+                {
+                    "id": "bad",
+                    "task": task("relu", np.ones(2, np.float32)),
+                    "timeout": 1e-9,
+                },
+                {"id": "after", "task": task("relu", "${bad.outputs[0]}")},
+            ]
+        },
+    )
+    assert wf.state is WorkflowState.FAILED
+    assert wf.steps["bad"].state is StepState.FAILED
+    assert wf.steps["bad"].error.code == Code.DEADLINE_EXCEEDED
+    assert wf.steps["after"].state is StepState.CANCELLED
+    assert "bad" in wf.error.message
+
+
+async def test_continue_on_failure_skips_only_dependants(engine):
+    wf = await finished(
+        engine,
+        {
+            "steps": [
+                {
+                    "id": "bad",
+                    "task": task("relu", np.ones(2, np.float32)),
+                    "timeout": 1e-9,
+                    "continue_on_failure": True,
+                },
+                {"id": "child", "task": task("relu", "${bad.outputs[0]}")},
+                {"id": "grandchild", "task": task("relu", "${child.outputs[0]}")},
+                {"id": "other", "task": task("relu", np.ones(2, np.float32))},
+            ]
+        },
+    )
+    assert wf.state is WorkflowState.SUCCEEDED
+    assert wf.steps["bad"].state is StepState.FAILED
+    assert wf.steps["child"].state is StepState.SKIPPED
+    assert wf.steps["grandchild"].state is StepState.SKIPPED
+    assert wf.steps["other"].state is StepState.SUCCEEDED
+
+
+def violations(exc_info) -> dict[str, str]:
+    return {v.field: v.description for v in exc_info.value.violations}
+
+
+async def test_validation_names_each_problem(engine):
+    spec = spec_from_dict(
+        {
+            "steps": [
+                {"id": "a", "depends_on": ["a"], "task": task("relu", np.ones(2, np.float32))},
+                {"id": "b", "depends_on": ["nope"], "task": task("relu", "${ghost.outputs[0]}")},
+                {"id": "c", "task": task("relu", "${inputs.missing}")},
+            ]
+        }
+    )
+    with pytest.raises(InvalidArgument) as info:
+        await engine.submit(spec, tenant="default")
+    found = violations(info)
+    assert "itself" in found["steps[0].depends_on[0]"]
+    assert "nope" in found["steps[1].depends_on[0]"]
+    assert "ghost" in found["steps[1].task.inputs[0].ref"]
+    assert "missing" in found["steps[2].task.inputs[0].ref"]
+    assert engine.list(tenant="default")[0] == [], "nothing was recorded"
+
+
+async def test_cycle_is_named(engine):
+    spec = spec_from_dict(
+        {
+            "steps": [
+                {"id": "a", "depends_on": ["c"], "task": task("relu", np.ones(2, np.float32))},
+                {"id": "b", "depends_on": ["a"], "task": task("relu", np.ones(2, np.float32))},
+                {"id": "c", "depends_on": ["b"], "task": task("relu", np.ones(2, np.float32))},
+            ]
+        }
+    )
+    with pytest.raises(InvalidArgument) as info:
+        await engine.submit(spec, tenant="default")
+    (description,) = violations(info).values()
+    assert description.startswith("cycle: ")
+    cycle = description.removeprefix("cycle: ").split(" -> ")
+    assert cycle[0] == cycle[-1] and sorted(cycle[:-1]) == ["a", "b", "c"]
+
+
+async def test_type_mismatches_found_downstream(engine):
+    f32 = np.ones((2, 3), np.float32)
+    f64 = np.ones((3, 2), np.float64)
+    spec = spec_from_dict(
+        {
+            "steps": [
+                {"id": "t", "task": task("transpose", f32)},
+                # float32 (3, 2) from t against float64: a dtype mismatch two steps on
+                {"id": "sum", "task": task("add", "${t.outputs[0]}", f64)},
+                {"id": "txt", "task": task("relu", "${t.text}")},
+                {"id": "idx", "task": task("relu", "${t.outputs[3]}")},
+            ]
+        }
+    )
+    with pytest.raises(InvalidArgument) as info:
+        await engine.submit(spec, tenant="default")
+    found = violations(info)
+    assert any(k.startswith("steps[1].task.inputs") for k in found), found
+    assert "tensor is needed" in found["steps[2].task.inputs[0].ref"]
+    assert "1 output" in found["steps[3].task.inputs[0].ref"]
+
+
+async def test_op_refused_by_every_device_is_failed_precondition(engine):
+    spec = spec_from_dict(
+        {
+            "steps": [
+                {
+                    "id": "gpu",
+                    "task": {**task("relu", np.ones(2, np.float32)), "device": {"kind": "metal"}},
+                }
+            ]
+        }
+    )
+    if any(d.info.kind is devices.DeviceKind.METAL for d in engine.tasks.devices):
+        pytest.skip("this machine has a Metal device")
+    with pytest.raises(FailedPrecondition):
+        await engine.submit(spec, tenant="default")
+
+
+def test_too_many_steps_is_refused_before_parsing_them():
+    steps = [{"id": f"s{i}"} for i in range(10_000)]
+    with pytest.raises(SpecError) as info:
+        spec_from_dict({"steps": steps})
+    assert [v.field for v in info.value.violations] == ["steps"]
+    assert str(MAX_STEPS) in info.value.violations[0].description
+
+
+async def test_request_id_returns_the_first_workflow(engine):
+    spec = spec_from_dict({"steps": [{"id": "a", "task": task("relu", np.ones(2, np.float32))}]})
+    first = await engine.submit(spec, tenant="default", request_id="r1", fingerprint="f")
+    again = await engine.submit(spec, tenant="default", request_id="r1", fingerprint="f")
+    assert again is first
+    with pytest.raises(InvalidArgument):
+        await engine.submit(spec, tenant="default", request_id="r1", fingerprint="other")
+    other = await engine.submit(spec, tenant="other", request_id="r1", fingerprint="f")
+    assert other is not first
+
+
+async def test_tenants_see_only_their_workflows(engine):
+    spec = spec_from_dict({"steps": [{"id": "a", "task": task("relu", np.ones(2, np.float32))}]})
+    wf = await engine.submit(spec, tenant="alice")
+    with pytest.raises(NotFound):
+        engine.get(wf.name, tenant="bob")
+    assert engine.list(tenant="bob")[0] == []
+    assert engine.list(tenant="alice")[0] == [wf]
+
+
+async def test_list_pages_and_filters_by_state(engine):
+    spec = {"steps": [{"id": "a", "task": task("relu", np.ones(2, np.float32))}]}
+    made = [await finished(engine, spec) for _ in range(3)]
+    page, token = engine.list(tenant="default", page_size=2)
+    assert page == [made[2], made[1]] and token
+    rest, token = engine.list(tenant="default", page_size=2, page_token=token)
+    assert rest == [made[0]] and token == ""
+    assert engine.list(tenant="default", state=WorkflowState.FAILED)[0] == []
+
+
+async def test_cancel_cancels_running_steps(engine):
+    a = np.ones((1000, 1000), np.float64)
+    spec = spec_from_dict(
+        {
+            "inputs": {"a": a},
+            "steps": [
+                {"id": f"m{i}", "task": task("matmul", "${inputs.a}", "${inputs.a}")}
+                for i in range(6)
+            ]
+            + [{"id": "after", "depends_on": ["m0"], "task": task("relu", np.ones(2, np.float32))}],
+        }
+    )
+    wf = await engine.submit(spec, tenant="default")
+    deadline = time.monotonic() + 20
+    while not any(s.state is StepState.RUNNING for s in wf.steps.values()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    engine.cancel(wf.name, tenant="default")
+    assert wf.state is WorkflowState.CANCELLED
+    assert wf.steps["after"].state is StepState.CANCELLED
+    for step in wf.steps.values():
+        if step.task:
+            assert engine.tasks.get(step.task, tenant="default").state.terminal
+
+
+async def test_watch_streams_step_transitions_with_timings(engine):
+    spec = spec_from_dict(
+        {
+            "steps": [
+                {"id": "a", "task": task("relu", np.ones(2, np.float32))},
+                {"id": "b", "task": task("relu", "${a.outputs[0]}")},
+            ]
+        }
+    )
+    wf = await engine.submit(spec, tenant="default")
+    events = [e async for e in engine.watch(wf.name, tenant="default")]
+    assert events[-1].state is WorkflowState.SUCCEEDED and events[-1].step == ""
+    ended = [e for e in events if e.step and e.step_state is StepState.SUCCEEDED]
+    # a watcher that joins late sees the rest; those it sees come in order
+    assert [e.step for e in ended] == [s for s in ("a", "b") if s in {e.step for e in ended}]
+    assert all(e.duration is not None and e.duration >= 0 for e in ended)
+
+
+async def test_resumes_from_finished_steps_after_restart(tmp_path):
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    x = np.arange(4, dtype=np.float32)
+    spec = spec_from_dict(
+        {
+            "inputs": {"x": x},
+            "steps": [
+                {"id": "first", "task": task("relu", "${inputs.x}")},
+                {"id": "second", "task": task("add", "${first.outputs[0]}", "${inputs.x}")},
+            ],
+        }
+    )
+    wf = await engine.submit(spec, tenant="default")
+    await asyncio.wait_for(wf.wait(), 30)
+    first_task = wf.steps["first"].task
+    # Pretend the process died after "first" finished: rewrite the rows as they
+    # would stand then ("second" never started, the workflow RUNNING).
+    from kernelmesh.core.store.workflow_records import PutWorkflowStep, UpdateWorkflow
+    from kernelmesh.core.workflows.engine import _step_record
+
+    second = wf.steps["second"]
+    second.state, second.task, second.start_time, second.end_time = (
+        StepState.PENDING,
+        "",
+        None,
+        None,
+    )
+    second.outputs = []
+    await store.write(
+        PutWorkflowStep(_step_record(wf, second)),
+        UpdateWorkflow(wf.id, {"state": 1, "end_time": None}),
+        wait=True,
+    )
+    await engine.shutdown()
+    await tasks.shutdown(grace=1.0)
+    await store.close()
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        back = engine.get(wf.name, tenant="default")
+        await asyncio.wait_for(back.wait(), 30)
+        assert back.state is WorkflowState.SUCCEEDED
+        assert back.steps["first"].task == first_task, "the finished step did not run again"
+        runs = [t for t in tasks.list(tenant="default")[0] if t.labels.get("step") == "first"]
+        assert len(runs) == 1
+        np.testing.assert_allclose(output(engine, back, "second"), np.maximum(x, 0) + x)
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+async def test_a_step_that_failed_before_the_crash_fails_the_resumed_workflow(tmp_path):
+    from kernelmesh.core.store.workflow_records import PutWorkflowStep
+    from kernelmesh.core.tasks import TaskFailure
+    from kernelmesh.core.workflows.engine import _step_record
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    a = np.ones((800, 800), np.float64)
+    spec = spec_from_dict(
+        {
+            "inputs": {"a": a},
+            "steps": [
+                {"id": "bad", "task": task("matmul", "${inputs.a}", "${inputs.a}")},
+                {"id": "after", "task": task("relu", "${bad.outputs[0]}")},
+            ],
+        }
+    )
+    wf = await engine.submit(spec, tenant="default")
+    await engine.shutdown()  # the process stops with the workflow running
+    bad = wf.steps["bad"]
+    bad.state, bad.error = StepState.FAILED, TaskFailure(Code.INTERNAL, "boom")
+    await store.write(PutWorkflowStep(_step_record(wf, bad)), wait=True)
+    await tasks.shutdown(grace=5.0)
+    await store.close()
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        back = engine.get(wf.name, tenant="default")
+        await asyncio.wait_for(back.wait(), 30)
+        assert back.state is WorkflowState.FAILED and "boom" in back.error.message
+        assert back.steps["after"].state is StepState.CANCELLED
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()

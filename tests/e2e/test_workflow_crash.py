@@ -1,0 +1,80 @@
+"""kill -9 of a real `kernelmesh serve` mid-workflow, restarted on the same
+state: the workflow completes, and every step ran exactly once."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from kernelmesh.clients import Client
+from kernelmesh.clients.workflow_types import StepState, WorkflowState
+from kernelmesh.v1 import task_pb2, task_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+N = 700  # the matmul size: a step takes a good fraction of a second on a loaded CPU
+CHAIN = 6
+
+
+def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, tmp_path: Path):
+    args = ["--state-dir", str(tmp_path / "state"), "--no-warmup"]
+    a = np.random.default_rng(0).standard_normal((N, N)).astype(np.float32) / N
+    steps = [{"id": "s0", "task": {"op": "matmul", "inputs": ["${inputs.a}", "${inputs.a}"]}}]
+    for i in range(1, CHAIN):
+        steps.append(
+            {
+                "id": f"s{i}",
+                "task": {"op": "matmul", "inputs": [f"${{s{i - 1}.outputs[0]}}", "${inputs.a}"]},
+            }
+        )
+    proc = serve_tools.start_serve(tmp_path, *args)
+    try:
+        with Client(proc.target, timeout=30) as km:
+            info = km.workflows.submit({"steps": steps}, {"a": a}, request_id="crash-1")
+            deadline = time.monotonic() + 120
+            while True:  # until some steps are done and some are not
+                now = km.workflows.get(info.name)
+                done = [s for s in now.steps if s.state is StepState.SUCCEEDED]
+                if 2 <= len(done) < CHAIN - 1:
+                    break
+                assert now.state is WorkflowState.RUNNING and time.monotonic() < deadline, now
+                time.sleep(0.02)
+        finished_before = {s.id: s.task for s in done}
+        proc.process.send_signal(signal.SIGKILL)
+        proc.process.wait(30)
+    finally:
+        if proc.process.poll() is None:
+            proc.process.kill()
+    proc = serve_tools.start_serve(tmp_path, *args)
+    try:
+        with Client(proc.target, timeout=30) as km:
+            again = km.workflows.submit({"steps": steps}, {"a": a}, request_id="crash-1")
+            assert again.name == info.name, "the retried submission finds the first workflow"
+            final = km.workflows.wait(info.name, timeout=120)
+            assert final.state is WorkflowState.SUCCEEDED, final
+            for step_id, task in finished_before.items():
+                assert final.step(step_id).task == task, f"{step_id} ran again"
+            tasks = [t for t in km.list_tasks() if t.labels.get("workflow") == info.name]
+            per_step: dict[str, int] = {}
+            for t in tasks:
+                per_step[t.labels["step"]] = per_step.get(t.labels["step"], 0) + 1
+            assert per_step == {f"s{i}": 1 for i in range(CHAIN)}, "one task per step"
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = task_pb2_grpc.TaskServiceStub(channel)
+            for t in tasks:
+                full = stub.GetTask(task_pb2.GetTaskRequest(name=t.name)).task
+                ran = [x for x in full.attempts if x.state == task_pb2.TASK_STATE_SUCCEEDED]
+                assert len(ran) == 1, full.attempts
+        with Client(proc.target, timeout=30) as km:
+            expected = a @ a
+            for _ in range(1, CHAIN):
+                expected = expected @ a
+            got = km.download(final.step(f"s{CHAIN - 1}").outputs[0])
+            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
+    finally:
+        serve_tools.stop_serve(proc)
