@@ -53,7 +53,9 @@ def list_workflows(
     state: WorkflowState | None, page_size: int
 ) -> Pages[o.ListWorkflowsRequest, o.ListWorkflowsResponse, WorkflowInfo]:
     def request(token: str) -> o.ListWorkflowsRequest:
-        return o.ListWorkflowsRequest(page_size=page_size, page_token=token, state=int(state or 0))
+        return o.ListWorkflowsRequest(
+            page_size=page_size, page_token=token, state=o.WorkflowState.Name(int(state or 0))
+        )
 
     return Pages(LIST, request, _page)
 

@@ -8,13 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from kernelmesh.clients import tensors
 from kernelmesh.clients.types import TensorRef
-from kernelmesh.v1 import device_pb2, orchestrator_pb2
+from kernelmesh.v1 import device_pb2, orchestrator_pb2, tensor_pb2
 
 
 class WorkflowState(IntEnum):
@@ -41,7 +44,7 @@ class StepState(IntEnum):
         return self >= StepState.SUCCEEDED
 
 
-def _seconds(ts) -> float | None:
+def _seconds(ts: Timestamp) -> float | None:
     return ts.seconds + ts.nanos / 1e9 if ts.seconds or ts.nanos else None
 
 
@@ -151,11 +154,11 @@ def load_spec(source: str | Path | Mapping[str, object]) -> Mapping[str, object]
     return data
 
 
-def _seconds_to(duration, seconds: float) -> None:
+def _seconds_to(duration: Duration, seconds: float) -> None:
     duration.FromNanoseconds(int(float(seconds) * 1e9))
 
 
-def _arg(arg, item: object) -> None:
+def _arg(arg: tensor_pb2.TensorArg, item: object) -> None:
     if isinstance(item, TensorRef):
         arg.ref = item.name
     elif isinstance(item, str):
@@ -164,7 +167,7 @@ def _arg(arg, item: object) -> None:
         arg.tensor.CopyFrom(tensors.to_proto(np.asarray(item)))
 
 
-def step_to_proto(step: Mapping[str, object]) -> orchestrator_pb2.WorkflowStep:
+def step_to_proto(step: Mapping[str, Any]) -> orchestrator_pb2.WorkflowStep:
     msg = orchestrator_pb2.WorkflowStep(
         id=str(step.get("id", "")),
         depends_on=[str(d) for d in step.get("depends_on") or []],
@@ -177,11 +180,10 @@ def step_to_proto(step: Mapping[str, object]) -> orchestrator_pb2.WorkflowStep:
             _arg(msg.task.inputs.add(), item)
         if task.get("params"):
             msg.task.params.update(dict(task["params"]))
-        device = task.get("device") or {}
-        if isinstance(device, str):
-            device = {"name": device}
+        given = task.get("device") or {}
+        device: Mapping[str, Any] = {"name": given} if isinstance(given, str) else given
         if device.get("kind"):
-            msg.task.device.kind = device_pb2.DeviceKind.Value(
+            msg.task.device.kind = device_pb2.DeviceKind.Value(  # type: ignore[assignment]
                 f"DEVICE_KIND_{str(device['kind']).upper()}"
             )
         msg.task.device.name = str(device.get("name") or "")
@@ -205,8 +207,8 @@ def step_to_proto(step: Mapping[str, object]) -> orchestrator_pb2.WorkflowStep:
 
 
 def submit_request(
-    spec: Mapping[str, object],
-    inputs: Mapping[str, object] | None,
+    spec: Mapping[str, Any],
+    inputs: Mapping[str, Any] | None,
     request_id: str,
 ) -> orchestrator_pb2.SubmitWorkflowRequest:
     request = orchestrator_pb2.SubmitWorkflowRequest(request_id=request_id)
