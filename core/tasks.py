@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 import numpy as np
 from cachetools import LRUCache
@@ -152,6 +153,8 @@ class Task:
     retry: RetryPolicy = DEFAULT_RETRY
     attempt: int = 0
     attempts: list[Attempt] = field(default_factory=list)
+    # The submitter's W3C traceparent, kept in the store; "" when not traced.
+    trace_context: str = ""
     _retry_handle: asyncio.TimerHandle | None = None
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
@@ -203,6 +206,17 @@ class TaskManagerOptions:
     retention_seconds: float = 7 * 24 * 3600.0
 
 
+class TaskTracing(Protocol):
+    """Traces submitted tasks (services/tracing.py); absent when tracing is off."""
+
+    def capture(self) -> str: ...
+
+    def run(self, task: Task) -> contextlib.AbstractContextManager[None]: ...
+
+
+_UNTRACED = contextlib.nullcontext()
+
+
 class TaskManager:
     """Owns every task of this node, from submission to retention."""
 
@@ -212,8 +226,10 @@ class TaskManager:
         store: TensorStore,
         options: TaskManagerOptions | None = None,
         journal: Store | None = None,
+        tracing: TaskTracing | None = None,
     ) -> None:
         self.devices = list(devices)
+        self.tracing = tracing
         self.store = store
         # Where submitted tasks are journaled; None (or a store that keeps nothing
         # past the process): submitted tasks live in memory only, at no cost.
@@ -460,6 +476,7 @@ class TaskManager:
             fingerprint=record.fingerprint,
             attempt=record.attempt,
             attempts=attempts,
+            trace_context=record.trace_context,
         )
         if record.request_id:
             self._requests[(record.tenant, record.request_id)] = task
@@ -569,6 +586,8 @@ class TaskManager:
         task.request_id = request_id or None
         task.fingerprint = fingerprint or None
         task.retry = spec.retry or DEFAULT_RETRY
+        if self.tracing is not None:
+            task.trace_context = self.tracing.capture()
         if request_id:
             self._requests[(spec.tenant, request_id)] = task
         if self.journal is not None:
@@ -633,6 +652,7 @@ class TaskManager:
             attempt=0,
             device=task.device_name,
             create_time=task.create_time,
+            trace_context=task.trace_context,
         )
 
     def _journal(self, *ops_: Op) -> None:
@@ -789,9 +809,10 @@ class TaskManager:
             device.task_started()
             began = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(
-                    self._pool, device.run, task.op, task.inputs, task.call.params
-                )
+                with self._traced(task):
+                    outputs = await loop.run_in_executor(
+                        self._pool, device.run, task.op, task.inputs, task.call.params
+                    )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
                 failure = _kernel_failure(task, exc)
@@ -804,6 +825,12 @@ class TaskManager:
                 self._fail(task, failure)
             else:
                 self._complete(task, outputs, time.perf_counter() - began)
+
+    def _traced(self, task: Task) -> contextlib.AbstractContextManager[None]:
+        """The attempt's span, in its submitter's trace (nothing when untraced)."""
+        if self.tracing is None or not task.trace_context:
+            return _UNTRACED
+        return self.tracing.run(task)
 
     def _run_inline(self, task: Task) -> None:
         self._start(task)

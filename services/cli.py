@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import click
@@ -53,6 +52,13 @@ from kernelmesh.core import config as config_module
 @click.option("--grace", type=float, default=None, help="Seconds to drain on SIGTERM (default 30).")
 @click.option("--no-warmup", is_flag=True, help="Compile kernels on first use, not at start.")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with the trace and span ids of the call being handled.",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -66,13 +72,14 @@ def serve(
     grace: float | None,
     no_warmup: bool,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the all-in-one server: every service on one port, every device found."""
+    from kernelmesh.services import logging_setup, tracing
     from kernelmesh.services.server import serve as run_server
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging_setup.configure(log_level, "json" if log_format == "json" else "text")
+    tracing.configure("kernelmesh")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
     try:
         cfg = config_module.load(
             config_path,

@@ -22,7 +22,7 @@ from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.native import compile_cache
-from kernelmesh.services import dashboard, openai_facade, sidecar
+from kernelmesh.services import dashboard, openai_facade, sidecar, tracing
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.llm_servicer import LLMServicer
@@ -81,6 +81,7 @@ class Server:
                 retention_seconds=config.retention_seconds,
             ),
             journal=self.state,
+            tracing=tracing.task_tracing(),
         )
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
@@ -108,7 +109,11 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         # Per-RPC metrics (grpc_server_*): outermost, so they see every call's final code.
-        server = grpc.aio.server(options=options, interceptors=[RpcMetricsInterceptor()])
+        # Then the server spans, when tracing is on (services/tracing.py).
+        server = grpc.aio.server(
+            options=options,
+            interceptors=[RpcMetricsInterceptor(), *tracing.server_interceptors()],
+        )
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(self.tasks, cfg.limits), server
         )
