@@ -153,7 +153,8 @@ class Task:
     retry: RetryPolicy = DEFAULT_RETRY
     attempt: int = 0
     attempts: list[Attempt] = field(default_factory=list)
-    # The submitter's W3C traceparent, kept in the store; "" when not traced.
+    # W3C trace context of the submitting call (a JSON object of carrier headers),
+    # kept in the store; "" when not traced.
     trace_context: str = ""
     _retry_handle: asyncio.TimerHandle | None = None
     _watchers: list[asyncio.Queue] = field(default_factory=list)

@@ -14,6 +14,7 @@ restart."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -32,8 +33,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from kernelmesh.core.tasks import Task
 
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-_TRACEPARENT = "traceparent"
-# W3C Trace Context whatever OTEL_PROPAGATORS says: the store's column holds a traceparent.
+# W3C Trace Context whatever OTEL_PROPAGATORS says: the store's column holds its
+# headers (traceparent, and tracestate when there is one) as a JSON object.
 _W3C = TraceContextTextMapPropagator()
 
 
@@ -101,16 +102,16 @@ class TaskTracing:
 
     @staticmethod
     def capture() -> str:
-        """The current span's W3C traceparent ("" outside any trace)."""
+        """The current span's W3C headers as a JSON object ("" outside any trace)."""
         carrier: dict[str, str] = {}
         _W3C.inject(carrier)
-        return carrier.get(_TRACEPARENT, "")
+        return json.dumps(carrier, separators=(",", ":")) if carrier else ""
 
     @contextlib.contextmanager
     def run(self, task: Task) -> Iterator[None]:
         """A span for one attempt's run, a child of the submitter's span; current
         while the attempt runs, so calls it makes (to a node) continue the trace."""
-        parent = _W3C.extract({_TRACEPARENT: task.trace_context})
+        parent = _W3C.extract(_headers(task.trace_context))
         with self._tracer.start_as_current_span(
             f"task.run {task.op}",
             context=parent,
@@ -123,6 +124,15 @@ class TaskTracing:
             },
         ):
             yield
+
+
+def _headers(stored: str) -> dict[str, str]:
+    """The stored headers; none (a new trace) when the column holds something else."""
+    try:
+        headers = json.loads(stored)
+    except ValueError:
+        return {}
+    return headers if isinstance(headers, dict) else {}
 
 
 def task_tracing() -> TaskTracing | None:

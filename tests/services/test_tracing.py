@@ -5,8 +5,10 @@ with no tracer provider nothing is intercepted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -109,7 +111,8 @@ async def test_a_submitted_tasks_run_is_a_span_of_the_submitters_trace(
     assert run.attributes["kernelmesh.task.name"] == handle.name
     # Kept with the task, as the store keeps it.
     task = server.tasks.get(handle.name, tenant="default")
-    assert task.trace_context.split("-")[1] == format(trace_id, "032x")
+    headers = json.loads(task.trace_context)
+    assert headers["traceparent"].split("-")[1] == format(trace_id, "032x")
 
 
 async def test_health_checks_make_no_spans(spans, server_config, start_server):
@@ -191,3 +194,17 @@ async def test_a_queued_task_keeps_its_trace_across_a_restart(tmp_path: Path):
         await mgr.shutdown(grace=5.0)
         await store.close()
         provider.shutdown()
+
+
+@pytest.mark.parametrize("stored", ["not json", '["a list"]', '{"traceparent": "00-bad"}'])
+def test_a_stored_context_that_cannot_be_read_starts_a_new_trace(stored):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    task = SimpleNamespace(
+        trace_context=stored, op="relu", name="tasks/x", attempt=1, device_name="cpu:0"
+    )
+    with tracing.TaskTracing(provider).run(task):
+        pass
+    [span] = exporter.get_finished_spans()
+    assert span.name == "task.run relu" and span.parent is None
