@@ -9,6 +9,7 @@ interceptor, no cost."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import grpc
@@ -17,9 +18,10 @@ import grpc
 def _tracing() -> bool:
     """Whether the application installed a tracer provider (the API's default
     proxy and no-op providers record nothing, so they are not worth a hop)."""
-    try:
-        from opentelemetry import trace
-    except ImportError:
+    # An application that installed a provider has imported the API; one that
+    # has not pays nothing here, not even the import.
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
         return False
     provider = trace.get_tracer_provider()
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
