@@ -28,6 +28,7 @@ from kernelmesh.clients.calls import (
 )
 from kernelmesh.clients.errors import CancelledError, rpc_errors
 from kernelmesh.clients.options import ClientOptions, channel_options, retry_policy
+from kernelmesh.clients.tracing import aio_interceptors, intercept
 
 
 class _Channel:
@@ -136,9 +137,10 @@ class Transport(_Channel):
     ) -> None:
         super().__init__(options, credentials)
         if self.credentials is None:
-            self.channel = grpc.insecure_channel(target, self.channel_options)
+            channel = grpc.insecure_channel(target, self.channel_options)
         else:
-            self.channel = grpc.secure_channel(target, self.credentials, self.channel_options)
+            channel = grpc.secure_channel(target, self.credentials, self.channel_options)
+        self.channel = intercept(channel)  # traced when the application traces
         self._retrying = Retrying(**retry_policy(options))
 
     def close(self) -> None:
@@ -237,10 +239,16 @@ class AsyncTransport(_Channel):
         self, target: str, options: ClientOptions, credentials: grpc.ChannelCredentials | None
     ) -> None:
         super().__init__(options, credentials)
+        # Traced when the application traces (see clients/tracing.py).
+        interceptors = aio_interceptors() or None
         if self.credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, self.channel_options)
+            self.channel = grpc.aio.insecure_channel(
+                target, self.channel_options, interceptors=interceptors
+            )
         else:
-            self.channel = grpc.aio.secure_channel(target, self.credentials, self.channel_options)
+            self.channel = grpc.aio.secure_channel(
+                target, self.credentials, self.channel_options, interceptors=interceptors
+            )
         self._retrying = AsyncRetrying(**retry_policy(options))
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 import numpy as np
 from cachetools import LRUCache
@@ -152,6 +153,9 @@ class Task:
     retry: RetryPolicy = DEFAULT_RETRY
     attempt: int = 0
     attempts: list[Attempt] = field(default_factory=list)
+    # W3C trace context of the submitting call (a JSON object of carrier headers),
+    # kept in the store; "" when not traced.
+    trace_context: str = ""
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
     _watchers: list[asyncio.Queue] = field(default_factory=list)
@@ -204,6 +208,17 @@ class TaskManagerOptions:
     retention_seconds: float = 7 * 24 * 3600.0
 
 
+class TaskTracing(Protocol):
+    """Traces submitted tasks (services/tracing.py); absent when tracing is off."""
+
+    def capture(self) -> str: ...
+
+    def run(self, task: Task) -> contextlib.AbstractContextManager[None]: ...
+
+
+_UNTRACED = contextlib.nullcontext()
+
+
 class TaskManager:
     """Owns every task of this node, from submission to retention."""
 
@@ -213,8 +228,10 @@ class TaskManager:
         store: TensorStore,
         options: TaskManagerOptions | None = None,
         journal: Store | None = None,
+        tracing: TaskTracing | None = None,
     ) -> None:
         self.devices = list(devices)
+        self.tracing = tracing
         self.store = store
         # Where submitted tasks are journaled; None (or a store that keeps nothing
         # past the process): submitted tasks live in memory only, at no cost.
@@ -463,6 +480,7 @@ class TaskManager:
             fingerprint=record.fingerprint,
             attempt=record.attempt,
             attempts=attempts,
+            trace_context=record.trace_context,
         )
         if record.request_id:
             self._requests[(record.tenant, record.request_id)] = task
@@ -579,6 +597,8 @@ class TaskManager:
         task.request_id = request_id or None
         task.fingerprint = fingerprint or None
         task.retry = spec.retry or DEFAULT_RETRY
+        if self.tracing is not None:
+            task.trace_context = self.tracing.capture()
         self._admit(task)  # before the commit: a refused task must not survive a restart
         if request_id:
             self._requests[(spec.tenant, request_id)] = task
@@ -645,6 +665,7 @@ class TaskManager:
             attempt=0,
             device=task.device_name,
             create_time=task.create_time,
+            trace_context=task.trace_context,
         )
 
     def _journal(self, *ops_: Op) -> None:
@@ -819,9 +840,10 @@ class TaskManager:
             device.task_started()
             began = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(
-                    self._pool, device.run, task.op, task.inputs, task.call.params
-                )
+                with self._traced(task):
+                    outputs = await loop.run_in_executor(
+                        self._pool, device.run, task.op, task.inputs, task.call.params
+                    )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
                 failure = _kernel_failure(task, exc)
@@ -834,6 +856,12 @@ class TaskManager:
                 self._fail(task, failure)
             else:
                 self._complete(task, outputs, time.perf_counter() - began)
+
+    def _traced(self, task: Task) -> contextlib.AbstractContextManager[None]:
+        """The attempt's span, in its submitter's trace (nothing when untraced)."""
+        if self.tracing is None or not task.trace_context:
+            return _UNTRACED
+        return self.tracing.run(task)
 
     def _run_inline(self, task: Task) -> None:
         self._start(task)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import click
@@ -80,6 +79,13 @@ from kernelmesh.core import config as config_module
 )
 @click.option("--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too.")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with the trace and span ids of the call being handled.",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -99,13 +105,14 @@ def serve(
     tls_client_ca: str | None,
     protect_metrics: bool,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the all-in-one server: every service on one port, every device found."""
+    from kernelmesh.services import logging_setup, tracing
     from kernelmesh.services.server import serve as run_server
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging_setup.configure(log_level, "json" if log_format == "json" else "text")
+    tracing.configure("kernelmesh")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
     try:
         cfg = config_module.load(
             config_path,
@@ -230,12 +237,11 @@ def warmup(backends: str | None, jobs: int | None, log_level: str) -> None:
     import time
 
     from kernelmesh.core import devices as device_discovery
+    from kernelmesh.services import logging_setup
 
     if jobs is not None:
         os.environ["KERNELMESH_COMPILE_JOBS"] = str(jobs)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging_setup.configure(log_level, "text")
     began = time.perf_counter()
     wanted = [b.strip() for b in backends.split(",")] if backends else None
     try:

@@ -28,7 +28,7 @@ from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.core.workflows import WorkflowEngine, WorkflowOptions
 from kernelmesh.native import compile_cache
-from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar
+from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar, tracing
 from kernelmesh.services.auth_interceptor import AuthInterceptor
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
@@ -134,6 +134,7 @@ class Server:
                 retention_seconds=config.retention_seconds,
             ),
             journal=self.state,
+            tracing=tracing.task_tracing(),
         )
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
@@ -164,9 +165,13 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         # Per-RPC metrics (grpc_server_*) outermost, so they see every call's final code,
-        # refusals by the key check included. The key check runs before a request is
-        # read; with auth off there is no auth interceptor at all.
-        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor()]
+        # refusals by the key check included; then the server spans when tracing is on
+        # (services/tracing.py). The key check runs before a request is read; with auth
+        # off there is no auth interceptor at all.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            RpcMetricsInterceptor(),
+            *tracing.server_interceptors(),
+        ]
         if self.auth:
             interceptors.append(AuthInterceptor(self.keys))
         server = grpc.aio.server(options=options, interceptors=interceptors)
