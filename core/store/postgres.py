@@ -33,6 +33,7 @@ from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 log = logging.getLogger(__name__)
 
 _RETRY_PAUSE_S = 0.2
+_CLOSE_TIMEOUT_S = 5.0
 _CONNECT_TIMEOUT_S = 10.0
 # Held while migrating, so two servers starting together migrate once.
 _MIGRATION_LOCK = 0x6B6D_6573  # "kmes"
@@ -189,8 +190,16 @@ class PostgresStore(Store):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                # A graceful close waits for every connection; one left mid-operation by
+                # a cut connection or a cancelled call would make it wait forever.
+                await asyncio.wait_for(pool.close(), _CLOSE_TIMEOUT_S)
+            except (TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError, OSError) as exc:
+                log.warning(
+                    "store %s: closing the pool: %s; connections terminated", self.where, exc
+                )
+                pool.terminate()
 
     async def _fetch(self, statement: str, *args: object) -> list:
         if self._pool is None:
