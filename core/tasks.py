@@ -790,7 +790,12 @@ class TaskManager:
             began = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(
-                    self._pool, device.run, task.op, task.inputs, task.call.params
+                    self._pool,
+                    device.run,
+                    task.op,
+                    task.inputs,
+                    task.call.params,
+                    task.call.outputs,
                 )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
@@ -809,7 +814,7 @@ class TaskManager:
         self._start(task)
         began = time.perf_counter()
         try:
-            outputs = task.device.run(task.op, task.inputs, task.call.params)
+            outputs = task.device.run(task.op, task.inputs, task.call.params, task.call.outputs)
         except Exception as exc:
             self._finish(task, TaskState.FAILED, _kernel_failure(task, exc))
             return
