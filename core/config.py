@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from kernelmesh.core.batching import BatchingOptions
 from kernelmesh.core.ops import Limits
 
 MiB = 1 << 20
@@ -51,6 +52,8 @@ class ServerConfig:
     # Finished submitted tasks are forgotten after this many seconds (and beyond
     # retention_tasks / retention_bytes), in memory and in the store.
     retention_seconds: float = 7 * 24 * 3600.0
+    # Dynamic batching (core/batching.py): the YAML `batching:` section.
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
@@ -74,4 +77,6 @@ def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
         values["backends"] = tuple(values["backends"])
     if isinstance(values.get("limits"), dict):
         values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
+    if isinstance(values.get("batching"), dict):
+        values["batching"] = BatchingOptions.from_mapping(values["batching"])  # type: ignore[arg-type]
     return ServerConfig(**values)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ import numpy as np
 from cachetools import LRUCache
 
 from kernelmesh.core import metrics, ops, placement
+from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
 from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
     Code,
@@ -201,6 +202,8 @@ class TaskManagerOptions:
     inline_max_elements: int = 1 << 14
     # Finished tasks are forgotten (in memory and in the store) after this long.
     retention_seconds: float = 7 * 24 * 3600.0
+    # Dynamic batching of small compatible tasks (core/batching.py); off by default.
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
 
 
 class TaskManager:
@@ -238,6 +241,11 @@ class TaskManager:
         self._capable: dict = {}  # select()'s, for this fixed list of devices
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
+        )
+        self._batcher = (
+            Batcher(self.options.batching, self._pool, self._batch_start, self._batch_done)
+            if self.options.batching.enabled
+            else None
         )
 
     # -- lifecycle --------------------------------------------------------
@@ -280,6 +288,8 @@ class TaskManager:
                 # start runs them (a running one as a new attempt).
                 if task._retry_handle is not None:
                     task._retry_handle.cancel()
+                if self._batcher is not None:
+                    self._batcher.discard(task)
                 if task.state is TaskState.QUEUED and task.seq in self._queued:
                     task.device.queue.remove(task.seq)
                     self._queued.pop(task.seq, None)
@@ -688,12 +698,16 @@ class TaskManager:
         return (
             task.elements <= self.options.inline_max_elements
             and task.device.info.kind is DeviceKind.CPU
+            and (self._batcher is None or batch_class(task, self._batcher.options) is None)
         )
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
 
     def _enqueue(self, task: Task) -> None:
+        if self._batcher is not None and self._batcher.add(task):
+            self._emit(task, "queued for a batch")
+            return
         self._queued[task.seq] = task
         task.device.queue.push(task.seq, task.tenant, task.priority)
         self._emit(task, "queued")
@@ -764,6 +778,8 @@ class TaskManager:
         if task.state is TaskState.QUEUED:
             task.device.queue.remove(task.seq)
             self._queued.pop(task.seq, None)
+            if self._batcher is not None:
+                self._batcher.discard(task)
         self._finish(task, state, TaskFailure(code, message))
 
     # -- execution --------------------------------------------------------
@@ -809,6 +825,30 @@ class TaskManager:
                 self._fail(task, failure)
             else:
                 self._complete(task, outputs, time.perf_counter() - began)
+
+    def _batch_start(self, task: Task) -> bool:
+        """A task's batch is about to run: False if it may not run with it."""
+        if task.state is not TaskState.QUEUED:
+            return False
+        if task.deadline is not None and time.monotonic() > task.deadline:
+            self._finish(
+                task,
+                TaskState.FAILED,
+                TaskFailure(Code.DEADLINE_EXCEEDED, "deadline exceeded while queued"),
+            )
+            return False
+        self._start(task)
+        return True
+
+    def _batch_done(
+        self, task: Task, attempt: int, result: list[np.ndarray] | BaseException, seconds: float
+    ) -> None:
+        if task.state.terminal or task.attempt != attempt:
+            return  # cancelled while its batch ran, or (fencing) no longer this attempt
+        if isinstance(result, BaseException):
+            self._fail(task, _kernel_failure(task, result))  # type: ignore[arg-type]
+        else:
+            self._complete(task, result, seconds)
 
     def _run_inline(self, task: Task) -> None:
         self._start(task)

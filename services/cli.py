@@ -52,6 +52,12 @@ from kernelmesh.core import config as config_module
 )
 @click.option("--grace", type=float, default=None, help="Seconds to drain on SIGTERM (default 30).")
 @click.option("--no-warmup", is_flag=True, help="Compile kernels on first use, not at start.")
+@click.option(
+    "--batching",
+    default=None,
+    help="Dynamically batch small tasks of these ops (comma-separated, or 'all'); the "
+    "config's batching: section sets sizes and delay (see README).",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(
     host: str | None,
@@ -65,6 +71,7 @@ def serve(
     backends: str | None,
     grace: float | None,
     no_warmup: bool,
+    batching: str | None,
     log_level: str,
 ) -> None:
     """Run the all-in-one server: every service on one port, every device found."""
@@ -92,6 +99,14 @@ def serve(
 
     if no_http:
         cfg = dataclasses.replace(cfg, http_port=None)
+    if batching:
+        names = () if batching == "all" else tuple(o.strip() for o in batching.split(",") if o)
+        chosen = dataclasses.replace(cfg.batching, enabled=True, ops=names)
+        try:
+            chosen.check()
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        cfg = dataclasses.replace(cfg, batching=chosen)
     from kernelmesh.core.store import StoreError, default_state_dir
 
     if cfg.state_dir is None:

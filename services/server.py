@@ -78,6 +78,7 @@ class Server:
                 workers_per_device=config.workers_per_device,
                 inline_max_elements=config.inline_max_elements,
                 retention_seconds=config.retention_seconds,
+                batching=config.batching,
             ),
             journal=self.state,
         )
