@@ -236,11 +236,14 @@ class ProtoEcho(task_pb2_grpc.TaskServiceServicer):
 async def serve(kind: str) -> None:
     """Serves until SIGTERM, the parent's exit or SERVER_MAX_LIFETIME_S."""
     parent = os.getppid()
-    if kind == "kernelmesh":
+    if kind.startswith("kernelmesh"):
+        from kernelmesh.core.batching import BatchingOptions
         from kernelmesh.core.config import ServerConfig
         from kernelmesh.services.server import Server
 
-        km = Server(ServerConfig(host=HOST, port=0, http_port=None))
+        # kernelmesh-batched: dynamic batching on for matmul (bench_peers.py)
+        batching = BatchingOptions(enabled=kind.endswith("-batched"), ops=("matmul",))
+        km = Server(ServerConfig(host=HOST, port=0, http_port=None, batching=batching))
         await km.start()
         await km.wait_started()  # kernels compiled and warm
         port = km.port
@@ -878,7 +881,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[,NAME]",
         help=f"run only these sections: {', '.join(SECTIONS)}",
     )
-    parser.add_argument("--serve", choices=("kernelmesh", "echo", "proto"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve",
+        choices=("kernelmesh", "kernelmesh-batched", "echo", "proto"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(serve(args.serve))
