@@ -4,12 +4,14 @@ transport."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from kernelmesh.clients import plans
+from kernelmesh.clients import plans, shm
+from kernelmesh.clients.errors import KernelmeshError
 from kernelmesh.clients.llm import AsyncLLM
 from kernelmesh.clients.options import ClientOptions, Connected
 from kernelmesh.clients.transport import AsyncTransport
@@ -38,9 +40,48 @@ class AsyncClient(Connected):
         self._io = AsyncTransport(target, options, credentials)
         # The LLM gateway: generate, stream, embed, models.
         self.llm = AsyncLLM(self._io)
+        self._regions: list[shm.SharedMemoryRegion] = []
 
     async def close(self) -> None:
+        for region in self._regions:  # best effort: the server also drops unlinked ones
+            with contextlib.suppress(KernelmeshError):
+                await self._io.run(shm.unregister(region.name))
+            region.close()
+        self._regions.clear()
         await self._io.close()
+
+    # -- shared memory (clients/shm.py; the server must be on this host) ---------
+
+    async def shared_memory(
+        self, byte_size: int, name: str | None = None
+    ) -> shm.SharedMemoryRegion:
+        """Creates a shared-memory region and registers it (see `Client`)."""
+        region = shm.SharedMemoryRegion(byte_size, name)
+        try:
+            await self._io.run(shm.register(region))
+        except BaseException:
+            region.close()
+            raise
+        self._regions.append(region)
+        return region
+
+    async def unregister_shared_memory(self, region: shm.SharedMemoryRegion) -> None:
+        await self._io.run(shm.unregister(region.name))
+        self._regions.remove(region)
+        region.close()
+
+    async def run_into(
+        self,
+        op: str,
+        *inputs: Input,
+        outputs: Sequence[shm.ShmOutput],
+        timeout: float | None = None,
+        **params: object,
+    ) -> Outputs:
+        """`run`, with the outputs written by the server into shared memory."""
+        spec = task_spec(op, inputs, params)
+        found = await self._io.run(shm.run_into(spec, list(outputs), timeout))
+        return found[0] if len(found) == 1 else found
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from kernelmesh.clients import plans
+from kernelmesh.clients import plans, shm
 from kernelmesh.clients.errors import KernelmeshError
 from kernelmesh.clients.llm import LLM
 from kernelmesh.clients.options import (
@@ -50,9 +51,48 @@ class Client(Connected):
         self._io = Transport(target, options, credentials)
         # The LLM gateway: generate, stream, embed, models.
         self.llm = LLM(self._io)
+        self._regions: list[shm.SharedMemoryRegion] = []
 
     def close(self) -> None:
+        for region in self._regions:  # best effort: the server also drops unlinked ones
+            with contextlib.suppress(KernelmeshError):
+                self._io.run(shm.unregister(region.name))
+            region.close()
+        self._regions.clear()
         self._io.close()
+
+    # -- shared memory (clients/shm.py; the server must be on this host) ---------
+
+    def shared_memory(self, byte_size: int, name: str | None = None) -> shm.SharedMemoryRegion:
+        """Creates a shared-memory region and registers it; unregistered and removed
+        by `close` (or `unregister_shared_memory`)."""
+        region = shm.SharedMemoryRegion(byte_size, name)
+        try:
+            self._io.run(shm.register(region))
+        except BaseException:
+            region.close()
+            raise
+        self._regions.append(region)
+        return region
+
+    def unregister_shared_memory(self, region: shm.SharedMemoryRegion) -> None:
+        self._io.run(shm.unregister(region.name))
+        self._regions.remove(region)
+        region.close()
+
+    def run_into(
+        self,
+        op: str,
+        *inputs: Input,
+        outputs: Sequence[shm.ShmOutput],
+        timeout: float | None = None,
+        **params: object,
+    ) -> Outputs:
+        """`run`, with the outputs written by the server into shared memory; returns
+        views of them there."""
+        spec = task_spec(op, inputs, params)
+        found = self._io.run(shm.run_into(spec, list(outputs), timeout))
+        return found[0] if len(found) == 1 else found
 
     def __enter__(self) -> Client:
         return self

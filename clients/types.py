@@ -12,6 +12,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from kernelmesh.clients import tensors
+from kernelmesh.clients.shm import ShmTensor
 from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
 
 # What `run` returns: one array, or a tuple of them for an op with several outputs.
@@ -134,7 +135,7 @@ class TensorRef:
 
 
 # What a task takes as an input: an array, a number, or a tensor kept on the server.
-Input = np.ndarray | TensorRef | float | int
+Input = np.ndarray | TensorRef | ShmTensor | float | int
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,8 @@ def task_spec(
     for item in inputs:
         if isinstance(item, TensorRef):
             spec.inputs.add(ref=item.name)
+        elif isinstance(item, ShmTensor):
+            spec.inputs.add(shm=item.to_proto())
         else:
             spec.inputs.add(tensor=tensors.to_proto(item))
     if params:

@@ -657,7 +657,11 @@ class TaskManager:
     def begin(self, spec: TaskSpec, *, deadline: float | None = None) -> Task:
         """Starts a task for a waiting caller: small CPU tasks run inline, on the
         spot (a thread hop costs more than such a kernel); the rest queue."""
-        task = self.prepare(spec)
+        return self.begin_prepared(self.prepare(spec), deadline=deadline)
+
+    def begin_prepared(self, task: Task, *, deadline: float | None = None) -> Task:
+        """`begin` for a task from `prepare` (a caller that checks the validated call
+        first, e.g. shared-memory outputs against their room)."""
         task.deadline = deadline
         self._record(task)
         if self._is_inline(task):

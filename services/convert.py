@@ -4,7 +4,8 @@ with numpy.frombuffer: no copy on the way in."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
@@ -134,8 +135,15 @@ def params_from_proto(msg) -> dict[str, object]:  # google.protobuf.Struct
 
 
 def spec_from_proto(
-    msg: task_pb2.TaskSpec, *, tenant: str, limits: ops.Limits, field: str = "task"
+    msg: task_pb2.TaskSpec,
+    *,
+    tenant: str,
+    limits: ops.Limits,
+    field: str = "task",
+    shm: Callable[[Any, str], np.ndarray] | None = None,
 ) -> TaskSpec:
+    """`shm` reads a shared-memory input (services/shm_servicer.py); None where the
+    call does not accept them."""
     if not msg.op:
         raise InvalidArgument([Violation(f"{field}.op", "required; ListOps shows the catalog")])
     inputs: list[np.ndarray | str] = []
@@ -148,6 +156,10 @@ def spec_from_proto(
                 inputs.append(tensor_from_proto(arg.tensor, f"{where}.tensor", limits))
             elif source == "ref":
                 inputs.append(arg.ref)
+            elif source == "shm" and shm is not None:
+                inputs.append(shm(arg.shm, f"{where}.shm"))
+            elif source == "shm":
+                violations.append(Violation(f"{where}.shm", "accepted by RunTask only"))
             else:
                 violations.append(Violation(where, "set either tensor or ref"))
         except InvalidArgument as exc:

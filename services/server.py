@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from kernelmesh.core import devices as device_discovery
 from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.llm import Gateway
+from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
@@ -26,6 +27,7 @@ from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
+from kernelmesh.services.shm_servicer import SharedMemoryServicer
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
@@ -35,6 +37,8 @@ from kernelmesh.v1 import (
     llm_pb2_grpc,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
+    shm_pb2,
+    shm_pb2_grpc,
     task_pb2,
     task_pb2_grpc,
 )
@@ -82,6 +86,8 @@ class Server:
             ),
             journal=self.state,
         )
+        # Shared-memory regions of co-located clients (README, "Shared memory").
+        self.shm = SharedMemoryRegistry()
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(
@@ -110,7 +116,10 @@ class Server:
         # Per-RPC metrics (grpc_server_*): outermost, so they see every call's final code.
         server = grpc.aio.server(options=options, interceptors=[RpcMetricsInterceptor()])
         task_pb2_grpc.add_TaskServiceServicer_to_server(
-            TaskServicer(self.tasks, cfg.limits), server
+            TaskServicer(self.tasks, cfg.limits, shm=self.shm), server
+        )
+        shm_pb2_grpc.add_SharedMemoryServiceServicer_to_server(
+            SharedMemoryServicer(self.shm), server
         )
         monitor = DeviceMonitor(self.devices)
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(monitor), server)
@@ -122,6 +131,7 @@ class Server:
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
+                shm_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -216,6 +226,7 @@ class Server:
             self._warmup.cancel()
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
         await self.state.close()  # commits what is queued
+        self.shm.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.llm.close()
