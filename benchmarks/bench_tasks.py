@@ -243,7 +243,13 @@ async def serve(kind: str) -> None:
 
         # kernelmesh-batched: dynamic batching on for matmul (bench_peers.py)
         batching = BatchingOptions(enabled=kind.endswith("-batched"), ops=("matmul",))
-        km = Server(ServerConfig(host=HOST, port=0, http_port=None, batching=batching))
+        # kernelmesh-bulk: room for a 256 MiB tensor in one message (bench_shm.py)
+        message = (1 << 30) if kind.endswith("-bulk") else ServerConfig.max_message_bytes
+        km = Server(
+            ServerConfig(
+                host=HOST, port=0, http_port=None, batching=batching, max_message_bytes=message
+            )
+        )
         await km.start()
         await km.wait_started()  # kernels compiled and warm
         port = km.port
@@ -883,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--serve",
-        choices=("kernelmesh", "kernelmesh-batched", "echo", "proto"),
+        choices=("kernelmesh", "kernelmesh-batched", "kernelmesh-bulk", "echo", "proto"),
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args(argv)
