@@ -46,18 +46,28 @@ CHUNK_BYTES = 1 << 20
 def upload_requests(
     array: np.ndarray, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[task_pb2.UploadTensorRequest]:
-    """The UploadTensor stream for an array: a header, then 1 MiB chunks."""
-    proto = to_proto(array)
-    yield task_pb2.UploadTensorRequest(
-        header=task_pb2.TensorHeader(dtype=proto.dtype, shape=proto.shape)
-    )
-    data = memoryview(proto.data)
+    """The UploadTensor stream for an array: a header, then chunks cut straight from
+    the array's memory (one copy per chunk, into its message; none of the whole)."""
+    array = np.asarray(array)
+    code = _FROM_NUMPY.get(array.dtype.name)
+    if code is None:
+        to_proto(array)  # raises the unsupported-dtype error
+    yield task_pb2.UploadTensorRequest(header=task_pb2.TensorHeader(dtype=code, shape=array.shape))
+    flat = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).reshape(-1)
+    data = memoryview(flat.view(np.uint8))
     for start in range(0, len(data), chunk_bytes):
-        yield task_pb2.UploadTensorRequest(chunk=bytes(data[start : start + chunk_bytes]))
+        yield task_pb2.UploadTensorRequest(chunk=data[start : start + chunk_bytes].tobytes())
 
 
 def assemble(header: tensor_pb2.TensorRef, chunks: list[bytes]) -> np.ndarray:
     """The array of a DownloadTensor stream."""
-    return from_proto(
-        tensor_pb2.Tensor(dtype=header.dtype, shape=header.shape, data=b"".join(chunks))
-    )
+    dtype = _TO_NUMPY[header.dtype]
+    out = np.empty(tuple(header.shape), dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    at = 0
+    for chunk in chunks:  # straight into the array: no joined copy of the whole
+        flat[at : at + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        at += len(chunk)
+    if at != flat.size:
+        raise ValueError(f"the download has {at} bytes; its header says {flat.size}")
+    return out
