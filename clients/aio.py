@@ -198,7 +198,7 @@ class AsyncClient(Connected):
     # -- tensors kept on the server -----------------------------------------
 
     async def upload(self, array: np.ndarray) -> TensorRef:
-        """Stores an array on the server in 1 MiB chunks (no message-size cap)."""
+        """Stores an array on the server in 4 MiB chunks (no message-size cap)."""
         return await self._io.run(plans.upload_tensor(array))
 
     async def download(self, ref: TensorRef | str) -> np.ndarray:

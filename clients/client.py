@@ -207,7 +207,7 @@ class Client(Connected):
     # -- tensors kept on the server -----------------------------------------
 
     def upload(self, array: np.ndarray) -> TensorRef:
-        """Stores an array on the server in 1 MiB chunks (no message-size cap)."""
+        """Stores an array on the server in 4 MiB chunks (no message-size cap)."""
         return self._io.run(plans.upload_tensor(array))
 
     def download(self, ref: TensorRef | str) -> np.ndarray:

@@ -155,7 +155,7 @@ def run(spec: task_pb2.TaskSpec, timeout: float | None = None) -> Plan[Outputs]:
 
 # Inputs this big travel by UploadTensor (chunks) instead of inside the RunTask message,
 # and the task's outputs then come back by DownloadTensor: one huge message costs
-# more than a stream of 1 MiB chunks, on both sides.
+# more than a stream of 4 MiB chunks, on both sides.
 BULK_BYTES = 32 << 20
 
 
@@ -296,7 +296,7 @@ def map_op(
 
 
 def upload_tensor(array: np.ndarray) -> Plan[TensorRef]:
-    """An array stored on the server, sent in 1 MiB chunks."""
+    """An array stored on the server, sent in chunks of tensors.CHUNK_BYTES."""
     reply = yield from upload(UPLOAD_TENSOR, tensors.upload_requests(array))
     return TensorRef.from_proto(reply.tensor)
 
@@ -307,7 +307,7 @@ def _part(reply: task_pb2.DownloadTensorResponse) -> task_pb2.DownloadTensorResp
 
 def download_tensor(ref: TensorRef | str) -> Plan[np.ndarray]:
     name = ref.name if isinstance(ref, TensorRef) else ref
-    request = task_pb2.DownloadTensorRequest(name=name)
+    request = task_pb2.DownloadTensorRequest(name=name, chunk_size=tensors.CHUNK_BYTES)
     parts = yield from read(Stream(DOWNLOAD_TENSOR, request, _part))
     headers = [p.header for p in parts if p.WhichOneof("part") == "header"]
     if not headers:

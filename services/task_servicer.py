@@ -226,12 +226,13 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                 self.tasks.store.reserve_check(nbytes)
                 buffer = bytearray(nbytes)
             elif part == "chunk":
-                end = filled + len(req.chunk)
+                chunk = req.chunk  # each read of a bytes field is a fresh copy
+                end = filled + len(chunk)
                 if end > len(buffer):
                     raise InvalidArgument(
                         [Violation("chunk", f"more data than the header's {len(buffer)} bytes")]
                     )
-                buffer[filled:end] = req.chunk
+                buffer[filled:end] = chunk
                 filled = end
             else:
                 raise InvalidArgument([Violation("header", "only the first message is a header")])
