@@ -21,19 +21,29 @@ _FROM_NUMPY = {dt.name: code for code, dt in _TO_NUMPY.items()}
 
 
 def to_proto(array: np.ndarray | float | int) -> tensor_pb2.Tensor:
+    return fill(tensor_pb2.Tensor(), array)
+
+
+def fill(msg: tensor_pb2.Tensor, array: np.ndarray | float | int) -> tensor_pb2.Tensor:
+    """Writes `array` into `msg` in place (a request's own field: no second copy of
+    the bytes from a separate message)."""
     array = np.asarray(array)
     code = _FROM_NUMPY.get(array.dtype.name)
     if code is None:
         supported = ", ".join(sorted(_FROM_NUMPY))
         raise TypeError(f"dtype {array.dtype} is not supported; use one of {supported}")
-    data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).tobytes()
-    return tensor_pb2.Tensor(dtype=code, shape=array.shape, data=data)
+    msg.dtype = code
+    msg.shape.extend(array.shape)
+    msg.data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).tobytes()
+    return msg
 
 
-def from_proto(msg: tensor_pb2.Tensor) -> np.ndarray:
-    """A writable array (a copy: protobuf bytes are immutable)."""
+def from_proto(msg: tensor_pb2.Tensor, data: bytes | None = None) -> np.ndarray:
+    """A writable array (a copy: protobuf bytes are immutable). `data`: the message's
+    bytes if the caller has read them already (every read of the field is a copy)."""
     dtype = _TO_NUMPY[msg.dtype]
-    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape)).copy()
+    raw = msg.data if data is None else data
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(msg.shape)).copy()
 
 
 def dtype_name(code: tensor_pb2.Dtype) -> str:

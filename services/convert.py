@@ -73,17 +73,18 @@ def check_shape(shape: Iterable[int], dtype: np.dtype, field: str, limits: ops.L
 def tensor_from_proto(msg: tensor_pb2.Tensor, field: str, limits: ops.Limits) -> np.ndarray:
     dtype = numpy_dtype(msg.dtype, f"{field}.dtype")
     nbytes = check_shape(msg.shape, dtype, field, limits)
-    if len(msg.data) != nbytes:
+    data = msg.data  # each read of a bytes field is a fresh copy: read it once
+    if len(data) != nbytes:
         raise InvalidArgument(
             [
                 Violation(
                     f"{field}.data",
-                    f"has {len(msg.data)} bytes; shape {list(msg.shape)} of {dtype.name} "
+                    f"has {len(data)} bytes; shape {list(msg.shape)} of {dtype.name} "
                     f"needs exactly {nbytes} (elements x {dtype.itemsize}, little-endian, C order)",
                 )
             ]
         )
-    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(msg.shape))
 
 
 def tensor_to_proto(array: np.ndarray, *, with_data: bool = True) -> tensor_pb2.Tensor:
