@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             def ray_matmul() -> None:
                 ray.get([matmul.remote(x, y) for x, y in pairs])
 
+            def numpy_matmul() -> None:
+                for x, y in pairs:
+                    np.matmul(x, y)
+
+            # the compute ceiling: the same matmuls back to back in this process, no RPC
+            ceiling = rates(settings.matmul, settings.rounds, numpy_matmul)
+
             for name, tasks, ours, theirs, target in (
                 (f"tiny async ({settings.tiny} relu16)", settings.tiny, km_tiny, ray_tiny, 5.0),
                 (f"tiny sync ({len(sync)} relu16)", len(sync), km_sync, ray_sync, None),
@@ -202,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             f" {row.ray_median:10.0f} {row.ratio_best:6.2f}x {row.ratio_median:6.2f}x"
             f" {target:>6} {row.verdict}"
         )
+    matmul_ray = next(r for r in rows if r.name.startswith("matmul 256 batched"))
+    say(
+        f"  ceiling: np.matmul of the same 256x256 pairs in one process, no RPC: "
+        f"{ceiling[0]:.0f}/s best, {ceiling[1]:.0f}/s median = "
+        f"{ceiling[0] / matmul_ray.ray_best:.1f}x Ray's best (the most any server could reach)"
+    )
     return 0
 
 
