@@ -12,6 +12,7 @@ mapped behind it."""
 from __future__ import annotations
 
 import _posixshmem  # CPython's shm_open, as multiprocessing.shared_memory uses it
+import contextlib
 import mmap
 import os
 import threading
@@ -51,6 +52,17 @@ class Region:
         return os.path.isdir(_SHM_DIR) and not os.path.exists(os.path.join(_SHM_DIR, self.key))
 
 
+def _prefer_huge_pages(segment: mmap.mmap) -> None:
+    """Asks for transparent huge pages where the host allows them for shared memory
+    (/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise): kernels stream a
+    4 KiB-paged 256 MiB region at a third of the speed of huge-paged memory on
+    virtual machines. A no-op elsewhere."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            segment.madvise(advice)
+
+
 class SharedMemoryRegistry:
     """Regions by (tenant, name). Thread-safe: kernels run off the event loop."""
 
@@ -86,6 +98,8 @@ class SharedMemoryRegistry:
             segment = mmap.mmap(fd, size) if size else None
         finally:
             os.close(fd)
+        if segment is not None:
+            _prefer_huge_pages(segment)
         if segment is None or size < byte_size:
             if segment is not None:
                 segment.close()
