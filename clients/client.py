@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from kernelmesh.clients import plans
+from kernelmesh.clients import plans, shm
 from kernelmesh.clients.errors import KernelmeshError
 from kernelmesh.clients.llm import LLM
 from kernelmesh.clients.options import (
@@ -34,6 +35,7 @@ from kernelmesh.clients.types import (
     task_spec,
 )
 from kernelmesh.clients.workflows import Workflows
+from kernelmesh.v1 import task_pb2
 
 
 class Client(Connected):
@@ -52,9 +54,48 @@ class Client(Connected):
         # The LLM gateway: generate, stream, embed, models.
         self.llm = LLM(self._io)
         self.workflows = Workflows(self._io)
+        self._regions: list[shm.SharedMemoryRegion] = []
 
     def close(self) -> None:
+        for region in self._regions:  # best effort: the server also drops unlinked ones
+            with contextlib.suppress(KernelmeshError):
+                self._io.run(shm.unregister(region.name))
+            region.close()
+        self._regions.clear()
         self._io.close()
+
+    # -- shared memory (clients/shm.py; the server must be on this host) ---------
+
+    def shared_memory(self, byte_size: int, name: str | None = None) -> shm.SharedMemoryRegion:
+        """Creates a shared-memory region and registers it; unregistered and removed
+        by `close` (or `unregister_shared_memory`)."""
+        region = shm.SharedMemoryRegion(byte_size, name)
+        try:
+            self._io.run(shm.register(region))
+        except BaseException:
+            region.close()
+            raise
+        self._regions.append(region)
+        return region
+
+    def unregister_shared_memory(self, region: shm.SharedMemoryRegion) -> None:
+        self._io.run(shm.unregister(region.name))
+        self._regions.remove(region)
+        region.close()
+
+    def run_into(
+        self,
+        op: str,
+        *inputs: Input,
+        outputs: Sequence[shm.ShmOutput],
+        timeout: float | None = None,
+        **params: object,
+    ) -> Outputs:
+        """`run`, with the outputs written by the server into shared memory; returns
+        views of them there."""
+        spec = task_spec(op, inputs, params)
+        found = self._io.run(shm.run_into(spec, list(outputs), timeout))
+        return found[0] if len(found) == 1 else found
 
     def __enter__(self) -> Client:
         return self
@@ -86,7 +127,16 @@ class Client(Connected):
         **params: object,
     ) -> Outputs:
         """Runs an op and returns its output as a NumPy array (a tuple for
-        several outputs). Raises a KernelmeshError subclass on failure."""
+        several outputs). Raises a KernelmeshError subclass on failure. Inputs of
+        `plans.BULK_BYTES` or more travel in chunks (UploadTensor/DownloadTensor)."""
+        if plans.is_bulk(inputs):
+
+            def make(args: tuple[Input, ...], keep: bool) -> task_pb2.TaskSpec:
+                return task_spec(
+                    op, args, params, device=device, priority=priority, keep_outputs=keep
+                )
+
+            return self._io.run(plans.run_bulk(make, inputs, timeout))
         spec = task_spec(op, inputs, params, device=device, priority=priority)
         return self._io.run(plans.run(spec, timeout))
 
@@ -159,7 +209,7 @@ class Client(Connected):
     # -- tensors kept on the server -----------------------------------------
 
     def upload(self, array: np.ndarray) -> TensorRef:
-        """Stores an array on the server in 1 MiB chunks (no message-size cap)."""
+        """Stores an array on the server in 4 MiB chunks (no message-size cap)."""
         return self._io.run(plans.upload_tensor(array))
 
     def download(self, ref: TensorRef | str) -> np.ndarray:

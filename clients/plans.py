@@ -7,6 +7,7 @@ to the caller are described as `Stream` values, read by the transport."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,11 +31,12 @@ from kernelmesh.clients.calls import (
     rpc,
     upload,
 )
-from kernelmesh.clients.errors import UnavailableError, error_for
+from kernelmesh.clients.errors import KernelmeshError, UnavailableError, error_for
 from kernelmesh.clients.llm_types import Generation, Model, Prompt, messages, options, vectors
 from kernelmesh.clients.status import code_of
 from kernelmesh.clients.types import (
     Device,
+    Input,
     Op,
     Outputs,
     StreamItem,
@@ -152,6 +154,45 @@ def run(spec: task_pb2.TaskSpec, timeout: float | None = None) -> Plan[Outputs]:
     return unwrap(info.outputs)
 
 
+# Inputs this big travel by UploadTensor (chunks) instead of inside the RunTask message,
+# and the task's outputs then come back by DownloadTensor: one huge message costs
+# more than a stream of 4 MiB chunks, on both sides.
+BULK_BYTES = 32 << 20
+
+
+def is_bulk(inputs: Sequence[object]) -> bool:
+    return any(isinstance(x, np.ndarray) and x.nbytes >= BULK_BYTES for x in inputs)
+
+
+def run_bulk(
+    make_spec: Callable[[tuple[Input, ...], bool], task_pb2.TaskSpec],
+    inputs: Sequence[Input],
+    timeout: float | None = None,
+) -> Plan[Outputs]:
+    """`run` for big tensors: big inputs uploaded in chunks, the outputs kept on the
+    server and downloaded in chunks; everything stored for it is deleted after."""
+    stored: list[str] = []
+    try:
+        args: list[Input] = []
+        for x in inputs:
+            if isinstance(x, np.ndarray) and x.nbytes >= BULK_BYTES:
+                ref = yield from upload_tensor(x)
+                stored.append(ref.name)
+                args.append(ref)
+            else:
+                args.append(x)
+        info = yield from run_task(make_spec(tuple(args), True), timeout)
+        stored.extend(r.name for r in info.output_refs)
+        outputs = []
+        for ref in info.output_refs:
+            outputs.append((yield from download_tensor(ref)))
+        return unwrap(tuple(outputs))
+    finally:
+        for name in stored:
+            with contextlib.suppress(KernelmeshError):  # else retention removes it
+                yield from delete_tensor(name)
+
+
 def submit(spec: task_pb2.TaskSpec, request_id: str | None = None) -> Plan[str]:
     """Queues a task; returns its name. One request id for every attempt, so
     a retry after a lost reply finds the first task instead of adding one."""
@@ -256,7 +297,7 @@ def map_op(
 
 
 def upload_tensor(array: np.ndarray) -> Plan[TensorRef]:
-    """An array stored on the server, sent in 1 MiB chunks."""
+    """An array stored on the server, sent in chunks of tensors.CHUNK_BYTES."""
     reply = yield from upload(UPLOAD_TENSOR, tensors.upload_requests(array))
     return TensorRef.from_proto(reply.tensor)
 
@@ -267,7 +308,7 @@ def _part(reply: task_pb2.DownloadTensorResponse) -> task_pb2.DownloadTensorResp
 
 def download_tensor(ref: TensorRef | str) -> Plan[np.ndarray]:
     name = ref.name if isinstance(ref, TensorRef) else ref
-    request = task_pb2.DownloadTensorRequest(name=name)
+    request = task_pb2.DownloadTensorRequest(name=name, chunk_size=tensors.CHUNK_BYTES)
     parts = yield from read(Stream(DOWNLOAD_TENSOR, request, _part))
     headers = [p.header for p in parts if p.WhichOneof("part") == "header"]
     if not headers:

@@ -56,6 +56,15 @@ class _Channel:
         except StopIteration as done:
             return None, cast(T, done.value)
 
+    @staticmethod
+    def fail(plan: Plan[T], exc: Exception) -> tuple[Step | None, T | None]:
+        """Throws a failed step's error into the plan, so a plan can clean up what it
+        made (run_bulk's stored tensors); one that does not catch it re-raises it."""
+        try:
+            return plan.throw(exc), None
+        except StopIteration as done:
+            return None, cast(T, done.value)
+
     def opener(self, step: Stream[Req, Res, T]) -> Callable[[], Any]:
         """Starts the stream's call: a server stream, or a bidirectional one
         when the step has an iterator of requests."""
@@ -149,7 +158,12 @@ class Transport(_Channel):
     def run(self, plan: Plan[T]) -> T:
         step, result = self.advance(plan, None)
         while step is not None:
-            step, result = self.advance(plan, self._perform(step))
+            try:
+                reply = self._perform(step)
+            except Exception as exc:
+                step, result = self.fail(plan, exc)
+                continue
+            step, result = self.advance(plan, reply)
         return cast(T, result)
 
     def _perform(self, step: Step) -> object:
@@ -257,7 +271,12 @@ class AsyncTransport(_Channel):
     async def run(self, plan: Plan[T]) -> T:
         step, result = self.advance(plan, None)
         while step is not None:
-            step, result = self.advance(plan, await self._perform(step))
+            try:
+                reply = await self._perform(step)
+            except Exception as exc:
+                step, result = self.fail(plan, exc)
+                continue
+            step, result = self.advance(plan, reply)
         return cast(T, result)
 
     async def _perform(self, step: Step) -> object:

@@ -12,6 +12,7 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from kernelmesh.clients import tensors
+from kernelmesh.clients.shm import ShmTensor
 from kernelmesh.v1 import device_pb2, task_pb2, tensor_pb2
 
 # What `run` returns: one array, or a tuple of them for an op with several outputs.
@@ -134,7 +135,7 @@ class TensorRef:
 
 
 # What a task takes as an input: an array, a number, or a tensor kept on the server.
-Input = np.ndarray | TensorRef | float | int
+Input = np.ndarray | TensorRef | ShmTensor | float | int
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class TaskInfo:
             state=TaskState(msg.state),
             device=msg.device,
             tenant=msg.tenant,
-            outputs=tuple(tensors.from_proto(t) for t in msg.outputs if t.data or _empty(t)),
+            outputs=_outputs(msg),
             output_refs=tuple(TensorRef.from_proto(r) for r in msg.output_refs),
             error_code=msg.error.code,
             error_message=msg.error.message,
@@ -191,6 +192,16 @@ def _empty(t: tensor_pb2.Tensor) -> bool:
     return any(d == 0 for d in t.shape)
 
 
+def _outputs(msg: task_pb2.Task) -> tuple[np.ndarray, ...]:
+    """The outputs that carry data (not those described by dtype and shape only)."""
+    found = []
+    for t in msg.outputs:
+        data = t.data  # read once: each read of a bytes field is a copy
+        if data or _empty(t):
+            found.append(tensors.from_proto(t, data))
+    return tuple(found)
+
+
 def task_spec(
     op: str,
     inputs: tuple[Input, ...],
@@ -207,8 +218,10 @@ def task_spec(
     for item in inputs:
         if isinstance(item, TensorRef):
             spec.inputs.add(ref=item.name)
+        elif isinstance(item, ShmTensor):
+            spec.inputs.add(shm=item.to_proto())
         else:
-            spec.inputs.add(tensor=tensors.to_proto(item))
+            tensors.fill(spec.inputs.add().tensor, item)
     if params:
         spec.params.CopyFrom(_struct(params))
     if device:

@@ -77,6 +77,11 @@ ROLE_TABLE: dict[str, frozenset[Role]] = {
         f"/kernelmesh.v1.LLMService/{m}": _USERS
         for m in ("Generate", "GenerateStream", "Embed", "ListModels")
     },
+    # shared-memory regions of a co-located client, in its own tenant
+    **{
+        f"/kernelmesh.v1.SharedMemoryService/{m}": _USERS
+        for m in ("RegisterSharedMemory", "UnregisterSharedMemory", "ListSharedMemory")
+    },
     # a node registers and keeps its lease; nothing else
     "/kernelmesh.v1.OrchestratorService/RegisterNode": _NODE,
     "/kernelmesh.v1.OrchestratorService/Heartbeat": _NODE,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from kernelmesh.core.batching import BatchingOptions
 from kernelmesh.core.limits import Quotas
 from kernelmesh.core.ops import Limits
 
@@ -68,6 +69,8 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    # Dynamic batching (core/batching.py): the YAML `batching:` section.
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
@@ -93,4 +96,6 @@ def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
         values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
     if isinstance(values.get("quotas"), dict):
         values["quotas"] = Quotas(**values["quotas"])  # type: ignore[arg-type]
+    if isinstance(values.get("batching"), dict):
+        values["batching"] = BatchingOptions.from_mapping(values["batching"])  # type: ignore[arg-type]
     return ServerConfig(**values)  # type: ignore[arg-type]

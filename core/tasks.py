@@ -30,6 +30,7 @@ import numpy as np
 from cachetools import LRUCache
 
 from kernelmesh.core import metrics, ops, placement
+from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
 from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
     Code,
@@ -206,6 +207,8 @@ class TaskManagerOptions:
     inline_max_elements: int = 1 << 14
     # Finished tasks are forgotten (in memory and in the store) after this long.
     retention_seconds: float = 7 * 24 * 3600.0
+    # Dynamic batching of small compatible tasks (core/batching.py); off by default.
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
 
 
 class TaskTracing(Protocol):
@@ -257,6 +260,11 @@ class TaskManager:
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
         )
+        self._batcher = (
+            Batcher(self.options.batching, self._pool, self._batch_start, self._batch_done)
+            if self.options.batching.enabled
+            else None
+        )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -298,6 +306,8 @@ class TaskManager:
                 # start runs them (a running one as a new attempt).
                 if task._retry_handle is not None:
                     task._retry_handle.cancel()
+                if self._batcher is not None:
+                    self._batcher.discard(task)
                 if task.state is TaskState.QUEUED and task.seq in self._queued:
                     task.device.queue.remove(task.seq)
                     self._queued.pop(task.seq, None)
@@ -680,7 +690,11 @@ class TaskManager:
     def begin(self, spec: TaskSpec, *, deadline: float | None = None) -> Task:
         """Starts a task for a waiting caller: small CPU tasks run inline, on the
         spot (a thread hop costs more than such a kernel); the rest queue."""
-        task = self.prepare(spec)
+        return self.begin_prepared(self.prepare(spec), deadline=deadline)
+
+    def begin_prepared(self, task: Task, *, deadline: float | None = None) -> Task:
+        """`begin` for a task from `prepare` (a caller that checks the validated call
+        first, e.g. shared-memory outputs against their room)."""
         task.deadline = deadline
         self._admit(task)
         self._record(task)
@@ -722,6 +736,7 @@ class TaskManager:
         return (
             task.elements <= self.options.inline_max_elements
             and task.device.info.kind is DeviceKind.CPU
+            and (self._batcher is None or batch_class(task, self._batcher.options) is None)
         )
 
     def _admit(self, task: Task, *, enforce: bool = True) -> None:
@@ -745,6 +760,9 @@ class TaskManager:
         self._tasks[task.name] = task
 
     def _enqueue(self, task: Task) -> None:
+        if self._batcher is not None and self._batcher.add(task):
+            self._emit(task, "queued for a batch")
+            return
         self._queued[task.seq] = task
         task.device.queue.push(task.seq, task.tenant, task.priority)
         self._emit(task, "queued")
@@ -815,6 +833,8 @@ class TaskManager:
         if task.state is TaskState.QUEUED:
             task.device.queue.remove(task.seq)
             self._queued.pop(task.seq, None)
+            if self._batcher is not None:
+                self._batcher.discard(task)
         self._finish(task, state, TaskFailure(code, message))
 
     # -- execution --------------------------------------------------------
@@ -842,7 +862,12 @@ class TaskManager:
             try:
                 with self._traced(task):
                     outputs = await loop.run_in_executor(
-                        self._pool, device.run, task.op, task.inputs, task.call.params
+                        self._pool,
+                        device.run,
+                        task.op,
+                        task.inputs,
+                        task.call.params,
+                        task.call.outputs,
                     )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
@@ -863,11 +888,35 @@ class TaskManager:
             return _UNTRACED
         return self.tracing.run(task)
 
+    def _batch_start(self, task: Task) -> bool:
+        """A task's batch is about to run: False if it may not run with it."""
+        if task.state is not TaskState.QUEUED:
+            return False
+        if task.deadline is not None and time.monotonic() > task.deadline:
+            self._finish(
+                task,
+                TaskState.FAILED,
+                TaskFailure(Code.DEADLINE_EXCEEDED, "deadline exceeded while queued"),
+            )
+            return False
+        self._start(task)
+        return True
+
+    def _batch_done(
+        self, task: Task, attempt: int, result: list[np.ndarray] | BaseException, seconds: float
+    ) -> None:
+        if task.state.terminal or task.attempt != attempt:
+            return  # cancelled while its batch ran, or (fencing) no longer this attempt
+        if isinstance(result, BaseException):
+            self._fail(task, _kernel_failure(task, result))  # type: ignore[arg-type]
+        else:
+            self._complete(task, result, seconds)
+
     def _run_inline(self, task: Task) -> None:
         self._start(task)
         began = time.perf_counter()
         try:
-            outputs = task.device.run(task.op, task.inputs, task.call.params)
+            outputs = task.device.run(task.op, task.inputs, task.call.params, task.call.outputs)
         except Exception as exc:
             self._finish(task, TaskState.FAILED, _kernel_failure(task, exc))
             return

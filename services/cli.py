@@ -78,6 +78,12 @@ from kernelmesh.core import config as config_module
     help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
 )
 @click.option("--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too.")
+@click.option(
+    "--batching",
+    default=None,
+    help="Dynamically batch small tasks of these ops (comma-separated, or 'all'); the "
+    "config's batching: section sets sizes and delay (see README).",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option(
     "--log-format",
@@ -104,6 +110,7 @@ def serve(
     tls_key: str | None,
     tls_client_ca: str | None,
     protect_metrics: bool,
+    batching: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -138,6 +145,14 @@ def serve(
 
     if no_http:
         cfg = dataclasses.replace(cfg, http_port=None)
+    if batching:
+        names = () if batching == "all" else tuple(o.strip() for o in batching.split(",") if o)
+        chosen = dataclasses.replace(cfg.batching, enabled=True, ops=names)
+        try:
+            chosen.check()
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        cfg = dataclasses.replace(cfg, batching=chosen)
     from kernelmesh.core.store import StoreError, default_state_dir
 
     if cfg.state_dir is None:

@@ -4,7 +4,8 @@ with numpy.frombuffer: no copy on the way in."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -94,17 +95,18 @@ def tensor_from_proto(
 ) -> np.ndarray:
     dtype = numpy_dtype(msg.dtype, f"{field}.dtype")
     nbytes = check_shape(msg.shape, dtype, field, limits, max_dims)
-    if len(msg.data) != nbytes:
+    data = msg.data  # each read of a bytes field is a fresh copy: read it once
+    if len(data) != nbytes:
         raise InvalidArgument(
             [
                 Violation(
                     f"{field}.data",
-                    f"has {len(msg.data)} bytes; shape {list(msg.shape)} of {dtype.name} "
+                    f"has {len(data)} bytes; shape {list(msg.shape)} of {dtype.name} "
                     f"needs exactly {nbytes} (elements x {dtype.itemsize}, little-endian, C order)",
                 )
             ]
         )
-    return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(msg.shape))
 
 
 def tensor_to_proto(array: np.ndarray, *, with_data: bool = True) -> tensor_pb2.Tensor:
@@ -193,7 +195,10 @@ def spec_from_proto(
     limits: ops.Limits,
     field: str = "task",
     quotas: Quotas = DEFAULT_QUOTAS,
+    shm: Callable[[Any, str], np.ndarray] | None = None,
 ) -> TaskSpec:
+    """`shm` reads a shared-memory input (services/shm_servicer.py); None where the
+    call does not accept them."""
     if not msg.op:
         raise InvalidArgument([Violation(f"{field}.op", "required; ListOps shows the catalog")])
     inputs: list[np.ndarray | str] = []
@@ -208,6 +213,10 @@ def spec_from_proto(
                 )
             elif source == "ref":
                 inputs.append(arg.ref)
+            elif source == "shm" and shm is not None:
+                inputs.append(shm(arg.shm, f"{where}.shm"))
+            elif source == "shm":
+                violations.append(Violation(f"{where}.shm", "accepted by RunTask only"))
             else:
                 violations.append(Violation(where, "set either tensor or ref"))
         except InvalidArgument as exc:

@@ -23,6 +23,7 @@ from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.ops import Limits
+from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
@@ -36,6 +37,7 @@ from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
+from kernelmesh.services.shm_servicer import SharedMemoryServicer
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.services.workflow_servicer import WorkflowServicer
@@ -46,6 +48,8 @@ from kernelmesh.v1 import (
     llm_pb2_grpc,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
+    shm_pb2,
+    shm_pb2_grpc,
     task_pb2,
     task_pb2_grpc,
 )
@@ -132,10 +136,13 @@ class Server:
                 workers_per_device=config.workers_per_device,
                 inline_max_elements=config.inline_max_elements,
                 retention_seconds=config.retention_seconds,
+                batching=config.batching,
             ),
             journal=self.state,
             tracing=tracing.task_tracing(),
         )
+        # Shared-memory regions of co-located clients (README, "Shared memory").
+        self.shm = SharedMemoryRegistry()
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(
@@ -182,8 +189,12 @@ class Server:
                 self.tasks,
                 cfg.limits,
                 max_reply_bytes=max(1 << 20, cfg.max_message_bytes - (1 << 20)),
+                shm=self.shm,
             ),
             guarded,
+        )
+        shm_pb2_grpc.add_SharedMemoryServiceServicer_to_server(
+            SharedMemoryServicer(self.shm), guarded
         )
         monitor = DeviceMonitor(self.devices)
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
@@ -199,6 +210,7 @@ class Server:
             reflection.aio.ReflectionServicer(
                 (
                     *SERVICE_NAMES,
+                    shm_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"].full_name,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME,
                 )
@@ -315,6 +327,7 @@ class Server:
         await self.workflows.shutdown()  # running workflows resume at the next start
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
         await self.state.close()  # commits what is queued
+        self.shm.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.llm.close()

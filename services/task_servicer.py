@@ -12,9 +12,10 @@ import numpy as np
 
 from kernelmesh.core import ops
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
+from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
 from kernelmesh.core.tasks import Task, TaskEvent, TaskManager, TaskState, fingerprint_of
-from kernelmesh.services import convert, paging
+from kernelmesh.services import convert, paging, shm_servicer
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
 from kernelmesh.v1 import task_pb2, task_pb2_grpc
@@ -34,7 +35,11 @@ MAX_ATTEMPTS = 100
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, tasks: TaskManager, limits: ops.Limits, max_reply_bytes: int = 64 << 20
+        self,
+        tasks: TaskManager,
+        limits: ops.Limits,
+        max_reply_bytes: int = 64 << 20,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
         self.tasks = tasks
         self.limits = limits
@@ -42,6 +47,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         # A List reply is cut to fit this (the server's max message size, less room
         # for framing); the page token continues after the last task that fit.
         self.max_reply_bytes = max_reply_bytes
+        self.shm = shm
 
     def _spec(self, msg: task_pb2.TaskSpec, context: grpc.aio.ServicerContext):
         return convert.spec_from_proto(
@@ -89,14 +95,41 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc
     async def RunTask(self, request, context):
-        spec = self._spec(request.task, context)
-        with qualified(request.task):
+        msg = request.task
+        if self.shm is None or not (msg.output_shm or _has_shm_input(msg)):
+            spec = self._spec(msg, context)
+        else:
+            return await self._run_with_shm(msg, context)
+        with qualified(msg):
             task = self.tasks.begin(spec, deadline=deadline_of(context))
         task = await self.tasks.wait(task)
         if task.state is not TaskState.SUCCEEDED:
             await context.abort_with_status(_task_failure_status(task))
         response = task_pb2.RunTaskResponse()
         convert.fill_task(response.task, task)
+        return response
+
+    async def _run_with_shm(self, msg: task_pb2.TaskSpec, context) -> task_pb2.RunTaskResponse:
+        """RunTask with inputs read from, or outputs written to, shared memory."""
+        tenant = tenant_of(context)
+        shm = self.shm
+        assert shm is not None
+        resolve = shm_servicer.input_resolver(shm, context, tenant)
+        spec = convert.spec_from_proto(msg, tenant=tenant, limits=self.limits, shm=resolve)
+        if msg.output_shm:
+            shm_servicer.require_local(context)
+        with qualified(msg):
+            task = self.tasks.prepare(spec)
+            shm_servicer.check_outputs(shm, tenant, msg, task)
+            task = self.tasks.begin_prepared(task, deadline=deadline_of(context))
+        task = await self.tasks.wait(task)
+        if task.state is not TaskState.SUCCEEDED:
+            await context.abort_with_status(_task_failure_status(task))
+        response = task_pb2.RunTaskResponse()
+        if msg.output_shm:
+            shm_servicer.write_outputs(shm, tenant, msg, task, response.task)
+        else:
+            convert.fill_task(response.task, task)
         return response
 
     async def StreamTasks(self, request_iterator, context):
@@ -238,15 +271,16 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     self.tasks.store.reserve_check(nbytes)
                     buffer = bytearray()
                 elif part == "chunk":
-                    end = filled + len(req.chunk)
+                    chunk = req.chunk  # each read of a bytes field is a fresh copy
+                    end = filled + len(chunk)
                     if end > nbytes:
                         raise InvalidArgument(
                             [Violation("chunk", f"more data than the header's {nbytes} bytes")]
                         )
                     self.tasks.store.reserve_check(end)
-                    ledger.reserve(tenant, len(req.chunk))
+                    ledger.reserve(tenant, len(chunk))
                     filled = end
-                    buffer += req.chunk
+                    buffer += chunk
                 else:
                     raise InvalidArgument(
                         [Violation("header", "only the first message is a header")]
@@ -345,8 +379,11 @@ def _qualify(field: str, msg: task_pb2.TaskSpec) -> str:
     match = _INPUT_FIELD.match(field)
     if match:
         index = int(match.group(1))
-        if index < len(msg.inputs) and msg.inputs[index].WhichOneof("source") == "ref":
+        source = msg.inputs[index].WhichOneof("source") if index < len(msg.inputs) else None
+        if source == "ref":
             return f"task.inputs[{index}].ref"
+        if source == "shm":
+            return f"task.inputs[{index}].shm.{match.group(2)}"
         return f"task.inputs[{index}].tensor.{match.group(2)}"
     return f"task.{field}"
 
@@ -407,3 +444,7 @@ def _rejected(correlation_id: str, exc: KernelmeshError) -> task_pb2.StreamTasks
 
 
 __all__ = ["TaskServicer"]
+
+
+def _has_shm_input(msg: task_pb2.TaskSpec) -> bool:
+    return any(arg.WhichOneof("source") == "shm" for arg in msg.inputs)

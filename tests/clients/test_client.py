@@ -231,7 +231,7 @@ async def test_upload_run_keep_outputs_download_round_trip(face):
 
 
 async def test_upload_of_many_chunks_round_trips(face):
-    x = rng.standard_normal(600_000)  # 4.8 MB: five 1 MiB chunks
+    x = rng.standard_normal(1_500_000)  # 12 MB: three 4 MiB chunks
     ref = await face.upload(x)
     try:
         np.testing.assert_array_equal(await face.download(ref), x)

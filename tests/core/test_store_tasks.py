@@ -143,11 +143,11 @@ async def test_a_failing_attempt_is_retried_with_backoff(node, monkeypatch):
     calls = []
     real = device.run
 
-    def flaky(op, inputs, params):
+    def flaky(op, inputs, params, outputs=None):
         calls.append(time.monotonic())
         if len(calls) < 3:
             raise LaunchError("device lost")
-        return real(op, inputs, params)
+        return real(op, inputs, params, outputs)
 
     monkeypatch.setattr(device, "run", flaky)
     task = await finished(
@@ -168,7 +168,7 @@ async def test_exhausted_retries_end_failed_with_every_attempt_kept(node, monkey
     first = node()
     mgr = await first.start()
 
-    def broken(op, inputs, params):
+    def broken(op, inputs, params, outputs=None):
         raise LaunchError("device lost")
 
     monkeypatch.setattr(mgr.devices[0], "run", broken)
@@ -186,7 +186,7 @@ async def test_exhausted_retries_end_failed_with_every_attempt_kept(node, monkey
 async def test_a_non_retryable_error_ends_the_task_at_once(node, monkeypatch):
     mgr = await node().start()
 
-    def broken(op, inputs, params):
+    def broken(op, inputs, params, outputs=None):
         raise ValueError("bad kernel")  # INTERNAL
 
     monkeypatch.setattr(mgr.devices[0], "run", broken)

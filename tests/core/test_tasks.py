@@ -140,7 +140,7 @@ async def test_keep_outputs_stores_a_named_tensor(manager):
 async def test_kernel_failure_fails_the_task_not_the_manager(manager, monkeypatch):
     device = manager.devices[0]
 
-    def broken(op, inputs, params):
+    def broken(op, inputs, params, outputs=None):
         raise MemoryError("out of resources")
 
     monkeypatch.setattr(device, "run", broken)

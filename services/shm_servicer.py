@@ -1,0 +1,132 @@
+"""SharedMemoryService, and the shared-memory parts of the task path: inputs read
+in place from a registered region, outputs written into one (core/shm.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from kernelmesh.core import ops
+from kernelmesh.core.errors import FailedPrecondition, InvalidArgument, Violation
+from kernelmesh.core.shm import SharedMemoryRegistry
+from kernelmesh.core.tasks import Task
+from kernelmesh.services import convert, paging
+from kernelmesh.services.context import tenant_of
+from kernelmesh.services.status import rpc
+from kernelmesh.v1 import shm_pb2, shm_pb2_grpc, task_pb2, tensor_pb2
+
+InputResolver = Callable[[tensor_pb2.SharedMemoryTensor, str], np.ndarray]
+
+
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
+    "unix:/path") is on this host."""
+    if peer.startswith(("unix:", "unix-abstract:")):
+        return True
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]")
+    elif kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    else:
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def require_local(context: grpc.aio.ServicerContext) -> None:
+    peer = context.peer() or ""
+    if not is_local_peer(peer):
+        raise FailedPrecondition(
+            f"shared memory needs the client on the server's host; this call came from "
+            f"{peer or 'an unknown address'} (send tensor bytes instead)"
+        )
+
+
+def _region_proto(region) -> shm_pb2.SharedMemoryRegion:
+    return shm_pb2.SharedMemoryRegion(name=region.name, key=region.key, byte_size=region.byte_size)
+
+
+class SharedMemoryServicer(shm_pb2_grpc.SharedMemoryServiceServicer):
+    def __init__(self, registry: SharedMemoryRegistry) -> None:
+        self.registry = registry
+
+    @rpc
+    async def RegisterSharedMemory(self, request, context):
+        require_local(context)
+        r = request.region
+        region = self.registry.register(tenant_of(context), r.name, r.key, r.byte_size)
+        return shm_pb2.RegisterSharedMemoryResponse(region=_region_proto(region))
+
+    @rpc
+    async def UnregisterSharedMemory(self, request, context):
+        self.registry.unregister(tenant_of(context), request.name)
+        return shm_pb2.UnregisterSharedMemoryResponse()
+
+    @rpc
+    async def ListSharedMemory(self, request, context):
+        regions = self.registry.list(tenant_of(context))
+        start, size = paging.page_bounds(request.page_token, request.page_size, len(regions))
+        return shm_pb2.ListSharedMemoryResponse(
+            regions=[_region_proto(r) for r in regions[start : start + size]],
+            next_page_token=paging.next_token(start, size, len(regions)),
+        )
+
+
+def input_resolver(
+    registry: SharedMemoryRegistry, context: grpc.aio.ServicerContext, tenant: str
+) -> InputResolver:
+    """Reads `TensorArg.shm` inputs of one call, in place."""
+
+    def resolve(msg: tensor_pb2.SharedMemoryTensor, field: str) -> np.ndarray:
+        require_local(context)
+        dtype = convert.numpy_dtype(msg.dtype, f"{field}.dtype")
+        convert.check_shape(msg.shape, dtype, field, ops.Limits(10**18, 10**18))
+        return registry.input(
+            tenant, msg.region, msg.offset, msg.byte_size, dtype, tuple(msg.shape), field
+        )
+
+    return resolve
+
+
+def check_outputs(
+    registry: SharedMemoryRegistry, tenant: str, spec: task_pb2.TaskSpec, task: Task
+) -> None:
+    """Refuses `output_shm` slots that are too small or too few, before waiting."""
+    slots = spec.output_shm
+    metas = task.call.outputs
+    if len(slots) not in (0, len(metas)):
+        raise InvalidArgument(
+            [Violation("task.output_shm", f"has {len(slots)} entries; the op has {len(metas)}")]
+        )
+    for i, (slot, meta) in enumerate(zip(slots, metas, strict=False)):
+        need = int(np.prod(meta.shape, dtype=np.int64)) * np.dtype(meta.dtype).itemsize
+        registry.output_room(
+            tenant, slot.region, slot.offset, slot.byte_size, need, f"task.output_shm[{i}]"
+        )
+
+
+def write_outputs(
+    registry: SharedMemoryRegistry,
+    tenant: str,
+    spec: task_pb2.TaskSpec,
+    task: Task,
+    reply: task_pb2.Task,
+) -> None:
+    """Writes a finished task's outputs into its `output_shm` slots; the reply then
+    carries their dtype and shape only."""
+    outputs = task.outputs
+    for i, (slot, out) in enumerate(zip(spec.output_shm, outputs, strict=True)):
+        room = registry.output_room(
+            tenant, slot.region, slot.offset, slot.byte_size, out.nbytes, f"task.output_shm[{i}]"
+        )
+        np.copyto(np.frombuffer(room, dtype=out.dtype).reshape(out.shape), out)
+    convert.fill_task(reply, task, full=False)  # outputs as dtype and shape only
