@@ -26,12 +26,13 @@ from kernelmesh.v1 import (
     device_pb2,
     llm_pb2,
     orchestrator_pb2,
+    shm_pb2,
     task_pb2,
     tensor_pb2,
 )
 
 # every kernelmesh.v1 service, and the standard ones every server carries
-FILES = (task_pb2, device_pb2, llm_pb2, orchestrator_pb2, health_pb2, reflection_pb2)
+FILES = (task_pb2, device_pb2, llm_pb2, orchestrator_pb2, shm_pb2, health_pb2, reflection_pb2)
 BAD_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 CALL_TIMEOUT = 10.0  # seconds: a unary answer later than this is a hang
 # Watches run forever (WatchDevices sends one status per interval, up to a minute

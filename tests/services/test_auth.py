@@ -28,11 +28,12 @@ from kernelmesh.v1 import (
     llm_pb2,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
+    shm_pb2,
     task_pb2,
     task_pb2_grpc,
 )
 
-SERVICES = (task_pb2, device_pb2, llm_pb2, orchestrator_pb2)
+SERVICES = (task_pb2, device_pb2, llm_pb2, orchestrator_pb2, shm_pb2)
 ROLE_PROTO = {
     Role.ADMIN: orchestrator_pb2.API_KEY_ROLE_ADMIN,
     Role.USER: orchestrator_pb2.API_KEY_ROLE_USER,
