@@ -375,12 +375,10 @@ async def test_the_bootstrap_admin_key_is_a_0600_file_named_but_not_logged(
 
 
 async def test_keys_survive_a_restart(server_config, tmp_path, start_server):
-    """Needs the durable Store (issue 7): with the in-memory key store there is
-    nothing to survive, and the test says so instead of passing."""
+    """Keys live in the state store: a key made before a restart works after it."""
     config = dataclasses.replace(server_config, auth=True, state_dir=str(tmp_path / "s"))
     first = await start_server(config)
-    if isinstance(first.api_keys, MemoryApiKeyStore):
-        pytest.skip("keys are kept in memory until the durable Store (issue 7) is wired in")
+    assert not isinstance(first.api_keys, MemoryApiKeyStore)
     admin = (tmp_path / "s" / BOOTSTRAP_FILE).read_text().strip()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as chan:
         created = await orchestrator_pb2_grpc.OrchestratorServiceStub(chan).CreateApiKey(
