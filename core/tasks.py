@@ -30,6 +30,7 @@ from cachetools import LRUCache
 
 from kernelmesh.core import metrics, ops, placement
 from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
+from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -56,6 +57,11 @@ from kernelmesh.core.tensor_store import StoredTensor, TensorStore
 from kernelmesh.native.backend import LaunchError, OutOfDeviceMemory
 
 PREFIX = "tasks/"
+# Forwarded attempts in flight per remote device and worker slot: forwarding
+# waits on the network, not on a core.
+REMOTE_WINDOW = 32
+# A task is placed again at most this many times after losing its node.
+MAX_NODE_LOSSES = 3
 DEADLINE_SKEW = 0.05  # seconds
 
 log = logging.getLogger(__name__)
@@ -152,6 +158,17 @@ class Task:
     retry: RetryPolicy = DEFAULT_RETRY
     attempt: int = 0
     attempts: list[Attempt] = field(default_factory=list)
+    # The mesh: what the task asked for (to place it again when its node is lost),
+    # why it went where it did, and a fencing count of dispatches (every task,
+    # journaled or not, so a late answer from an earlier dispatch is dropped).
+    selector: DeviceSelector = field(default_factory=DeviceSelector)
+    placement_reason: str = ""
+    dispatch: int = 0
+    node_losses: int = 0
+    # W3C trace context of the submitting call (a JSON object of carrier headers),
+    # kept with the task and sent along with each forwarded attempt.
+    trace_context: str = ""
+    _forward: asyncio.Future | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
@@ -235,7 +252,11 @@ class TaskManager:
         self._workers: list[asyncio.Task] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
-        self._capable: dict = {}  # select()'s, for this fixed list of devices
+        self._capable: dict = {}  # select()'s, cleared when the devices change
+        # The mesh: tasks whose node was lost with no other device able to run
+        # them yet; placed again when a node joins. Only an orchestrator parks.
+        self.park_unplaced = False
+        self._unplaced: dict[int, Task] = {}
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
         )
@@ -339,6 +360,10 @@ class TaskManager:
         for device in self.devices:
             if device.name == name:
                 return device
+        if not self.devices:  # an orchestrator before any node joined
+            from kernelmesh.core.mesh.nodes import placeholder
+
+            return placeholder(name)
         return self.devices[0]  # a finished task's device that is gone: name kept apart
 
     def _restore_finished(
@@ -460,6 +485,7 @@ class TaskManager:
             fingerprint=record.fingerprint,
             attempt=record.attempt,
             attempts=attempts,
+            trace_context=record.trace_context,
         )
         if record.request_id:
             self._requests[(record.tenant, record.request_id)] = task
@@ -512,8 +538,99 @@ class TaskManager:
             inputs=arrays,
             elements=work.elements,
             device_name=device.name,
+            selector=spec.selector,
         )
+        if len(self.devices) > 1:
+            task.placement_reason = self._reason(spec.selector, spec.op, dtype)
         return task
+
+    def _reason(self, selector: DeviceSelector, op: str, dtype: str) -> str:
+        capable = self._capable.get((selector, op, dtype)) or ()
+        if selector.name:
+            return f"the selector names {selector.name!r}"
+        if len(capable) == 1:
+            return f"the only device that runs {op} on {dtype}"
+        return f"earliest expected finish of {len(capable)} capable devices"
+
+    # -- the mesh: devices that come and go -------------------------------
+
+    def add_devices(self, devices: Sequence[LocalDevice]) -> None:
+        """Devices of a node that joined: placed from now on."""
+        self.devices.extend(devices)
+        self._capable.clear()
+        for device in devices:
+            self._work[device] = asyncio.Event()
+            window = REMOTE_WINDOW if getattr(device, "remote", False) else 1
+            for _ in range(self.options.workers_per_device * window):
+                self._workers.append(asyncio.create_task(self._worker(device)))
+        self._workers = [w for w in self._workers if not w.done()]
+        parked, self._unplaced = self._unplaced, {}
+        for task in parked.values():
+            self._enqueue(task)
+
+    def remove_devices(self, devices: Sequence[LocalDevice]) -> None:
+        """Devices of a node that is lost or draining: no new work; what was queued
+        for them is placed again. Running attempts are the caller's to end."""
+        gone = set(devices)
+        self.devices = [d for d in self.devices if d not in gone]
+        self._capable.clear()
+        for device in devices:
+            device.gone = True
+            for seq in device.queue.drain():
+                task = self._queued.pop(seq, None)
+                if task is not None:
+                    self._enqueue(task)
+            event = self._work.get(device)
+            if event is not None:
+                event.set()
+
+    def _replace(self, task: Task) -> bool:
+        """Places a task again (its device left); False if it was parked or failed."""
+        call = task.call
+        dtype = call.inputs[0].dtype if call is not None and call.inputs else ""
+        try:
+            device = select(
+                self.devices,
+                task.selector,
+                task.op,
+                dtype,
+                shapes=[m.shape for m in call.inputs] if call is not None else (),
+                params=call.params if call is not None else None,
+                work=placement.work_of(call) if call is not None else None,
+                cache=self._capable,
+            )
+        except KernelmeshError as exc:
+            if self.park_unplaced and self._accepting:
+                self._unplaced[task.seq] = task
+                self._emit(task, f"waiting for a node that can run it ({exc.message})")
+                return False
+            self._finish(task, TaskState.FAILED, TaskFailure(Code.UNAVAILABLE, exc.message))
+            return False
+        metrics.REDISPATCHED.inc(())
+        task.device = device
+        task.device_name = device.name
+        task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
+        if task.journaled:
+            self._journal(UpdateTask(task.id, {"device": device.name}))
+        return True
+
+    def _node_lost(self, task: Task, device: LocalDevice, message: str) -> None:
+        """The node running an attempt is gone: the attempt failed, and the task goes
+        back to the queue as a new attempt (up to MAX_NODE_LOSSES times)."""
+        failure = TaskFailure(Code.UNAVAILABLE, message)
+        task.node_losses += 1
+        if task.node_losses > MAX_NODE_LOSSES:
+            self._finish(task, TaskState.FAILED, failure)
+            return
+        ended = self._end_attempt(task, TaskState.FAILED, failure)
+        task.state = TaskState.QUEUED
+        task.placement_reason = f"{device.name} was lost"
+        if task.journaled:
+            self._journal(
+                UpdateTask(task.id, {"state": int(TaskState.QUEUED)}),
+                *([PutAttempt(_attempt_record(task.id, ended))] if ended else []),
+            )
+        self._enqueue(task)
 
     def _validated(
         self, op: str, metas: list[ops.TensorMeta], params: Mapping[str, object]
@@ -633,6 +750,7 @@ class TaskManager:
             attempt=0,
             device=task.device_name,
             create_time=task.create_time,
+            trace_context=task.trace_context,
         )
 
     def _journal(self, *ops_: Op) -> None:
@@ -688,12 +806,15 @@ class TaskManager:
         return (
             task.elements <= self.options.inline_max_elements
             and task.device.info.kind is DeviceKind.CPU
+            and not getattr(task.device, "remote", False)
         )
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
 
     def _enqueue(self, task: Task) -> None:
+        if getattr(task.device, "gone", False) and not self._replace(task):
+            return
         self._queued[task.seq] = task
         task.device.queue.push(task.seq, task.tenant, task.priority)
         self._emit(task, "queued")
@@ -764,6 +885,9 @@ class TaskManager:
         if task.state is TaskState.QUEUED:
             task.device.queue.remove(task.seq)
             self._queued.pop(task.seq, None)
+            self._unplaced.pop(task.seq, None)
+        if task._forward is not None:
+            task._forward.cancel()  # the forwarded call is cancelled on its node too
         self._finish(task, state, TaskFailure(code, message))
 
     # -- execution --------------------------------------------------------
@@ -771,7 +895,10 @@ class TaskManager:
     async def _worker(self, device: LocalDevice) -> None:
         loop = asyncio.get_running_loop()
         work = self._work[device]
+        remote = getattr(device, "remote", False)
         while True:
+            if remote and device.gone:
+                return
             if not len(device.queue):
                 work.clear()
                 await work.wait()
@@ -785,6 +912,9 @@ class TaskManager:
                 )
                 continue
             self._start(task)
+            if remote:
+                await self._forward(task, device)
+                continue
             attempt = task.attempt
             device.task_started()
             began = time.perf_counter()
@@ -804,6 +934,48 @@ class TaskManager:
                 self._fail(task, failure)
             else:
                 self._complete(task, outputs, time.perf_counter() - began)
+
+    async def _forward(self, task: Task, device: LocalDevice) -> None:
+        """Runs one attempt on another node. Its answer counts only if the task is
+        still on this dispatch (fencing); a lost node sends the task back to the queue."""
+        task.dispatch += 1
+        dispatch = task.dispatch
+        node = device.node  # type: ignore[attr-defined]
+        forward = asyncio.ensure_future(device.forward(task))  # type: ignore[attr-defined]
+        task._forward = forward
+        node.inflight.add(forward)
+        device.task_started()
+        began = time.perf_counter()
+        failure: TaskFailure | None = None
+        lost: str | None = None
+        outputs = None
+        try:
+            await asyncio.wait((forward,))
+        finally:
+            device.task_ended()
+            node.inflight.discard(forward)
+            if task._forward is forward:
+                task._forward = None
+        if task.state.terminal or task.dispatch != dispatch:
+            return  # cancelled, or a late answer from an attempt that was replaced
+        if forward.cancelled():
+            lost = f"{device.name} was lost while running attempt: {device.lost_reason}"
+        else:
+            exc = forward.exception()
+            if exc is None:
+                outputs = forward.result()
+            elif isinstance(exc, NodeLost):
+                lost = str(exc)
+            elif isinstance(exc, AttemptFailed):
+                failure = exc.failure
+            else:
+                failure = TaskFailure(Code.INTERNAL, f"forwarding to {device.name}: {exc!r}")
+        if lost is not None:
+            self._node_lost(task, device, lost)
+        elif failure is not None:
+            self._fail(task, failure)
+        else:
+            self._complete(task, outputs, time.perf_counter() - began)
 
     def _run_inline(self, task: Task) -> None:
         self._start(task)

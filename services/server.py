@@ -29,6 +29,10 @@ from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
+from kernelmesh.core.mesh.nodes import Mesh
+from kernelmesh.services.mesh_forward import Forwarder
+from kernelmesh.services.node_agent import NodeAgent
+from kernelmesh.services.orchestrator_nodes import NodeRpcs
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -41,6 +45,11 @@ from kernelmesh.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class OrchestratorServicer(NodeRpcs, UnimplementedOrchestratorServicer):
+    """OrchestratorService: the node RPCs (services/orchestrator_nodes.py) over the
+    rest, which answer UNIMPLEMENTED until their own modules join here."""
 
 SERVICE_NAMES = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
@@ -65,7 +74,10 @@ class Server:
         self._health = HealthServicer()
         self._runner = None
         self._warmup: asyncio.Task | None = None
-        self.devices = device_discovery.discover(config.node_name, config.backends)
+        if config.role == "orchestrator" and not config.with_node:
+            self.devices: list = []  # devices come from the nodes that join
+        else:
+            self.devices = device_discovery.discover(config.node_name, config.backends)
         store_kind = config.store or ("sqlite" if config.state_dir else "memory")
         # Opened (and migrated) in start(); a bad --store fails here.
         self.state: Store = open_store(store_kind, config.state_dir)
@@ -82,6 +94,17 @@ class Server:
             ),
             journal=self.state,
         )
+        # The mesh (orchestrator side): nodes join this server, and the same
+        # TaskService forwards attempts placed on their devices.
+        self.mesh: Mesh | None = None
+        self.agent: NodeAgent | None = None
+        self._forwarder: Forwarder | None = None
+        if config.role in ("serve", "orchestrator"):
+            self.tasks.park_unplaced = config.role == "orchestrator"
+            self._forwarder = Forwarder(
+                max_message_bytes=config.max_message_bytes, limits=config.limits
+            )
+            self.mesh = Mesh(self.tasks, self._forwarder, lease_seconds=config.lease_seconds)
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(
@@ -112,12 +135,14 @@ class Server:
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(self.tasks, cfg.limits), server
         )
-        monitor = DeviceMonitor(self.devices)
+        monitor = DeviceMonitor(self.devices, self.mesh.devices if self.mesh else None)
         device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(monitor), server)
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            UnimplementedOrchestratorServicer(), server
+            OrchestratorServicer(self.mesh) if self.mesh else UnimplementedOrchestratorServicer(),
+            server,
         )
+        self._monitor = monitor
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
@@ -172,6 +197,8 @@ class Server:
             time.perf_counter() - began,
         )
         await self.llm.start()
+        if self.mesh is not None:
+            await self.mesh.start()
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
@@ -195,6 +222,17 @@ class Server:
         for name in SERVING:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.mesh is not None:
+            await self._health.set(SERVICE_NAMES[3], health_pb2.HealthCheckResponse.SERVING)
+        if self.config.role == "node":
+            self.agent = NodeAgent(
+                name=self.config.node_name,
+                address=self.config.advertise or f"{self.config.host}:{self.port}",
+                join=self.config.join,
+                devices=self.devices,
+                monitor=self._monitor,
+            )
+            self.agent.start()
         self.started = True
         log.info("kernelmesh ready on %s:%d", self.config.host, self.port)
 
@@ -236,7 +274,13 @@ class Server:
         await self._health.enter_graceful_shutdown()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
+        if self.agent is not None:
+            await self.agent.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
+        if self._forwarder is not None:
+            await self._forwarder.close()
         await self.state.close()  # commits what is queued
         if self._runner is not None:
             await self._runner.cleanup()
@@ -265,6 +309,14 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if config.role == "node":
+        # A drained node leaves once its running work is done.
+        await server.wait_started()
+        drained = asyncio.ensure_future(server.agent.drained.wait())
+        await asyncio.wait((drained, asyncio.ensure_future(stop.wait())), return_when="FIRST_COMPLETED")
+        if drained.done():
+            print("kernelmesh node drained; leaving the mesh", flush=True)
+            stop.set()
     await stop.wait()
     print(f"kernelmesh draining (grace {config.grace_seconds:g}s)", flush=True)
     await server.stop()
