@@ -971,6 +971,9 @@ class TaskManager:
             else:
                 failure = TaskFailure(Code.INTERNAL, f"forwarding to {device.name}: {exc!r}")
         if lost is not None:
+            # A node that cannot be reached takes no more work now, not at its lease's
+            # end; if it is alive after all, its next heartbeat is refused and it joins again.
+            node.mesh.unreachable(node, lost)
             self._node_lost(task, device, lost)
         elif failure is not None:
             self._fail(task, failure)

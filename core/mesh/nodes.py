@@ -354,6 +354,11 @@ class Mesh:
             self._lose(node, f"no heartbeat for {self.lease_seconds:g}s (lease expired)")
         return lost
 
+    def unreachable(self, node: Node, reason: str) -> None:
+        """A forwarded call found the node unreachable: it is LOST at once."""
+        if node.state is not NodeState.LOST and self.nodes.get(node.name) is node:
+            self._lose(node, reason)
+
     def _lose(self, node: Node, reason: str) -> None:
         was = node.state
         node.state = NodeState.LOST
