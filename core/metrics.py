@@ -108,6 +108,7 @@ def child(metric, *labels: str):
         found = _children[key] = metric.labels(*labels)
     return found
 
+
 # The mesh (core/mesh): membership and failover.
 NODES = Gauge("kernelmesh_nodes", "Nodes joined to this orchestrator and not lost.")
 NODES_LOST = Tally("kernelmesh_nodes_lost", "Nodes declared LOST (lease expired or rejoined).", ())

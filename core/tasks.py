@@ -30,7 +30,6 @@ from cachetools import LRUCache
 
 from kernelmesh.core import metrics, ops, placement
 from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
-from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -40,6 +39,7 @@ from kernelmesh.core.errors import (
     Unavailable,
     Violation,
 )
+from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
 from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord, codec
 from kernelmesh.core.store.base import (
     AttemptRecord,

@@ -92,9 +92,7 @@ class NodeAgent:
             name=self.name,
             address=self.address,
             version=VERSION,
-            devices=[
-                convert.device_to_proto(d.info, self.monitor.status(d)) for d in self.devices
-            ],
+            devices=[convert.device_to_proto(d.info, self.monitor.status(d)) for d in self.devices],
             capabilities=capabilities(self.devices),
         )
 
@@ -107,9 +105,7 @@ class NodeAgent:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.error("orchestrator %s refused this node: %s", address, exc.details())
                 else:
-                    log.warning(
-                        "orchestrator %s: %s %s", address, exc.code().name, exc.details()
-                    )
+                    log.warning("orchestrator %s: %s %s", address, exc.code().name, exc.details())
             if self.drained.is_set():
                 return
             await asyncio.sleep(RETRY_SECONDS)

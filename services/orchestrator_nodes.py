@@ -188,7 +188,4 @@ class NodeRpcs:
 
     @rpc
     async def DrainNode(self, request, context):
-        return orchestrator_pb2.DrainNodeResponse(
-            node=node_to_proto(self.mesh.drain(request.name))
-        )
-
+        return orchestrator_pb2.DrainNodeResponse(node=node_to_proto(self.mesh.drain(request.name)))

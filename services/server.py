@@ -18,6 +18,7 @@ from kernelmesh.core import devices as device_discovery
 from kernelmesh.core import placement
 from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.llm import Gateway
+from kernelmesh.core.mesh.nodes import Mesh
 from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
@@ -26,13 +27,12 @@ from kernelmesh.services import dashboard, openai_facade, sidecar
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.llm_servicer import LLMServicer
-from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
-from kernelmesh.services.task_servicer import TaskServicer
-from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
-from kernelmesh.core.mesh.nodes import Mesh
 from kernelmesh.services.mesh_forward import Forwarder
 from kernelmesh.services.node_agent import NodeAgent
 from kernelmesh.services.orchestrator_nodes import NodeRpcs
+from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
+from kernelmesh.services.task_servicer import TaskServicer
+from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 class OrchestratorServicer(NodeRpcs, UnimplementedOrchestratorServicer):
     """OrchestratorService: the node RPCs (services/orchestrator_nodes.py) over the
     rest, which answer UNIMPLEMENTED until their own modules join here."""
+
 
 SERVICE_NAMES = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
@@ -313,7 +314,9 @@ async def serve(config: ServerConfig) -> None:
         # A drained node leaves once its running work is done.
         await server.wait_started()
         drained = asyncio.ensure_future(server.agent.drained.wait())
-        await asyncio.wait((drained, asyncio.ensure_future(stop.wait())), return_when="FIRST_COMPLETED")
+        await asyncio.wait(
+            (drained, asyncio.ensure_future(stop.wait())), return_when="FIRST_COMPLETED"
+        )
         if drained.done():
             print("kernelmesh node drained; leaving the mesh", flush=True)
             stop.set()

@@ -288,8 +288,7 @@ class Mesh:
         node = self.nodes.get(name)
         if node is None or node.state is NodeState.LOST:
             raise NotFound(
-                f"node {name!r} is not registered here (its lease may have expired); "
-                "register again"
+                f"node {name!r} is not registered here (its lease may have expired); register again"
             )
         node.queue_depth = queue_depth
         node.running = running

@@ -226,8 +226,10 @@ def test_drain_node(mesh, kernelmesh):
             task_pb2.SubmitTaskRequest(task=spec("matmul", big, big, device="node-a"))
         ).task.name
         wait_for(
-            lambda: stub.GetTask(task_pb2.GetTaskRequest(name=running)).task.state
-            >= task_pb2.TASK_STATE_RUNNING,
+            lambda: (
+                stub.GetTask(task_pb2.GetTaskRequest(name=running)).task.state
+                >= task_pb2.TASK_STATE_RUNNING
+            ),
             what="the pinned task started",
         )
         drained = kernelmesh("drain", "node-a", "--target", orch.target)
@@ -239,8 +241,10 @@ def test_drain_node(mesh, kernelmesh):
             reply = stub.RunTask(task_pb2.RunTaskRequest(task=spec("add", x, x)), timeout=30)
             assert reply.task.device.startswith("node-b/")
         wait_for(
-            lambda: stub.GetTask(task_pb2.GetTaskRequest(name=running)).task.state
-            == task_pb2.TASK_STATE_SUCCEEDED,
+            lambda: (
+                stub.GetTask(task_pb2.GetTaskRequest(name=running)).task.state
+                == task_pb2.TASK_STATE_SUCCEEDED
+            ),
             what="the running task finished on the draining node",
         )
         task = stub.GetTask(task_pb2.GetTaskRequest(name=running)).task
