@@ -247,10 +247,12 @@ def select(
         raise FailedPrecondition("; ".join(r for r in refusals if r))
     if len(able) == 1:
         return able[0]
-    # Ties spread: the scan starts one device further each time, so devices
-    # expected to finish alike take turns instead of the first taking all.
-    start = next(_turn) % len(able)
-    return min(able[start:] + able[:start], key=lambda d: _expected_finish(d, work))
+    if getattr(able[-1], "remote", False):
+        # Ties between nodes spread: the scan starts one device further each time,
+        # so nodes expected to finish alike take turns instead of the first taking all.
+        start = next(_turn) % len(able)
+        able = able[start:] + able[:start]
+    return min(able, key=lambda d: _expected_finish(d, work))
 
 
 def _capable(
@@ -282,4 +284,6 @@ def _capable(
 def _expected_finish(device: LocalDevice, work: Work | None) -> tuple:
     load = device.running + len(device.queue)
     is_cpu = device.info.kind is DeviceKind.CPU
-    return placement.expected_finish(device.speed, work, load, is_cpu=is_cpu)
+    # A device of another node: the bytes also cross the network, both ways.
+    moved = work.bytes if work is not None and getattr(device, "remote", False) else 0
+    return placement.expected_finish(device.speed, work, load, is_cpu=is_cpu, network_bytes=moved)
