@@ -24,9 +24,7 @@ async def test_health_list_names_every_service_without_logging_an_error(channel,
     assert statuses[""] == health_pb2.HealthCheckResponse.SERVING
     assert statuses["kernelmesh.v1.TaskService"] == health_pb2.HealthCheckResponse.SERVING
     # The mesh's node RPCs answer (workflows and API keys are still UNIMPLEMENTED).
-    assert statuses["kernelmesh.v1.OrchestratorService"] == (
-        health_pb2.HealthCheckResponse.SERVING
-    )
+    assert statuses["kernelmesh.v1.OrchestratorService"] == (health_pb2.HealthCheckResponse.SERVING)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
