@@ -162,7 +162,7 @@ def failover(lease: float) -> float:
     b, _ = start("failover-b", "node", "--name", "node-b", "--join", target)
     try:
         wait_nodes(target, 2)
-        big = np.ones((600, 600), np.float32)
+        big = np.ones((1200, 1200), np.float32)
         spec = task_pb2.TaskSpec(op="matmul")
         for _ in range(2):
             t = spec.inputs.add().tensor
@@ -171,17 +171,21 @@ def failover(lease: float) -> float:
             t.data = big.tobytes()
         with grpc.insecure_channel(target) as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
+            # Enough work that both nodes are busy when node-a dies.
             names = [
-                stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec)).task.name for _ in range(12)
+                stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec)).task.name for _ in range(16)
             ]
 
             def tasks():
                 return [stub.GetTask(task_pb2.GetTaskRequest(name=n)).task for n in names]
 
+            deadline = time.monotonic() + 60
             while not any(
                 t.state == task_pb2.TASK_STATE_RUNNING and t.device.startswith("node-a")
                 for t in tasks()
             ):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no task ran on node-a")
                 time.sleep(0.01)
             held = [
                 t.name

@@ -256,6 +256,11 @@ class TaskManager:
         # The mesh: tasks whose node was lost with no other device able to run
         # them yet; placed again when a node joins. Only an orchestrator parks.
         self.park_unplaced = False
+        # Several orchestrators on one shared store: the tasks this one accepted are
+        # its own (`owner`) under a lease it renews; an expired one is claimed by
+        # another (`adopt`). None: the only process on its store.
+        self.owner: str | None = None
+        self.lease_seconds = 10.0
         self._unplaced: dict[int, Task] = {}
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
@@ -349,12 +354,27 @@ class TaskManager:
                     continue
                 self._restore_finished(record, attempts, snap)
                 finished += 1
+            elif self.owner:
+                # A shared store: unfinished tasks are claimed (SKIP LOCKED) once their
+                # holder's lease has run out, by whichever orchestrator sweeps first.
+                continue
             else:
                 self._restore_unfinished(record, attempts, snap)
                 queued += 1
         if self._finished:
             self._evict()
         return queued, finished, tensors
+
+    def adopt(self, snap: Snapshot) -> int:
+        """Runs the unfinished tasks claimed from an orchestrator whose lease ran
+        out, as `recover` does after a restart (a RUNNING one's attempt is lost)."""
+        for record in snap.tasks:
+            if PREFIX + record.id in self._tasks:
+                continue
+            record.seq = next(self._seq)  # this process's numbering; ids stay
+            attempts = [_attempt_of(a) for a in snap.attempts.get(record.id, [])]
+            self._restore_unfinished(record, attempts, snap)
+        return len(snap.tasks)
 
     def _device_named(self, name: str) -> LocalDevice:
         for device in self.devices:
@@ -749,6 +769,8 @@ class TaskManager:
             fingerprint=task.fingerprint,
             attempt=0,
             device=task.device_name,
+            node=self.owner,
+            lease_until=time.time() + self.lease_seconds if self.owner else None,
             create_time=task.create_time,
             trace_context=task.trace_context,
         )

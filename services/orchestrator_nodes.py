@@ -95,6 +95,16 @@ def _status(msg: device_pb2.DeviceStatus) -> DeviceStatus:
     )
 
 
+def registration_of(request: orchestrator_pb2.RegisterNodeRequest) -> Registration:
+    return Registration(
+        name=request.name,
+        address=request.address,
+        version=request.version,
+        devices=[_device_info(d) for d in request.devices],
+        capabilities=[_capability(c) for c in request.capabilities],
+    )
+
+
 class NodeRpcs:
     """A mixin for the OrchestratorService servicer: the node RPCs."""
 
@@ -105,14 +115,12 @@ class NodeRpcs:
     async def RegisterNode(self, request, context):
         # Sizes first: nothing per device is built for a request that claims too much.
         check_counts(len(request.devices), len(request.capabilities))
-        registration = Registration(
-            name=request.name,
-            address=request.address,
-            version=request.version,
-            devices=[_device_info(d) for d in request.devices],
-            capabilities=[_capability(c) for c in request.capabilities],
-        )
-        node = self.mesh.register(registration)
+        record = ""
+        if self.mesh.store is not None:
+            from kernelmesh.services.mesh_sync import encode
+
+            record = encode(request)
+        node = self.mesh.register(registration_of(request), record)
         return orchestrator_pb2.RegisterNodeResponse(
             node=node_to_proto(node),
             heartbeat_interval_seconds=max(1, int(self.mesh.heartbeat_seconds)),

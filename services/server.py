@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.mesh_forward import Forwarder
+from kernelmesh.services.mesh_sync import SharedMesh
 from kernelmesh.services.node_agent import NodeAgent
 from kernelmesh.services.orchestrator_nodes import NodeRpcs
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
@@ -106,6 +108,14 @@ class Server:
                 max_message_bytes=config.max_message_bytes, limits=config.limits
             )
             self.mesh = Mesh(self.tasks, self._forwarder, lease_seconds=config.lease_seconds)
+        self.shared: SharedMesh | None = None
+        if self.mesh is not None and self.state.shared:
+            # Orchestrators sharing one store: tasks are held under leases.
+            owner = f"{config.node_name}-{secrets.token_hex(4)}"
+            self.tasks.owner = self.mesh.owner = owner
+            self.tasks.lease_seconds = config.lease_seconds
+            self.mesh.store = self.state
+            self.shared = SharedMesh(self.mesh, self.tasks, self.state, owner)
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(
@@ -200,6 +210,8 @@ class Server:
         await self.llm.start()
         if self.mesh is not None:
             await self.mesh.start()
+        if self.shared is not None:
+            self.shared.start()
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
@@ -279,6 +291,8 @@ class Server:
             await self.agent.stop()
         if self.mesh is not None:
             await self.mesh.stop()
+        if self.shared is not None:
+            await self.shared.stop()
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
         if self._forwarder is not None:
             await self._forwarder.close()

@@ -28,8 +28,15 @@ import numpy as np
 
 from kernelmesh.core import metrics
 from kernelmesh.core.devices import DeviceInfo, DeviceKind, DeviceStatus, LocalDevice
-from kernelmesh.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from kernelmesh.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KernelmeshError,
+    NotFound,
+    Violation,
+)
 from kernelmesh.core.placement import DeviceSpeed
+from kernelmesh.core.store.base import NodeRecord, PutNode, RenewNode, Store
 
 if TYPE_CHECKING:
     from kernelmesh.core.tasks import Task, TaskFailure, TaskManager
@@ -134,6 +141,9 @@ class Node:
     # Forwarded attempts in flight, cancelled if the node is lost.
     inflight: set[asyncio.Future] = field(default_factory=set)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    # Joined to another orchestrator on the shared store: placed here, its lease
+    # read from the store.
+    foreign: bool = False
 
     @property
     def resource_name(self) -> str:
@@ -218,6 +228,10 @@ class Mesh:
         self.version = version
         self.nodes: dict[str, Node] = {}
         self._sweeper: asyncio.Task | None = None
+        # A store shared with other orchestrators (PostgreSQL): node records and
+        # their leases are written there, under this orchestrator's id.
+        self.store: Store | None = None
+        self.owner = ""
         self.changed = asyncio.Event()  # set on every membership change (WatchDevices)
 
     @property
@@ -238,8 +252,44 @@ class Mesh:
 
     # -- membership -------------------------------------------------------
 
-    def register(self, reg: Registration) -> Node:
+    def register(self, reg: Registration, record: str = "") -> Node:
+        """A node joins through this orchestrator. `record` (the request, as the
+        servicer encodes it) is kept in a shared store for the other orchestrators."""
         reg.check(self.version)
+        node = self._join(reg, foreign=False)
+        if self.store is not None:
+            self.store.write(
+                PutNode(
+                    NodeRecord(reg.name, self.owner, reg.address, record, node.lease_expire_wall)
+                )
+            )
+        return node
+
+    def sync_foreign(self, entries: Sequence[tuple[NodeRecord, Registration]]) -> None:
+        """Nodes joined to the other orchestrators of the shared store: placed here
+        too, while their lease in the store holds."""
+        now = time.time()
+        for record, reg in entries:
+            if record.orchestrator == self.owner or record.lease_until <= now:
+                continue
+            node = self.nodes.get(record.name)
+            if node is not None and node.state is not NodeState.LOST:
+                if not node.foreign:
+                    continue  # it heartbeats here: this orchestrator knows best
+                if node.address == record.address:
+                    node.lease_until = time.monotonic() + (record.lease_until - now)
+                    node.lease_expire_wall = record.lease_until
+                    continue
+            try:
+                reg.check(self.version)
+                node = self._join(reg, foreign=True)
+            except KernelmeshError as exc:
+                log.warning("node %s in the store is not usable here: %s", record.name, exc)
+                continue
+            node.lease_until = time.monotonic() + (record.lease_until - now)
+            node.lease_expire_wall = record.lease_until
+
+    def _join(self, reg: Registration, *, foreign: bool) -> Node:
         by_device = {c.device: c for c in reg.capabilities}
         seen: set[str] = set()
         devices: list[RemoteDevice] = []
@@ -262,10 +312,15 @@ class Mesh:
             )
         old = self.nodes.get(reg.name)
         if old is not None and old.state is not NodeState.LOST:
-            # A restarted node rejoins under its name: the old incarnation's work
-            # is as lost as its process.
-            self._lose(old, "the node registered again (restarted)")
-        node = Node(self, reg.name, reg.address, reg.version, devices)
+            if old.foreign and old.address == reg.address:
+                # The same process, now joined here: its running attempts go on.
+                old.state = NodeState.LOST
+                self.tasks.remove_devices(old.devices)
+            else:
+                # A restarted node rejoins under its name: the old incarnation's
+                # work is as lost as its process.
+                self._lose(old, "the node registered again (restarted)")
+        node = Node(self, reg.name, reg.address, reg.version, devices, foreign=foreign)
         for device in devices:
             device.node = node
         self.nodes.pop(reg.name, None)
@@ -298,6 +353,8 @@ class Mesh:
             if device is not None:
                 device.reported = status
         self._renew(node)
+        if self.store is not None:
+            self.store.write(RenewNode(name, self.owner, node.lease_expire_wall))
         return node
 
     def _renew(self, node: Node) -> None:

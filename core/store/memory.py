@@ -12,12 +12,15 @@ from kernelmesh.core.store.base import (
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    NodeRecord,
     Op,
     PutApiKey,
     PutAttempt,
     PutBlob,
+    PutNode,
     PutTask,
     PutTensor,
+    RenewNode,
     RevokeApiKey,
     Snapshot,
     Store,
@@ -39,6 +42,7 @@ class MemoryStore(Store):
         self.blobs: dict[str, bytes] = {}
         self.tensors: dict[str, TensorRecord] = {}
         self.api_keys: dict[str, ApiKeyRecord] = {}
+        self.nodes: dict[str, NodeRecord] = {}
 
     @property
     def where(self) -> str:
@@ -87,10 +91,19 @@ class MemoryStore(Store):
             self.blobs.pop(op.name, None)
         elif isinstance(op, PutApiKey):
             self.api_keys[op.record.key_id] = op.record
+        elif isinstance(op, PutNode):
+            self.nodes[op.record.name] = op.record
+        elif isinstance(op, RenewNode):
+            node = self.nodes.get(op.name)
+            if node is not None and node.orchestrator == op.orchestrator:
+                self.nodes[op.name] = dataclasses.replace(node, lease_until=op.lease_until)
         elif isinstance(op, RevokeApiKey):
             record = self.api_keys.get(op.key_id)
             if record is not None and (record.revoked_at is None or record.revoked_at > op.at):
                 self.api_keys[op.key_id] = dataclasses.replace(record, revoked_at=op.at)
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return [self.nodes[k] for k in sorted(self.nodes)]
 
     async def load(self) -> Snapshot:
         snap = Snapshot(

@@ -86,6 +86,20 @@ CREATE TABLE api_keys (
 """
 
 
+# The mesh: nodes as their orchestrator registered them (the request, opaque
+# here), so every orchestrator sharing the store can place on every node; the
+# lease is renewed by the orchestrator the node heartbeats to.
+_V2 = """
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    orchestrator TEXT NOT NULL,
+    address TEXT NOT NULL,
+    registration TEXT NOT NULL,
+    lease_until {real} NOT NULL
+);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -95,6 +109,7 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tasks, attempts, blobs, named tensors, API keys", _V1),
+    Migration(2, "nodes of the mesh", _V2),
 )
 LATEST = MIGRATIONS[-1].version
 
