@@ -26,6 +26,7 @@ from kernelmesh.v1 import (
 pytestmark = pytest.mark.e2e
 
 LEASE = "1.5"
+BASIC = task_pb2.TASK_VIEW_BASIC  # polls without the outputs' bytes
 
 
 @pytest.fixture
@@ -173,19 +174,25 @@ def test_a_partitioned_node_loses_its_attempts_and_its_late_results(mesh):
     lease the work runs on node-b; node-a, resumed, rejoins and its late answers
     are discarded (each task has one succeeded attempt)."""
     orch, a, _ = mesh
-    big = np.ones((700, 700), np.float32)
+    big = np.ones((900, 900), np.float32)
     with grpc.insecure_channel(orch.target) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
+        # Compiled on both nodes first: a node busy compiling may miss heartbeats.
+        for node in ("node-a", "node-b"):
+            stub.RunTask(
+                task_pb2.RunTaskRequest(task=spec("matmul", big, big, device=node)), timeout=120
+            )
+        wait_for(lambda: ready_nodes(orch.target) == {"node-a", "node-b"}, what="both READY")
         names = [
             stub.SubmitTask(
                 task_pb2.SubmitTaskRequest(task=spec("matmul", big, big, device="", retries=5)),
                 timeout=30,
             ).task.name
-            for _ in range(6)
+            for _ in range(10)
         ]
 
         def running_on_a() -> bool:
-            tasks = [stub.GetTask(task_pb2.GetTaskRequest(name=n)).task for n in names]
+            tasks = [stub.GetTask(task_pb2.GetTaskRequest(name=n, view=BASIC)).task for n in names]
             return any(
                 t.state == task_pb2.TASK_STATE_RUNNING and t.device.startswith("node-a")
                 for t in tasks
@@ -199,7 +206,7 @@ def test_a_partitioned_node_loses_its_attempts_and_its_late_results(mesh):
         a.process.send_signal(signal.SIGCONT)
 
         def done() -> list:
-            tasks = [stub.GetTask(task_pb2.GetTaskRequest(name=n)).task for n in names]
+            tasks = [stub.GetTask(task_pb2.GetTaskRequest(name=n, view=BASIC)).task for n in names]
             return tasks if all(t.state >= task_pb2.TASK_STATE_SUCCEEDED for t in tasks) else []
 
         tasks = wait_for(done, timeout=180, what="every task finished")
@@ -227,7 +234,7 @@ def test_drain_node(mesh, kernelmesh):
         ).task.name
         wait_for(
             lambda: (
-                stub.GetTask(task_pb2.GetTaskRequest(name=running)).task.state
+                stub.GetTask(task_pb2.GetTaskRequest(name=running, view=BASIC)).task.state
                 >= task_pb2.TASK_STATE_RUNNING
             ),
             what="the pinned task started",
@@ -242,12 +249,12 @@ def test_drain_node(mesh, kernelmesh):
             assert reply.task.device.startswith("node-b/")
         wait_for(
             lambda: (
-                stub.GetTask(task_pb2.GetTaskRequest(name=running)).task.state
+                stub.GetTask(task_pb2.GetTaskRequest(name=running, view=BASIC)).task.state
                 == task_pb2.TASK_STATE_SUCCEEDED
             ),
             what="the running task finished on the draining node",
         )
-        task = stub.GetTask(task_pb2.GetTaskRequest(name=running)).task
+        task = stub.GetTask(task_pb2.GetTaskRequest(name=running, view=BASIC)).task
         assert task.device == "node-a/cpu:0"
         # Pinned to a node that is leaving: refused with the reason.
         with pytest.raises(grpc.RpcError) as err:
