@@ -174,22 +174,19 @@ def test_a_partitioned_node_loses_its_attempts_and_its_late_results(mesh):
     lease the work runs on node-b; node-a, resumed, rejoins and its late answers
     are discarded (each task has one succeeded attempt)."""
     orch, a, _ = mesh
-    big = np.ones((900, 900), np.float32)
+    big = np.ones((1400, 1400), np.float32)
+    small = np.ones((32, 32), np.float32)
     with grpc.insecure_channel(orch.target) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
         # Compiled on both nodes first: a node busy compiling may miss heartbeats.
         for node in ("node-a", "node-b"):
             stub.RunTask(
-                task_pb2.RunTaskRequest(task=spec("matmul", big, big, device=node)), timeout=120
+                task_pb2.RunTaskRequest(task=spec("matmul", small, small, device=node)),
+                timeout=120,
             )
         wait_for(lambda: ready_nodes(orch.target) == {"node-a", "node-b"}, what="both READY")
-        names = [
-            stub.SubmitTask(
-                task_pb2.SubmitTaskRequest(task=spec("matmul", big, big, device="", retries=5)),
-                timeout=30,
-            ).task.name
-            for _ in range(10)
-        ]
+        request = task_pb2.SubmitTaskRequest(task=spec("matmul", big, big, retries=5))
+        names: list[str] = []
 
         def running_on_a() -> bool:
             tasks = [stub.GetTask(task_pb2.GetTaskRequest(name=n, view=BASIC)).task for n in names]
@@ -198,7 +195,13 @@ def test_a_partitioned_node_loses_its_attempts_and_its_late_results(mesh):
                 for t in tasks
             )
 
-        wait_for(running_on_a, what="a task running on node-a")
+        # Submit until node-a is caught running one (bounded).
+        for _ in range(200):
+            names.append(stub.SubmitTask(request, timeout=60).task.name)
+            if running_on_a():
+                break
+        else:
+            pytest.fail("no task was seen running on node-a")
         a.process.send_signal(signal.SIGSTOP)
         wait_for(
             lambda: "node-a" not in ready_nodes(orch.target), what="node-a lost after its lease"
