@@ -443,3 +443,90 @@ def embed(
 from kernelmesh.clients.workflow_cli import workflow  # noqa: E402 - it builds on the above
 
 main.add_command(workflow)
+
+
+def _orchestrator(target: str, wait: float):
+    """A stub for the node RPCs, and the metadata (API key) each call carries."""
+    import os
+
+    import grpc
+
+    from kernelmesh.v1 import orchestrator_pb2_grpc
+
+    try:
+        reach(target, wait, on_wait=lambda text: click.echo(text, err=True))
+    except Unreachable as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    key = os.environ.get("KERNELMESH_API_KEY")
+    metadata = [("authorization", f"Bearer {key}")] if key else []
+    channel = grpc.insecure_channel(target)
+    return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel), metadata
+
+
+def _rpc_failed(exc) -> None:
+    click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+    sys.exit(1)
+
+
+_NODE_STATES = {1: "READY", 2: "DRAINING", 3: "LOST"}
+
+
+@main.command()
+@target_option
+@click.option("--json", "as_json", is_flag=True, help="Print the nodes as JSON.")
+def nodes(target: str, wait: float, as_json: bool) -> None:
+    """List the nodes that joined the orchestrator, with their devices."""
+    import grpc
+    from google.protobuf import json_format
+
+    from kernelmesh.v1 import orchestrator_pb2
+
+    channel, stub, metadata = _orchestrator(target, wait)
+    found = []
+    token = ""
+    with channel:
+        try:
+            while True:
+                reply = stub.ListNodes(
+                    orchestrator_pb2.ListNodesRequest(page_token=token),
+                    metadata=metadata,
+                    timeout=30,
+                )
+                found += reply.nodes
+                token = reply.next_page_token
+                if not token:
+                    break
+        except grpc.RpcError as exc:
+            _rpc_failed(exc)
+    if as_json:
+        click.echo(json.dumps([json_format.MessageToDict(n) for n in found], indent=2))
+        return
+    if not found:
+        click.echo("no nodes have joined")
+    for n in found:
+        devices = ", ".join(d.name.partition("/")[2] or d.name for d in n.devices) or "-"
+        click.echo(
+            f"{n.name.removeprefix('nodes/'):<16} {_NODE_STATES.get(n.state, '?'):<9} "
+            f"{n.address:<22} running {n.running:<4} queued {n.queue_depth:<4} {devices}"
+        )
+
+
+@main.command()
+@target_option
+@click.argument("node")
+def drain(target: str, wait: float, node: str) -> None:
+    """Stop placing work on NODE; its running work finishes, then it leaves the mesh."""
+    import grpc
+
+    from kernelmesh.v1 import orchestrator_pb2
+
+    channel, stub, metadata = _orchestrator(target, wait)
+    with channel:
+        try:
+            reply = stub.DrainNode(
+                orchestrator_pb2.DrainNodeRequest(name=node), metadata=metadata, timeout=30
+            )
+        except grpc.RpcError as exc:
+            _rpc_failed(exc)
+    click.echo(f"{reply.node.name}: {_NODE_STATES.get(reply.node.state, '?')}")

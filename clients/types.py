@@ -230,9 +230,13 @@ def task_spec(
 
 
 def selector(device: str) -> device_pb2.DeviceSelector:
-    """ "cpu" or "opencl" picks a kind; "cpu:0" pins one device; "any" is empty."""
+    """ "cpu" or "opencl" picks a kind; "cpu:0" pins one device; "any" is empty.
+    In a mesh, "node-a/cpu:0" pins a device of a node and "nodes/node-a" any of its
+    devices."""
     if device in ("", "any"):
         return device_pb2.DeviceSelector()
+    if device.startswith("nodes/") and len(device) > len("nodes/"):
+        return device_pb2.DeviceSelector(name=device.removeprefix("nodes/"))
     if ":" in device:
         return device_pb2.DeviceSelector(name=device)
     kind = "DEVICE_KIND_" + device.upper()

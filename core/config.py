@@ -71,6 +71,17 @@ class ServerConfig:
     tls_client_ca: str | None = None
     # Dynamic batching (core/batching.py): the YAML `batching:` section.
     batching: BatchingOptions = field(default_factory=BatchingOptions)
+    # The mesh. "serve": all in one (nodes may still join); "orchestrator": public
+    # services, devices only from nodes that join (and its own with with_node);
+    # "node": runs forwarded tasks on its devices for the orchestrators in `join`.
+    role: str = "serve"
+    with_node: bool = False
+    # Orchestrator addresses a node registers with, tried in turn ("host:port").
+    join: tuple[str, ...] = ()
+    # A node without a heartbeat for this long is LOST (orchestrator side).
+    lease_seconds: float = 10.0
+    # The address orchestrators reach this node at; default host:port of its gRPC.
+    advertise: str | None = None
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
@@ -92,6 +103,10 @@ def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
         values["backends"] = tuple(b.strip() for b in values["backends"].split(",") if b.strip())
     elif isinstance(values.get("backends"), list):
         values["backends"] = tuple(values["backends"])
+    if isinstance(values.get("join"), str):
+        values["join"] = tuple(a.strip() for a in values["join"].split(",") if a.strip())
+    elif isinstance(values.get("join"), list):
+        values["join"] = tuple(values["join"])
     if isinstance(values.get("limits"), dict):
         values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
     if isinstance(values.get("quotas"), dict):

@@ -4,7 +4,9 @@ how a task's selector picks one."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -195,6 +197,13 @@ def _info(p: DeviceProperties, node: str) -> DeviceInfo:
 
 
 def parse_selector_name(name: str) -> DeviceKind:
+    """The kind a device name implies. In a mesh a name may be node-qualified
+    ("node-a/cpu:0"); a whole node's name is checked by `select` against the nodes."""
+    node, slash, rest = name.rpartition("/")
+    if slash:
+        if not _NODE_RE.match(node):
+            raise InvalidArgument([Violation("device.name", f"{name!r} names no node")])
+        name = rest
     kind, _, index = name.partition(":")
     try:
         parsed = DeviceKind(kind)
@@ -205,12 +214,17 @@ def parse_selector_name(name: str) -> DeviceKind:
             [
                 Violation(
                     "device.name",
-                    f"{name!r} is not a device name; expected KIND:INDEX such as 'cpu:0' "
+                    f"{name!r} is not a device name; expected KIND:INDEX such as 'cpu:0', "
+                    "NODE/KIND:INDEX or the name of a node in the mesh "
                     f"(kinds: {', '.join(k.value for k in DeviceKind)})",
                 )
             ]
         )
     return parsed
+
+
+_turn = itertools.count()
+_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def select(
@@ -241,24 +255,31 @@ def select(
         raise FailedPrecondition("; ".join(r for r in refusals if r))
     if len(able) == 1:
         return able[0]
+    if getattr(able[-1], "remote", False):
+        # Ties between nodes spread: the scan starts one device further each time,
+        # so nodes expected to finish alike take turns instead of the first taking all.
+        start = next(_turn) % len(able)
+        able = able[start:] + able[:start]
     return min(able, key=lambda d: _expected_finish(d, work))
 
 
 def _capable(
     devices: Sequence[LocalDevice], selector: DeviceSelector, op: str, dtype: str
 ) -> list[LocalDevice]:
-    if selector.name:
+    if selector.name and not any(d.info.node == selector.name for d in devices):
         parse_selector_name(selector.name)
     candidates = [
         d
         for d in devices
-        if (not selector.name or d.name == selector.name)
+        if (not selector.name or d.name == selector.name or d.info.node == selector.name)
         and (selector.kind is None or d.info.kind is selector.kind)
     ]
     wanted = selector.name or (selector.kind.value if selector.kind else "any device")
     if not candidates:
         have = ", ".join(d.name for d in devices)
-        raise FailedPrecondition(f"no device matches {wanted!r} on this node (devices: {have})")
+        raise FailedPrecondition(
+            f"no device matches {wanted!r} (devices: {have or 'none; no node has joined'})"
+        )
     capable = [d for d in candidates if d.supports(op, dtype)]
     if not capable:
         raise FailedPrecondition(
@@ -271,7 +292,9 @@ def _capable(
 def _expected_finish(device: LocalDevice, work: Work | None) -> tuple:
     load = device.running + len(device.queue)
     is_cpu = device.info.kind is DeviceKind.CPU
-    return placement.expected_finish(device.speed, work, load, is_cpu=is_cpu)
+    # A device of another node: the bytes also cross the network, both ways.
+    moved = work.bytes if work is not None and getattr(device, "remote", False) else 0
+    return placement.expected_finish(device.speed, work, load, is_cpu=is_cpu, network_bytes=moved)
 
 
 # --------------------------------------------------------------------------

@@ -107,3 +107,18 @@ def child(metric, *labels: str):
     if found is None:
         found = _children[key] = metric.labels(*labels)
     return found
+
+
+# The mesh (core/mesh): membership and failover.
+NODES = Gauge("kernelmesh_nodes", "Nodes joined to this orchestrator and not lost.")
+NODES_LOST = Tally("kernelmesh_nodes_lost", "Nodes declared LOST (lease expired or rejoined).", ())
+REDISPATCHED = Tally(
+    "kernelmesh_attempts_redispatched",
+    "Attempts placed again after their node was lost or drained.",
+    (),
+)
+RESULTS_REFUSED = Tally(
+    "kernelmesh_results_refused",
+    "Results a node returned that did not match the op's outputs (shape or dtype).",
+    (),
+)

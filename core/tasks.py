@@ -41,6 +41,7 @@ from kernelmesh.core.errors import (
     Unavailable,
     Violation,
 )
+from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
 from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord, codec
 from kernelmesh.core.store.base import (
     AttemptRecord,
@@ -58,6 +59,11 @@ from kernelmesh.core.tensor_store import StoredTensor, TensorStore
 from kernelmesh.native.backend import LaunchError, OutOfDeviceMemory
 
 PREFIX = "tasks/"
+# Forwarded attempts in flight per remote device and worker slot: forwarding
+# waits on the network, not on a core.
+REMOTE_WINDOW = 32
+# A task is placed again at most this many times after losing its node.
+MAX_NODE_LOSSES = 3
 DEADLINE_SKEW = 0.05  # seconds
 
 log = logging.getLogger(__name__)
@@ -154,9 +160,17 @@ class Task:
     retry: RetryPolicy = DEFAULT_RETRY
     attempt: int = 0
     attempts: list[Attempt] = field(default_factory=list)
+    # The mesh: what the task asked for (to place it again when its node is lost),
+    # why it went where it did, and a fencing count of dispatches (every task,
+    # journaled or not, so a late answer from an earlier dispatch is dropped).
+    selector: DeviceSelector = field(default_factory=DeviceSelector)
+    placement_reason: str = ""
+    dispatch: int = 0
+    node_losses: int = 0
     # W3C trace context of the submitting call (a JSON object of carrier headers),
-    # kept in the store; "" when not traced.
+    # kept with the task and sent along with each forwarded attempt.
     trace_context: str = ""
+    _forward: asyncio.Future | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
     _watchers: list[asyncio.Queue] = field(default_factory=list)
@@ -256,7 +270,16 @@ class TaskManager:
         self._workers: list[asyncio.Task] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
-        self._capable: dict = {}  # select()'s, for this fixed list of devices
+        self._capable: dict = {}  # select()'s, cleared when the devices change
+        # The mesh: tasks whose node was lost with no other device able to run
+        # them yet; placed again when a node joins. Only an orchestrator parks.
+        self.park_unplaced = False
+        # Several orchestrators on one shared store: the tasks this one accepted are
+        # its own (`owner`) under a lease it renews; an expired one is claimed by
+        # another (`adopt`). None: the only process on its store.
+        self.owner: str | None = None
+        self.lease_seconds = 10.0
+        self._unplaced: dict[int, Task] = {}
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
         )
@@ -356,6 +379,10 @@ class TaskManager:
                     continue
                 self._restore_finished(record, attempts, snap)
                 finished += 1
+            elif self.owner:
+                # A shared store: unfinished tasks are claimed (SKIP LOCKED) once their
+                # holder's lease has run out, by whichever orchestrator sweeps first.
+                continue
             else:
                 self._restore_unfinished(record, attempts, snap)
                 queued += 1
@@ -363,10 +390,25 @@ class TaskManager:
             self._evict()
         return queued, finished, tensors
 
+    def adopt(self, snap: Snapshot) -> int:
+        """Runs the unfinished tasks claimed from an orchestrator whose lease ran
+        out, as `recover` does after a restart (a RUNNING one's attempt is lost)."""
+        for record in snap.tasks:
+            if PREFIX + record.id in self._tasks:
+                continue
+            record.seq = next(self._seq)  # this process's numbering; ids stay
+            attempts = [_attempt_of(a) for a in snap.attempts.get(record.id, [])]
+            self._restore_unfinished(record, attempts, snap)
+        return len(snap.tasks)
+
     def _device_named(self, name: str) -> LocalDevice:
         for device in self.devices:
             if device.name == name:
                 return device
+        if not self.devices:  # an orchestrator before any node joined
+            from kernelmesh.core.mesh.nodes import placeholder
+
+            return placeholder(name)
         return self.devices[0]  # a finished task's device that is gone: name kept apart
 
     def _restore_finished(
@@ -544,8 +586,99 @@ class TaskManager:
             elements=work.elements,
             device_name=device.name,
             held_bytes=work.elements * (arrays[0].itemsize if arrays else 8),
+            selector=spec.selector,
         )
+        if len(self.devices) > 1:
+            task.placement_reason = self._reason(spec.selector, spec.op, dtype)
         return task
+
+    def _reason(self, selector: DeviceSelector, op: str, dtype: str) -> str:
+        capable = self._capable.get((selector, op, dtype)) or ()
+        if selector.name:
+            return f"the selector names {selector.name!r}"
+        if len(capable) == 1:
+            return f"the only device that runs {op} on {dtype}"
+        return f"earliest expected finish of {len(capable)} capable devices"
+
+    # -- the mesh: devices that come and go -------------------------------
+
+    def add_devices(self, devices: Sequence[LocalDevice]) -> None:
+        """Devices of a node that joined: placed from now on."""
+        self.devices.extend(devices)
+        self._capable.clear()
+        for device in devices:
+            self._work[device] = asyncio.Event()
+            window = REMOTE_WINDOW if getattr(device, "remote", False) else 1
+            for _ in range(self.options.workers_per_device * window):
+                self._workers.append(asyncio.create_task(self._worker(device)))
+        self._workers = [w for w in self._workers if not w.done()]
+        parked, self._unplaced = self._unplaced, {}
+        for task in parked.values():
+            self._enqueue(task)
+
+    def remove_devices(self, devices: Sequence[LocalDevice]) -> None:
+        """Devices of a node that is lost or draining: no new work; what was queued
+        for them is placed again. Running attempts are the caller's to end."""
+        gone = set(devices)
+        self.devices = [d for d in self.devices if d not in gone]
+        self._capable.clear()
+        for device in devices:
+            device.gone = True
+            for seq in device.queue.drain():
+                task = self._queued.pop(seq, None)
+                if task is not None:
+                    self._enqueue(task)
+            event = self._work.get(device)
+            if event is not None:
+                event.set()
+
+    def _replace(self, task: Task) -> bool:
+        """Places a task again (its device left); False if it was parked or failed."""
+        call = task.call
+        dtype = call.inputs[0].dtype if call is not None and call.inputs else ""
+        try:
+            device = select(
+                self.devices,
+                task.selector,
+                task.op,
+                dtype,
+                shapes=[m.shape for m in call.inputs] if call is not None else (),
+                params=call.params if call is not None else None,
+                work=placement.work_of(call) if call is not None else None,
+                cache=self._capable,
+            )
+        except KernelmeshError as exc:
+            if self.park_unplaced and self._accepting:
+                self._unplaced[task.seq] = task
+                self._emit(task, f"waiting for a node that can run it ({exc.message})")
+                return False
+            self._finish(task, TaskState.FAILED, TaskFailure(Code.UNAVAILABLE, exc.message))
+            return False
+        metrics.REDISPATCHED.inc(())
+        task.device = device
+        task.device_name = device.name
+        task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
+        if task.journaled:
+            self._journal(UpdateTask(task.id, {"device": device.name}))
+        return True
+
+    def _node_lost(self, task: Task, device: LocalDevice, message: str) -> None:
+        """The node running an attempt is gone: the attempt failed, and the task goes
+        back to the queue as a new attempt (up to MAX_NODE_LOSSES times)."""
+        failure = TaskFailure(Code.UNAVAILABLE, message)
+        task.node_losses += 1
+        if task.node_losses > MAX_NODE_LOSSES:
+            self._finish(task, TaskState.FAILED, failure)
+            return
+        ended = self._end_attempt(task, TaskState.FAILED, failure)
+        task.state = TaskState.QUEUED
+        task.placement_reason = f"{device.name} was lost"
+        if task.journaled:
+            self._journal(
+                UpdateTask(task.id, {"state": int(TaskState.QUEUED)}),
+                *([PutAttempt(_attempt_record(task.id, ended))] if ended else []),
+            )
+        self._enqueue(task)
 
     def _validated(
         self, op: str, metas: list[ops.TensorMeta], params: Mapping[str, object]
@@ -674,6 +807,8 @@ class TaskManager:
             fingerprint=task.fingerprint,
             attempt=0,
             device=task.device_name,
+            node=self.owner,
+            lease_until=time.time() + self.lease_seconds if self.owner else None,
             create_time=task.create_time,
             trace_context=task.trace_context,
         )
@@ -737,6 +872,7 @@ class TaskManager:
             task.elements <= self.options.inline_max_elements
             and task.device.info.kind is DeviceKind.CPU
             and (self._batcher is None or batch_class(task, self._batcher.options) is None)
+            and not getattr(task.device, "remote", False)
         )
 
     def _admit(self, task: Task, *, enforce: bool = True) -> None:
@@ -760,7 +896,13 @@ class TaskManager:
         self._tasks[task.name] = task
 
     def _enqueue(self, task: Task) -> None:
-        if self._batcher is not None and self._batcher.add(task):
+        if getattr(task.device, "gone", False) and not self._replace(task):
+            return
+        if (
+            self._batcher is not None
+            and not getattr(task.device, "remote", False)
+            and self._batcher.add(task)
+        ):
             self._emit(task, "queued for a batch")
             return
         self._queued[task.seq] = task
@@ -835,6 +977,9 @@ class TaskManager:
             self._queued.pop(task.seq, None)
             if self._batcher is not None:
                 self._batcher.discard(task)
+            self._unplaced.pop(task.seq, None)
+        if task._forward is not None:
+            task._forward.cancel()  # the forwarded call is cancelled on its node too
         self._finish(task, state, TaskFailure(code, message))
 
     # -- execution --------------------------------------------------------
@@ -842,7 +987,10 @@ class TaskManager:
     async def _worker(self, device: LocalDevice) -> None:
         loop = asyncio.get_running_loop()
         work = self._work[device]
+        remote = getattr(device, "remote", False)
         while True:
+            if remote and device.gone:
+                return
             if not len(device.queue):
                 work.clear()
                 await work.wait()
@@ -856,6 +1004,9 @@ class TaskManager:
                 )
                 continue
             self._start(task)
+            if remote:
+                await self._forward(task, device)
+                continue
             attempt = task.attempt
             device.task_started()
             began = time.perf_counter()
@@ -911,6 +1062,51 @@ class TaskManager:
             self._fail(task, _kernel_failure(task, result))  # type: ignore[arg-type]
         else:
             self._complete(task, result, seconds)
+
+    async def _forward(self, task: Task, device: LocalDevice) -> None:
+        """Runs one attempt on another node. Its answer counts only if the task is
+        still on this dispatch (fencing); a lost node sends the task back to the queue."""
+        task.dispatch += 1
+        dispatch = task.dispatch
+        node = device.node  # type: ignore[attr-defined]
+        forward = asyncio.ensure_future(device.forward(task))  # type: ignore[attr-defined]
+        task._forward = forward
+        node.inflight.add(forward)
+        device.task_started()
+        began = time.perf_counter()
+        failure: TaskFailure | None = None
+        lost: str | None = None
+        outputs = None
+        try:
+            await asyncio.wait((forward,))
+        finally:
+            device.task_ended()
+            node.inflight.discard(forward)
+            if task._forward is forward:
+                task._forward = None
+        if task.state.terminal or task.dispatch != dispatch:
+            return  # cancelled, or a late answer from an attempt that was replaced
+        if forward.cancelled():
+            lost = f"{device.name} was lost while running attempt: {device.lost_reason}"
+        else:
+            exc = forward.exception()
+            if exc is None:
+                outputs = forward.result()
+            elif isinstance(exc, NodeLost):
+                lost = str(exc)
+            elif isinstance(exc, AttemptFailed):
+                failure = exc.failure
+            else:
+                failure = TaskFailure(Code.INTERNAL, f"forwarding to {device.name}: {exc!r}")
+        if lost is not None:
+            # A node that cannot be reached takes no more work now, not at its lease's
+            # end; if it is alive after all, its next heartbeat is refused and it joins again.
+            node.mesh.unreachable(node, lost)
+            self._node_lost(task, device, lost)
+        elif failure is not None:
+            self._fail(task, failure)
+        else:
+            self._complete(task, outputs, time.perf_counter() - began)
 
     def _run_inline(self, task: Task) -> None:
         self._start(task)

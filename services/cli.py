@@ -174,6 +174,129 @@ def serve(
         raise click.UsageError(f"--llm-config: {exc}") from None
 
 
+def _run_role(**overrides: object) -> None:
+    """Loads the settings and runs the server in one of the mesh's roles."""
+    import dataclasses
+
+    from kernelmesh.core.store import StoreError
+    from kernelmesh.services import logging_setup, tracing
+    from kernelmesh.services.server import check_security
+    from kernelmesh.services.server import serve as run_server
+
+    role = str(overrides["role"])
+    log_format = "json" if overrides.pop("log_format") == "json" else "text"
+    logging_setup.configure(str(overrides.pop("log_level")), log_format)
+    tracing.configure(f"kernelmesh-{role}")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    for flag in ("auth", "insecure_open", "protect_metrics"):
+        if flag in overrides:
+            overrides[flag] = overrides[flag] or None  # unset: the config file decides
+    no_http = overrides.pop("no_http")
+    no_warmup = overrides.pop("no_warmup")
+    try:
+        cfg = config_module.load(
+            overrides.pop("config_path"), warmup=False if no_warmup else None, **overrides
+        )
+    except (ValueError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from None
+    if no_http:
+        cfg = dataclasses.replace(cfg, http_port=None)
+    if role == "orchestrator":
+        # The public endpoint: open only on loopback (README, "Security"). A node's
+        # own port is not yet authenticated; keep nodes on a private network.
+        try:
+            check_security(cfg)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    try:
+        asyncio.run(run_server(cfg))
+    except StoreError as exc:
+        raise click.ClickException(f"cannot open the state store: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _common(fn):
+    for option in reversed(
+        [
+            click.option("--host", default=None, help="Address to bind (default 127.0.0.1)."),
+            click.option("--port", type=int, default=None, help="gRPC port (0 picks one)."),
+            click.option("--http-port", type=int, default=None, help="HTTP sidecar port."),
+            click.option("--no-http", is_flag=True, help="Do not start the HTTP sidecar."),
+            click.option(
+                "--config",
+                "config_path",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="YAML file of settings; flags override it.",
+            ),
+            click.option("--grace", "grace_seconds", type=float, default=None),
+            click.option("--no-warmup", is_flag=True, help="Compile kernels on first use."),
+            click.option("--log-level", default="INFO", show_default=True),
+            click.option(
+                "--log-format",
+                type=click.Choice(["text", "json"]),
+                default="text",
+                show_default=True,
+                help="json: one object per line, with the trace and span ids of the call.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@_common
+@click.option(
+    "--store",
+    default=None,
+    help="sqlite (in --state-dir), memory, or a postgresql:// URL shared by orchestrators.",
+)
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--lease-seconds",
+    type=float,
+    default=None,
+    help="A node silent this long is LOST and its attempts run elsewhere (default 10).",
+)
+@click.option("--with-node", is_flag=True, help="Also run tasks on this process's own devices.")
+@click.option("--backends", default=None, help="With --with-node: the backends to use.")
+@click.option("--name", "node_name", default=None, help="With --with-node: this node's name.")
+@click.option("--auth", is_flag=True, help="Require API keys (always needed beyond loopback).")
+@click.option("--insecure-open", is_flag=True, help="Serve beyond loopback WITHOUT authentication.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Require client certificates signed by this CA (mutual TLS).",
+)
+@click.option("--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too.")
+def orchestrator(**options: object) -> None:
+    """Run an orchestrator: the public services; nodes join it and run the work."""
+    _run_role(role="orchestrator", **options)
+
+
+@click.command()
+@_common
+@click.option(
+    "--join",
+    required=True,
+    help="Orchestrator addresses, HOST:PORT[,HOST:PORT...], tried in turn.",
+)
+@click.option("--name", "node_name", required=True, help="This node's name, unique in the mesh.")
+@click.option(
+    "--advertise",
+    default=None,
+    help="host:port orchestrators reach this node at (default --host:--port).",
+)
+@click.option("--backends", default=None, help="Backends to use: cpu, opencl, cuda, metal.")
+def node(**options: object) -> None:
+    """Run a node: joins the orchestrators and runs the tasks they forward."""
+    _run_role(role="node", store="memory", **options)
+
+
 @click.group()
 def cache() -> None:
     """The on-disk caches of compiled kernels: kernelmesh's (OpenCL, CUDA, Metal) and

@@ -296,6 +296,11 @@ def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.
     _timestamp(msg.end_time, task.end_time)
     if task.run_seconds is not None:
         msg.run_duration.FromNanoseconds(int(task.run_seconds * 1e9))
+    if task.placement_reason:
+        node, slash, _ = task.device_name.rpartition("/")
+        msg.placement.node = "nodes/" + node if slash else ""
+        msg.placement.device = task.device_name
+        msg.placement.reason = task.placement_reason
     if task.attempt:
         msg.attempt = task.attempt
         for attempt in task.attempts:

@@ -20,15 +20,25 @@ class DeviceMonitor:
     """Live status of local devices. Utilisation is sampled at most every
     100 ms however many watchers ask, so watchers never skew each other."""
 
-    def __init__(self, devices: list[LocalDevice]) -> None:
-        self.devices = devices
+    def __init__(self, devices: list[LocalDevice], mesh_devices=None) -> None:
+        self.local_devices = devices
+        # The mesh's devices on other nodes (a callable: they come and go).
+        self.mesh_devices = mesh_devices
         self._cpu = CpuUtilisation()
         self._sampled_at = 0.0
         # Accelerators: the fraction of wall time with one of our kernels running,
         # between samples (no portable vendor counter exists across backends).
         self._busy: dict[str, tuple[float, float, float]] = {}  # name -> (at, busy, last)
 
+    @property
+    def devices(self) -> list[LocalDevice]:
+        if self.mesh_devices is None:
+            return self.local_devices
+        return [*self.local_devices, *self.mesh_devices()]
+
     def status(self, device: LocalDevice) -> DeviceStatus:
+        if getattr(device, "remote", False):
+            return _reported(device)
         now = time.monotonic()
         if now - self._sampled_at >= 0.1:
             self._cpu.refresh()
@@ -61,6 +71,19 @@ class DeviceMonitor:
                 return device
         have = ", ".join(d.name for d in self.devices)
         raise NotFound(f"device {quote(name)} not found (devices: {have})")
+
+
+def _reported(device) -> DeviceStatus:
+    """A node's device as its node last reported it, under its mesh name."""
+    r = device.reported
+    return DeviceStatus(
+        name=device.name,
+        utilization=r.utilization if r else 0.0,
+        memory_total_bytes=device.info.memory_total_bytes,
+        memory_available_bytes=r.memory_available_bytes if r else device.info.memory_total_bytes,
+        queue_depth=len(device.queue) + (r.queue_depth if r else 0),
+        running=r.running if r else device.running,
+    )
 
 
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):

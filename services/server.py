@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import secrets
 import signal
 import ssl
 import time
@@ -22,6 +23,7 @@ from kernelmesh.core.auth import KeyRing
 from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
+from kernelmesh.core.mesh.nodes import Mesh
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
@@ -35,6 +37,10 @@ from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
 from kernelmesh.services.health import HealthServicer
 from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer
+from kernelmesh.services.mesh_forward import Forwarder
+from kernelmesh.services.mesh_sync import SharedMesh
+from kernelmesh.services.node_agent import NodeAgent
+from kernelmesh.services.orchestrator_nodes import NodeRpcs
 from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
 from kernelmesh.services.shm_servicer import SharedMemoryServicer
@@ -57,13 +63,25 @@ from kernelmesh.v1 import (
 log = logging.getLogger(__name__)
 
 
-class OrchestratorServicer(ApiKeyServicer, WorkflowServicer, UnimplementedOrchestratorServicer):
-    """OrchestratorService: each group of RPCs comes from its own servicer
-    module (first in the bases wins); RPCs nobody implements stay UNIMPLEMENTED."""
+class _OrchestratorRpcs(ApiKeyServicer, WorkflowServicer, UnimplementedOrchestratorServicer):
+    """OrchestratorService without the mesh (a node's own server): each group of
+    RPCs comes from its own servicer module (first in the bases wins); RPCs nobody
+    implements stay UNIMPLEMENTED."""
 
     def __init__(self, keys: KeyRing, workflows: WorkflowEngine, limits: Limits) -> None:
         ApiKeyServicer.__init__(self, keys)
         WorkflowServicer.__init__(self, workflows, limits)
+
+
+class OrchestratorServicer(NodeRpcs, _OrchestratorRpcs):
+    """OrchestratorService of an orchestrator (or `serve`): the node RPCs
+    (services/orchestrator_nodes.py) over keys and workflows."""
+
+    def __init__(
+        self, mesh: Mesh, keys: KeyRing, workflows: WorkflowEngine, limits: Limits
+    ) -> None:
+        NodeRpcs.__init__(self, mesh)
+        _OrchestratorRpcs.__init__(self, keys, workflows, limits)
 
 
 SERVICE_NAMES = (
@@ -116,7 +134,10 @@ class Server:
         self._health = HealthServicer()
         self._runner = None
         self._warmup: asyncio.Task | None = None
-        self.devices = device_discovery.discover(config.node_name, config.backends)
+        if config.role == "orchestrator" and not config.with_node:
+            self.devices: list = []  # devices come from the nodes that join
+        else:
+            self.devices = device_discovery.discover(config.node_name, config.backends)
         store_kind = config.store or ("sqlite" if config.state_dir else "memory")
         # Opened (and migrated) in start(); a bad --store fails here.
         self.state: Store = open_store(store_kind, config.state_dir)
@@ -143,6 +164,25 @@ class Server:
         )
         # Shared-memory regions of co-located clients (README, "Shared memory").
         self.shm = SharedMemoryRegistry()
+        # The mesh (orchestrator side): nodes join this server, and the same
+        # TaskService forwards attempts placed on their devices.
+        self.mesh: Mesh | None = None
+        self.agent: NodeAgent | None = None
+        self._forwarder: Forwarder | None = None
+        if config.role in ("serve", "orchestrator"):
+            self.tasks.park_unplaced = config.role == "orchestrator"
+            self._forwarder = Forwarder(
+                max_message_bytes=config.max_message_bytes, limits=config.limits
+            )
+            self.mesh = Mesh(self.tasks, self._forwarder, lease_seconds=config.lease_seconds)
+        self.shared: SharedMesh | None = None
+        if self.mesh is not None and self.state.shared:
+            # Orchestrators sharing one store: tasks are held under leases.
+            owner = f"{config.node_name}-{secrets.token_hex(4)}"
+            self.tasks.owner = self.mesh.owner = owner
+            self.tasks.lease_seconds = config.lease_seconds
+            self.mesh.store = self.state
+            self.shared = SharedMesh(self.mesh, self.tasks, self.state, owner)
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(
@@ -196,13 +236,17 @@ class Server:
         shm_pb2_grpc.add_SharedMemoryServiceServicer_to_server(
             SharedMemoryServicer(self.shm), guarded
         )
-        monitor = DeviceMonitor(self.devices)
+        monitor = DeviceMonitor(self.devices, self.mesh.devices if self.mesh else None)
+        self._monitor = monitor
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
             DeviceServicer(monitor, cfg.quotas), guarded
         )
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), guarded)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(self.keys, self.workflows, cfg.limits), guarded
+            OrchestratorServicer(self.mesh, self.keys, self.workflows, cfg.limits)
+            if self.mesh
+            else _OrchestratorRpcs(self.keys, self.workflows, cfg.limits),
+            guarded,
         )
         # Health and reflection: guarded too (open to callers without a key).
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
@@ -282,6 +326,10 @@ class Server:
         resumed, kept = await self.workflows.recover()
         if resumed or kept:
             log.info("workflows: %d resumed, %d finished ones restored", resumed, kept)
+        if self.mesh is not None:
+            await self.mesh.start()
+        if self.shared is not None:
+            self.shared.start()
         await server.start()
         self._grpc = server
         for name in SERVICE_NAMES:
@@ -304,6 +352,17 @@ class Server:
         for name in SERVING:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.mesh is not None:
+            await self._health.set(SERVICE_NAMES[3], health_pb2.HealthCheckResponse.SERVING)
+        if self.config.role == "node":
+            self.agent = NodeAgent(
+                name=self.config.node_name,
+                address=self.config.advertise or f"{self.config.host}:{self.port}",
+                join=self.config.join,
+                devices=self.devices,
+                monitor=self._monitor,
+            )
+            self.agent.start()
         self.started = True
         log.info("kernelmesh ready on %s:%d", self.config.host, self.port)
 
@@ -324,8 +383,16 @@ class Server:
         await self._health.enter_graceful_shutdown()
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
+        if self.agent is not None:
+            await self.agent.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
+        if self.shared is not None:
+            await self.shared.stop()
         await self.workflows.shutdown()  # running workflows resume at the next start
         await asyncio.gather(self._grpc.stop(grace), self.tasks.shutdown(grace))
+        if self._forwarder is not None:
+            await self._forwarder.close()
         await self.state.close()  # commits what is queued
         self.shm.close()
         if self._runner is not None:
@@ -374,6 +441,16 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if config.role == "node":
+        # A drained node leaves once its running work is done.
+        await server.wait_started()
+        drained = asyncio.ensure_future(server.agent.drained.wait())
+        await asyncio.wait(
+            (drained, asyncio.ensure_future(stop.wait())), return_when="FIRST_COMPLETED"
+        )
+        if drained.done():
+            print("kernelmesh node drained; leaving the mesh", flush=True)
+            stop.set()
     await stop.wait()
     print(f"kernelmesh draining (grace {config.grace_seconds:g}s)", flush=True)
     await server.stop()

@@ -59,6 +59,10 @@ class TaskRecord:
     output_refs: str = "[]"
     output_bytes: int = 0
     trace_context: str = ""
+    # Several orchestrators on a shared store: the one that holds the task, and
+    # until when (renewed while it lives; past it, another claims the task).
+    node: str | None = None
+    lease_until: float | None = None
 
 
 # The columns UpdateTask may set.
@@ -149,6 +153,29 @@ class DeleteTensor:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node of the mesh as the store keeps it; `registration` is opaque here."""
+
+    name: str
+    orchestrator: str
+    address: str
+    registration: str
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class PutNode:
+    record: NodeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RenewNode:
+    name: str
+    orchestrator: str
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
 class PutApiKey:
     record: ApiKeyRecord
 
@@ -171,6 +198,8 @@ Op = (
     | PutApiKey
     | RevokeApiKey
     | WorkflowOp
+    | PutNode
+    | RenewNode
 )
 
 
@@ -237,6 +266,31 @@ class Store(ABC):
     @abstractmethod
     async def load_workflows(self) -> WorkflowSnapshot:
         """Every workflow kept, oldest first, with its steps."""
+
+    # -- the mesh: claims shared by several orchestrators ----------------------
+    # Only a store several processes share (PostgreSQL) claims; the others keep
+    # every task with the one process that accepted it.
+    shared: bool = False
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Every node record (of every orchestrator sharing the store)."""
+        return []
+
+    async def renew_task_leases(self, owner: str, until: float) -> int:
+        """Extends the lease of every unfinished task `owner` holds; returns how many."""
+        return 0
+
+    async def claim_expired_tasks(
+        self, owner: str, until: float, now: float, limit: int = 100
+    ) -> Snapshot:
+        """Takes up to `limit` unfinished tasks whose holder's lease ran out before
+        `now` (rows locked by another claimer are skipped): they are `owner`'s until
+        `until`. Returns them with their attempts and input blobs."""
+        return Snapshot()
+
+    async def try_sweeper_lock(self) -> bool:
+        """True if this process is the one sweeper among those sharing the store."""
+        return True
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

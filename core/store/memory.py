@@ -12,12 +12,15 @@ from kernelmesh.core.store.base import (
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    NodeRecord,
     Op,
     PutApiKey,
     PutAttempt,
     PutBlob,
+    PutNode,
     PutTask,
     PutTensor,
+    RenewNode,
     RevokeApiKey,
     Snapshot,
     Store,
@@ -50,6 +53,7 @@ class MemoryStore(Store):
         self.api_keys: dict[str, ApiKeyRecord] = {}
         self.workflows: dict[str, WorkflowRecord] = {}
         self.workflow_steps: dict[tuple[str, str], WorkflowStepRecord] = {}
+        self.nodes: dict[str, NodeRecord] = {}
 
     @property
     def where(self) -> str:
@@ -98,6 +102,12 @@ class MemoryStore(Store):
             self.blobs.pop(op.name, None)
         elif isinstance(op, PutApiKey):
             self.api_keys[op.record.key_id] = op.record
+        elif isinstance(op, PutNode):
+            self.nodes[op.record.name] = op.record
+        elif isinstance(op, RenewNode):
+            node = self.nodes.get(op.name)
+            if node is not None and node.orchestrator == op.orchestrator:
+                self.nodes[op.name] = dataclasses.replace(node, lease_until=op.lease_until)
         elif isinstance(op, RevokeApiKey):
             record = self.api_keys.get(op.key_id)
             if record is not None and (record.revoked_at is None or record.revoked_at > op.at):
@@ -116,6 +126,9 @@ class MemoryStore(Store):
             self.workflows.pop(op.id, None)
             for key in [k for k in self.workflow_steps if k[0] == op.id]:
                 del self.workflow_steps[key]
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return [self.nodes[k] for k in sorted(self.nodes)]
 
     async def load(self) -> Snapshot:
         snap = Snapshot(

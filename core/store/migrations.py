@@ -122,6 +122,19 @@ CREATE TABLE workflow_steps (
 );
 """
 
+# The mesh: nodes as their orchestrator registered them (the request, opaque
+# here), so every orchestrator sharing the store can place on every node; the
+# lease is renewed by the orchestrator the node heartbeats to.
+_V3_NODES = """
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    orchestrator TEXT NOT NULL,
+    address TEXT NOT NULL,
+    registration TEXT NOT NULL,
+    lease_until {real} NOT NULL
+);
+"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -133,6 +146,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tasks, attempts, blobs, named tensors, API keys", _V1),
     Migration(2, "workflows and their steps", _V2_WORKFLOWS),
+    Migration(3, "nodes of the mesh", _V3_NODES),
 )
 LATEST = MIGRATIONS[-1].version
 

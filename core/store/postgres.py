@@ -21,6 +21,7 @@ import asyncpg
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
+    NodeRecord,
     Op,
     SchemaTooNew,
     Snapshot,
@@ -61,8 +62,14 @@ def redacted(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# Held (for the session) by the one orchestrator that claims expired tasks.
+_SWEEPER_LOCK = 0x6B6D_7377  # "kmsw"
+_UNFINISHED = "(1, 2)"  # QUEUED, RUNNING
+
+
 class PostgresStore(Store):
     kind = "postgresql"
+    shared = True
 
     def __init__(self, dsn: str, *, blob_dir: str | Path | None = None) -> None:
         self.dsn = dsn
@@ -77,6 +84,8 @@ class PostgresStore(Store):
         # Transactions committed and queue entries they carried (group commit's effect).
         self.commits = 0
         self.committed_entries = 0
+        self._sweeper_conn = None
+        self._sweeper_held = False
 
     @property
     def where(self) -> str:
@@ -190,6 +199,10 @@ class PostgresStore(Store):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self._pool is not None:
+            if self._sweeper_conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._pool.release(self._sweeper_conn)
+                self._sweeper_conn = None
             pool, self._pool = self._pool, None
             try:
                 # A graceful close waits for every connection; one left mid-operation by
@@ -231,6 +244,71 @@ class PostgresStore(Store):
             snap.steps.setdefault(step.workflow_id, []).append(step)
         return snap
 
+    # -- the mesh ---------------------------------------------------------------
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return [NodeRecord(*tuple(r)) for r in await self._fetch(sql.SELECT_NODES)]
+
+    async def renew_task_leases(self, owner: str, until: float) -> int:
+        rows = await self._fetch(
+            f"UPDATE tasks SET lease_until = ? WHERE node = ? AND state IN {_UNFINISHED} "
+            "RETURNING id",
+            until,
+            owner,
+        )
+        return len(rows)
+
+    async def claim_expired_tasks(
+        self, owner: str, until: float, now: float, limit: int = 100
+    ) -> Snapshot:
+        rows = await self._fetch(
+            f"UPDATE tasks SET node = ?, lease_until = ? WHERE id IN ("
+            f"SELECT id FROM tasks WHERE state IN {_UNFINISHED} AND COALESCE(lease_until, 0) < ? "
+            "ORDER BY seq FOR UPDATE SKIP LOCKED LIMIT ?) "
+            f"RETURNING {', '.join(sql.TASK_COLUMNS)}",
+            owner,
+            until,
+            now,
+            limit,
+        )
+        snap = Snapshot(tasks=sorted((sql.task_from_row(tuple(r)) for r in rows), key=_seq))
+        ids = [t.id for t in snap.tasks]
+        if not ids:
+            return snap
+        for row in await self._fetch(
+            sql.SELECT_ATTEMPTS.replace(" ORDER BY", " WHERE task_id = ANY(?) ORDER BY"), ids
+        ):
+            attempt = sql.attempt_from_row(tuple(row))
+            snap.attempts.setdefault(attempt.task_id, []).append(attempt)
+        keys = [f"tasks/{i}/inputs" for i in ids]
+        for key, data, path in await self._fetch(sql.SELECT_BLOBS + " WHERE key = ANY(?)", keys):
+            snap.blobs[key] = bytes(data) if path is None else self.files.read(path)
+        return snap
+
+    async def try_sweeper_lock(self) -> bool:
+        """Session-level advisory lock on a connection kept for it: held until this
+        process (or its connection) goes, so at most one sweeper runs at a time."""
+        if self._pool is None:
+            return False
+        if self._sweeper_held:
+            return True
+        if self._sweeper_conn is None:
+            try:
+                self._sweeper_conn = await self._pool.acquire()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                return False
+        try:
+            held = await self._sweeper_conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", _SWEEPER_LOCK
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            with contextlib.suppress(Exception):
+                await self._pool.release(self._sweeper_conn)
+            self._sweeper_conn = None
+            return False
+        self._sweeper_held = bool(held)
+        return self._sweeper_held
+
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
         rows = await self._fetch(sql.SELECT_API_KEYS + " WHERE digest = ?", bytes(digest))
         return sql.api_key_from_row(tuple(rows[0])) if rows else None
@@ -247,3 +325,7 @@ class PostgresStore(Store):
                 sql.SELECT_API_KEYS + " WHERE tenant = ? ORDER BY created_at, key_id", tenant
             )
         return [sql.api_key_from_row(tuple(r)) for r in rows]
+
+
+def _seq(record) -> int:
+    return record.seq

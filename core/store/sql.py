@@ -21,8 +21,10 @@ from kernelmesh.core.store.base import (
     PutApiKey,
     PutAttempt,
     PutBlob,
+    PutNode,
     PutTask,
     PutTensor,
+    RenewNode,
     RevokeApiKey,
     TaskRecord,
     TensorRecord,
@@ -71,6 +73,11 @@ PUT_BLOB = _upsert("blobs", ("key", "size", "data", "path"), ("key",))
 DELETE_BLOB = "DELETE FROM blobs WHERE key = ?"
 PUT_WORKFLOW = _upsert("workflows", WORKFLOW_COLUMNS, ("id",))
 PUT_WORKFLOW_STEP = _upsert("workflow_steps", WORKFLOW_STEP_COLUMNS, ("workflow_id", "step_id"))
+NODE_COLUMNS = ("name", "orchestrator", "address", "registration", "lease_until")
+PUT_NODE = _upsert("nodes", NODE_COLUMNS, ("name",))
+# Only the orchestrator the node heartbeats to renews it (a stale one cannot).
+RENEW_NODE = "UPDATE nodes SET lease_until = ? WHERE name = ? AND orchestrator = ?"
+SELECT_NODES = f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes ORDER BY name"
 REVOKE_API_KEY = (
     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND (revoked_at IS NULL OR revoked_at > ?)"
 )
@@ -197,6 +204,10 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
         yield REVOKE_API_KEY, (float(op.at), op.key_id, float(op.at))
     elif isinstance(op, WORKFLOW_OPS):
         yield from _workflow_statements(op)
+    elif isinstance(op, PutNode):
+        yield PUT_NODE, dataclasses.astuple(op.record)
+    elif isinstance(op, RenewNode):
+        yield RENEW_NODE, (op.lease_until, op.name, op.orchestrator)
     else:  # pragma: no cover - a new Op without SQL is a programming error
         raise TypeError(f"unknown store operation {op!r}")
 

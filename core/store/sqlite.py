@@ -15,6 +15,7 @@ from pathlib import Path
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
+    NodeRecord,
     Op,
     SchemaTooNew,
     Snapshot,
@@ -199,6 +200,10 @@ class SqliteStore(Store):
                 raise StoreUnavailable(
                     f"the state store {self.path} failed a read: {exc}"
                 ) from None
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        rows = await asyncio.to_thread(self._read, sql.SELECT_NODES)
+        return [NodeRecord(*row) for row in rows]
 
     async def load(self) -> Snapshot:
         return await asyncio.to_thread(self._load)

@@ -74,7 +74,7 @@ async def test_health_reports_serving_per_service(channel):
     mesh = await health.Check(
         health_pb2.HealthCheckRequest(service="kernelmesh.v1.OrchestratorService")
     )
-    assert mesh.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert mesh.status == health_pb2.HealthCheckResponse.SERVING  # the node RPCs
 
 
 async def test_reflection_lists_every_service(channel):
@@ -98,10 +98,11 @@ async def test_reflection_lists_every_service(channel):
 
 async def test_orchestrator_rpcs_answer_unimplemented_with_a_reason(channel):
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    assert (await stub.ListNodes(orchestrator_pb2.ListNodesRequest())).nodes == []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.ListNodes(orchestrator_pb2.ListNodesRequest())
+        await stub.ListWorkflows(orchestrator_pb2.ListWorkflowsRequest())
     assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "OrchestratorService/ListNodes" in info.value.details()
+    assert "OrchestratorService/ListWorkflows" in info.value.details()
 
 
 async def test_sidecar_serves_probes_and_metrics(server, channel):

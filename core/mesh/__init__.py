@@ -1,0 +1,1 @@
+"""The mesh: nodes that join an orchestrator, their leases, and forwarding."""

@@ -1,0 +1,133 @@
+"""The hop from an orchestrator to a node: one attempt of a task becomes a
+`TaskService.RunTask` call on the node that holds the device, and the answer
+(or the failure) comes back as the attempt's end.
+
+Every forwarded call goes through `Forwarder.__call__`; its metadata is built
+in `call_metadata` (tenant, the node key, and the task's stored trace context),
+the one place to thread traces through the hop."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from kernelmesh.core import metrics
+from kernelmesh.core.errors import Code
+from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost, RemoteDevice
+from kernelmesh.core.ops import Limits
+from kernelmesh.core.tasks import Task, TaskFailure
+from kernelmesh.services import convert
+from kernelmesh.services.context import TENANT_METADATA_KEY
+from kernelmesh.v1 import task_pb2, task_pb2_grpc
+
+API_KEY_ENV = "KERNELMESH_API_KEY"
+# A node that answers these has not run the attempt to an end: it goes back to the queue.
+_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+def call_metadata(task: Task, api_key: str | None) -> list[tuple[str, str]]:
+    metadata = [(TENANT_METADATA_KEY, task.tenant)]
+    if api_key:
+        metadata.append(("authorization", f"Bearer {api_key}"))
+    if task.trace_context:
+        # W3C headers (traceparent, tracestate) captured when the task was accepted.
+        metadata.extend((k.lower(), str(v)) for k, v in json.loads(task.trace_context).items())
+    return metadata
+
+
+class Forwarder:
+    """One channel per node address, reused by every attempt sent there."""
+
+    def __init__(self, *, max_message_bytes: int, limits: Limits, api_key: str | None = None):
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.limits = limits
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._stubs: dict[str, tuple[grpc.aio.Channel, task_pb2_grpc.TaskServiceStub]] = {}
+
+    def _stub(self, address: str) -> task_pb2_grpc.TaskServiceStub:
+        found = self._stubs.get(address)
+        if found is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            found = self._stubs[address] = (channel, task_pb2_grpc.TaskServiceStub(channel))
+        return found[1]
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close(None)
+        self._stubs.clear()
+
+    async def __call__(self, device: RemoteDevice, task: Task) -> list[np.ndarray]:
+        assert device.node is not None and task.call is not None and task.inputs is not None
+        node = device.node
+        spec = task_pb2.TaskSpec(op=task.op, priority=task.priority)
+        spec.device.name = device.local_name
+        if task.call.params:
+            json_format.ParseDict(dict(task.call.params), spec.params)
+        for array in task.inputs:
+            convert.fill_tensor(spec.inputs.add().tensor, array)
+        timeout = None
+        if task.deadline is not None:
+            timeout = max(0.001, task.deadline - time.monotonic())
+        try:
+            response = await self._stub(node.address).RunTask(
+                task_pb2.RunTaskRequest(task=spec),
+                timeout=timeout,
+                metadata=call_metadata(task, self.api_key),
+                wait_for_ready=False,
+            )
+        except grpc.aio.AioRpcError as exc:
+            where = f"node {node.name} ({node.address})"
+            if exc.code() in _LOST_CODES:
+                raise NodeLost(f"{where} is unreachable: {exc.details()}") from None
+            raise AttemptFailed(
+                TaskFailure(_code(exc.code()), f"on {device.name}: {exc.details()}")
+            ) from None
+        return self._checked(device, task, response.task)
+
+    def _checked(self, device: RemoteDevice, task: Task, msg: task_pb2.Task) -> list[np.ndarray]:
+        """The node's outputs, if they are what the op promised; a node that answers
+        with another shape or dtype has its result refused."""
+        expected = task.call.outputs if task.call is not None else ()
+        problem = None
+        outputs: list[np.ndarray] = []
+        if len(msg.outputs) != len(expected):
+            problem = f"{len(msg.outputs)} outputs where the op gives {len(expected)}"
+        else:
+            for i, (out, meta) in enumerate(zip(msg.outputs, expected, strict=True)):
+                dtype = convert.DTYPE_TO_NUMPY.get(out.dtype)
+                shape = tuple(out.shape)
+                if dtype is None or np.dtype(dtype).name != meta.dtype or shape != meta.shape:
+                    got = np.dtype(dtype).name if dtype is not None else f"dtype {out.dtype}"
+                    problem = (
+                        f"output {i} is {got}{list(shape)}, expected {meta.dtype}{list(meta.shape)}"
+                    )
+                    break
+                try:
+                    outputs.append(convert.tensor_from_proto(out, f"outputs[{i}]", self.limits))
+                except Exception as exc:  # data of the wrong length
+                    problem = f"output {i} is malformed: {exc}"
+                    break
+        if problem is not None:
+            metrics.RESULTS_REFUSED.inc(())
+            raise AttemptFailed(
+                TaskFailure(
+                    Code.INTERNAL, f"result refused: node {device.node.name} returned {problem}"
+                )
+            )
+        return outputs
+
+
+def _code(code: grpc.StatusCode) -> Code | int:
+    value = code.value[0]
+    try:
+        return Code(value)
+    except ValueError:
+        return value

@@ -1,0 +1,88 @@
+"""Several orchestrators on one shared store (PostgreSQL): each renews the leases
+of the tasks it accepted, places on the nodes joined to the others (their
+records in the store), and one of them at a time (an advisory lock) claims the
+unfinished tasks of an orchestrator whose leases ran out, so its work goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+
+from kernelmesh.core.mesh.nodes import Mesh, Registration
+from kernelmesh.core.store import Store, StoreUnavailable
+from kernelmesh.core.store.base import NodeRecord
+from kernelmesh.core.tasks import TaskManager
+from kernelmesh.services import orchestrator_nodes
+from kernelmesh.v1 import orchestrator_pb2
+
+log = logging.getLogger(__name__)
+
+# Claimed per round; the next round (a third of a lease later) takes more.
+CLAIM_BATCH = 500
+
+
+def encode(request: orchestrator_pb2.RegisterNodeRequest) -> str:
+    return base64.b64encode(request.SerializeToString()).decode()
+
+
+def decode(record: NodeRecord) -> Registration | None:
+    try:
+        request = orchestrator_pb2.RegisterNodeRequest.FromString(
+            base64.b64decode(record.registration)
+        )
+    except Exception:  # a record written by something else: not a node to use
+        return None
+    return orchestrator_nodes.registration_of(request)
+
+
+class SharedMesh:
+    def __init__(self, mesh: Mesh, tasks: TaskManager, store: Store, owner: str) -> None:
+        self.mesh = mesh
+        self.tasks = tasks
+        self.store = store
+        self.owner = owner
+        self.lease = mesh.lease_seconds
+        self.claimed = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="shared-mesh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.round()
+            except StoreUnavailable as exc:
+                log.warning("shared store: %s", exc)
+            except Exception:
+                log.exception("shared store round failed")
+            await asyncio.sleep(self.lease / 3)
+
+    async def round(self) -> None:
+        now = time.time()
+        await self.store.renew_task_leases(self.owner, now + self.lease)
+        entries = []
+        for record in await self.store.list_nodes():
+            reg = decode(record)
+            if reg is not None:
+                entries.append((record, reg))
+        self.mesh.sync_foreign(entries)
+        if await self.store.try_sweeper_lock():
+            snap = await self.store.claim_expired_tasks(
+                self.owner, now + self.lease, now, CLAIM_BATCH
+            )
+            if snap.tasks:
+                log.warning(
+                    "claimed %d unfinished tasks whose orchestrator's lease ran out",
+                    len(snap.tasks),
+                )
+                self.claimed += self.tasks.adopt(snap)

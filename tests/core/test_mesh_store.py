@@ -1,0 +1,124 @@
+"""The store's part of the mesh: node records on every store kind; on
+PostgreSQL (shared by several orchestrators) task leases, claims of expired
+tasks that skip rows another claimer holds, and one sweeper at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from postgres_db import create_database, drop_database
+
+from kernelmesh.core.store import TaskRecord
+from kernelmesh.core.store.base import (
+    AttemptRecord,
+    NodeRecord,
+    PutAttempt,
+    PutBlob,
+    PutNode,
+    PutTask,
+    RenewNode,
+    UpdateTask,
+    inputs_key,
+)
+from kernelmesh.core.store.memory import MemoryStore
+from kernelmesh.core.store.postgres import PostgresStore
+from kernelmesh.core.store.sqlite import SqliteStore
+
+
+@pytest.fixture
+def pg_dsn():
+    dsn, name = create_database()
+    yield dsn
+    drop_database(name)
+
+
+def task(n: int, **changes: object) -> TaskRecord:
+    values: dict[str, object] = {
+        "id": f"{n:032x}",
+        "seq": n,
+        "tenant": "acme",
+        "op": "relu",
+        "state": 1,
+        "priority": 0,
+        "spec": '{"params": {}}',
+        "create_time": 1000.0 + n,
+    }
+    values.update(changes)
+    return TaskRecord(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_node_records_are_kept_and_renewed_only_by_their_orchestrator(
+    kind, tmp_path: Path, request
+):
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "sqlite":
+        store = SqliteStore(tmp_path / "state")
+    else:
+        store = PostgresStore(request.getfixturevalue("pg_dsn"))
+    await store.open()
+    try:
+        await store.write(
+            PutNode(NodeRecord("node-a", "orch-x", "127.0.0.1:1", "reg", 10.0)), wait=True
+        )
+        await store.write(RenewNode("node-a", "orch-y", 99.0), wait=True)  # not its holder
+        assert [n.lease_until for n in await store.list_nodes()] == [10.0]
+        await store.write(RenewNode("node-a", "orch-x", 20.0), wait=True)
+        assert await store.list_nodes() == [
+            NodeRecord("node-a", "orch-x", "127.0.0.1:1", "reg", 20.0)
+        ]
+    finally:
+        await store.close()
+
+
+async def test_expired_tasks_are_claimed_once_with_attempts_and_inputs(pg_dsn):
+    x, y, z = PostgresStore(pg_dsn), PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    for s in (x, y, z):
+        await s.open()
+    try:
+        now = time.time()
+        await x.write(
+            PutTask(task(1, node="orch-x", lease_until=now - 1, state=2, attempt=1)),
+            PutAttempt(AttemptRecord(f"{1:032x}", 1, 2, "node-a/cpu:0", now - 5)),
+            PutBlob(inputs_key(f"{1:032x}"), b"inputs-1"),
+            PutTask(task(2, node="orch-x", lease_until=now + 60)),  # held: not claimed
+            PutTask(task(3, node="orch-x", lease_until=now - 1, state=3)),  # finished
+            PutTask(task(4)),  # written before leases existed (NULL): claimable
+            wait=True,
+        )
+        first, second = await asyncio.gather(
+            y.claim_expired_tasks("orch-y", now + 30, now),
+            z.claim_expired_tasks("orch-z", now + 30, now),
+        )
+        claimed = [t.id for t in first.tasks] + [t.id for t in second.tasks]
+        assert sorted(claimed) == [f"{1:032x}", f"{4:032x}"]  # each once
+        snap = first if any(t.seq == 1 for t in first.tasks) else second
+        assert snap.blobs[inputs_key(f"{1:032x}")] == b"inputs-1"
+        assert [a.number for a in snap.attempts[f"{1:032x}"]] == [1]
+        assert (await y.claim_expired_tasks("orch-y", now + 30, now)).tasks == []
+
+        # The holder renews; a finished task is not renewed.
+        await y.write(UpdateTask(f"{4:032x}", {"state": 3}), wait=True)
+        renewed = await x.renew_task_leases("orch-x", now + 120)
+        assert renewed == 1  # task 2 only
+    finally:
+        for s in (x, y, z):
+            await s.close()
+
+
+async def test_one_sweeper_at_a_time_until_it_goes(pg_dsn):
+    x, y = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    await x.open()
+    await y.open()
+    try:
+        assert await x.try_sweeper_lock()
+        assert await x.try_sweeper_lock()  # still held
+        assert not await y.try_sweeper_lock()
+        await x.close()
+        assert await y.try_sweeper_lock()  # released with x's session
+    finally:
+        await y.close()
