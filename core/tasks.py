@@ -1005,7 +1005,10 @@ class TaskManager:
                 continue
             self._start(task)
             if remote:
-                await self._forward(task, device)
+                # The attempt's span: the node's RunTask becomes its child (the
+                # forwarded call's channel carries the trace context).
+                with self._traced(task):
+                    await self._forward(task, device)
                 continue
             attempt = task.attempt
             device.task_started()

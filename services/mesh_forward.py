@@ -21,7 +21,7 @@ from kernelmesh.core.errors import Code
 from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost, RemoteDevice
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.tasks import Task, TaskFailure
-from kernelmesh.services import convert
+from kernelmesh.services import convert, tracing
 from kernelmesh.services.context import TENANT_METADATA_KEY
 from kernelmesh.v1 import task_pb2, task_pb2_grpc
 
@@ -55,7 +55,7 @@ class Forwarder:
     def _stub(self, address: str) -> task_pb2_grpc.TaskServiceStub:
         found = self._stubs.get(address)
         if found is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = tracing.aio_channel(address, options=self._options)
             found = self._stubs[address] = (channel, task_pb2_grpc.TaskServiceStub(channel))
         return found[1]
 

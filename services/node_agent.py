@@ -16,7 +16,7 @@ import grpc
 from kernelmesh.core import ops
 from kernelmesh.core.devices import LocalDevice
 from kernelmesh.core.mesh.nodes import VERSION
-from kernelmesh.services import convert
+from kernelmesh.services import convert, tracing
 from kernelmesh.services.device_servicer import DeviceMonitor
 from kernelmesh.services.mesh_forward import API_KEY_ENV
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -111,7 +111,7 @@ class NodeAgent:
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _member_of(self, address: str) -> None:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with tracing.aio_channel(address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             reply = await stub.RegisterNode(
                 self._registration(), metadata=self._metadata(), timeout=10

@@ -35,6 +35,17 @@ log = logging.getLogger(__name__)
 
 _RETRY_PAUSE_S = 0.2
 _CLOSE_TIMEOUT_S = 5.0
+_COMMIT_TIMEOUT_S = 30.0
+# What the driver raises when the database or the link fails. InternalClientError
+# ("another operation is in progress", on a connection cut mid-call) is not an
+# InterfaceError; uncaught, it ended the writer and left every waiter hanging.
+_DRIVER_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 _CONNECT_TIMEOUT_S = 10.0
 # Held while migrating, so two servers starting together migrate once.
 _MIGRATION_LOCK = 0x6B6D_6573  # "kmes"
@@ -160,13 +171,10 @@ class PostgresStore(Store):
             statements, unlink = await asyncio.to_thread(
                 sql.plan, [op for ops, _ in batch for op in ops], self.files
             )
-            async with self._pool.acquire() as conn, conn.transaction():
-                for statement, rows in sql.grouped(statements):
-                    if len(rows) == 1:
-                        await conn.execute(self._q(statement), *rows[0])
-                    else:
-                        await conn.executemany(self._q(statement), rows)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Bounded: a connection cut mid-transaction can leave a call waiting for
+            # ever, and every caller waiting for this commit with it.
+            await asyncio.wait_for(self._transaction(statements), _COMMIT_TIMEOUT_S)
+        except _DRIVER_ERRORS as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             transient = not isinstance(exc, _NOT_TRANSIENT)
             log.error(
@@ -191,6 +199,15 @@ class PostgresStore(Store):
             if future is not None and not future.done():
                 future.set_result(None)
         return True
+
+    async def _transaction(self, statements: list) -> None:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            for statement, rows in sql.grouped(statements):
+                if len(rows) == 1:
+                    await conn.execute(self._q(statement), *rows[0])
+                else:
+                    await conn.executemany(self._q(statement), rows)
 
     async def close(self) -> None:
         self._closing = True
@@ -218,8 +235,8 @@ class PostgresStore(Store):
         if self._pool is None:
             raise StoreUnavailable(f"the store {self.where} is closed")
         try:
-            return await self._pool.fetch(self._q(statement), *args)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return await self._pool.fetch(self._q(statement), *args, timeout=_COMMIT_TIMEOUT_S)
+        except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"the state store (PostgreSQL) failed a read: {exc}") from None
 
     async def load(self) -> Snapshot:
