@@ -10,13 +10,11 @@ store: the caller holds the result."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import itertools
 import json
 import logging
-import math
 import random
 import time
 from collections import OrderedDict
@@ -29,7 +27,7 @@ from typing import Protocol
 import numpy as np
 from cachetools import LRUCache
 
-from kernelmesh.core import metrics, ops, placement
+from kernelmesh.core import listing, metrics, ops, placement
 from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
 from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
@@ -928,18 +926,13 @@ class TaskManager:
         page_token: str = "",
     ) -> tuple[list[Task], str]:
         """Newest first. The token is the sequence number to continue below."""
-        size = 100 if page_size <= 0 else min(page_size, 1000)
-        below = _decode_token(page_token) if page_token else math.inf
-        page: list[Task] = []
-        for task in reversed(self._tasks.values()):
-            if task.seq >= below or task.tenant != tenant:
-                continue
-            if state is not None and task.state is not state:
-                continue
-            if len(page) == size:
-                return page, _encode_token(page[-1].seq)
-            page.append(task)
-        return page, ""
+        return listing.newest_first(
+            self._tasks.values(),
+            tenant=tenant,
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+        )
 
     async def watch(self, name: str, *, tenant: str) -> AsyncIterator[TaskEvent]:
         """The current state, then every change until the task ends."""
@@ -1360,22 +1353,6 @@ def _kernel_failure(task: Task, exc: Exception) -> TaskFailure:
     if isinstance(exc, LaunchError):
         return TaskFailure(Code.UNAVAILABLE, f"{where}: {exc}")
     return TaskFailure(Code.INTERNAL, f"{where}: {type(exc).__name__}: {exc}")
-
-
-def _encode_token(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"below:{seq}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "below":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            [Violation("page_token", "not a page token returned by this server")]
-        ) from None
 
 
 __all__ = [

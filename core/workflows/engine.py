@@ -13,11 +13,9 @@ no finished step runs twice."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
-import math
 import random
 import time
 from collections import OrderedDict
@@ -27,7 +25,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from kernelmesh.core import ops
+from kernelmesh.core import listing, ops
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -604,18 +602,13 @@ class WorkflowEngine:
         page_token: str = "",
     ) -> tuple[list[Workflow], str]:
         """Newest first; the token is the sequence number to continue below."""
-        size = 100 if page_size <= 0 else min(page_size, 1000)
-        below = _decode_token(page_token) if page_token else math.inf
-        page: list[Workflow] = []
-        for wf in reversed(self._workflows.values()):
-            if wf.seq >= below or wf.tenant != tenant:
-                continue
-            if state is not None and wf.state is not state:
-                continue
-            if len(page) == size:
-                return page, _encode_token(page[-1].seq)
-            page.append(wf)
-        return page, ""
+        return listing.newest_first(
+            self._workflows.values(),
+            tenant=tenant,
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+        )
 
     async def watch(self, name: str, *, tenant: str) -> AsyncIterator[WorkflowEvent]:
         """The workflow as it stands, then every transition until it ends."""
@@ -753,22 +746,6 @@ def _code(value: int) -> Code | int:
         return Code(value)
     except ValueError:
         return value
-
-
-def _encode_token(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"below:{seq}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "below":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            [Violation("page_token", "not a page token returned by this server")]
-        ) from None
 
 
 __all__ = [
