@@ -95,8 +95,6 @@ class PostgresStore(Store):
         # Transactions committed and queue entries they carried (group commit's effect).
         self.commits = 0
         self.committed_entries = 0
-        self._sweeper_conn = None
-        self._sweeper_held = False
 
     @property
     def where(self) -> str:
@@ -174,23 +172,15 @@ class PostgresStore(Store):
             # Bounded: a connection cut mid-transaction can leave a call waiting for
             # ever, and every caller waiting for this commit with it.
             await asyncio.wait_for(self._transaction(statements), _COMMIT_TIMEOUT_S)
+        except _NOT_TRANSIENT as exc:
+            if len(batch) > 1:
+                # One entry the database refuses (a request id another orchestrator
+                # already committed) must not fail the others it was grouped with.
+                results = [await self._commit([entry]) for entry in batch]
+                return all(results)
+            return self._failed(batch, exc)
         except _DRIVER_ERRORS as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            transient = not isinstance(exc, _NOT_TRANSIENT)
-            log.error(
-                "store %s: a commit of %d entries failed (%s)%s",
-                self.where,
-                len(batch),
-                self.last_error,
-                "; unacknowledged updates are kept for the next try" if transient else "",
-            )
-            error = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_exception(error)
-            if transient and not self._closing:  # closing: give up rather than hang
-                self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
-            return False
+            return self._failed(batch, exc)
         self.last_error = None
         self.commits += 1
         self.committed_entries += len(batch)
@@ -199,6 +189,24 @@ class PostgresStore(Store):
             if future is not None and not future.done():
                 future.set_result(None)
         return True
+
+    def _failed(self, batch: list[_Entry], exc: BaseException) -> bool:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        transient = not isinstance(exc, _NOT_TRANSIENT)
+        log.error(
+            "store %s: a commit of %d entries failed (%s)%s",
+            self.where,
+            len(batch),
+            self.last_error,
+            "; unacknowledged updates are kept for the next try" if transient else "",
+        )
+        error = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        if transient and not self._closing:  # closing: give up rather than hang
+            self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
+        return False
 
     async def _transaction(self, statements: list) -> None:
         assert self._pool is not None
@@ -216,10 +224,6 @@ class PostgresStore(Store):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self._pool is not None:
-            if self._sweeper_conn is not None:
-                with contextlib.suppress(Exception):
-                    await self._pool.release(self._sweeper_conn)
-                self._sweeper_conn = None
             pool, self._pool = self._pool, None
             try:
                 # A graceful close waits for every connection; one left mid-operation by
@@ -278,16 +282,31 @@ class PostgresStore(Store):
     async def claim_expired_tasks(
         self, owner: str, until: float, now: float, limit: int = 100
     ) -> Snapshot:
-        rows = await self._fetch(
-            f"UPDATE tasks SET node = ?, lease_until = ? WHERE id IN ("
-            f"SELECT id FROM tasks WHERE state IN {_UNFINISHED} AND COALESCE(lease_until, 0) < ? "
-            "ORDER BY seq FOR UPDATE SKIP LOCKED LIMIT ?) "
-            f"RETURNING {', '.join(sql.TASK_COLUMNS)}",
-            owner,
-            until,
-            now,
-            limit,
-        )
+        """One sweeper at a time: the claim holds a transaction-scoped advisory lock,
+        so a sweeper that dies mid-claim releases it with its transaction (a session
+        lock on a kept connection outlived a kill -9 here and stopped every claim)."""
+        if self._pool is None:
+            raise StoreUnavailable(f"the store {self.where} is closed")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _SWEEPER_LOCK):
+                    return Snapshot()
+                rows = await conn.fetch(
+                    self._q(
+                        f"UPDATE tasks SET node = ?, lease_until = ? WHERE id IN ("
+                        f"SELECT id FROM tasks WHERE state IN {_UNFINISHED} "
+                        "AND COALESCE(lease_until, 0) < ? "
+                        "ORDER BY seq FOR UPDATE SKIP LOCKED LIMIT ?) "
+                        f"RETURNING {', '.join(sql.TASK_COLUMNS)}"
+                    ),
+                    owner,
+                    until,
+                    now,
+                    limit,
+                    timeout=_COMMIT_TIMEOUT_S,
+                )
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"the state store (PostgreSQL) failed a claim: {exc}") from None
         snap = Snapshot(tasks=sorted((sql.task_from_row(tuple(r)) for r in rows), key=_seq))
         ids = [t.id for t in snap.tasks]
         if not ids:
@@ -303,28 +322,9 @@ class PostgresStore(Store):
         return snap
 
     async def try_sweeper_lock(self) -> bool:
-        """Session-level advisory lock on a connection kept for it: held until this
-        process (or its connection) goes, so at most one sweeper runs at a time."""
-        if self._pool is None:
-            return False
-        if self._sweeper_held:
-            return True
-        if self._sweeper_conn is None:
-            try:
-                self._sweeper_conn = await self._pool.acquire()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                return False
-        try:
-            held = await self._sweeper_conn.fetchval(
-                "SELECT pg_try_advisory_lock($1)", _SWEEPER_LOCK
-            )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            with contextlib.suppress(Exception):
-                await self._pool.release(self._sweeper_conn)
-            self._sweeper_conn = None
-            return False
-        self._sweeper_held = bool(held)
-        return self._sweeper_held
+        """Whether to sweep: the one-at-a-time rule is the transaction-scoped lock
+        that `claim_expired_tasks` takes."""
+        return self._pool is not None
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
         rows = await self._fetch(sql.SELECT_API_KEYS + " WHERE digest = ?", bytes(digest))

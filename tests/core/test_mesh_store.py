@@ -110,15 +110,32 @@ async def test_expired_tasks_are_claimed_once_with_attempts_and_inputs(pg_dsn):
             await s.close()
 
 
-async def test_one_sweeper_at_a_time_until_it_goes(pg_dsn):
-    x, y = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
-    await x.open()
+async def test_one_sweeper_at_a_time_and_a_dead_one_blocks_nobody(pg_dsn):
+    """The claim holds a transaction-scoped advisory lock: while another sweeper's
+    claim runs, a claim takes nothing; once that transaction ends (committed, or its
+    process killed), the next claim proceeds. A session lock on a kept connection
+    outlived a killed orchestrator and stopped every later claim."""
+    import asyncpg
+
+    from kernelmesh.core.store.postgres import _SWEEPER_LOCK
+
+    y = PostgresStore(pg_dsn)
     await y.open()
+    other = await asyncpg.connect(pg_dsn)
     try:
-        assert await x.try_sweeper_lock()
-        assert await x.try_sweeper_lock()  # still held
-        assert not await y.try_sweeper_lock()
-        await x.close()
-        assert await y.try_sweeper_lock()  # released with x's session
+        now = time.time()
+        await y.write(PutTask(task(7, node="orch-x", lease_until=now - 1)), wait=True)
+        sweeping = other.transaction()
+        await sweeping.start()
+        assert await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", _SWEEPER_LOCK)
+        assert (await y.claim_expired_tasks("orch-y", now + 30, now)).tasks == []
+        other.terminate()  # the other sweeper dies mid-claim
+        give_up = time.monotonic() + 10  # until PostgreSQL sees its session end
+        while not (claimed := await y.claim_expired_tasks("orch-y", now + 30, now)).tasks:
+            assert time.monotonic() < give_up, "the dead sweeper's lock was never released"
+            await asyncio.sleep(0.05)
+        assert [t.id for t in claimed.tasks] == [f"{7:032x}"]
     finally:
+        if not other.is_closed():
+            other.terminate()
         await y.close()

@@ -75,6 +75,8 @@ def test_two_orchestrators_take_the_postgresql_url_from_the_secret():
     [container] = pod_spec(deployment)["containers"]
     command = shlex.join(container["command"] + container["args"])
     assert command.startswith("kernelmesh orchestrator --store '$(KERNELMESH_STORE)'")
+    # it listens beyond loopback, where the server refuses to run without keys
+    assert "--auth" in container["args"] and "--state-dir" in container["args"]
     env = {e["name"]: e for e in container["env"]}
     assert env["KERNELMESH_STORE"]["valueFrom"]["secretKeyRef"] == {
         "name": "kernelmesh-store",

@@ -312,14 +312,15 @@ async def test_unknown_enums_deep_inside_a_request_are_found(limited):
         request.devices.add(name="gpu:9", kind=41)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await orchestrator.RegisterNode(request)
-        # refused before the (not yet built) RPC is reached
+        # refused by the request guard, before the RPC is reached
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "devices[1].kind" in violations(info.value)
         ok = orchestrator_pb2.RegisterNodeRequest(address="n:1")
         ok.devices.add(name="cpu:0", kind=1)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        try:
             await orchestrator.RegisterNode(ok)
-        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        except grpc.aio.AioRpcError as exc:  # the RPC's own checks (name, version) may refuse it
+            assert not any("kind" in v for v in violations(exc)), exc.details()
 
 
 async def test_kept_outputs_move_from_the_task_to_the_tensor_store(stub, limited):
