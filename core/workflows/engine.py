@@ -396,11 +396,10 @@ class WorkflowEngine:
         # One request id per step: after a restart the same submission returns
         # the step's task instead of running it again.
         request = f"{wf.name}/steps/{step.id}"
-        # The step needs no commit before it runs: after a crash the engine
-        # submits it again with this request id (and a finished task's end
-        # commits after its submission, in order).
+        # Committed before it runs: a step that ran before its task was committed
+        # ran again after a kill -9 (the resubmitted request id found nothing).
         task = await self.tasks.submit_journaled(
-            spec, request_id=request, fingerprint=request, deadline=deadline, await_commit=False
+            spec, request_id=request, fingerprint=request, deadline=deadline
         )
         self._step_running(wf, step, task=task.name)
         try:
