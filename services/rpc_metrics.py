@@ -18,30 +18,11 @@ from typing import Any
 
 import grpc
 
-from kernelmesh.core.metrics import Tally
+from kernelmesh.core.metrics import _LATENCY_BUCKETS, Tally
 
-_HANDLING_BUCKETS = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
+# The task path's latency buckets, widened at both ends: an RPC can be faster than
+# any kernel (50 us) and a stream can last minutes.
+_HANDLING_BUCKETS = (0.00005, *_LATENCY_BUCKETS, 60.0, 300.0)
 _METHOD_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
 STARTED = Tally("grpc_server_started", "RPCs started on the server.", _METHOD_LABELS)
