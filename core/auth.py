@@ -2,11 +2,13 @@
 one table of which role may call which RPC.
 
 Secrets are 256 random bits, shown once; only their SHA-256 digest is kept
-(`core.api_keys.ApiKeyStore`). A check is a dictionary hit for the cache's
-lifetime, so a call costs no store round trip; a revocation made on this
-server drops its cache entry at once, one made elsewhere (another
-orchestrator sharing the store) takes effect within `cache_seconds`. Expiry
-is compared with the clock on every call, cached or not."""
+(`core.api_keys.ApiKeyStore`). A check is cached for `cache_seconds`, keyed by
+the raw `authorization` value, so a call with a key seen recently costs one
+dictionary lookup and one clock read: no parsing, no SHA-256, no store round
+trip. A revocation made on this server drops its cache entries at once, one
+made elsewhere (another orchestrator sharing the store) takes effect within
+`cache_seconds`. An entry never outlives the key's expiry or a revocation
+already scheduled (rotation's grace), so those apply to the second."""
 
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachetools import TTLCache
-
 from kernelmesh.core.api_keys import ApiKeyRecord, ApiKeyStore, Role
 from kernelmesh.core.errors import Code, InvalidArgument, KernelmeshError, NotFound, Violation
 
@@ -32,6 +32,8 @@ SECRET_PREFIX = "kmk_"
 KEY_PREFIX = "apiKeys/"
 BOOTSTRAP_FILE = "bootstrap-admin.key"
 MAX_LABEL_CHARS = 256
+# Cached key checks (one per distinct `authorization` value seen within the bound).
+MAX_CACHED_CHECKS = 10_000
 
 
 class Unauthenticated(KernelmeshError):
@@ -180,34 +182,78 @@ class KeyRing:
         self.store = store
         self.cache_seconds = cache_seconds
         self.clock = clock
-        # digest -> (record, its principal), or None for a digest the store does not
-        # know (so a flood of wrong keys does not become a flood of store reads).
-        # Lookups are by SHA-256 digest, so timing reveals nothing about secrets.
-        self._cache: TTLCache[bytes, tuple[ApiKeyRecord, Principal] | None] = TTLCache(
-            maxsize=10_000, ttl=cache_seconds, timer=clock
-        )
+        # raw `authorization` value -> (its principal, or None for a key that does not
+        # authenticate, so a repeated wrong key is no store read; the clock time the
+        # entry is good until; the secret's digest, for `forget`). A dict keyed by the
+        # secret leaks nothing through timing: str hashes are SipHash under a per-process
+        # random key, and strings are only compared after a full hash match.
+        self._checked: dict[str, tuple[Principal | None, float, bytes]] = {}
+        self._forgotten = 0  # bumped by forget(): a check begun before it is not cached
         self._lock = threading.Lock()
 
     # -- checks --------------------------------------------------------------
 
-    async def authenticate(self, secret: str | None) -> Principal:
-        """The principal of an active key; UNAUTHENTICATED for a missing, unknown,
-        expired or revoked one (the message does not say which of the last three)."""
-        if not secret:
+    def cached(self, header: str) -> Principal | None:
+        """The principal of an `authorization` value checked recently, or None
+        (not checked, not valid, or the entry is old): then call `check`. The
+        interceptor's whole cost for a known key."""
+        entry = self._checked.get(header)
+        if entry is not None and entry[1] > self.clock():
+            return entry[0]
+        return None
+
+    async def check(self, header: str | None) -> Principal:
+        """The principal of an `authorization: Bearer <key>` value; UNAUTHENTICATED
+        for a missing, unknown, expired or revoked key (the message does not say
+        which of the last three)."""
+        if not isinstance(header, str) or not header:
             raise Unauthenticated(
                 "an API key is required: send metadata 'authorization: Bearer <key>'"
             )
-        key = digest(secret)
-        try:
-            found = self._cache[key]
-        except KeyError:
+        entry = self._checked.get(header)
+        if entry is None or entry[1] <= self.clock():
+            secret = bearer_secret(header)
+            if secret is None:
+                raise Unauthenticated(
+                    "an API key is required: send metadata 'authorization: Bearer <key>'"
+                )
+            forgotten = self._forgotten
+            key = digest(secret)
             record = await self.store.get_api_key_by_digest(key)
-            found = None if record is None else (record, _principal(record))
-            with self._lock:
-                self._cache[key] = found
-        if found is None or not found[0].active_at(self.clock()):
+            entry = self._entry(record, key)
+            if forgotten == self._forgotten:  # else a revocation raced this read
+                self._remember(header, entry)
+        if entry[0] is None:
             raise Unauthenticated("the API key is not valid (unknown, expired or revoked)")
-        return found[1]
+        return entry[0]
+
+    async def authenticate(self, secret: str | None) -> Principal:
+        """`check` for a bare secret (no `Bearer` scheme)."""
+        return await self.check(f"Bearer {secret}" if secret else None)
+
+    def _entry(
+        self, record: ApiKeyRecord | None, key: bytes
+    ) -> tuple[Principal | None, float, bytes]:
+        now = self.clock()
+        until = now + self.cache_seconds
+        if record is None or not record.active_at(now):
+            return None, until, key
+        for end in (record.expires_at, record.revoked_at):
+            if end is not None and end < until:
+                until = end
+        return _principal(record), until, key
+
+    def _remember(self, header: str, entry: tuple[Principal | None, float, bytes]) -> None:
+        with self._lock:
+            if len(self._checked) >= MAX_CACHED_CHECKS:
+                # Old entries first; a flood of distinct wrong keys then drops the oldest
+                # half (dicts keep insertion order), so the cache stays bounded.
+                now = self.clock()
+                kept = {h: e for h, e in self._checked.items() if e[1] > now}
+                if len(kept) >= MAX_CACHED_CHECKS:
+                    kept = dict(list(kept.items())[MAX_CACHED_CHECKS // 2 :])
+                self._checked = kept
+            self._checked[header] = entry
 
     def authorize(self, principal: Principal, method: str) -> None:
         if not may_call(principal.role, method):
@@ -216,8 +262,11 @@ class KeyRing:
             )
 
     def forget(self, record: ApiKeyRecord) -> None:
+        """Drops every cached check of `record`'s secret (a key management call,
+        so a scan is fine)."""
         with self._lock:
-            self._cache.pop(record.digest, None)
+            self._forgotten += 1
+            self._checked = {h: e for h, e in self._checked.items() if e[2] != record.digest}
 
     # -- management ------------------------------------------------------------
 

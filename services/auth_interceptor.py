@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from kernelmesh.core.auth import KeyRing, bearer_secret, is_open
+from kernelmesh.core.auth import ROLE_TABLE, KeyRing, is_open
 from kernelmesh.core.errors import KernelmeshError
 from kernelmesh.services.context import CURRENT_PRINCIPAL
 from kernelmesh.services.status import status_of
@@ -41,6 +41,10 @@ def _refusal(handler: grpc.RpcMethodHandler | None, status: grpc.Status) -> grpc
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Runs on every call, so a call with a recently checked key costs a role-table
+    lookup, a scan of the (few) metadata entries, one cache lookup and a
+    contextvar set; everything else happens on a cache miss or a refusal."""
+
     def __init__(self, keys: KeyRing) -> None:
         self.keys = keys
 
@@ -50,18 +54,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if is_open(method):
+        roles = ROLE_TABLE.get(method)
+        if roles is None and is_open(method):
             return await continuation(handler_call_details)
-        secret = None
+        header = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                secret = bearer_secret(value if isinstance(value, str) else None)
+                header = value
                 break
-        try:
-            principal = await self.keys.authenticate(secret)
-            self.keys.authorize(principal, method)
-        except KernelmeshError as exc:
-            return _refusal(await continuation(handler_call_details), status_of(exc))
+        principal = self.keys.cached(header) if header.__class__ is str else None
+        if principal is None:
+            try:
+                principal = await self.keys.check(header)
+            except KernelmeshError as exc:
+                return _refusal(await continuation(handler_call_details), status_of(exc))
+        if roles is None or principal.role not in roles:
+            try:
+                self.keys.authorize(principal, method)
+            except KernelmeshError as exc:
+                return _refusal(await continuation(handler_call_details), status_of(exc))
         # The handler runs later in this same task and reads the principal from
         # here (services.context.tenant_of).
         CURRENT_PRINCIPAL.set(principal)

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from kernelmesh.core.api_keys import Role
-from kernelmesh.core.auth import KeyRing, bearer_secret
+from kernelmesh.core.auth import KeyRing
 from kernelmesh.core.errors import KernelmeshError
 
 MAX_BODY_BYTES = 32 << 20
@@ -139,7 +139,7 @@ def install_auth(app: web.Application, keys: KeyRing, *, protect_metrics: bool =
         if path in OPEN_PATHS or (path == "/metrics" and not protect_metrics):
             return await handler(request)
         try:
-            principal = await keys.authenticate(bearer_secret(request.headers.get("Authorization")))
+            principal = await keys.check(request.headers.get("Authorization"))
         except KernelmeshError as exc:
             return _error(
                 401,

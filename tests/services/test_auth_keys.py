@@ -3,10 +3,12 @@ the bootstrap key, against the ApiKeyStore protocol (MemoryApiKeyStore)."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 
 import pytest
 
+from kernelmesh.core import auth
 from kernelmesh.core.api_keys import MemoryApiKeyStore, Role
 from kernelmesh.core.auth import (
     BOOTSTRAP_FILE,
@@ -81,6 +83,61 @@ async def test_checks_are_cached_so_calls_cost_no_store_round_trip(ring, store):
         with pytest.raises(Unauthenticated):
             await ring.authenticate("kmk_wrong")
     assert store.lookups == 2
+
+
+async def test_a_cached_check_is_keyed_by_the_header_and_ends_with_the_bound(ring, store, clock):
+    created = await ring.create(tenant="t", role=Role.USER)
+    header = f"Bearer {created.secret}"
+    assert ring.cached(header) is None  # never checked: the caller goes to check()
+    principal = await ring.check(header)
+    assert ring.cached(header) is principal  # the interceptor's whole cost for this key
+    assert ring.cached(f"bearer  {created.secret} ") is None  # another spelling: own entry
+    assert await ring.check(f"bearer  {created.secret} ") == principal
+    assert store.lookups == 2
+    clock.now += 5.0
+    assert ring.cached(header) is None
+    assert await ring.check(header) == principal
+    assert store.lookups == 3
+
+
+@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer", b"Bearer kmk_x"])
+async def test_headers_without_a_bearer_key_are_unauthenticated_without_a_store_read(
+    ring, store, header
+):
+    with pytest.raises(Unauthenticated, match="required"):
+        await ring.check(header)
+    assert store.lookups == 0
+
+
+async def test_the_cache_stays_bounded_under_a_flood_of_distinct_wrong_keys(ring, monkeypatch):
+    monkeypatch.setattr(auth, "MAX_CACHED_CHECKS", 50)
+    created = await ring.create(tenant="t", role=Role.USER)
+    for i in range(500):
+        with pytest.raises(Unauthenticated):
+            await ring.authenticate(f"kmk_wrong{i}")
+        assert len(ring._checked) <= 50
+    assert await ring.authenticate(created.secret)
+
+
+async def test_a_revocation_racing_a_check_is_not_cached_over(ring, store):
+    created = await ring.create(tenant="t", role=Role.USER)
+    release = asyncio.Event()
+    read = store.get_api_key_by_digest
+
+    async def slow_read(key: bytes):
+        record = await read(key)  # the key is still active when read
+        await release.wait()
+        return record
+
+    store.get_api_key_by_digest = slow_read
+    checking = asyncio.create_task(ring.authenticate(created.secret))
+    await asyncio.sleep(0)  # the check is now waiting on its read
+    await ring.revoke(created.record.key_id)
+    release.set()
+    await checking  # answered from what it read before the revocation
+    store.get_api_key_by_digest = read
+    with pytest.raises(Unauthenticated):  # but that answer was not cached
+        await ring.authenticate(created.secret)
 
 
 async def test_a_revocation_elsewhere_is_seen_after_the_cache_bound(ring, store, clock):
