@@ -135,6 +135,16 @@ def test_the_role_table_follows_the_architecture():
     for name in ("CreateApiKey", "ListApiKeys", "RevokeApiKey", "ListNodes", "DrainNode"):
         assert ROLE_TABLE[orch + name] == {Role.ADMIN}
     assert ROLE_TABLE[orch + "RegisterNode"] == ROLE_TABLE[orch + "Heartbeat"] == {Role.NODE}
+    workflow_rpcs = {path for path, _, _ in _all_methods() if "Workflow" in path}
+    assert {p.rsplit("/", 1)[1] for p in workflow_rpcs} == {
+        "SubmitWorkflow",
+        "GetWorkflow",
+        "WatchWorkflow",
+        "CancelWorkflow",
+        "ListWorkflows",
+    }
+    for path in workflow_rpcs:  # users run workflows in their own tenant; nodes do not
+        assert ROLE_TABLE[path] == {Role.ADMIN, Role.USER}, path
     for path, roles in ROLE_TABLE.items():
         if "Node" not in path and "Heartbeat" not in path:
             assert Role.NODE not in roles, path  # a node key does nothing but register
