@@ -242,12 +242,13 @@ class Server:
             DeviceServicer(monitor, cfg.quotas), guarded
         )
         llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(self.llm), guarded)
-        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+        orchestrator = (
             OrchestratorServicer(self.mesh, self.keys, self.workflows, cfg.limits)
             if self.mesh
-            else _OrchestratorRpcs(self.keys, self.workflows, cfg.limits),
-            guarded,
+            else _OrchestratorRpcs(self.keys, self.workflows, cfg.limits)
         )
+        orchestrator.max_reply_bytes = max(1 << 20, cfg.max_message_bytes - (1 << 20))
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(orchestrator, guarded)
         # Health and reflection: guarded too (open to callers without a key).
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from kernelmesh.core import ops
 from kernelmesh.core.devices import DeviceKind
-from kernelmesh.core.errors import InvalidArgument, NotFound, Violation
+from kernelmesh.core.errors import InvalidArgument, NotFound, ResourceExhausted, Violation
 from kernelmesh.core.workflows import (
     SpecError,
     StepState,
@@ -31,6 +31,10 @@ from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, task_pb2, ten
 
 
 class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    # A ListWorkflows reply is cut to this size (the server sets it from its max
+    # message size): a page of large workflows is never built whole.
+    max_reply_bytes: int = 64 << 20
+
     def __init__(self, workflows: WorkflowEngine, limits: ops.Limits) -> None:
         self.workflows = workflows
         self.limits = limits
@@ -80,15 +84,30 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     @rpc
     async def ListWorkflows(self, request, context):
         state = WorkflowState(request.state) if request.state else None
+        tenant = tenant_of(context)
         page, token = self.workflows.list(
-            tenant=tenant_of(context),
-            state=state,
-            page_size=request.page_size,
-            page_token=request.page_token,
+            tenant=tenant, state=state, page_size=request.page_size, page_token=request.page_token
         )
-        return orchestrator_pb2.ListWorkflowsResponse(
-            workflows=[self._proto(wf) for wf in page], next_page_token=token
-        )
+        response = orchestrator_pb2.ListWorkflowsResponse()
+        size = 0
+        for i, wf in enumerate(page):
+            msg = self._proto(wf)
+            size += msg.ByteSize() + 16  # the field's tag and length prefix, generously
+            if size > self.max_reply_bytes:
+                if i == 0:
+                    raise ResourceExhausted(
+                        f"{wf.name} alone is larger than a reply may be "
+                        f"({self.max_reply_bytes} bytes); read it with GetWorkflow",
+                        retry_after=0.0,
+                    )
+                # the same page cut to the i workflows that fit, and its token
+                _, token = self.workflows.list(
+                    tenant=tenant, state=state, page_size=i, page_token=request.page_token
+                )
+                break
+            response.workflows.append(msg)
+        response.next_page_token = token
+        return response
 
     # -- translation ------------------------------------------------------------
 

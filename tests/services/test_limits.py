@@ -15,7 +15,15 @@ from google.rpc import error_details_pb2
 from helpers import rich_status, spec, violations
 
 from kernelmesh.core.limits import Quotas
-from kernelmesh.v1 import device_pb2, device_pb2_grpc, task_pb2, task_pb2_grpc, tensor_pb2
+from kernelmesh.v1 import (
+    device_pb2,
+    device_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+    tensor_pb2,
+)
 
 MiB = 1 << 20
 
@@ -248,6 +256,44 @@ async def test_list_tasks_pages_are_cut_to_fit_the_message_size(server_config, s
                 break
             assert pages < 20
         assert len(seen) == len(set(seen)) == 16
+        assert pages > 1
+
+
+async def test_list_workflows_pages_are_cut_to_fit_the_message_size(server_config, start_server):
+    server = await start_server(dataclasses.replace(server_config, max_message_bytes=2 * MiB))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        # 2,000 chained steps with 64-character ids: about 400 KiB per workflow, and
+        # cancelled at once so that hardly any of their tasks run
+        ids = [f"s{i:04d}".ljust(64, "x") for i in range(2000)]
+        steps = []
+        for i, step_id in enumerate(ids):
+            step = orchestrator_pb2.WorkflowStep(id=step_id)
+            step.task.op = "relu"
+            step.task.inputs.add(ref="${inputs.x}" if i == 0 else f"${{{ids[i - 1]}.outputs[0]}}")
+            steps.append(step)
+        request = orchestrator_pb2.SubmitWorkflowRequest(steps=steps)
+        request.inputs["x"].tensor.CopyFrom(spec("relu", np.ones(4, np.float32)).inputs[0].tensor)
+        names = []
+        for _ in range(6):
+            wf = (await stub.SubmitWorkflow(request)).workflow
+            await stub.CancelWorkflow(orchestrator_pb2.CancelWorkflowRequest(name=wf.name))
+            names.append(wf.name)
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            reply = await stub.ListWorkflows(
+                orchestrator_pb2.ListWorkflowsRequest(page_size=1000, page_token=token)
+            )
+            assert reply.ByteSize() <= 2 * MiB
+            seen += [w.name for w in reply.workflows]
+            pages += 1
+            token = reply.next_page_token
+            if not token:
+                break
+            assert pages < 20
+        assert sorted(seen) == sorted(names)
         assert pages > 1
 
 
