@@ -25,6 +25,7 @@ from kernelmesh.core.config import ServerConfig
 from kernelmesh.services.server import check_security
 from kernelmesh.v1 import (
     device_pb2,
+    device_pb2_grpc,
     llm_pb2,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
@@ -266,6 +267,46 @@ async def test_another_tenants_tasks_and_tensors_are_not_found(channel, make_key
 
 
 # --- revocation, expiry, rotation ----------------------------------------------
+
+
+async def test_a_device_watch_shows_another_tenants_work_only_as_counts(channel, make_key):
+    """Devices are shared: every tenant's watch sees the same device statuses,
+    whose fields are counts and gauges; no task, tensor or tenant of anyone
+    else's is named in them."""
+    _, a = await make_key("team-a")
+    _, b = await make_key("team-b")
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    submitted = [
+        (
+            await tasks.SubmitTask(
+                task_pb2.SubmitTaskRequest(task=spec("exp", np.ones(1 << 16, np.float32))),
+                metadata=bearer(a),
+            )
+        ).task.name
+        for _ in range(8)
+    ]
+    devices = device_pb2_grpc.DeviceServiceStub(channel)
+    listed = await devices.ListDevices(device_pb2.ListDevicesRequest(), metadata=bearer(b))
+    seen = []
+    call = devices.WatchDevices(device_pb2.WatchDevicesRequest(interval_ms=100), metadata=bearer(b))
+    async for update in call:
+        seen.append(update)
+        if len(seen) == 3:
+            call.cancel()
+            break
+    names = {s.name for update in seen for s in update.statuses}
+    assert names == {d.name for d in listed.devices}
+    raw = b"".join(update.SerializeToString() for update in seen)
+    for secret_word in ("team-a", *submitted, *(n.split("/", 1)[1] for n in submitted)):
+        assert secret_word.encode() not in raw
+    assert await _code(_drain(devices.WatchDevices(device_pb2.WatchDevicesRequest()))) is (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
 
 
 async def test_a_revoked_key_stops_working_at_once(channel, make_key, admin_key):
