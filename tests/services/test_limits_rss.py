@@ -46,3 +46,42 @@ async def test_declared_upload_sizes_are_not_allocated(tmp_path, serve_tools):
         assert peak - before < 256 * MiB, f"RSS grew by {(peak - before) / MiB:.0f} MiB"
     finally:
         serve_tools.stop_serve(proc)
+
+
+def test_uploads_past_the_tenant_quota_are_refused_and_not_held(tmp_path, serve_tools):
+    quota = 64 * MiB
+    config = tmp_path / "kernelmesh.yaml"
+    config.write_text(f"quotas:\n  max_bytes_per_tenant: {quota}\n")
+    proc = serve_tools.start_serve(tmp_path, "--no-warmup", "--config", str(config))
+    chunk = task_pb2.UploadTensorRequest(chunk=b"\1" * MiB)
+    header = task_pb2.UploadTensorRequest(
+        header=task_pb2.TensorHeader(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4 * MiB])
+    )
+
+    def requests():
+        yield header
+        yield from [chunk] * 16
+
+    try:
+        rss = psutil.Process(proc.process.pid)
+        # The synchronous stub: grpc.aio reports a client stream the server has
+        # already answered as a client-side INTERNAL, hiding the server's status.
+        with grpc.insecure_channel(proc.target) as chan:
+            stub = task_pb2_grpc.TaskServiceStub(chan)
+            grpc.channel_ready_future(chan).result(timeout=60)
+            before = rss.memory_info().rss
+            codes = []
+            for _ in range(12):  # 12 tensors of 16 MiB (192 MiB) against a 64 MiB quota
+                try:
+                    stub.UploadTensor(requests(), timeout=60)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+            peak = rss.memory_info().rss
+        assert codes[:4] == [grpc.StatusCode.OK] * 4
+        assert set(codes[4:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        # what the quota lets it keep, plus buffers; never the 192 MiB offered
+        grown = peak - before
+        assert grown < quota + 64 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+    finally:
+        serve_tools.stop_serve(proc)
