@@ -28,6 +28,9 @@ MAX_DEPTH = 64
 MAX_INT_DIGITS = 64
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/health/startup"})
+# The dashboard's data is server-wide (every tenant's LLM usage, every RPC's
+# counts): with auth on, admin keys only. The page itself is static.
+ADMIN_PATHS = frozenset({"/ui/snapshot", "/ui/events"})
 TENANT_HEADER = "X-Kernelmesh-Tenant"
 
 
@@ -131,7 +134,8 @@ def _too_large(limit: int) -> web.Response:
 
 def install_auth(app: web.Application, keys: KeyRing, *, protect_metrics: bool = False) -> None:
     """Adds key checks to `app`: every route but the probes (and /metrics unless
-    `protect_metrics`) needs `Authorization: Bearer <key>` of a user or admin key."""
+    `protect_metrics`) needs `Authorization: Bearer <key>` of a user or admin key,
+    and the dashboard's data an admin key."""
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -152,6 +156,13 @@ def install_auth(app: web.Application, keys: KeyRing, *, protect_metrics: bool =
             return _error(
                 403,
                 f"a {principal.role.value} key may not call the HTTP API",
+                "permission_error",
+                "permission_denied",
+            )
+        if path in ADMIN_PATHS and principal.role is not Role.ADMIN:
+            return _error(
+                403,
+                f"{path} shows every tenant's usage: it needs an admin key",
                 "permission_error",
                 "permission_denied",
             )

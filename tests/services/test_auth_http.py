@@ -78,6 +78,33 @@ async def test_metrics_can_be_protected(server_config, tmp_path, start_server):
             assert r.status == 200
 
 
+async def test_the_dashboards_data_is_for_admin_keys_only(server_config, tmp_path, start_server):
+    """A snapshot holds every tenant's LLM usage (tenant, model, tokens, cost):
+    with auth on, a user key must not read another tenant's from it."""
+    server, admin = await _server(server_config, tmp_path, start_server)
+    team_a = await _user_key(server, admin, tenant="team-a")
+    team_b = await _user_key(server, admin, tenant="team-b")
+    base = f"http://127.0.0.1:{server.http_port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            base + "/v1/embeddings",
+            json={"model": "local", "input": "hi"},
+            headers={"Authorization": f"Bearer {team_a}"},
+        ) as r:
+            assert r.status == 200
+        async with session.get(
+            base + "/ui/snapshot", headers={"Authorization": f"Bearer {admin}"}
+        ) as r:
+            assert r.status == 200
+            assert "team-a" in {u["tenant"] for u in (await r.json())["llm"]["usage"]}
+        for path in ("/ui/snapshot", "/ui/events"):
+            async with session.get(base + path, headers={"Authorization": f"Bearer {team_b}"}) as r:
+                assert r.status == 403, path
+                assert "team-a" not in await r.text()
+            async with session.get(base + path) as r:
+                assert r.status == 401, path
+
+
 async def test_the_http_tenant_is_the_keys_tenant(server_config, tmp_path, start_server):
     """A tenant header cannot override the key: team-a's key spends team-a's budget."""
     server, admin = await _server(server_config, tmp_path, start_server)
