@@ -51,8 +51,29 @@ def main() -> None:
 DEFAULT_WAIT = 5.0
 
 
+def _remember_ca_bundle(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta["kernelmesh.ca_bundle"] = value
+
+
+def _ca_bundle() -> str | None:
+    """The --ca-bundle (or $KERNELMESH_CA_BUNDLE) of the command being run."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.meta.get("kernelmesh.ca_bundle")
+
+
 def target_option(command):
-    """--target and --wait: where the server is, and how long to wait for it to answer."""
+    """--target, --wait and --ca-bundle: where the server is, how long to wait for it
+    to answer, and the CAs to trust when it serves TLS."""
+    command = click.option(
+        "--ca-bundle",
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="KERNELMESH_CA_BUNDLE",
+        show_envvar=True,
+        expose_value=False,  # read through _ca_bundle(): no command takes it as an argument
+        callback=_remember_ca_bundle,
+        help="PEM file of the CAs to trust: talk TLS to a server started with --tls-cert.",
+    )(command)
     command = click.option(
         "--wait",
         "wait",
@@ -76,12 +97,27 @@ def target_option(command):
 
 def _client(target: str, wait: float, *, timeout: float = 60.0, tenant: str | None = None):
     """A client for a server that answers, or exit 1 with what to do when none does."""
+    ca_bundle = _ca_bundle()
     try:
-        reach(target, wait, on_wait=lambda text: click.echo(text, err=True))
+        reach(
+            target,
+            wait,
+            on_wait=lambda text: click.echo(text, err=True),
+            credentials=_tls_credentials(ca_bundle),
+        )
     except Unreachable as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    return Client(target, timeout=timeout, tenant=tenant)
+    return Client(target, timeout=timeout, tenant=tenant, ca_bundle=ca_bundle)
+
+
+def _tls_credentials(ca_bundle: str | None):
+    import grpc
+
+    if ca_bundle is None:
+        return None
+    with open(ca_bundle, "rb") as handle:
+        return grpc.ssl_channel_credentials(handle.read())
 
 
 def _fail(exc: KernelmeshError) -> None:
@@ -453,14 +489,19 @@ def _orchestrator(target: str, wait: float):
 
     from kernelmesh.v1 import orchestrator_pb2_grpc
 
+    credentials = _tls_credentials(_ca_bundle())
     try:
-        reach(target, wait, on_wait=lambda text: click.echo(text, err=True))
+        reach(
+            target, wait, on_wait=lambda text: click.echo(text, err=True), credentials=credentials
+        )
     except Unreachable as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     key = os.environ.get("KERNELMESH_API_KEY")
     metadata = [("authorization", f"Bearer {key}")] if key else []
-    channel = grpc.insecure_channel(target)
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    )
     return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel), metadata
 
 

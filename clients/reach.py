@@ -15,11 +15,19 @@ class Unreachable(Exception):
     """Nothing answered at the target within the wait."""
 
 
-def reach(target: str, wait: float, on_wait: Callable[[str], None] | None = None) -> None:
-    """Returns once an HTTP/2 connection to `target` is up; says what it waits for
-    (through `on_wait`) when that takes longer than QUIET_SECONDS; raises
-    Unreachable, with what to do, after `wait` seconds."""
-    channel = grpc.insecure_channel(target)
+def reach(
+    target: str,
+    wait: float,
+    on_wait: Callable[[str], None] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Returns once an HTTP/2 connection to `target` is up (over TLS with
+    `credentials`); says what it waits for (through `on_wait`) when that takes
+    longer than QUIET_SECONDS; raises Unreachable, with what to do, after `wait`
+    seconds."""
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    )
     ready = grpc.channel_ready_future(channel)
     try:
         try:

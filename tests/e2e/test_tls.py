@@ -194,3 +194,35 @@ async def test_the_http_sidecar_serves_https_with_the_same_certificate(tls_serve
     with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer from a TLS port
         async with aiohttp.ClientSession() as session:
             await session.get(f"http://localhost:{tls_server.http_port}/health/live")
+
+
+def test_the_cli_talks_tls_with_a_ca_bundle(tmp_path, pki, serve_tools, kernelmesh, monkeypatch):
+    proc = serve_tools.start_serve(
+        tmp_path,
+        "--no-warmup",
+        "--tls-cert",
+        pki.write("cli-ca.pem", pki.server.cert),
+        "--tls-key",
+        pki.write("cli-ca.key", pki.server.key),
+    )
+    ca = pki.write("cli-trust.pem", pki.ca.cert)
+    other = pki.write("cli-other.pem", pki.other_ca.cert)
+    try:
+        target = ("--target", proc.target, "--wait", "10")
+        trusted = kernelmesh("ops", *target, "--ca-bundle", ca)
+        assert trusted.returncode == 0, trusted.stderr
+        assert "matmul" in trusted.stdout
+        with monkeypatch.context() as env:
+            env.setenv("KERNELMESH_CA_BUNDLE", ca)
+            by_env = kernelmesh("devices", *target)
+        assert by_env.returncode == 0, by_env.stderr
+        assert "cpu:0" in by_env.stdout
+        briefly = ("--target", proc.target, "--wait", "2")
+        for refused in (
+            kernelmesh("ops", *briefly, "--ca-bundle", other),
+            kernelmesh("ops", *briefly),
+        ):
+            assert refused.returncode == 1
+            assert "no kernelmesh server answered" in refused.stderr
+    finally:
+        serve_tools.stop_serve(proc)
