@@ -279,7 +279,7 @@ async def test_cancel_cancels_running_steps(engine):
     while not any(s.state is StepState.RUNNING for s in wf.steps.values()):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
-    engine.cancel(wf.name, tenant="default")
+    await engine.cancel(wf.name, tenant="default")
     assert wf.state is WorkflowState.CANCELLED
     assert wf.steps["after"].state is StepState.CANCELLED
     for step in wf.steps.values():
