@@ -993,6 +993,7 @@ class TaskManager:
         work = self._work[device]
         remote = getattr(device, "remote", False)
         while True:
+            outputs = None  # an idle worker must not hold on to its last task's outputs
             if remote and device.gone:
                 return
             if not len(device.queue):

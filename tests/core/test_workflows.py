@@ -399,3 +399,87 @@ async def test_a_step_that_failed_before_the_crash_fails_the_resumed_workflow(tm
         await engine.shutdown()
         await tasks.shutdown(grace=1.0)
         await store.close()
+
+
+def _chain(n: int, *, keep: str = "") -> dict:
+    steps = [{"id": "s0", "task": task("relu", "${inputs.a}")}]
+    for i in range(1, n):
+        steps.append({"id": f"s{i}", "task": task("relu", f"${{s{i - 1}.outputs[0]}}")})
+    for step in steps:
+        if step["id"] == keep:
+            step["keep_outputs"] = True
+    return {"steps": steps}
+
+
+async def test_intermediate_outputs_are_freed_and_memory_returns_to_baseline(engine):
+    import gc
+    import tracemalloc
+
+    store = engine.tasks.store
+    mib = np.full((512, 512), -1.0, np.float32)  # 1 MiB per step output
+    await finished(engine, {"inputs": {"a": mib.copy()}, **_chain(2)})  # warm: kernels compiled
+    gc.collect()
+    count, used = len(store), store.used_bytes
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        wf = await finished(engine, {"inputs": {"a": mib.copy()}, **_chain(8)})
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    # Only the result (the last step's output) is left: the input copy given inline and
+    # the seven intermediate outputs are gone from the store and from memory.
+    assert len(store) == count + 1
+    assert store.used_bytes == used + mib.nbytes
+    assert grown < mib.nbytes + (256 << 10), f"{grown} bytes still held"
+    for i in range(7):
+        with pytest.raises(NotFound):
+            store.get(wf.steps[f"s{i}"].outputs[0], tenant="default")
+        # the finished task still names its output, with its dtype and shape
+        ref = engine.tasks.get(wf.steps[f"s{i}"].task, tenant="default").output_refs[0]
+        assert ref.name == wf.steps[f"s{i}"].outputs[0] and ref.array.shape == mib.shape
+    np.testing.assert_array_equal(output(engine, wf, "s7"), np.zeros_like(mib))
+
+
+async def test_keep_outputs_keeps_an_intermediate_output(engine):
+    a = np.arange(-4, 4, dtype=np.float32)
+    wf = await finished(engine, {"inputs": {"a": a}, **_chain(3, keep="s1")})
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    np.testing.assert_array_equal(output(engine, wf, "s1"), np.maximum(a, 0))
+    with pytest.raises(NotFound):
+        output(engine, wf, "s0")
+
+
+async def test_an_input_given_by_name_is_the_callers_and_kept(engine):
+    a = engine.tasks.store.put(np.ones(4, np.float32), tenant="default").name
+    wf = await finished(engine, {"inputs": {"a": a}, **_chain(2)})
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    assert engine.tasks.store.get(a, tenant="default").array.shape == (4,)
+
+
+async def test_freed_intermediates_stay_freed_after_a_restart(tmp_path):
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        wf = await finished(engine, {"inputs": {"a": np.ones(16, np.float32)}, **_chain(4)})
+        assert wf.state is WorkflowState.SUCCEEDED, wf.error
+        kept = {n for n in [wf.steps["s3"].outputs[0]]}
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        assert {name for name in tasks.store._items} == kept
+        back = engine.get(wf.name, tenant="default")
+        assert back.state is WorkflowState.SUCCEEDED
+        assert back.steps["s0"].view.outputs == tuple(wf.steps["s0"].outputs)
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
