@@ -59,6 +59,32 @@ async def download(channel, name: str) -> np.ndarray:
     return np.frombuffer(b"".join(chunks), dtype=dtype).reshape(tuple(header.shape))
 
 
+async def test_intermediate_outputs_are_deleted_unless_kept(stub, channel):
+    x = np.arange(-3, 3, dtype=np.float32)
+    kept_by_step = step("a", "relu", "${inputs.x}")
+    kept_by_step.keep_outputs = True
+    kept_by_task = step("b", "relu", "${a.outputs[0]}")
+    kept_by_task.task.keep_outputs = True
+    request = o.SubmitWorkflowRequest(
+        steps=[
+            kept_by_step,
+            kept_by_task,
+            step("c", "relu", "${b.outputs[0]}"),
+            step("d", "relu", "${c.outputs[0]}"),
+        ]
+    )
+    request.inputs["x"].tensor.CopyFrom(tensors.to_proto(x))
+    done = await wait_done(stub, (await stub.SubmitWorkflow(request)).workflow.name)
+    assert done.state == SUCCEEDED
+    assert [s.keep_outputs for s in done.steps] == [True, True, False, False]
+    outputs = {s.id: s.outputs[0].name for s in done.step_statuses}
+    for kept in ("a", "b", "d"):
+        np.testing.assert_allclose(await download(channel, outputs[kept]), np.maximum(x, 0))
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await download(channel, outputs["c"])
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_submit_runs_the_dag_and_outputs_stay_on_the_server(stub, channel):
     x = np.arange(-3, 3, dtype=np.float32)
     request = o.SubmitWorkflowRequest(
