@@ -69,7 +69,9 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     @stream_rpc
     async def WatchWorkflow(self, request, context) -> AsyncIterator:
         name = _name(request.name)
-        async for event in self.workflows.watch(name, tenant=tenant_of(context)):
+        async for event in self.workflows.watch(
+            name, tenant=tenant_of(context), steps=not request.end_only
+        ):
             yield self._event(event)
 
     @rpc

@@ -143,6 +143,12 @@ class StepRun:
 
 
 @dataclass(eq=False)
+class _Watcher:
+    queue: asyncio.Queue
+    steps: bool  # False: only the workflow's own transitions
+
+
+@dataclass(eq=False)
 class Workflow:
     """`state`, `end_time` and `error` are as the store holds them (shown);
     `outcome` is how the engine ended it, possibly before the store has it."""
@@ -162,7 +168,7 @@ class Workflow:
     outcome: WorkflowState | None = None
     # Tensors the engine stored from inline inputs: the workflow's to delete.
     owned: frozenset[str] = frozenset()
-    _watchers: list[asyncio.Queue] = field(default_factory=list)
+    _watchers: list[_Watcher] = field(default_factory=list)
     _runner: asyncio.Task | None = None
     _running: dict[str, asyncio.Task] = field(default_factory=dict)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -679,8 +685,9 @@ class WorkflowEngine:
         if not wf._watchers:
             return
         event = WorkflowEvent(wf, step, step_state, wf.state, time.time(), message, duration)
-        for queue in wf._watchers:
-            queue.put_nowait(event)
+        for watcher in wf._watchers:
+            if watcher.steps or not step:
+                watcher.queue.put_nowait(event)
 
     # -- retention of intermediate tensors ---------------------------------------
 
@@ -752,11 +759,15 @@ class WorkflowEngine:
             page_token=page_token,
         )
 
-    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[WorkflowEvent]:
-        """The workflow as it stands, then every transition until it ends."""
+    async def watch(
+        self, name: str, *, tenant: str, steps: bool = True
+    ) -> AsyncIterator[WorkflowEvent]:
+        """The workflow as it stands, then every transition until it ends (with
+        `steps=False`, only the workflow's own)."""
         wf = self.get(name, tenant=tenant)
         queue: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
-        wf._watchers.append(queue)
+        watcher = _Watcher(queue, steps)
+        wf._watchers.append(watcher)
         try:
             event = WorkflowEvent(wf, "", None, wf.state, time.time(), "current state")
             while True:
@@ -765,7 +776,7 @@ class WorkflowEngine:
                     return
                 event = await queue.get()
         finally:
-            wf._watchers.remove(queue)
+            wf._watchers.remove(watcher)
 
     async def cancel(self, name: str, *, tenant: str) -> Workflow:
         """Cancels running steps (and their tasks) and returns once the store holds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import grpc
@@ -247,3 +248,25 @@ async def test_text_where_a_tensor_is_needed_is_refused(stub):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.SubmitWorkflow(request)
     assert "tensor is needed" in violations(info.value)["steps[1].task.inputs[0].ref"]
+
+
+async def test_watch_end_only_sends_the_workflow_and_its_end_without_steps(stub):
+    big = np.ones((1000, 1000), np.float32)  # steps that last long enough to watch
+    request = o.SubmitWorkflowRequest(
+        steps=[
+            step("a", "matmul", big, big),
+            step("b", "matmul", "${a.outputs[0]}", big),
+            step("c", "relu", "${b.outputs[0]}"),
+        ]
+    )
+    name = (await stub.SubmitWorkflow(request)).workflow.name
+
+    async def watch(end_only: bool) -> list:
+        request = o.WatchWorkflowRequest(name=name, end_only=end_only)
+        return [e async for e in stub.WatchWorkflow(request)]
+
+    every, ends = await asyncio.gather(watch(False), watch(True))
+    assert {e.step for e in every if e.step} == {"a", "b", "c"}, "watched while it ran"
+    assert len(ends) == 2 and all(not e.step for e in ends), ends
+    assert ends[0].workflow.state == o.WORKFLOW_STATE_RUNNING
+    assert ends[-1].workflow.state == SUCCEEDED
