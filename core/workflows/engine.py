@@ -367,7 +367,7 @@ class WorkflowEngine:
         running = wf._running
 
         def launch(sid: str) -> None:
-            running[sid] = asyncio.create_task(self._run_step(wf, wf.steps[sid]))
+            running[sid] = asyncio.create_task(runner(sid), name=f"{wf.name}/steps/{sid}")
 
         def skip_after(sid: str, why: str) -> None:
             stack = list(dependants[sid])
@@ -376,6 +376,46 @@ class WorkflowEngine:
                 if nxt.state is StepState.PENDING:
                     self._step_end(wf, nxt, StepState.SKIPPED, None, why)
                     stack.extend(dependants[nxt.id])
+
+        def settle(sid: str) -> list[str]:
+            """A step ended: the steps it made ready (none when it failed)."""
+            step = wf.steps[sid]
+            if step.state is StepState.SUCCEEDED:
+                ready = []
+                for nxt in dependants[sid]:
+                    waiting[nxt] -= 1
+                    if waiting[nxt] == 0 and wf.steps[nxt].state is StepState.PENDING:
+                        ready.append(nxt)
+                return ready
+            if step.spec.continue_on_failure:
+                skip_after(sid, f"step {sid!r} failed")
+            else:
+                error = step.error or TaskFailure(Code.UNKNOWN, "failed")
+                message = f"step {sid!r}: {error.message}"
+                self._abort(wf, WorkflowState.FAILED, TaskFailure(error.code, message))
+            return []
+
+        async def runner(sid: str) -> None:
+            """Runs a step, then goes on with the first step its end made ready (a
+            chain runs in one asyncio task, with no scheduling round per step)."""
+            me = asyncio.current_task()
+            try:
+                while True:
+                    await self._run_step(wf, wf.steps[sid])
+                    if wf.outcome is not None:
+                        return
+                    ready = settle(sid)
+                    if not ready:
+                        return
+                    for other in ready[1:]:
+                        launch(other)
+                    del running[sid]
+                    sid = ready[0]
+                    running[sid] = me  # type: ignore[assignment]
+                    await asyncio.sleep(0)  # a long chain of tiny steps still lets others run
+            finally:
+                if running.get(sid) is me:
+                    del running[sid]
 
         for sid in wf.plan.order:  # resumed workflows have finished steps already
             step = wf.steps[sid]
@@ -391,25 +431,7 @@ class WorkflowEngine:
                 launch(sid)
         try:
             while running:
-                done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
-                for sid in [s for s, t in running.items() if t in done]:
-                    del running[sid]
-                    step = wf.steps[sid]
-                    if step.state is StepState.SUCCEEDED:
-                        for nxt in dependants[sid]:
-                            waiting[nxt] -= 1
-                            if waiting[nxt] == 0 and wf.steps[nxt].state is StepState.PENDING:
-                                launch(nxt)
-                    elif step.spec.continue_on_failure:
-                        skip_after(sid, f"step {sid!r} failed")
-                    else:
-                        error = step.error or TaskFailure(Code.UNKNOWN, "failed")
-                        self._abort(
-                            wf,
-                            WorkflowState.FAILED,
-                            TaskFailure(error.code, f"step {sid!r}: {error.message}"),
-                        )
-                        return
+                await asyncio.wait(list(running.values()), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             return  # cancelled (state already set) or shutting down (resumed at start)
         if wf.outcome is None:
