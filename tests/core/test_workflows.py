@@ -483,3 +483,39 @@ async def test_freed_intermediates_stay_freed_after_a_restart(tmp_path):
         await engine.shutdown()
         await tasks.shutdown(grace=1.0)
         await store.close()
+
+
+async def test_steps_pass_tensors_by_reference_never_as_bytes(tmp_path):
+    from kernelmesh.core.store import codec
+    from kernelmesh.core.store.base import inputs_key
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        a = np.ones((64, 64), np.float32)
+        wf = await finished(
+            engine,
+            {
+                "inputs": {"a": a},
+                "steps": [
+                    {"id": "m", "task": task("matmul", "${inputs.a}", "${inputs.a}")},
+                    {"id": "r", "task": task("relu", "${m.outputs[0]}")},
+                ],
+            },
+        )
+        assert wf.state is WorkflowState.SUCCEEDED, wf.error
+        await store.sync()
+        blobs = (await store.load()).blobs
+        for sid in ("m", "r"):
+            task_id = wf.steps[sid].task.removeprefix("tasks/")
+            journaled = codec.decode(blobs[inputs_key(task_id)])
+            # each input is a stored tensor's name: the journal holds no copy of its bytes
+            assert all(isinstance(i, str) and i.startswith("tensors/") for i in journaled)
+        assert codec.decode(blobs[inputs_key(wf.steps["r"].task.removeprefix("tasks/"))]) == [
+            wf.steps["m"].outputs[0]
+        ]
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
