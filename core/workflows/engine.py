@@ -504,8 +504,9 @@ class WorkflowEngine:
         )
         self._step_running(wf, step, task=task.name)
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                await self._follow(wf, step, task)
+            if not task.state.terminal:  # a tiny step ran on the spot
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    await self._follow(wf, step, task)
         except TimeoutError:
             with contextlib.suppress(KernelmeshError):
                 self.tasks.cancel(task.name, tenant=wf.tenant)
@@ -635,8 +636,8 @@ class WorkflowEngine:
             if view.state.terminal:
                 self._consumed(wf, step)
 
-        ops_ = (PutWorkflowStep(_step_record(wf, step)),) if view.state.terminal else ()
-        self._commits.after(ops_, show)
+        journaled = self.journal is not None and view.state.terminal
+        self._commits.after((PutWorkflowStep(_step_record(wf, step)),) if journaled else (), show)
 
     def _step_end(
         self,
@@ -926,9 +927,13 @@ def _step_record(wf: Workflow, step: StepRun) -> WorkflowStepRecord:
     )
 
 
+_ZERO = bytes(16)  # one element of any dtype
+
+
 def _hollow(ref: StoredTensor) -> StoredTensor:
     """The reference without its bytes: a read-only zero-stride array of its shape."""
-    stand_in = np.broadcast_to(np.zeros((), ref.array.dtype), ref.array.shape)
+    array = ref.array
+    stand_in = np.ndarray(array.shape, array.dtype, _ZERO, strides=(0,) * array.ndim)
     return replace(ref, array=stand_in)
 
 
