@@ -519,3 +519,83 @@ async def test_steps_pass_tensors_by_reference_never_as_bytes(tmp_path):
         await engine.shutdown()
         await tasks.shutdown(grace=1.0)
         await store.close()
+
+
+class _HeldStore(SqliteStore):
+    """Commits wait while `held` is cleared (the writer thread blocks)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import threading
+
+        super().__init__(*args, **kwargs)
+        self.open_gate = threading.Event()
+        self.open_gate.set()
+
+    def _commit(self, batch):
+        self.open_gate.wait(30)
+        return super()._commit(batch)
+
+
+async def test_a_step_is_shown_finished_only_once_committed_while_its_dependants_run(tmp_path):
+    store = _HeldStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        spec = spec_from_dict({"inputs": {"a": np.ones(16, np.float32)}, **_chain(3)})
+        wf = await engine.submit(spec, tenant="default")  # committed before it returns
+        store.open_gate.clear()
+        deadline = time.monotonic() + 20
+        while any(s.state is not StepState.SUCCEEDED for s in wf.steps.values()):
+            assert time.monotonic() < deadline, "the chain waited for commits"
+            await asyncio.sleep(0.005)
+        # every step ran, one on the other's result, with nothing committed yet:
+        assert all(s.view.state is not StepState.SUCCEEDED for s in wf.steps.values())
+        assert wf.state is WorkflowState.RUNNING and not wf._done.is_set()
+        store.open_gate.set()
+        await asyncio.wait_for(wf.wait(), 20)
+        assert wf.state is WorkflowState.SUCCEEDED
+        assert all(s.view.state is StepState.SUCCEEDED for s in wf.steps.values())
+        rows = (await store.load_workflows()).steps[wf.id]
+        assert {r.step_id: r.state for r in rows} == {
+            f"s{i}": int(StepState.SUCCEEDED) for i in range(3)
+        }
+    finally:
+        store.open_gate.set()
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+async def test_a_step_end_whose_commit_fails_is_written_again_and_shown(tmp_path, monkeypatch):
+    from kernelmesh.core.store import sql
+    from kernelmesh.core.store.workflow_records import PutWorkflowStep
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    plan, failures = sql.plan, []
+
+    def failing_once(ops, files):
+        ops = list(ops)
+        if not failures and any(isinstance(op, PutWorkflowStep) for op in ops):
+            failures.append(len(ops))
+            raise OSError("disk hiccup")
+        return plan(ops, files)
+
+    try:
+        spec = spec_from_dict({"inputs": {"a": np.ones(16, np.float32)}, **_chain(3)})
+        wf = await engine.submit(spec, tenant="default")
+        monkeypatch.setattr(sql, "plan", failing_once)
+        await asyncio.wait_for(wf.wait(), 20)
+        assert failures, "a commit holding a step's end failed"
+        assert wf.state is WorkflowState.SUCCEEDED
+        rows = (await store.load_workflows()).steps[wf.id]
+        assert sorted(r.step_id for r in rows if r.state == int(StepState.SUCCEEDED)) == [
+            "s0",
+            "s1",
+            "s2",
+        ]
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
