@@ -65,18 +65,18 @@ def _ended(event: WorkflowEvent) -> bool:
 
 
 def watch(
-    name: str, timeout: float | None = None
+    name: str, timeout: float | None = None, *, end_only: bool = False
 ) -> Stream[o.WatchWorkflowRequest, o.WatchWorkflowResponse, WorkflowEvent]:
-    """The workflow as it stands, then each transition until it ends."""
+    """The workflow as it stands, then each transition until it ends (with
+    `end_only`, only its end)."""
     deadline = NO_DEADLINE if timeout is None else timeout
-    return Stream(
-        WATCH, o.WatchWorkflowRequest(name=name), WorkflowEvent.from_proto, deadline, until=_ended
-    )
+    request = o.WatchWorkflowRequest(name=name, end_only=end_only)
+    return Stream(WATCH, request, WorkflowEvent.from_proto, deadline, until=_ended)
 
 
 def wait(name: str, timeout: float | None = None) -> Plan[WorkflowInfo]:
-    """The workflow once it ends."""
-    events = yield from read(watch(name, timeout))
+    """The workflow once it ends (no step transitions travel for it)."""
+    events = yield from read(watch(name, timeout, end_only=True))
     final = events[-1].workflow if events else None
     if final is not None and final.state.terminal:
         return final

@@ -172,6 +172,7 @@ def step_to_proto(step: Mapping[str, Any]) -> orchestrator_pb2.WorkflowStep:
         id=str(step.get("id", "")),
         depends_on=[str(d) for d in step.get("depends_on") or []],
         continue_on_failure=bool(step.get("continue_on_failure", False)),
+        keep_outputs=bool(step.get("keep_outputs", False)),
     )
     task = step.get("task")
     if isinstance(task, Mapping):

@@ -719,6 +719,7 @@ class TaskManager:
         fingerprint: str = "",
         deadline: float | None = None,
         await_commit: bool = True,
+        inline: bool = False,
     ) -> Task:
         """Records a task, commits it to the journal, then queues it: once this
         returns, the task survives a crash. The same `request_id` from the same
@@ -727,7 +728,9 @@ class TaskManager:
         `await_commit=False` queues the commit without waiting for it (retried
         until it commits, like the task's later updates, which follow it in
         order): for a caller that resubmits with the same request_id after a
-        crash itself, a workflow step."""
+        crash itself, a workflow step. `inline`: a tiny CPU task with nothing
+        queued ahead of it on its device runs on the spot, as `begin` runs one (a
+        chain of workflow steps would otherwise pay a thread hop per step)."""
         if request_id:
             first = self._requests.get((spec.tenant, request_id))
             if first is not None:
@@ -761,7 +764,15 @@ class TaskManager:
                 finally:
                     self._committing.pop(task.id, None)
         self._record(task)
-        self._enqueue(task)
+        if (
+            inline
+            and self._is_inline(task)
+            and not len(task.device.queue)
+            and (task.deadline is None or time.monotonic() < task.deadline)
+        ):
+            self._run_inline(task)
+        else:
+            self._enqueue(task)
         return task
 
     async def _same_request(self, first: Task, fingerprint: str) -> Task:
@@ -982,6 +993,7 @@ class TaskManager:
         work = self._work[device]
         remote = getattr(device, "remote", False)
         while True:
+            outputs = None  # an idle worker must not hold on to its last task's outputs
             if remote and device.gone:
                 return
             if not len(device.queue):
@@ -1110,7 +1122,7 @@ class TaskManager:
         try:
             outputs = task.device.run(task.op, task.inputs, task.call.params, task.call.outputs)
         except Exception as exc:
-            self._finish(task, TaskState.FAILED, _kernel_failure(task, exc))
+            self._fail(task, _kernel_failure(task, exc))  # a submitted task retries
             return
         self._complete(task, outputs, time.perf_counter() - began)
 

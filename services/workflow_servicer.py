@@ -73,12 +73,14 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     @stream_rpc
     async def WatchWorkflow(self, request, context) -> AsyncIterator:
         name = _name(request.name)
-        async for event in self.workflows.watch(name, tenant=tenant_of(context)):
+        async for event in self.workflows.watch(
+            name, tenant=tenant_of(context), steps=not request.end_only
+        ):
             yield self._event(event)
 
     @rpc
     async def CancelWorkflow(self, request, context):
-        wf = self.workflows.cancel(_name(request.name), tenant=tenant_of(context))
+        wf = await self.workflows.cancel(_name(request.name), tenant=tenant_of(context))
         return orchestrator_pb2.CancelWorkflowResponse(workflow=self._proto(wf))
 
     @rpc
@@ -127,12 +129,13 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         msg.steps.extend(steps_to_proto(spec_to_dict(wf.spec)["steps"]))
         for name, tensor in wf.spec.inputs.items():
             msg.inputs[name].CopyFrom(self._ref(str(tensor), wf.tenant))
-        for step in wf.steps.values():
+        for run in wf.steps.values():
+            step = run.view  # as the store holds it: what was shown stays after a restart
             status = msg.step_statuses.add(
-                id=step.id, state=int(step.state), task=step.task, attempt=step.attempt
+                id=run.id, state=int(step.state), task=step.task, attempt=step.attempt
             )
             if step.task:
-                msg.step_tasks[step.id] = step.task
+                msg.step_tasks[run.id] = step.task
             _timestamp(status.start_time, step.start_time)
             _timestamp(status.end_time, step.end_time)
             if step.error is not None:
@@ -174,10 +177,12 @@ def spec_dict_from_proto(
             "id": step.id,
             "depends_on": list(step.depends_on),
             "continue_on_failure": step.continue_on_failure,
+            "keep_outputs": step.keep_outputs,
         }
         action = step.WhichOneof("action")
         if action == "task":
             item["task"] = _task_dict(step.task, f"{where}.task", limits, violations)
+            item["keep_outputs"] = step.keep_outputs or step.task.keep_outputs
             policy = step.retry_policy if step.HasField("retry_policy") else None
             if policy is None and step.task.HasField("retry_policy"):
                 policy = step.task.retry_policy
@@ -259,6 +264,7 @@ def steps_to_proto(steps: list) -> list[orchestrator_pb2.WorkflowStep]:
             id=step["id"],
             depends_on=step["depends_on"],
             continue_on_failure=step.get("continue_on_failure", False),
+            keep_outputs=step.get("keep_outputs", False),
         )
         if "task" in step:
             task = step["task"]

@@ -4,11 +4,17 @@ journaled, placed and retried by its policy), an LLM step calls the gateway.
 Tensors stay on the server as named tensors and pass to the next step by name.
 
 Durability (Temporal's shape without replay): the workflow is committed before
-submission returns; each step's transitions and outputs are journaled. At
-start, `recover` resumes unfinished workflows from their finished steps. A step
-that was running is submitted again with the same request id, which returns
-its task (finished, or queued again by the task manager's own recovery), so
-no finished step runs twice."""
+submission returns; each step's transitions and outputs are journaled, and
+shown (GetWorkflow, WatchWorkflow, `wait`) only once committed (commits.py), while
+dependants already run on the result. At start, `recover` resumes unfinished
+workflows from their finished steps. A step that was running is submitted again
+with the same request id, which returns its task (finished, or queued again by
+the task manager's own recovery), so no step shown finished runs twice.
+
+Retention: a step's tensor outputs are deleted once every step that depends on
+it has ended, unless no step depends on it (the workflow's results) or it sets
+`keep_outputs`; tensors the engine stored from inline inputs are deleted when
+the workflow ends."""
 
 from __future__ import annotations
 
@@ -44,7 +50,9 @@ from kernelmesh.core.store.workflow_records import (
     WorkflowStepRecord,
 )
 from kernelmesh.core.task_retry import DEFAULT_RETRY
-from kernelmesh.core.tasks import TaskFailure, TaskManager, TaskSpec, TaskState
+from kernelmesh.core.tasks import Task, TaskFailure, TaskManager, TaskSpec, TaskState
+from kernelmesh.core.tensor_store import StoredTensor
+from kernelmesh.core.workflows.commits import CommitOrder
 from kernelmesh.core.workflows.refs import Ref, interpolate, tensor_ref
 from kernelmesh.core.workflows.spec import (
     LlmAction,
@@ -88,8 +96,24 @@ class StepState(IntEnum):
         return self >= StepState.SUCCEEDED
 
 
+@dataclass(frozen=True)
+class StepView:
+    """A step as the store holds it: what readers are shown."""
+
+    state: StepState = StepState.PENDING
+    task: str = ""
+    attempt: int = 0
+    start_time: float | None = None
+    end_time: float | None = None
+    error: TaskFailure | None = None
+    outputs: tuple[str, ...] = ()
+    text: str | None = None
+
+
 @dataclass(eq=False)
 class StepRun:
+    """A step as the engine knows it (ahead of the store); `view` is what is shown."""
+
     spec: StepSpec
     state: StepState = StepState.PENDING
     task: str = ""
@@ -99,14 +123,36 @@ class StepRun:
     error: TaskFailure | None = None
     outputs: list[str] = field(default_factory=list)  # tensor names
     text: str | None = None
+    view: StepView = field(default_factory=StepView)
 
     @property
     def id(self) -> str:
         return self.spec.id
 
+    def snapshot(self) -> StepView:
+        return StepView(
+            self.state,
+            self.task,
+            self.attempt,
+            self.start_time,
+            self.end_time,
+            self.error,
+            tuple(self.outputs),
+            self.text,
+        )
+
+
+@dataclass(eq=False)
+class _Watcher:
+    queue: asyncio.Queue
+    steps: bool  # False: only the workflow's own transitions
+
 
 @dataclass(eq=False)
 class Workflow:
+    """`state`, `end_time` and `error` are as the store holds them (shown);
+    `outcome` is how the engine ended it, possibly before the store has it."""
+
     id: str
     seq: int
     tenant: str
@@ -119,10 +165,15 @@ class Workflow:
     create_time: float = field(default_factory=time.time)
     end_time: float | None = None
     error: TaskFailure | None = None
-    _watchers: list[asyncio.Queue] = field(default_factory=list)
+    outcome: WorkflowState | None = None
+    # Tensors the engine stored from inline inputs: the workflow's to delete.
+    owned: frozenset[str] = frozenset()
+    _watchers: list[_Watcher] = field(default_factory=list)
     _runner: asyncio.Task | None = None
     _running: dict[str, asyncio.Task] = field(default_factory=dict)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Per step: its dependants not yet shown ended (retention of its outputs).
+    _consumers_left: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -168,6 +219,7 @@ class WorkflowEngine:
         self._finished: OrderedDict[str, Workflow] = OrderedDict()
         self._requests: dict[tuple[str, str], Workflow] = {}
         self._committing: dict[str, asyncio.Future[None]] = {}
+        self._commits = CommitOrder(self.journal)
         self._seq = 0
         self._stopping = False
 
@@ -196,7 +248,7 @@ class WorkflowEngine:
             limits=self.options.limits,
             models=self._models(),
         )
-        spec = self._stored(spec, tenant)
+        spec, owned = self._stored(spec, tenant)
         self._seq += 1
         wf = Workflow(
             id=f"{random.getrandbits(128):032x}",
@@ -207,6 +259,7 @@ class WorkflowEngine:
             steps={s.id: StepRun(s) for s in spec.steps},
             request_id=request_id or None,
             fingerprint=fingerprint or None,
+            owned=owned,
         )
         if request_id:
             self._requests[(tenant, request_id)] = wf
@@ -219,10 +272,12 @@ class WorkflowEngine:
             except BaseException:
                 if request_id:
                     self._requests.pop((tenant, request_id), None)
+                self._delete_tensors(owned, tenant)
                 raise
             finally:
                 self._committing.pop(wf.id, None)
         self._workflows[wf.name] = wf
+        self._count_consumers(wf)
         self._start(wf)
         return wf
 
@@ -254,8 +309,9 @@ class WorkflowEngine:
             return {}
         return {m.name: m.kind for m in self.llm.models()}
 
-    def _stored(self, spec: WorkflowSpec, tenant: str) -> WorkflowSpec:
-        """The spec with every inline tensor kept on the server, by name."""
+    def _stored(self, spec: WorkflowSpec, tenant: str) -> tuple[WorkflowSpec, frozenset[str]]:
+        """The spec with every inline tensor kept on the server, by name, and
+        the names stored for it."""
         names: dict[int, str] = {}  # the same array given twice is stored once
 
         def put(value: str | np.ndarray) -> str:
@@ -276,12 +332,27 @@ class WorkflowEngine:
                 stored = tuple(put(i) for i in action.inputs)
                 step = replace(step, action=replace(action, inputs=stored))
             steps.append(step)
-        return WorkflowSpec(tuple(steps), inputs)
+        return WorkflowSpec(tuple(steps), inputs), frozenset(names.values())
 
     # -- running -------------------------------------------------------------
 
     def _start(self, wf: Workflow) -> None:
         wf._runner = asyncio.create_task(self._run(wf), name=f"workflow-{wf.id}")
+
+    def _count_consumers(self, wf: Workflow) -> None:
+        """Each step's dependants not yet ended; those already at zero (after a
+        restart) have their outputs deleted again (the delete may not have been
+        committed)."""
+        left = {sid: 0 for sid in wf.plan.deps}
+        for sid, ds in wf.plan.deps.items():
+            if not wf.steps[sid].view.state.terminal:
+                for d in ds:
+                    left[d] += 1
+        wf._consumers_left = left
+        has_dependants = {d for ds in wf.plan.deps.values() for d in ds}
+        for sid in has_dependants:
+            if left[sid] == 0:
+                self._free_outputs(wf, wf.steps[sid])
 
     async def _run(self, wf: Workflow) -> None:
         deps = wf.plan.deps
@@ -296,7 +367,7 @@ class WorkflowEngine:
         running = wf._running
 
         def launch(sid: str) -> None:
-            running[sid] = asyncio.create_task(self._run_step(wf, wf.steps[sid]))
+            running[sid] = asyncio.create_task(runner(sid), name=f"{wf.name}/steps/{sid}")
 
         def skip_after(sid: str, why: str) -> None:
             stack = list(dependants[sid])
@@ -305,6 +376,46 @@ class WorkflowEngine:
                 if nxt.state is StepState.PENDING:
                     self._step_end(wf, nxt, StepState.SKIPPED, None, why)
                     stack.extend(dependants[nxt.id])
+
+        def settle(sid: str) -> list[str]:
+            """A step ended: the steps it made ready (none when it failed)."""
+            step = wf.steps[sid]
+            if step.state is StepState.SUCCEEDED:
+                ready = []
+                for nxt in dependants[sid]:
+                    waiting[nxt] -= 1
+                    if waiting[nxt] == 0 and wf.steps[nxt].state is StepState.PENDING:
+                        ready.append(nxt)
+                return ready
+            if step.spec.continue_on_failure:
+                skip_after(sid, f"step {sid!r} failed")
+            else:
+                error = step.error or TaskFailure(Code.UNKNOWN, "failed")
+                message = f"step {sid!r}: {error.message}"
+                self._abort(wf, WorkflowState.FAILED, TaskFailure(error.code, message))
+            return []
+
+        async def runner(sid: str) -> None:
+            """Runs a step, then goes on with the first step its end made ready (a
+            chain runs in one asyncio task, with no scheduling round per step)."""
+            me = asyncio.current_task()
+            try:
+                while True:
+                    await self._run_step(wf, wf.steps[sid])
+                    if wf.outcome is not None:
+                        return
+                    ready = settle(sid)
+                    if not ready:
+                        return
+                    for other in ready[1:]:
+                        launch(other)
+                    del running[sid]
+                    sid = ready[0]
+                    running[sid] = me  # type: ignore[assignment]
+                    await asyncio.sleep(0)  # a long chain of tiny steps still lets others run
+            finally:
+                if running.get(sid) is me:
+                    del running[sid]
 
         for sid in wf.plan.order:  # resumed workflows have finished steps already
             step = wf.steps[sid]
@@ -320,28 +431,10 @@ class WorkflowEngine:
                 launch(sid)
         try:
             while running:
-                done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
-                for sid in [s for s, t in running.items() if t in done]:
-                    del running[sid]
-                    step = wf.steps[sid]
-                    if step.state is StepState.SUCCEEDED:
-                        for nxt in dependants[sid]:
-                            waiting[nxt] -= 1
-                            if waiting[nxt] == 0 and wf.steps[nxt].state is StepState.PENDING:
-                                launch(nxt)
-                    elif step.spec.continue_on_failure:
-                        skip_after(sid, f"step {sid!r} failed")
-                    else:
-                        error = step.error or TaskFailure(Code.UNKNOWN, "failed")
-                        self._abort(
-                            wf,
-                            WorkflowState.FAILED,
-                            TaskFailure(error.code, f"step {sid!r}: {error.message}"),
-                        )
-                        return
+                await asyncio.wait(list(running.values()), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             return  # cancelled (state already set) or shutting down (resumed at start)
-        if not wf.state.terminal:
+        if wf.outcome is None:
             self._end(wf, WorkflowState.SUCCEEDED, None)
 
     async def _run_step(self, wf: Workflow, step: StepRun) -> None:
@@ -396,17 +489,24 @@ class WorkflowEngine:
         # One request id per step: after a restart the same submission returns
         # the step's task instead of running it again.
         request = f"{wf.name}/steps/{step.id}"
-        # Committed before it runs: a step that ran before its task was committed
-        # ran again after a kill -9 (the resubmitted request id found nothing).
+        # Not waiting for the task's commit: the step is shown finished only once
+        # its end is committed, which is after the task's record (the store commits
+        # in order). Dying before that, the step had not finished as far as anyone
+        # saw, and runs again (with this request id, as the same task if the store
+        # has it).
         task = await self.tasks.submit_journaled(
-            spec, request_id=request, fingerprint=request, deadline=deadline
+            spec,
+            request_id=request,
+            fingerprint=request,
+            deadline=deadline,
+            await_commit=False,
+            inline=True,
         )
         self._step_running(wf, step, task=task.name)
         try:
-            if deadline is None:
-                await task.wait()
-            else:
-                await asyncio.wait_for(task.wait(), max(0.0, deadline - time.monotonic()))
+            if not task.state.terminal:  # a tiny step ran on the spot
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    await self._follow(wf, step, task)
         except TimeoutError:
             with contextlib.suppress(KernelmeshError):
                 self.tasks.cancel(task.name, tenant=wf.tenant)
@@ -421,10 +521,36 @@ class WorkflowEngine:
         step.attempt = task.attempt
         if task.state is TaskState.SUCCEEDED:
             step.outputs = [r.name for r in task.output_refs]
+            # The outputs pass to dependants by name (tensor references), never
+            # as bytes: the task manager resolves them where they are kept.
             self._step_end(wf, step, StepState.SUCCEEDED, None)
         else:
             error = task.error or TaskFailure(Code.UNKNOWN, task.state.name.lower())
             self._step_end(wf, step, StepState.FAILED, error)
+
+    async def _follow(self, wf: Workflow, step: StepRun, task: Task) -> None:
+        """Waits for a step's task; a new attempt (after a failure or a lost node)
+        is shown as a step transition with the reason the previous one ended."""
+        if task.state.terminal:
+            return
+        async with contextlib.aclosing(self.tasks.watch(task.name, tenant=wf.tenant)) as events:
+            async for event in events:
+                if event.state is not TaskState.RUNNING or task.attempt == step.attempt:
+                    continue
+                step.attempt = task.attempt
+                if step.attempt > 1:
+                    ended = task.attempts[-2] if len(task.attempts) > 1 else None
+                    why = (
+                        f" (attempt {ended.number}: {ended.error.message})"
+                        if (ended is not None and ended.error is not None)
+                        else ""
+                    )
+                    self._step_running(
+                        wf,
+                        step,
+                        task=task.name,
+                        message=f"attempt {step.attempt} running on {task.device_name}{why}",
+                    )
 
     async def _run_llm(self, wf: Workflow, step: StepRun, action: LlmAction) -> None:
         from kernelmesh.core.llm.types import GenerationOptions, Message, Role
@@ -475,11 +601,12 @@ class WorkflowEngine:
             if policy.retryable(int(failure.code)) and step.attempt < policy.maximum_attempts:
                 delay = policy.delay(step.attempt)
                 if deadline is None or time.monotonic() + delay < deadline:
-                    self._emit(
+                    self._transition(
                         wf,
                         step,
                         f"attempt {step.attempt} failed ({failure.message}); "
                         f"retrying in {delay:g}s",
+                        None,
                     )
                     await asyncio.sleep(delay)
                     continue
@@ -488,13 +615,29 @@ class WorkflowEngine:
 
     # -- transitions -----------------------------------------------------------
 
-    def _step_running(self, wf: Workflow, step: StepRun, *, task: str) -> None:
+    def _step_running(self, wf: Workflow, step: StepRun, *, task: str, message: str = "") -> None:
         step.state = StepState.RUNNING
         step.task = task
         if step.start_time is None:
             step.start_time = time.time()
-        self._journal(PutWorkflowStep(_step_record(wf, step)))
-        self._emit(wf, step, f"running as {task}" if task else "running")
+        self._transition(wf, step, message or (f"running as {task}" if task else "running"), None)
+
+    def _transition(
+        self, wf: Workflow, step: StepRun, message: str, duration: float | None
+    ) -> None:
+        """Shows the step as it stands once the store has it. Only an end is
+        journaled: a running step is submitted again after a restart either way
+        (its request id finds its task), so its start costs no write."""
+        view = step.snapshot()
+
+        def show() -> None:
+            step.view = view
+            self._emit(wf, step.id, view.state, message, duration)
+            if view.state.terminal:
+                self._consumed(wf, step)
+
+        journaled = self.journal is not None and view.state.terminal
+        self._commits.after((PutWorkflowStep(_step_record(wf, step)),) if journaled else (), show)
 
     def _step_end(
         self,
@@ -507,11 +650,12 @@ class WorkflowEngine:
         step.state = state
         step.error = error
         step.end_time = time.time()
-        self._journal(PutWorkflowStep(_step_record(wf, step)))
         duration = None
         if step.start_time is not None:
             duration = step.end_time - step.start_time
-        self._emit(wf, step, message or (error.message if error else state.name.lower()), duration)
+        self._transition(
+            wf, step, message or (error.message if error else state.name.lower()), duration
+        )
 
     def _abort(self, wf: Workflow, state: WorkflowState, error: TaskFailure) -> None:
         """Ends a workflow early: its running steps are cancelled (with their
@@ -531,41 +675,70 @@ class WorkflowEngine:
         self._end(wf, state, error)
 
     def _end(self, wf: Workflow, state: WorkflowState, error: TaskFailure | None) -> None:
-        wf.state = state
-        wf.error = error
-        wf.end_time = time.time()
-        self._journal(
-            UpdateWorkflow(
-                wf.id,
-                {
-                    "state": int(state),
-                    "end_time": wf.end_time,
-                    "error_code": int(error.code) if error else None,
-                    "error_message": error.message if error else None,
-                },
-            )
+        wf.outcome = state
+        end_time = time.time()
+        update = UpdateWorkflow(
+            wf.id,
+            {
+                "state": int(state),
+                "end_time": end_time,
+                "error_code": int(error.code) if error else None,
+                "error_message": error.message if error else None,
+            },
         )
-        self._emit(wf, None, error.message if error else state.name.lower())
-        wf._done.set()
-        self._finished[wf.name] = wf
-        self._evict()
+
+        def show() -> None:
+            wf.state, wf.error, wf.end_time = state, error, end_time
+            self._emit(wf, "", None, error.message if error else state.name.lower())
+            self._delete_tensors(wf.owned, wf.tenant)
+            wf._done.set()
+            self._finished[wf.name] = wf
+            self._evict()
+
+        self._commits.after((update,), show)
 
     def _emit(
-        self, wf: Workflow, step: StepRun | None, message: str, duration: float | None = None
+        self,
+        wf: Workflow,
+        step: str,
+        step_state: StepState | None,
+        message: str,
+        duration: float | None = None,
     ) -> None:
         if not wf._watchers:
             return
-        event = WorkflowEvent(
-            wf,
-            step.id if step else "",
-            step.state if step else None,
-            wf.state,
-            time.time(),
-            message,
-            duration,
-        )
-        for queue in wf._watchers:
-            queue.put_nowait(event)
+        event = WorkflowEvent(wf, step, step_state, wf.state, time.time(), message, duration)
+        for watcher in wf._watchers:
+            if watcher.steps or not step:
+                watcher.queue.put_nowait(event)
+
+    # -- retention of intermediate tensors ---------------------------------------
+
+    def _consumed(self, wf: Workflow, step: StepRun) -> None:
+        """`step` is shown ended: the outputs of the steps it depends on are deleted
+        once no other step still needs them."""
+        left = wf._consumers_left
+        for d in wf.plan.deps[step.id]:
+            left[d] -= 1
+            if left[d] == 0:
+                self._free_outputs(wf, wf.steps[d])
+
+    def _free_outputs(self, wf: Workflow, step: StepRun) -> None:
+        if step.spec.keep_outputs or not step.outputs:
+            return
+        names = set(step.outputs)
+        self._delete_tensors(names, wf.tenant)
+        if step.task:
+            # The finished task held the same arrays as its output references: it
+            # keeps their names, dtypes and shapes, and lets go of the bytes.
+            with contextlib.suppress(NotFound):
+                task = self.tasks.get(step.task, tenant=wf.tenant)
+                task.output_refs = [_hollow(r) if r.name in names else r for r in task.output_refs]
+
+    def _delete_tensors(self, names: frozenset[str] | set[str], tenant: str) -> None:
+        for name in names:
+            with contextlib.suppress(NotFound, StoreUnavailable):
+                self.tasks.store.delete(name, tenant=tenant)
 
     def _journal(self, *ops_: object) -> None:
         if self.journal is None:
@@ -609,11 +782,15 @@ class WorkflowEngine:
             page_token=page_token,
         )
 
-    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[WorkflowEvent]:
-        """The workflow as it stands, then every transition until it ends."""
+    async def watch(
+        self, name: str, *, tenant: str, steps: bool = True
+    ) -> AsyncIterator[WorkflowEvent]:
+        """The workflow as it stands, then every transition until it ends (with
+        `steps=False`, only the workflow's own)."""
         wf = self.get(name, tenant=tenant)
         queue: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
-        wf._watchers.append(queue)
+        watcher = _Watcher(queue, steps)
+        wf._watchers.append(watcher)
         try:
             event = WorkflowEvent(wf, "", None, wf.state, time.time(), "current state")
             while True:
@@ -622,17 +799,19 @@ class WorkflowEngine:
                     return
                 event = await queue.get()
         finally:
-            wf._watchers.remove(queue)
+            wf._watchers.remove(watcher)
 
-    def cancel(self, name: str, *, tenant: str) -> Workflow:
-        """Cancels running steps (and their tasks); a finished workflow is unchanged."""
+    async def cancel(self, name: str, *, tenant: str) -> Workflow:
+        """Cancels running steps (and their tasks) and returns once the store holds
+        the workflow's end; a finished workflow is unchanged."""
         wf = self.get(name, tenant=tenant)
-        if not wf.state.terminal:
+        if wf.outcome is None:
             if wf._runner is not None:
                 wf._runner.cancel()
             self._abort(
                 wf, WorkflowState.CANCELLED, TaskFailure(Code.CANCELLED, "cancelled by request")
             )
+        await wf.wait()
         return wf
 
     # -- lifecycle -----------------------------------------------------------
@@ -648,7 +827,8 @@ class WorkflowEngine:
         for record in snap.workflows:
             self._seq = max(self._seq, record.seq)
             try:
-                spec = spec_from_dict(json.loads(record.spec))
+                data = json.loads(record.spec)
+                spec = spec_from_dict(data)
                 plan = plan_of(spec)
             except (ValueError, KeyError) as exc:  # written by a kernelmesh that read it
                 log.error("workflow %s cannot be read back: %s", record.id, exc)
@@ -665,6 +845,7 @@ class WorkflowEngine:
                 state=WorkflowState(record.state),
                 create_time=record.create_time,
                 end_time=record.end_time,
+                owned=frozenset(data.get("owned", ())),
             )
             if record.error_code is not None:
                 wf.error = TaskFailure(_code(record.error_code), record.error_message or "")
@@ -681,10 +862,14 @@ class WorkflowEngine:
                 step.text = row.text
                 if row.error_code is not None:
                     step.error = TaskFailure(_code(row.error_code), row.error_message or "")
+                step.view = step.snapshot()
             self._workflows[wf.name] = wf
             if wf.request_id:
                 self._requests[(wf.tenant, wf.request_id)] = wf
+            self._count_consumers(wf)
             if wf.state.terminal:
+                wf.outcome = wf.state
+                self._delete_tensors(wf.owned, wf.tenant)
                 wf._done.set()
                 self._finished[wf.name] = wf
                 finished += 1
@@ -698,9 +883,10 @@ class WorkflowEngine:
         """Stops running workflows where they stand: the store keeps them
         RUNNING, and the next start resumes them."""
         self._stopping = True
+        self._commits.stopped = True
         runners = []
         for wf in self._workflows.values():
-            if not wf.state.terminal:
+            if wf.outcome is None:
                 for step_runner in wf._running.values():
                     step_runner.cancel()
                     runners.append(step_runner)
@@ -711,12 +897,13 @@ class WorkflowEngine:
 
 
 def _record_of(wf: Workflow) -> WorkflowRecord:
+    spec = {**spec_to_dict(wf.spec), "owned": sorted(wf.owned)}
     return WorkflowRecord(
         id=wf.id,
         seq=wf.seq,
         tenant=wf.tenant,
         state=int(wf.state),
-        spec=json.dumps(spec_to_dict(wf.spec), separators=(",", ":")),
+        spec=json.dumps(spec, separators=(",", ":")),
         request_id=wf.request_id,
         fingerprint=wf.fingerprint,
         create_time=wf.create_time,
@@ -740,6 +927,23 @@ def _step_record(wf: Workflow, step: StepRun) -> WorkflowStepRecord:
     )
 
 
+_ZERO = bytes(16)  # one element of any dtype
+
+
+def _hollow(ref: StoredTensor) -> StoredTensor:
+    """The reference without its bytes: a read-only zero-stride array of its shape."""
+    array = ref.array
+    stand_in = np.ndarray(array.shape, array.dtype, _ZERO, strides=(0,) * array.ndim)
+    return replace(ref, array=stand_in)
+
+
+def _loop_time(deadline: float | None) -> float | None:
+    """A time.monotonic() deadline on the event loop's clock (asyncio.timeout_at)."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
 def _code(value: int) -> Code | int:
     try:
         return Code(value)
@@ -750,6 +954,7 @@ def _code(value: int) -> Code | int:
 __all__ = [
     "StepRun",
     "StepState",
+    "StepView",
     "Workflow",
     "WorkflowEngine",
     "WorkflowEvent",

@@ -10,6 +10,7 @@ the servicer) and for YAML files: `spec_from_dict` reads both.
         retry_policy: {maximum_attempts: 2, initial_interval: 0.5}
         timeout: 30
         continue_on_failure: false
+        keep_outputs: false   # true: kept after the steps that use it end
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class StepSpec:
     retry: RetryPolicy | None = None
     timeout: float | None = None
     continue_on_failure: bool = False
+    # Outputs kept after the steps that use them ended (by default only the
+    # outputs no step uses, the workflow's results, are kept).
+    keep_outputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def _step(raw: object, where: str, violations: list[Violation]) -> StepSpec | No
         retry=retry,
         timeout=float(timeout) if timeout is not None else None,
         continue_on_failure=bool(raw.get("continue_on_failure", False)),
+        keep_outputs=bool(raw.get("keep_outputs", False)),
     )
 
 
@@ -365,4 +370,6 @@ def _step_dict(step: StepSpec) -> dict[str, object]:
         out["timeout"] = step.timeout
     if step.continue_on_failure:
         out["continue_on_failure"] = True
+    if step.keep_outputs:
+        out["keep_outputs"] = True
     return out

@@ -200,6 +200,7 @@ def _check_types(
     each consumer. Returns the device refusals (FAILED_PRECONDITION)."""
     produces: dict[str, object] = {}  # step -> _TEXT, or a tuple of metas (a meta may be None)
     refusals: list[str] = []
+    capable: dict = {}  # select()'s, for these devices: steps repeat ops
     for step_id in order:
         i = index[step_id]
         step = spec.steps[i]
@@ -288,6 +289,7 @@ def _check_types(
                 metas[0].dtype if metas else "",
                 shapes=[m.shape for m in call.inputs],
                 params=call.params,
+                cache=capable,
             )
         except FailedPrecondition as exc:
             refusals.append(f"step {step_id!r}: {exc.message}")

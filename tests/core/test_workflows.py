@@ -279,7 +279,7 @@ async def test_cancel_cancels_running_steps(engine):
     while not any(s.state is StepState.RUNNING for s in wf.steps.values()):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
-    engine.cancel(wf.name, tenant="default")
+    await engine.cancel(wf.name, tenant="default")
     assert wf.state is WorkflowState.CANCELLED
     assert wf.steps["after"].state is StepState.CANCELLED
     for step in wf.steps.values():
@@ -395,6 +395,206 @@ async def test_a_step_that_failed_before_the_crash_fails_the_resumed_workflow(tm
         await asyncio.wait_for(back.wait(), 30)
         assert back.state is WorkflowState.FAILED and "boom" in back.error.message
         assert back.steps["after"].state is StepState.CANCELLED
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+def _chain(n: int, *, keep: str = "") -> dict:
+    steps = [{"id": "s0", "task": task("relu", "${inputs.a}")}]
+    for i in range(1, n):
+        steps.append({"id": f"s{i}", "task": task("relu", f"${{s{i - 1}.outputs[0]}}")})
+    for step in steps:
+        if step["id"] == keep:
+            step["keep_outputs"] = True
+    return {"steps": steps}
+
+
+async def test_intermediate_outputs_are_freed_and_memory_returns_to_baseline(engine):
+    import gc
+    import tracemalloc
+
+    store = engine.tasks.store
+    mib = np.full((512, 512), -1.0, np.float32)  # 1 MiB per step output
+    await finished(engine, {"inputs": {"a": mib.copy()}, **_chain(2)})  # warm: kernels compiled
+    gc.collect()
+    count, used = len(store), store.used_bytes
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        wf = await finished(engine, {"inputs": {"a": mib.copy()}, **_chain(8)})
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    # Only the result (the last step's output) is left: the input copy given inline and
+    # the seven intermediate outputs are gone from the store and from memory.
+    assert len(store) == count + 1
+    assert store.used_bytes == used + mib.nbytes
+    assert grown < mib.nbytes + (256 << 10), f"{grown} bytes still held"
+    for i in range(7):
+        with pytest.raises(NotFound):
+            store.get(wf.steps[f"s{i}"].outputs[0], tenant="default")
+        # the finished task still names its output, with its dtype and shape
+        ref = engine.tasks.get(wf.steps[f"s{i}"].task, tenant="default").output_refs[0]
+        assert ref.name == wf.steps[f"s{i}"].outputs[0] and ref.array.shape == mib.shape
+    np.testing.assert_array_equal(output(engine, wf, "s7"), np.zeros_like(mib))
+
+
+async def test_keep_outputs_keeps_an_intermediate_output(engine):
+    a = np.arange(-4, 4, dtype=np.float32)
+    wf = await finished(engine, {"inputs": {"a": a}, **_chain(3, keep="s1")})
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    np.testing.assert_array_equal(output(engine, wf, "s1"), np.maximum(a, 0))
+    with pytest.raises(NotFound):
+        output(engine, wf, "s0")
+
+
+async def test_an_input_given_by_name_is_the_callers_and_kept(engine):
+    a = engine.tasks.store.put(np.ones(4, np.float32), tenant="default").name
+    wf = await finished(engine, {"inputs": {"a": a}, **_chain(2)})
+    assert wf.state is WorkflowState.SUCCEEDED, wf.error
+    assert engine.tasks.store.get(a, tenant="default").array.shape == (4,)
+
+
+async def test_freed_intermediates_stay_freed_after_a_restart(tmp_path):
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        wf = await finished(engine, {"inputs": {"a": np.ones(16, np.float32)}, **_chain(4)})
+        assert wf.state is WorkflowState.SUCCEEDED, wf.error
+        kept = {n for n in [wf.steps["s3"].outputs[0]]}
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        assert {name for name in tasks.store._items} == kept
+        back = engine.get(wf.name, tenant="default")
+        assert back.state is WorkflowState.SUCCEEDED
+        assert back.steps["s0"].view.outputs == tuple(wf.steps["s0"].outputs)
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+async def test_steps_pass_tensors_by_reference_never_as_bytes(tmp_path):
+    from kernelmesh.core.store import codec
+    from kernelmesh.core.store.base import inputs_key
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        a = np.ones((64, 64), np.float32)
+        wf = await finished(
+            engine,
+            {
+                "inputs": {"a": a},
+                "steps": [
+                    {"id": "m", "task": task("matmul", "${inputs.a}", "${inputs.a}")},
+                    {"id": "r", "task": task("relu", "${m.outputs[0]}")},
+                ],
+            },
+        )
+        assert wf.state is WorkflowState.SUCCEEDED, wf.error
+        await store.sync()
+        blobs = (await store.load()).blobs
+        for sid in ("m", "r"):
+            task_id = wf.steps[sid].task.removeprefix("tasks/")
+            journaled = codec.decode(blobs[inputs_key(task_id)])
+            # each input is a stored tensor's name: the journal holds no copy of its bytes
+            assert all(isinstance(i, str) and i.startswith("tensors/") for i in journaled)
+        assert codec.decode(blobs[inputs_key(wf.steps["r"].task.removeprefix("tasks/"))]) == [
+            wf.steps["m"].outputs[0]
+        ]
+    finally:
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+class _HeldStore(SqliteStore):
+    """Commits wait while `held` is cleared (the writer thread blocks)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import threading
+
+        super().__init__(*args, **kwargs)
+        self.open_gate = threading.Event()
+        self.open_gate.set()
+
+    def _commit(self, batch):
+        self.open_gate.wait(30)
+        return super()._commit(batch)
+
+
+async def test_a_step_is_shown_finished_only_once_committed_while_its_dependants_run(tmp_path):
+    store = _HeldStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    try:
+        spec = spec_from_dict({"inputs": {"a": np.ones(16, np.float32)}, **_chain(3)})
+        wf = await engine.submit(spec, tenant="default")  # committed before it returns
+        store.open_gate.clear()
+        deadline = time.monotonic() + 20
+        while any(s.state is not StepState.SUCCEEDED for s in wf.steps.values()):
+            assert time.monotonic() < deadline, "the chain waited for commits"
+            await asyncio.sleep(0.005)
+        # every step ran, one on the other's result, with nothing committed yet:
+        assert all(s.view.state is not StepState.SUCCEEDED for s in wf.steps.values())
+        assert wf.state is WorkflowState.RUNNING and not wf._done.is_set()
+        store.open_gate.set()
+        await asyncio.wait_for(wf.wait(), 20)
+        assert wf.state is WorkflowState.SUCCEEDED
+        assert all(s.view.state is StepState.SUCCEEDED for s in wf.steps.values())
+        rows = (await store.load_workflows()).steps[wf.id]
+        assert {r.step_id: r.state for r in rows} == {
+            f"s{i}": int(StepState.SUCCEEDED) for i in range(3)
+        }
+    finally:
+        store.open_gate.set()
+        await engine.shutdown()
+        await tasks.shutdown(grace=1.0)
+        await store.close()
+
+
+async def test_a_step_end_whose_commit_fails_is_written_again_and_shown(tmp_path, monkeypatch):
+    from kernelmesh.core.store import sql
+    from kernelmesh.core.store.workflow_records import PutWorkflowStep
+
+    store = SqliteStore(tmp_path)
+    await store.open()
+    tasks, engine = await _engine(journal=store)
+    plan, failures = sql.plan, []
+
+    def failing_once(ops, files):
+        ops = list(ops)
+        if not failures and any(isinstance(op, PutWorkflowStep) for op in ops):
+            failures.append(len(ops))
+            raise OSError("disk hiccup")
+        return plan(ops, files)
+
+    try:
+        spec = spec_from_dict({"inputs": {"a": np.ones(16, np.float32)}, **_chain(3)})
+        wf = await engine.submit(spec, tenant="default")
+        monkeypatch.setattr(sql, "plan", failing_once)
+        await asyncio.wait_for(wf.wait(), 20)
+        assert failures, "a commit holding a step's end failed"
+        assert wf.state is WorkflowState.SUCCEEDED
+        rows = (await store.load_workflows()).steps[wf.id]
+        assert sorted(r.step_id for r in rows if r.state == int(StepState.SUCCEEDED)) == [
+            "s0",
+            "s1",
+            "s2",
+        ]
     finally:
         await engine.shutdown()
         await tasks.shutdown(grace=1.0)

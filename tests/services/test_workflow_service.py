@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import grpc
@@ -57,6 +58,32 @@ async def download(channel, name: str) -> np.ndarray:
             chunks.append(part.chunk)
     dtype = tensors.dtype_name(header.dtype)
     return np.frombuffer(b"".join(chunks), dtype=dtype).reshape(tuple(header.shape))
+
+
+async def test_intermediate_outputs_are_deleted_unless_kept(stub, channel):
+    x = np.arange(-3, 3, dtype=np.float32)
+    kept_by_step = step("a", "relu", "${inputs.x}")
+    kept_by_step.keep_outputs = True
+    kept_by_task = step("b", "relu", "${a.outputs[0]}")
+    kept_by_task.task.keep_outputs = True
+    request = o.SubmitWorkflowRequest(
+        steps=[
+            kept_by_step,
+            kept_by_task,
+            step("c", "relu", "${b.outputs[0]}"),
+            step("d", "relu", "${c.outputs[0]}"),
+        ]
+    )
+    request.inputs["x"].tensor.CopyFrom(tensors.to_proto(x))
+    done = await wait_done(stub, (await stub.SubmitWorkflow(request)).workflow.name)
+    assert done.state == SUCCEEDED
+    assert [s.keep_outputs for s in done.steps] == [True, True, False, False]
+    outputs = {s.id: s.outputs[0].name for s in done.step_statuses}
+    for kept in ("a", "b", "d"):
+        np.testing.assert_allclose(await download(channel, outputs[kept]), np.maximum(x, 0))
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await download(channel, outputs["c"])
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_submit_runs_the_dag_and_outputs_stay_on_the_server(stub, channel):
@@ -221,3 +248,25 @@ async def test_text_where_a_tensor_is_needed_is_refused(stub):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.SubmitWorkflow(request)
     assert "tensor is needed" in violations(info.value)["steps[1].task.inputs[0].ref"]
+
+
+async def test_watch_end_only_sends_the_workflow_and_its_end_without_steps(stub):
+    big = np.ones((1000, 1000), np.float32)  # steps that last long enough to watch
+    request = o.SubmitWorkflowRequest(
+        steps=[
+            step("a", "matmul", big, big),
+            step("b", "matmul", "${a.outputs[0]}", big),
+            step("c", "relu", "${b.outputs[0]}"),
+        ]
+    )
+    name = (await stub.SubmitWorkflow(request)).workflow.name
+
+    async def watch(end_only: bool) -> list:
+        request = o.WatchWorkflowRequest(name=name, end_only=end_only)
+        return [e async for e in stub.WatchWorkflow(request)]
+
+    every, ends = await asyncio.gather(watch(False), watch(True))
+    assert {e.step for e in every if e.step} == {"a", "b", "c"}, "watched while it ran"
+    assert len(ends) == 2 and all(not e.step for e in ends), ends
+    assert ends[0].workflow.state == o.WORKFLOW_STATE_RUNNING
+    assert ends[-1].workflow.state == SUCCEEDED
