@@ -333,7 +333,13 @@ class _Progress:
 # machine, where a later round gave the true figure: threads that a compile or another
 # device left busy, and BLAS workers that wait a whole time slice to be scheduled,
 # only ever make a call slower, so the fastest of a few rounds is the device's speed.
-_MEASURE_ROUNDS = 3
+# Back-to-back rounds were not enough on a machine shared with other work: slow spells
+# last a few hundred milliseconds, and the CPU's best of three 512x512 matmuls swung
+# between 4 and 230 GFLOP/s from one measurement to the next (PoCL's stayed at 5-8),
+# so a first start could send every matmul to the 10-30x slower OpenCL device. Rounds
+# spaced apart sample different moments; the best of them is the device's speed.
+_MEASURE_ROUNDS = 4
+_ROUND_GAP_S = 0.1
 
 
 def prepare(devices: Sequence[LocalDevice]) -> None:
@@ -358,7 +364,9 @@ def prepare(devices: Sequence[LocalDevice]) -> None:
         )
         compiled.append(device)
     speeds: dict[str, list[placement.DeviceSpeed] | None] = {d.name: [] for d in compiled}
-    for _ in range(_MEASURE_ROUNDS):
+    for round_ in range(_MEASURE_ROUNDS):
+        if round_ and compiled:
+            time.sleep(_ROUND_GAP_S)
         for device in compiled:
             if speeds[device.name] is None:
                 continue

@@ -30,7 +30,7 @@ from kernelmesh.core.store import Store, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.core.workflows import WorkflowEngine, WorkflowOptions
-from kernelmesh.native import compile_cache
+from kernelmesh.native import compile_cache, host_memory
 from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar, tracing
 from kernelmesh.services.auth_interceptor import AuthInterceptor
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
@@ -197,6 +197,7 @@ class Server:
         # The store first: a state dir or database that cannot be used stops the
         # start with its reason, before any port is bound.
         began = time.perf_counter()
+        host_memory.retain_freed_memory()  # bulk tensors reuse buffers, not fresh pages
         await self.state.open()
         try:
             await self._start(began)
