@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 __all__ = ["retain_freed_memory"]
@@ -34,16 +35,19 @@ MMAP_THRESHOLD = 32 << 20
 # Free memory at the top of the heap kept for reuse before any is given back.
 TRIM_THRESHOLD = 512 << 20
 
+ENV = "KERNELMESH_RETAIN_FREED_MEMORY"
+
 _done = False
 
 
 def retain_freed_memory() -> bool:
     """Tunes glibc's malloc to keep freed buffers of up to 32 MiB for reuse. Returns
-    whether it applied (False off glibc, e.g. macOS or musl). Idempotent."""
+    whether it applied (False off glibc, e.g. macOS or musl, or when the environment
+    sets KERNELMESH_RETAIN_FREED_MEMORY=0 to keep glibc's defaults). Idempotent."""
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get(ENV) == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -41,3 +41,9 @@ def test_freed_buffers_are_reused_without_page_faults():
     # 16 MiB of fresh buffers per call is 4096 pages: glibc's defaults fault in about
     # all of them again on every call (measured: 4064)
     assert faults < 400
+
+
+def test_the_environment_can_keep_glibcs_defaults(monkeypatch):
+    monkeypatch.setattr(host_memory, "_done", False)
+    monkeypatch.setenv(host_memory.ENV, "0")
+    assert host_memory.retain_freed_memory() is False
