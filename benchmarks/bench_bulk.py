@@ -4,9 +4,10 @@ against one gRPC message carrying the same bytes, measured in the same run.
     python benchmarks/bench_bulk.py            # full run
     python benchmarks/bench_bulk.py --quick    # smoke run
 
-Rows (GB/s = bytes / wall time, best and median of the rounds):
+Rows (GB/s = bytes / wall time, best and median of the rounds; the upload rounds
+alternate with the baseline's, so a slow spell of a shared machine hits both):
 
-  upload     `Client.upload` (UploadTensor, 1 MiB chunks, stored on the server) vs
+  upload     `Client.upload` (UploadTensor, 4 MiB chunks, stored on the server) vs
              one unary call of a bare grpc.aio server (`bench_tasks.py --serve echo`)
              whose request is the same 256 MiB. Target: chunked >= 1.5x one message.
   download   `Client.download` of the stored tensor (DownloadTensor chunks, reassembled
@@ -18,38 +19,15 @@ Both servers run in subprocesses (`bench_tasks.py --serve`); the client here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
+import bench_tasks
 import grpc
 import numpy as np
+from bulk_setup import GB, bulk_client, say, servers, timed
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import bench_tasks  # noqa: E402  (the server subprocesses)
-
-GB = 1e9
 TARGET = 1.5
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def timed(rounds: int, run: Callable[[], object]) -> tuple[float, float]:
-    seconds = []
-    for _ in range(rounds):
-        began = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - began)
-    return min(seconds), statistics.median(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,43 +36,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else 5
 
-    from kernelmesh.clients import Client
-
-    class BulkClient(Client):
-        def _connect(self, target, options, credentials) -> None:
-            bigger = dataclasses.replace(options, max_message_bytes=1 << 30)
-            super()._connect(target, bigger, credentials)
-
     x = np.random.default_rng(0).standard_normal(1 << 26, dtype=np.float32)  # 256 MiB
     payload = x.tobytes()
     nbytes = x.nbytes
     host = platform.processor() or platform.machine()
     say(f"bulk tensors, {nbytes >> 20} MiB, on {host} ({os.cpu_count()} cpus); {rounds} rounds")
 
-    servers = bench_tasks.Servers()
-    try:
-        km_server, echo = servers.get("kernelmesh-bulk", "echo")
-        with (
-            BulkClient(km_server.target, timeout=300.0) as km,
-            grpc.insecure_channel(echo.target, options=bench_tasks.GRPC_OPTIONS) as channel,
-        ):
-            unary = channel.unary_unary(bench_tasks.ECHO_UNARY)
-            ref = km.upload(x)
-            if not np.array_equal(km.download(ref), x):
-                raise RuntimeError("the download differs from the upload")
-            km.delete(ref)
-            unary(payload, timeout=300.0)  # warm
+    with (
+        servers("kernelmesh-bulk", "echo") as (km_server, echo),
+        bulk_client(km_server.target, timeout=300.0) as km,
+        grpc.insecure_channel(echo.target, options=bench_tasks.GRPC_OPTIONS) as channel,
+    ):
+        unary = channel.unary_unary(bench_tasks.ECHO_UNARY)
+        ref = km.upload(x)
+        if not np.array_equal(km.download(ref), x):
+            raise RuntimeError("the download differs from the upload")
+        km.delete(ref)
+        unary(payload, timeout=300.0)  # warm
 
-            def chunked_upload() -> None:
-                km.delete(km.upload(x))
+        def chunked_upload() -> None:
+            km.delete(km.upload(x))
 
-            one_message = timed(rounds, lambda: unary(payload, timeout=300.0))
-            chunked = timed(rounds, chunked_upload)
-            ref = km.upload(x)
-            download = timed(rounds, lambda: km.download(ref))
-            km.delete(ref)
-    finally:
-        servers.stop()
+        # alternating, so a slow spell of a shared machine hits both paths alike
+        one_times: list[float] = []
+        chunked_times: list[float] = []
+        for _ in range(rounds):
+            one_times.append(timed(1, lambda: unary(payload, timeout=300.0))[0])
+            chunked_times.append(timed(1, chunked_upload)[0])
+        one_message = min(one_times), float(np.median(one_times))
+        chunked = min(chunked_times), float(np.median(chunked_times))
+        ref = km.upload(x)
+        download = timed(rounds, lambda: km.download(ref))
+        km.delete(ref)
 
     say()
     say(f"  {'path':44} {'best GB/s':>10} {'median GB/s':>12}")

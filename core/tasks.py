@@ -29,7 +29,7 @@ from cachetools import LRUCache
 
 from kernelmesh.core import listing, metrics, ops, placement
 from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
-from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
+from kernelmesh.core.devices import OBSERVE_FROM_S, DeviceKind, DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -1039,7 +1039,10 @@ class TaskManager:
             if outputs is None:
                 self._fail(task, failure)
             else:
-                self._complete(task, outputs, time.perf_counter() - began)
+                seconds = time.perf_counter() - began
+                if seconds >= OBSERVE_FROM_S:
+                    device.observe(task.call, seconds)
+                self._complete(task, outputs, seconds)
 
     def _traced(self, task: Task) -> contextlib.AbstractContextManager[None]:
         """The attempt's span, in its submitter's trace (nothing when untraced)."""
@@ -1124,7 +1127,10 @@ class TaskManager:
         except Exception as exc:
             self._fail(task, _kernel_failure(task, exc))  # a submitted task retries
             return
-        self._complete(task, outputs, time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        if seconds >= OBSERVE_FROM_S:
+            task.device.observe(task.call, seconds)
+        self._complete(task, outputs, seconds)
 
     def _start(self, task: Task) -> None:
         task.state = TaskState.RUNNING

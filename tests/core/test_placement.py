@@ -153,3 +153,32 @@ def test_measuring_the_cpu_gives_plausible_figures():
     assert 1e8 < speed.bytes_per_second < 1e12
     assert 1e8 < speed.flops_per_second < 1e13
     assert np.isfinite(speed.seconds(_work("add", (1 << 20,), (1 << 20,))))
+
+
+def _matmul_call(n: int) -> ops.ValidatedCall:
+    meta = ops.TensorMeta("float32", (n, n))
+    return ops.validate("matmul", [meta, meta], {})
+
+
+def test_a_finished_matmul_moves_the_rate_halfway_to_what_it_showed():
+    device = _device("cpu", speed=DeviceSpeed(0.0, 1e30, 100e9))
+    call = _matmul_call(1024)  # 2.15 GFLOP
+    device.observe(call, 2 * 1024**3 / 10e9)  # it ran at 10 GFLOP/s
+    assert device.speed.flops_per_second == pytest.approx(55e9)
+    device.observe(call, 2 * 1024**3 / 10e9)
+    assert device.speed.flops_per_second == pytest.approx(32.5e9)
+    before = device.speed
+    device.observe(ops.validate("relu", [ops.TensorMeta("float32", (1 << 20,))], {}), 1.0)
+    assert device.speed == before  # not a matmul: its flops run at another rate
+
+
+def test_observed_rates_turn_placement_back_to_the_faster_device():
+    # a busy start-up measured the CPU slower than the OpenCL device
+    cpu0 = _device("cpu", speed=DeviceSpeed(2e-6, 10e9, 3e9))
+    other = _device("opencl", speed=DeviceSpeed(50e-6, 7e9, 5e9))
+    call = _matmul_call(1024)
+    work = placement.work_of(call)
+    assert select([cpu0, other], DeviceSelector(), "matmul", "float32", work=work) is other
+    for _ in range(2):
+        other.observe(call, 2.0)  # it ran at about 1 GFLOP/s
+    assert select([cpu0, other], DeviceSelector(), "matmul", "float32", work=work) is cpu0

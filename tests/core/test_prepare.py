@@ -96,3 +96,52 @@ def test_kernelmesh_warmup_compiles_ahead_of_time(events, monkeypatch):
     assert result.exit_code == 0, result.output
     assert asked == [["cpu"]] and events[:2] == ["compiled cpu:0", "measured cpu:0"]
     assert "compiled the kernels of cpu:0 in" in result.output
+
+
+def _measured(name: str, events: list[str], gflops: float) -> devices.LocalDevice:
+    device = _device(name, events)
+    device.speed = placement.DeviceSpeed(1e-5, 1e10, gflops * 1e9)
+    return device
+
+
+def test_a_rate_measured_in_a_busy_moment_rises_when_measured_again(events):
+    # the fixture's measurements: 1e9/slow FLOP/s with slow = 1.0, then 0.25, then 0.5
+    cpu = _measured("cpu:0", events, gflops=0.5)  # a busy start measured it at 0.5
+    assert devices.refine([cpu]) == ["cpu:0"]
+    assert cpu.speed == placement.DeviceSpeed(1e-5, 1e10, 1e9)
+    assert devices.refine([cpu]) == ["cpu:0"]  # 4 GFLOP/s, and the other figures too
+    assert cpu.speed == placement.DeviceSpeed(0.25e-5, 4e10, 4e9)
+    assert devices.refine([cpu]) == []  # slower now: the better figures stand
+    assert cpu.speed == placement.DeviceSpeed(0.25e-5, 4e10, 4e9)
+
+
+def test_refining_skips_busy_unmeasured_and_failing_devices(events, monkeypatch, caplog):
+    busy = _measured("cpu:0", events, gflops=0.5)
+    busy.running = 1
+    unmeasured = _device("opencl:0", events)
+    assert devices.refine([busy, unmeasured]) == []
+    assert busy.speed.flops_per_second == 0.5e9 and unmeasured.speed is None
+    assert events == []
+
+    def broken(device):
+        raise RuntimeError("the driver went away")
+
+    monkeypatch.setattr(placement, "measure", broken)
+    busy.running = 0
+    assert devices.refine([busy]) == []
+    assert busy.speed.flops_per_second == 0.5e9
+    assert "measuring cpu:0 again failed" in caplog.text
+
+
+async def test_refining_runs_after_each_delay_until_cancelled(events):
+    import asyncio
+
+    cpu = _measured("cpu:0", events, gflops=0.1)
+    await devices.refine_later([cpu], after=(0.0, 0.0))
+    assert events == ["measured cpu:0", "measured cpu:0"]
+    task = asyncio.create_task(devices.refine_later([cpu], after=(3600.0,)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(events) == 2
