@@ -76,6 +76,9 @@ class SharedMesh:
             if reg is not None:
                 entries.append((record, reg))
         self.mesh.sync_foreign(entries)
+        cancels = await self.store.cancel_requests(self.owner)
+        if cancels:
+            self.tasks.cancel_held(cancels)
         if await self.store.try_sweeper_lock():
             snap = await self.store.claim_expired_tasks(
                 self.owner, now + self.lease, now, CLAIM_BATCH
@@ -85,4 +88,12 @@ class SharedMesh:
                     "claimed %d unfinished tasks whose orchestrator's lease ran out",
                     len(snap.tasks),
                 )
-                self.claimed += self.tasks.adopt(snap)
+                try:
+                    self.claimed += self.tasks.adopt(snap)
+                except BaseException:
+                    # Leased to this live process but not running here: the lease
+                    # would be renewed for ever. Hand back what was not taken up.
+                    left = [t.id for t in snap.tasks if self.tasks.held(t.id) is None]
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.release_task_leases(self.owner, left)
+                    raise

@@ -24,6 +24,7 @@ from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.mesh.nodes import Mesh
+from kernelmesh.core.mesh.shared_tasks import SharedTasks
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
@@ -183,6 +184,8 @@ class Server:
             self.tasks.lease_seconds = config.lease_seconds
             self.mesh.store = self.state
             self.shared = SharedMesh(self.mesh, self.tasks, self.state, owner)
+            # Any orchestrator answers for a task another one holds.
+            self.tasks.shared_view = SharedTasks(self.tasks, self.state)
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(

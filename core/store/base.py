@@ -32,6 +32,11 @@ class StoreUnavailable(Unavailable):
     """A write or read failed: the caller gets UNAVAILABLE and may retry."""
 
 
+class RequestIdTaken(Exception):
+    """A shared store refused a task: its tenant's request id is already another
+    task's (committed by another orchestrator, or by this one before a restart)."""
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """A task as the store keeps it. `spec` is JSON (params, selector, keep_outputs,
@@ -63,6 +68,9 @@ class TaskRecord:
     # until when (renewed while it lives; past it, another claims the task).
     node: str | None = None
     lease_until: float | None = None
+    # When an orchestrator other than the holder was asked to cancel the task
+    # (migration 4): the holder reads it with its lease renewals and cancels.
+    cancel_requested: float | None = None
 
 
 # The columns UpdateTask may set.
@@ -79,6 +87,7 @@ TASK_UPDATABLE = frozenset(
         "error_message",
         "output_refs",
         "output_bytes",
+        "cancel_requested",
     }
 )
 
@@ -291,6 +300,39 @@ class Store(ABC):
     async def try_sweeper_lock(self) -> bool:
         """True if this process is the one sweeper among those sharing the store."""
         return True
+
+    async def release_task_leases(self, owner: str, ids: list[str]) -> None:
+        """Ends `owner`'s leases on `ids` at once (claimed, then not adopted), so
+        the next sweep claims them again."""
+        return None
+
+    async def cancel_requests(self, owner: str) -> list[str]:
+        """The unfinished tasks `owner` holds that another orchestrator was asked
+        to cancel."""
+        return []
+
+    # -- reads of tasks other orchestrators hold (shared stores only) ---------
+
+    async def read_tasks(self, ids: list[str], *, outputs: bool = True) -> Snapshot:
+        """The tasks named, with their attempts (and output blobs with `outputs`)."""
+        return Snapshot()
+
+    async def find_request(self, tenant: str, request_id: str) -> Snapshot:
+        """The task holding the tenant's request id, as `read_tasks` returns it."""
+        return Snapshot()
+
+    async def list_task_records(
+        self,
+        tenant: str,
+        *,
+        state: int | None,
+        limit: int,
+        below: tuple[float, str] | None,
+        outputs: bool = False,
+    ) -> Snapshot:
+        """Up to `limit` of the tenant's tasks, newest first by (create_time, id),
+        those strictly below `below` when given, with their attempts."""
+        return Snapshot()
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

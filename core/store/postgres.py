@@ -23,6 +23,7 @@ from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
     NodeRecord,
     Op,
+    RequestIdTaken,
     SchemaTooNew,
     Snapshot,
     Store,
@@ -200,7 +201,10 @@ class PostgresStore(Store):
             self.last_error,
             "; unacknowledged updates are kept for the next try" if transient else "",
         )
-        error = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
+        error: Exception = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
+        if _request_id_taken(exc):
+            # Not a fault of the store: the caller reads the task that holds the id.
+            error = RequestIdTaken(str(exc))
         for _, future in batch:
             if future is not None and not future.done():
                 future.set_exception(error)
@@ -284,7 +288,10 @@ class PostgresStore(Store):
     ) -> Snapshot:
         """One sweeper at a time: the claim holds a transaction-scoped advisory lock,
         so a sweeper that dies mid-claim releases it with its transaction (a session
-        lock on a kept connection outlived a kill -9 here and stopped every claim)."""
+        lock on a kept connection outlived a kill -9 here and stopped every claim).
+        The claimed tasks' attempts and inputs are read in the same transaction: a
+        claim committed without them (a read that failed after it) left tasks
+        leased to a live claimer that never ran them, renewed for ever."""
         if self._pool is None:
             raise StoreUnavailable(f"the store {self.where} is closed")
         try:
@@ -305,21 +312,99 @@ class PostgresStore(Store):
                     limit,
                     timeout=_COMMIT_TIMEOUT_S,
                 )
+                snap = Snapshot(tasks=sorted((sql.task_from_row(tuple(r)) for r in rows), key=_seq))
+                await self._fill(conn, snap, inputs=True, outputs=False)
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"the state store (PostgreSQL) failed a claim: {exc}") from None
-        snap = Snapshot(tasks=sorted((sql.task_from_row(tuple(r)) for r in rows), key=_seq))
+        return snap
+
+    async def _fill(self, conn, snap: Snapshot, *, inputs: bool, outputs: bool) -> None:
+        """Adds the attempts of `snap`'s tasks, and their input or output blobs."""
         ids = [t.id for t in snap.tasks]
         if not ids:
-            return snap
-        for row in await self._fetch(
-            sql.SELECT_ATTEMPTS.replace(" ORDER BY", " WHERE task_id = ANY(?) ORDER BY"), ids
+            return
+        for row in await conn.fetch(
+            self._q(sql.SELECT_ATTEMPTS.replace(" ORDER BY", " WHERE task_id = ANY(?) ORDER BY")),
+            ids,
+            timeout=_COMMIT_TIMEOUT_S,
         ):
             attempt = sql.attempt_from_row(tuple(row))
             snap.attempts.setdefault(attempt.task_id, []).append(attempt)
-        keys = [f"tasks/{i}/inputs" for i in ids]
-        for key, data, path in await self._fetch(sql.SELECT_BLOBS + " WHERE key = ANY(?)", keys):
+        keys = [f"tasks/{i}/inputs" for i in ids if inputs]
+        keys += [f"tasks/{i}/outputs" for i in ids if outputs]
+        if not keys:
+            return
+        found = await conn.fetch(
+            self._q(sql.SELECT_BLOBS + " WHERE key = ANY(?)"), keys, timeout=_COMMIT_TIMEOUT_S
+        )
+        for key, data, path in found:
             snap.blobs[key] = bytes(data) if path is None else self.files.read(path)
+
+    async def _read_snapshot(
+        self, statement: str, *args: object, inputs: bool = False, outputs: bool = True
+    ) -> Snapshot:
+        if self._pool is None:
+            raise StoreUnavailable(f"the store {self.where} is closed")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+                rows = await conn.fetch(self._q(statement), *args, timeout=_COMMIT_TIMEOUT_S)
+                snap = Snapshot(tasks=[sql.task_from_row(tuple(r)) for r in rows])
+                await self._fill(conn, snap, inputs=inputs, outputs=outputs)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"the state store (PostgreSQL) failed a read: {exc}") from None
         return snap
+
+    async def read_tasks(self, ids: list[str], *, outputs: bool = True) -> Snapshot:
+        return await self._read_snapshot(
+            sql.SELECT_TASKS.replace(" ORDER BY", " WHERE id = ANY(?) ORDER BY"),
+            list(ids),
+            outputs=outputs,
+        )
+
+    async def find_request(self, tenant: str, request_id: str) -> Snapshot:
+        return await self._read_snapshot(
+            sql.SELECT_TASKS.replace(" ORDER BY", " WHERE tenant = ? AND request_id = ? ORDER BY"),
+            tenant,
+            request_id,
+        )
+
+    async def list_task_records(
+        self,
+        tenant: str,
+        *,
+        state: int | None,
+        limit: int,
+        below: tuple[float, str] | None,
+        outputs: bool = False,
+    ) -> Snapshot:
+        where = ["tenant = ?"]
+        args: list[object] = [tenant]
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if below is not None:
+            where.append("(create_time, id) < (?, ?)")
+            args.extend(below)
+        statement = (
+            f"SELECT {', '.join(sql.TASK_COLUMNS)} FROM tasks WHERE {' AND '.join(where)} "
+            "ORDER BY create_time DESC, id DESC LIMIT ?"
+        )
+        return await self._read_snapshot(statement, *args, limit, outputs=outputs)
+
+    async def release_task_leases(self, owner: str, ids: list[str]) -> None:
+        await self._fetch(
+            "UPDATE tasks SET lease_until = 0 WHERE node = ? AND id = ANY(?) RETURNING id",
+            owner,
+            list(ids),
+        )
+
+    async def cancel_requests(self, owner: str) -> list[str]:
+        rows = await self._fetch(
+            f"SELECT id FROM tasks WHERE node = ? AND state IN {_UNFINISHED} "
+            "AND cancel_requested IS NOT NULL",
+            owner,
+        )
+        return [r[0] for r in rows]
 
     async def try_sweeper_lock(self) -> bool:
         """Whether to sweep: the one-at-a-time rule is the transaction-scoped lock
@@ -346,3 +431,10 @@ class PostgresStore(Store):
 
 def _seq(record) -> int:
     return record.seq
+
+
+def _request_id_taken(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, asyncpg.UniqueViolationError)
+        and getattr(exc, "constraint_name", None) == "tasks_request_id"
+    )

@@ -34,17 +34,7 @@ BIG = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_le
 MAX_ATTEMPTS = 20  # several kills may each take an attempt from a task
 
 
-# Known defect (open under issue 8): since the mesh, a `serve` restarted on a shared
-# PostgreSQL store leaves the dead process's unfinished tasks to claims after its
-# lease, and in some runs a resubmitted request id still answers UNAVAILABLE after
-# 90 s. Kept running (not strict) so its result stays visible in every run.
-_PG_AFTER_MESH = pytest.mark.xfail(
-    reason="claims after a restart on PostgreSQL sometimes miss a request id (issue 8)",
-    strict=False,
-)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=_PG_AFTER_MESH)])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store_args(request, tmp_path: Path):
     args = ["--state-dir", str(tmp_path / "state"), "--no-warmup"]
     if request.param == "sqlite":
@@ -161,10 +151,10 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
     #    acknowledged finishes.
     server = start(serve_tools, tmp_path, store_args)
     try:
-        # Retried as a client would: on a shared (PostgreSQL) store the restarted
-        # server is a new lease holder, and a request id whose task the dead one
-        # committed is UNAVAILABLE (the database refuses a second task) until that
-        # holder's lease ends and the task is claimed.
+        # Retried as a client would on UNAVAILABLE. On a shared (PostgreSQL) store
+        # the restarted server is a new lease holder: a request id whose task the
+        # dead one committed answers with that task (read from the store) before
+        # its lease ends and the task is claimed here.
         last: dict[str, str] = {}
         give_up = time.monotonic() + 90
         while len(last) < TASKS and time.monotonic() < give_up:
