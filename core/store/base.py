@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernelmesh.core.api_keys import ApiKeyRecord
@@ -300,6 +301,12 @@ class Store(ABC):
     async def try_sweeper_lock(self) -> bool:
         """True if this process is the one sweeper among those sharing the store."""
         return True
+
+    async def listen(self, callback: Callable[[str, list[str]], None]) -> bool:
+        """Change notifications from the other processes sharing the store:
+        `callback(kind, ids)` with kind "t" (tasks changed state), "c" (cancels
+        asked) or "n" (a node record written). False: none (callers poll)."""
+        return False
 
     async def release_task_leases(self, owner: str, ids: list[str]) -> None:
         """Ends `owner`'s leases on `ids` at once (claimed, then not adopted), so

@@ -23,12 +23,15 @@ from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
     NodeRecord,
     Op,
+    PutNode,
+    PutTask,
     RequestIdTaken,
     SchemaTooNew,
     Snapshot,
     Store,
     StoreError,
     StoreUnavailable,
+    UpdateTask,
 )
 from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 
@@ -57,6 +60,12 @@ _NOT_TRANSIENT = (
 )
 
 _Entry = tuple[tuple[Op, ...], "asyncio.Future[None] | None"]
+
+# LISTEN/NOTIFY between orchestrators sharing the database: "t:<ids>" (tasks whose
+# state changed), "c:<ids>" (cancels asked), "n:" (a node record written). Sent in
+# the transaction that makes the change, so delivered once it commits.
+CHANNEL = "kernelmesh"
+_IDS_PER_NOTICE = 200  # 33 bytes each: well under PostgreSQL's 8000-byte payload
 
 
 def _numbered(statement: str) -> str:
@@ -92,6 +101,7 @@ class PostgresStore(Store):
         self._writer: asyncio.Task | None = None
         self._closing = False
         self._sql: dict[str, str] = {}
+        self._listener: asyncpg.Connection | None = None
         self.last_error: str | None = None
         # Transactions committed and queue entries they carried (group commit's effect).
         self.commits = 0
@@ -172,7 +182,8 @@ class PostgresStore(Store):
             )
             # Bounded: a connection cut mid-transaction can leave a call waiting for
             # ever, and every caller waiting for this commit with it.
-            await asyncio.wait_for(self._transaction(statements), _COMMIT_TIMEOUT_S)
+            notices = _notices(op for ops, _ in batch for op in ops)
+            await asyncio.wait_for(self._transaction(statements, notices), _COMMIT_TIMEOUT_S)
         except _NOT_TRANSIENT as exc:
             if len(batch) > 1:
                 # One entry the database refuses (a request id another orchestrator
@@ -192,6 +203,13 @@ class PostgresStore(Store):
         return True
 
     def _failed(self, batch: list[_Entry], exc: BaseException) -> bool:
+        if _request_id_taken(exc):
+            # Not a fault of the store: the caller reads the task that holds the id.
+            log.info("store %s: a request id is taken: %s", self.where, exc)
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(RequestIdTaken(str(exc)))
+            return True
         self.last_error = f"{type(exc).__name__}: {exc}"
         transient = not isinstance(exc, _NOT_TRANSIENT)
         log.error(
@@ -201,10 +219,7 @@ class PostgresStore(Store):
             self.last_error,
             "; unacknowledged updates are kept for the next try" if transient else "",
         )
-        error: Exception = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
-        if _request_id_taken(exc):
-            # Not a fault of the store: the caller reads the task that holds the id.
-            error = RequestIdTaken(str(exc))
+        error = StoreUnavailable(f"the state store (PostgreSQL) refused a write: {exc}")
         for _, future in batch:
             if future is not None and not future.done():
                 future.set_exception(error)
@@ -212,7 +227,7 @@ class PostgresStore(Store):
             self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
         return False
 
-    async def _transaction(self, statements: list) -> None:
+    async def _transaction(self, statements: list, notices: list[str] = ()) -> None:
         assert self._pool is not None
         async with self._pool.acquire() as conn, conn.transaction():
             for statement, rows in sql.grouped(statements):
@@ -220,10 +235,38 @@ class PostgresStore(Store):
                     await conn.execute(self._q(statement), *rows[0])
                 else:
                     await conn.executemany(self._q(statement), rows)
+            for payload in notices:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
+    async def listen(self, callback) -> bool:
+        """Calls `callback(kind, ids)` for each notification another orchestrator
+        (or this one) sends; returns whether listening. Called again after the
+        connection drops; callers poll as well, so a lost one only slows them."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+        if self._closing:
+            return False
+
+        def received(_conn, _pid, _channel, payload: str) -> None:
+            kind, _, ids = payload.partition(":")
+            callback(kind, ids.split(",") if ids else [])
+
+        try:
+            conn = await asyncio.wait_for(asyncpg.connect(self.dsn or None), _CONNECT_TIMEOUT_S)
+            await conn.add_listener(CHANNEL, received)
+        except _DRIVER_ERRORS as exc:
+            log.warning("store %s: cannot listen for notifications: %s", self.where, exc)
+            return False
+        self._listener = conn
+        return True
 
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            with contextlib.suppress(*_DRIVER_ERRORS):
+                await asyncio.wait_for(listener.close(), _CLOSE_TIMEOUT_S)
         if self._writer is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -431,6 +474,32 @@ class PostgresStore(Store):
 
 def _seq(record) -> int:
     return record.seq
+
+
+def _notices(ops) -> list[str]:
+    """The notifications a batch sends: which tasks changed state, which were
+    asked to cancel, and whether a node record was written."""
+    changed: list[str] = []
+    cancels: list[str] = []
+    nodes = False
+    for op in ops:
+        if isinstance(op, PutTask):
+            changed.append(op.record.id)
+        elif isinstance(op, UpdateTask):
+            if "state" in op.fields:
+                changed.append(op.id)
+            if "cancel_requested" in op.fields:
+                cancels.append(op.id)
+        elif isinstance(op, PutNode):
+            nodes = True
+    out = [
+        f"{kind}:{','.join(ids[i : i + _IDS_PER_NOTICE])}"
+        for kind, ids in (("t", changed), ("c", cancels))
+        for i in range(0, len(ids), _IDS_PER_NOTICE)
+    ]
+    if nodes:
+        out.append("n:")
+    return out
 
 
 def _request_id_taken(exc: BaseException) -> bool:

@@ -139,3 +139,83 @@ async def test_one_sweeper_at_a_time_and_a_dead_one_blocks_nobody(pg_dsn):
         if not other.is_closed():
             other.terminate()
         await y.close()
+
+
+async def test_a_request_id_another_orchestrator_holds_is_refused_as_taken(pg_dsn):
+    """The unique (tenant, request_id) index makes one task per request id across
+    orchestrators; the refusal is RequestIdTaken (not UNAVAILABLE), and the task
+    holding the id is found with its attempts."""
+    from kernelmesh.core.store.base import RequestIdTaken
+
+    x, y = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    for s in (x, y):
+        await s.open()
+    try:
+        await x.write(PutTask(task(1, request_id="r", node="orch-x")), wait=True)
+        with pytest.raises(RequestIdTaken):
+            await y.write(PutTask(task(2, request_id="r", node="orch-y")), wait=True)
+        # Grouped with others, the refused entry alone fails.
+        refused = y.write(PutTask(task(3, request_id="r")), wait=True)
+        accepted = y.write(PutTask(task(4, request_id="s")), wait=True)
+        with pytest.raises(RequestIdTaken):
+            await refused
+        await accepted
+        found = await y.find_request("acme", "r")
+        assert [t.id for t in found.tasks] == [f"{1:032x}"]
+        assert (await y.find_request("other", "r")).tasks == []
+    finally:
+        for s in (x, y):
+            await s.close()
+
+
+async def test_reads_lists_cancels_and_notifications_across_orchestrators(pg_dsn):
+    x, y = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    for s in (x, y):
+        await s.open()
+    heard: list[tuple[str, list[str]]] = []
+    try:
+        assert await y.listen(lambda kind, ids: heard.append((kind, ids)))
+        await x.write(
+            *(PutTask(task(n, node="orch-x", lease_until=time.time() + 60)) for n in range(1, 6)),
+            PutBlob(f"tasks/{1:032x}/outputs", b"out-1"),
+            PutAttempt(AttemptRecord(f"{1:032x}", 1, 3, "cpu:0", 1.0, 2.0)),
+            wait=True,
+        )
+        snap = await y.read_tasks([f"{1:032x}", f"{9:032x}"])
+        assert [t.id for t in snap.tasks] == [f"{1:032x}"]
+        assert snap.blobs == {f"tasks/{1:032x}/outputs": b"out-1"}
+        assert [a.number for a in snap.attempts[f"{1:032x}"]] == [1]
+
+        # Newest first by (create_time, id), in pages.
+        page = await y.list_task_records("acme", state=None, limit=2, below=None)
+        assert [t.seq for t in page.tasks] == [5, 4]
+        last = page.tasks[-1]
+        page = await y.list_task_records(
+            "acme", state=None, limit=10, below=(last.create_time, last.id)
+        )
+        assert [t.seq for t in page.tasks] == [3, 2, 1]
+        assert (await y.list_task_records("acme", state=3, limit=10, below=None)).tasks == []
+
+        # A cancel asked through y is seen by x, the holder, until the task ends.
+        await y.write(UpdateTask(f"{2:032x}", {"cancel_requested": time.time()}), wait=True)
+        assert await x.cancel_requests("orch-x") == [f"{2:032x}"]
+        assert await x.cancel_requests("orch-y") == []
+        await x.write(UpdateTask(f"{2:032x}", {"state": 5}), wait=True)
+        assert await x.cancel_requests("orch-x") == []
+
+        give_up = time.monotonic() + 10
+        while not {"t", "c"} <= {kind for kind, _ in heard}:
+            assert time.monotonic() < give_up, f"notifications: {heard}"
+            await asyncio.sleep(0.05)
+        assert ("c", [f"{2:032x}"]) in heard
+        changed = {i for kind, ids in heard if kind == "t" for i in ids}
+        assert changed == {f"{n:032x}" for n in range(1, 6)}
+
+        # Claimed but not taken up: handed back for the next sweep.
+        await x.release_task_leases("orch-x", [f"{3:032x}"])
+        now = time.time()
+        claimed = await y.claim_expired_tasks("orch-y", now + 30, now)
+        assert [t.id for t in claimed.tasks] == [f"{3:032x}"]
+    finally:
+        for s in (x, y):
+            await s.close()

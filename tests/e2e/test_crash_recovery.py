@@ -164,15 +164,16 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
         for rid, name in acked.items():
             assert last[rid] == name, f"request {rid} made a second task (seed {seed})"
         acked.update(last)
-        # Unfinished tasks come back at start (SQLite), or are claimed once the dead
-        # holder's lease ends (PostgreSQL, shared by orchestrators).
+        names = sorted(set(acked.values()))
+        assert len(names) == TASKS, f"seed {seed}"
+        done = wait_all_terminal(server.target, names)
+        # Unfinished tasks came back at start (SQLite), or were claimed once the dead
+        # holder's lease ended (PostgreSQL, shared by orchestrators: after the
+        # resubmissions, which a store read answers at once).
         log = server.output()
         back = sum(int(n) for n in re.findall(r"recovered (\d+) unfinished", log))
         back += sum(int(n) for n in re.findall(r"claimed (\d+) unfinished", log))
         assert back > 0, f"nothing was left running: {log[-2000:]}"
-        names = sorted(set(acked.values()))
-        assert len(names) == TASKS, f"seed {seed}"
-        done = wait_all_terminal(server.target, names)
         failed = [n for n, t in done.items() if t.state != task_pb2.TASK_STATE_SUCCEEDED]
         assert not failed, f"seed {seed}: {done[failed[0]]}"
         for task in done.values():
