@@ -271,6 +271,16 @@ class Store(ABC):
         if future is not None:
             await future
 
+    async def probe(self, timeout: float) -> str | None:
+        """None if a commit goes through now; else why not (for readiness)."""
+        try:
+            await asyncio.wait_for(self.sync(), timeout)
+        except StoreUnavailable as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"a commit took longer than {timeout:g}s"
+        return None
+
     # -- workflows (kernelmesh.core.workflows) -------------------------------
 
     @abstractmethod

@@ -245,11 +245,31 @@ def test_postgres_down_at_start_stops_the_start_with_the_reason(tmp_path):
     assert "cannot reach PostgreSQL" in done.stderr and "pw" not in done.stderr
 
 
+def health_of(channel: grpc.Channel, service: str = "") -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def wait_health(channel: grpc.Channel, status: int, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while health_of(channel) != status:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools, tmp_path):
     """No silent fallback to memory: while PostgreSQL refuses connections
-    SubmitTask is UNAVAILABLE; once it is back, submissions are accepted and
-    journaled again."""
+    SubmitTask is UNAVAILABLE and readiness (grpc.health.v1) is NOT_SERVING;
+    once it is back, submissions are accepted and journaled again, and SERVING."""
+    from grpc_health.v1 import health_pb2
     from postgres_db import admin
+
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
 
     dsn, name = create_database()
     args = ["--state-dir", str(tmp_path / "state"), "--no-warmup", "--store", dsn]
@@ -258,6 +278,7 @@ def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools
         with grpc.insecure_channel(server.target, options=BIG) as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
             stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(1)), timeout=30)
+            wait_health(channel, serving, "never SERVING with the database up")
             admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
             admin(
                 f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
@@ -266,7 +287,11 @@ def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools
                 stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(2)), timeout=30)
             assert err.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "PostgreSQL" in err.value.details()
+            wait_health(channel, not_serving, "still SERVING with the database refusing")
+            task_service = "kernelmesh.v1.TaskService"
+            assert health_of(channel, task_service) == not_serving
             admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            wait_health(channel, serving, "not SERVING again once the database was back")
             deadline = time.monotonic() + 30
             while True:
                 try:
