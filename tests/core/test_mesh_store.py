@@ -219,3 +219,32 @@ async def test_reads_lists_cancels_and_notifications_across_orchestrators(pg_dsn
     finally:
         for s in (x, y):
             await s.close()
+
+
+async def test_big_blobs_live_in_postgresql_and_old_file_blobs_are_still_read(
+    pg_dsn, tmp_path: Path
+):
+    """Orchestrators on different machines share nothing but the database: a blob
+    over the inline threshold is a bytea row, no file; a row an earlier version
+    wrote naming a file under the blob dir is still read from it."""
+    from kernelmesh.core.store.sql import INLINE_BLOB_BYTES
+
+    blobs = tmp_path / "blobs"
+    store = PostgresStore(pg_dsn, blob_dir=blobs)
+    await store.open()
+    try:
+        big = bytes(range(256)) * (INLINE_BLOB_BYTES // 256 + 64)
+        await store.write(PutBlob("tasks/a/inputs", big), wait=True)
+        assert not blobs.exists() or not any(blobs.iterdir())
+        rows = await store._fetch("SELECT size, path FROM blobs WHERE key = ?", "tasks/a/inputs")
+        assert [tuple(r) for r in rows] == [(len(big), None)]
+
+        store.inline_blobs = False  # as an earlier version wrote big blobs
+        await store.write(PutBlob("tasks/b/inputs", big), wait=True)
+        assert [p.name for p in blobs.iterdir()] == ["tasks__b__inputs"]
+        store.inline_blobs = True
+        snap = await store.load()
+        assert snap.blobs["tasks/a/inputs"] == big
+        assert snap.blobs["tasks/b/inputs"] == big
+    finally:
+        await store.close()

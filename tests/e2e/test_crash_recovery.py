@@ -142,6 +142,9 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
     server = start(serve_tools, tmp_path, store_args)
     again: dict[str, str] = {}
     submit_all(server.target, request_ids, again, kill_at=(TASKS - 2, lambda: kill9(server)))
+    if server.process.poll() is None:  # never left running behind the test
+        kill9(server)
+        raise AssertionError(f"only {len(again)} resubmissions acknowledged (seed {seed})")
     for rid, name in again.items():
         if rid in acked:
             assert acked[rid] == name, f"request {rid} made a second task (seed {seed})"
