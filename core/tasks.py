@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -175,6 +175,9 @@ class Task:
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
+    # A view of a task another orchestrator holds: follows it in the store until
+    # it ends, for a caller that waits on it (a resumed workflow step).
+    _follow: Callable[[Task], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -191,6 +194,8 @@ class Task:
         return sum(o.nbytes for o in self.outputs)
 
     async def wait(self) -> None:
+        if self._follow is not None and not self._done.is_set():
+            await self._follow(self)
         await self._done.wait()
 
     def add_done_callback(self, callback: Callable[[Task], None]) -> None:
@@ -433,11 +438,18 @@ class TaskManager:
             task.outputs = [o for o in codec.decode(blob) if isinstance(o, np.ndarray)]
         if record.error_code is not None:
             task.error = TaskFailure(_code(record.error_code), record.error_message or "")
+        for ref in json.loads(record.output_refs):
+            # Named tensors this process has (restored at start); others live with
+            # the orchestrator that made them.
+            with contextlib.suppress(NotFound):
+                task.output_refs.append(self.store.get(ref, tenant=record.tenant))
         task.start_time = record.start_time
         task.end_time = record.end_time
         task.run_seconds = record.run_seconds
         if task.state.terminal:
             task._done.set()
+        elif self.shared_view is not None:
+            task._follow = self.shared_view.follow_into
         return task
 
     # -- reads that look past this process (several orchestrators, one store) --

@@ -111,6 +111,32 @@ class SharedTasks:
                 if not waiters:
                     del self._changed[task.id]
 
+    async def follow_into(self, view: Task) -> None:
+        """Watches the task of `view` (a read-only copy) until it ends, then makes
+        `view` its final state and wakes whoever waits on it."""
+        events = self.watch(view.name, tenant=view.tenant)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if not event.state.terminal:
+                    continue
+                done = event.task
+                for name in (
+                    "state",
+                    "error",
+                    "outputs",
+                    "output_refs",
+                    "attempt",
+                    "attempts",
+                    "start_time",
+                    "end_time",
+                    "run_seconds",
+                    "device_name",
+                ):
+                    setattr(view, name, getattr(done, name))
+                view._follow = None
+                view._done.set()
+                return
+
     async def cancel(self, name: str, *, tenant: str) -> Task:
         """Records the request in the store; the holder cancels the task at its next
         lease renewal (or, if the holder is gone, whoever claims it next)."""

@@ -248,3 +248,67 @@ async def test_big_blobs_live_in_postgresql_and_old_file_blobs_are_still_read(
         assert snap.blobs["tasks/b/inputs"] == big
     finally:
         await store.close()
+
+
+async def test_a_request_id_held_elsewhere_answers_with_that_task_and_follows_it(pg_dsn):
+    """Y is asked for a request id X committed (X alive, or dead and not yet
+    claimed): Y answers with X's task read from the store, one task in all, and a
+    caller waiting on it (a resumed workflow step) wakes when X finishes it."""
+    import json
+
+    import numpy as np
+
+    from kernelmesh.core import devices
+    from kernelmesh.core.errors import InvalidArgument
+    from kernelmesh.core.mesh.shared_tasks import SharedTasks
+    from kernelmesh.core.store import codec
+    from kernelmesh.core.store.base import outputs_key
+    from kernelmesh.core.tasks import TaskManager, TaskSpec, TaskState
+    from kernelmesh.core.tensor_store import TensorStore
+
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    y = TaskManager(devices.discover("y", ("cpu",)), TensorStore(1 << 20), journal=store)
+    y.owner = "orch-y"
+    y.shared_view = SharedTasks(y, store, poll_s=0.05)
+    await y.start()
+    try:
+        held = task(
+            1,
+            tenant="default",
+            request_id="r",
+            fingerprint="fp",
+            node="orch-x",
+            lease_until=time.time() + 600,
+            spec=json.dumps({"params": {}, "retry": {}}),
+            labels="{}",
+        )
+        await store.write(PutTask(held), wait=True)
+        x = np.ones(4, np.float32)
+        spec = TaskSpec(op="relu", inputs=[x])
+        view = await y.submit_journaled(spec, request_id="r", fingerprint="fp")
+        assert view.id == held.id and view.state is TaskState.QUEUED
+        with pytest.raises(InvalidArgument):
+            await y.submit_journaled(spec, request_id="r", fingerprint="other")
+        assert [
+            t.id
+            for t in (
+                await store.list_task_records("default", state=None, limit=10, below=None)
+            ).tasks
+        ] == [held.id]
+
+        waiting = asyncio.ensure_future(view.wait())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        # X finishes it.
+        await store.write(
+            PutBlob(outputs_key(held.id), codec.encode([x * 2])),
+            UpdateTask(held.id, {"state": 3, "end_time": time.time()}),
+            wait=True,
+        )
+        await asyncio.wait_for(waiting, 10)
+        assert view.state is TaskState.SUCCEEDED
+        assert np.array_equal(view.outputs[0], x * 2)
+    finally:
+        await y.shutdown(0)
+        await store.close()
