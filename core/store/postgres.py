@@ -246,6 +246,10 @@ class PostgresStore(Store):
             for payload in notices:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
 
+    async def ping(self) -> str | None:
+        await self._fetch("SELECT 1")  # raises StoreUnavailable when unreachable
+        return None
+
     async def listen(self, callback) -> bool:
         """Calls `callback(kind, ids)` for each notification another orchestrator
         (or this one) sends; returns whether listening. Called again after the

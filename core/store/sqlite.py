@@ -188,13 +188,13 @@ class SqliteStore(Store):
                 db.close()
         self._db = self._reader = None
 
-    async def probe(self, timeout: float) -> str | None:
+    async def ping(self) -> str | None:
         # An empty transaction writes nothing, so it passes on a file that can no
         # longer be written; the next real commit would not.
         for path in (self.directory, self.path):
-            if path.exists() and not os.access(path, os.W_OK):
-                return f"{path} is not writable"
-        return await super().probe(timeout)
+            if not os.access(path, os.W_OK):
+                return f"{path} is missing or not writable"
+        return None
 
     # -- reading --------------------------------------------------------------
 
