@@ -5,6 +5,10 @@
   baseline), the SQLite store (WAL, synchronous=FULL, group commit) and, when
   a cluster is named, PostgreSQL. Runs are interleaved, best of REPEATS.
   Target: SQLite >= 0.7x the in-memory store.
+* Big inputs on PostgreSQL: SubmitTask of tasks with a 1 MiB input (over the
+  256 KiB inline threshold), the in-memory store as baseline, PostgreSQL with
+  every blob a bytea row (the default), and PostgreSQL with big blobs as files
+  under the state dir (how earlier versions kept them).
 * Recovery: a journal holding 10,000 QUEUED tasks, loaded and queued again by
   a fresh TaskManager (what `kernelmesh serve` does at start).
 
@@ -37,6 +41,8 @@ from kernelmesh.services.server import Server
 from kernelmesh.v1 import task_pb2, task_pb2_grpc, tensor_pb2
 
 SUBMITS = 3000
+BIG_SUBMITS = 200
+BIG_ELEMENTS = 1 << 18  # float32: 1 MiB
 IN_FLIGHT = 64
 REPEATS = 3
 RECOVER = 10_000
@@ -45,16 +51,24 @@ BATCHES: dict[str, list[float]] = {}  # store -> mean queue entries per transact
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def _spec() -> task_pb2.TaskSpec:
+def _spec(elements: int = 16) -> task_pb2.TaskSpec:
     msg = task_pb2.TaskSpec(op="relu")
     t = msg.inputs.add().tensor
     t.dtype = tensor_pb2.DTYPE_FLOAT32
-    t.shape.append(16)
-    t.data = np.linspace(-1, 1, 16, dtype=np.float32).tobytes()
+    t.shape.append(elements)
+    t.data = np.linspace(-1, 1, elements, dtype=np.float32).tobytes()
     return msg
 
 
-async def submit_rate(store: str, state_dir: str) -> float:
+async def submit_rate(
+    store: str,
+    state_dir: str,
+    *,
+    elements: int = 16,
+    submits: int = SUBMITS,
+    blob_files: bool = False,
+    label: str = "",
+) -> float:
     config = ServerConfig(
         host="127.0.0.1",
         port=0,
@@ -66,8 +80,11 @@ async def submit_rate(store: str, state_dir: str) -> float:
         retention_tasks=1_000_000,
     )
     server = Server(config)
+    if blob_files:
+        server.state.inline_blobs = False  # type: ignore[attr-defined]
     await server.start()
-    spec = _spec()
+    spec = _spec(elements)
+    label = label or store
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
@@ -77,14 +94,14 @@ async def submit_rate(store: str, state_dir: str) -> float:
             async def one(i: int) -> None:
                 async with window:
                     await stub.SubmitTask(
-                        task_pb2.SubmitTaskRequest(task=spec, request_id=f"{store}-{i}")
+                        task_pb2.SubmitTaskRequest(task=spec, request_id=f"{label}-{i}")
                     )
 
             store_ = server.state
             before = (getattr(store_, "commits", 0), getattr(store_, "committed_entries", 0))
             began = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(SUBMITS)))
-            rate = SUBMITS / (time.perf_counter() - began)
+            await asyncio.gather(*(one(i) for i in range(submits)))
+            rate = submits / (time.perf_counter() - began)
             commits = getattr(store_, "commits", 0) - before[0]
             if commits:
                 entries = getattr(store_, "committed_entries", 0) - before[1]
@@ -123,6 +140,31 @@ async def recovery_seconds(store: Store) -> float:
     await fresh.shutdown(grace=60.0)
     await store.close()
     return took
+
+
+async def big_inputs(pg_store, tmp: str) -> None:
+    kinds = {
+        "memory": lambda: "memory",
+        "postgresql, blobs as bytea": pg_store,
+        "postgresql, blobs as files": pg_store,
+    }
+    best = dict.fromkeys(kinds, 0.0)
+    for r in range(REPEATS):
+        for kind, make in kinds.items():
+            rate = await submit_rate(
+                make(),
+                os.path.join(tmp, f"big-{r}-{len(kind)}"),
+                elements=BIG_ELEMENTS,
+                submits=BIG_SUBMITS,
+                blob_files=kind.endswith("files"),
+                label=f"big-{kind}",
+            )
+            best[kind] = max(best[kind], rate)
+    base = best["memory"]
+    print(f"SubmitTask, {BIG_SUBMITS} tasks with a 1 MiB input, best of {REPEATS}:")
+    for kind, rate in best.items():
+        name = f"{kind} (baseline)" if kind == "memory" else kind
+        print(f"  {name:28s} {rate:8.0f} submits/s   {rate / base:.2f}x")
 
 
 async def main() -> None:
@@ -166,6 +208,8 @@ async def main() -> None:
                 print(
                     "  postgresql: no cluster named (KERNELMESH_TEST_POSTGRES / PG*), not measured"
                 )
+            if dsn:
+                await big_inputs(pg_store, tmp)
             for kind in kinds:
                 means = [m for k, v in BATCHES.items() if k.startswith(kind[:8]) for m in v]
                 if means:

@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -48,6 +48,7 @@ from kernelmesh.core.store.base import (
     PutAttempt,
     PutBlob,
     PutTask,
+    RequestIdTaken,
     UpdateTask,
     inputs_key,
     outputs_key,
@@ -174,6 +175,9 @@ class Task:
     _watchers: list[asyncio.Queue] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
+    # A view of a task another orchestrator holds: follows it in the store until
+    # it ends, for a caller that waits on it (a resumed workflow step).
+    _follow: Callable[[Task], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -190,6 +194,8 @@ class Task:
         return sum(o.nbytes for o in self.outputs)
 
     async def wait(self) -> None:
+        if self._follow is not None and not self._done.is_set():
+            await self._follow(self)
         await self._done.wait()
 
     def add_done_callback(self, callback: Callable[[Task], None]) -> None:
@@ -277,6 +283,9 @@ class TaskManager:
         # another (`adopt`). None: the only process on its store.
         self.owner: str | None = None
         self.lease_seconds = 10.0
+        # With a shared store: reads, watches and cancels of tasks held elsewhere
+        # (core.mesh.shared_tasks.SharedTasks; set by the server).
+        self.shared_view = None
         self._unplaced: dict[int, Task] = {}
         self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
@@ -397,7 +406,101 @@ class TaskManager:
             record.seq = next(self._seq)  # this process's numbering; ids stay
             attempts = [_attempt_of(a) for a in snap.attempts.get(record.id, [])]
             self._restore_unfinished(record, attempts, snap)
+            if record.cancel_requested is not None:
+                self.cancel_held([record.id])
         return len(snap.tasks)
+
+    def held(self, task_id: str) -> Task | None:
+        """The task if this process holds it in memory."""
+        return self._tasks.get(PREFIX + task_id)
+
+    def cancel_held(self, ids: Sequence[str]) -> int:
+        """Cancels the tasks held here that another orchestrator was asked to cancel."""
+        done = 0
+        for task_id in ids:
+            task = self.held(task_id)
+            if task is not None and not task.state.terminal:
+                self._abort(task, TaskState.CANCELLED, Code.CANCELLED, "cancelled by request")
+                done += 1
+        return done
+
+    def view(self, record: TaskRecord, snap: Snapshot) -> Task:
+        """A read-only Task for a record another orchestrator holds (or held): what
+        GetTask and ListTasks show of it. Nothing here refers to it afterwards."""
+        attempts = [_attempt_of(a) for a in snap.attempts.get(record.id, [])]
+        spec = json.loads(record.spec)
+        task = self._restored(
+            record, attempts, self._device_named(record.device), None, spec, register=False
+        )
+        task.state = TaskState(record.state)
+        blob = snap.blobs.get(outputs_key(record.id))
+        if task.state is TaskState.SUCCEEDED and blob is not None:
+            task.outputs = [o for o in codec.decode(blob) if isinstance(o, np.ndarray)]
+        if record.error_code is not None:
+            task.error = TaskFailure(_code(record.error_code), record.error_message or "")
+        for ref in json.loads(record.output_refs):
+            # Named tensors this process has (restored at start); others live with
+            # the orchestrator that made them.
+            with contextlib.suppress(NotFound):
+                task.output_refs.append(self.store.get(ref, tenant=record.tenant))
+        task.start_time = record.start_time
+        task.end_time = record.end_time
+        task.run_seconds = record.run_seconds
+        if task.state.terminal:
+            task._done.set()
+        elif self.shared_view is not None:
+            task._follow = self.shared_view.follow_into
+        return task
+
+    # -- reads that look past this process (several orchestrators, one store) --
+
+    async def find(self, name: str, *, tenant: str) -> Task:
+        """`get`, or the task from the shared store if another orchestrator holds it."""
+        try:
+            return self.get(name, tenant=tenant)
+        except NotFound:
+            if self.shared_view is None:
+                raise
+        return await self.shared_view.get(name, tenant=tenant)
+
+    async def find_all(
+        self,
+        *,
+        tenant: str,
+        state: TaskState | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        full: bool = False,
+    ) -> tuple[list[Task], str]:
+        """`list`, across every orchestrator sharing the store when there are several."""
+        if self.shared_view is None:
+            return self.list(tenant=tenant, state=state, page_size=page_size, page_token=page_token)
+        return await self.shared_view.list(
+            tenant=tenant, state=state, page_size=page_size, page_token=page_token, outputs=full
+        )
+
+    async def follow(self, name: str, *, tenant: str) -> AsyncIterator[TaskEvent]:
+        """`watch`, or a watch of the task's row if another orchestrator holds it."""
+        try:
+            self.get(name, tenant=tenant)
+        except NotFound:
+            if self.shared_view is None:
+                raise
+            events = self.shared_view.watch(name, tenant=tenant)
+        else:
+            events = self.watch(name, tenant=tenant)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    async def cancel_anywhere(self, name: str, *, tenant: str) -> Task:
+        """`cancel`, or a cancel request recorded for the orchestrator holding it."""
+        try:
+            return self.cancel(name, tenant=tenant)
+        except NotFound:
+            if self.shared_view is None:
+                raise
+        return await self.shared_view.cancel(name, tenant=tenant)
 
     def _device_named(self, name: str) -> LocalDevice:
         for device in self.devices:
@@ -511,6 +614,8 @@ class TaskManager:
         device: LocalDevice,
         call: ops.ValidatedCall | None,
         spec: dict,
+        *,
+        register: bool = True,
     ) -> Task:
         task = Task(
             id=record.id,
@@ -532,7 +637,7 @@ class TaskManager:
             attempts=attempts,
             trace_context=record.trace_context,
         )
-        if record.request_id:
+        if record.request_id and register:
             self._requests[(record.tenant, record.request_id)] = task
         return task
 
@@ -756,9 +861,12 @@ class TaskManager:
                 self._committing[task.id] = future
                 try:
                     await future
+                except RequestIdTaken:
+                    self._forget_request(task)
+                    self._unadmit(task)
+                    return await self._taken(spec.tenant, request_id, fingerprint)
                 except BaseException:
-                    if request_id:
-                        self._requests.pop((spec.tenant, request_id), None)
+                    self._forget_request(task)
                     self._unadmit(task)
                     raise
                 finally:
@@ -774,6 +882,29 @@ class TaskManager:
         else:
             self._enqueue(task)
         return task
+
+    def _forget_request(self, task: Task) -> None:
+        """Drops the request id's entry if it is still this task's: a task claimed
+        meanwhile under the same id (from a dead orchestrator) keeps its entry.
+        Popping it unconditionally lost the claimed task's entry, and every later
+        retry of that request id was refused by the store as a duplicate."""
+        key = (task.tenant, task.request_id or "")
+        if task.request_id and self._requests.get(key) is task:
+            del self._requests[key]
+
+    async def _taken(self, tenant: str, request_id: str, fingerprint: str) -> Task:
+        """A shared store already holds a task with this request id (another
+        orchestrator's, or a dead one's not yet claimed): that task is the answer."""
+        first = self._requests.get((tenant, request_id))
+        if first is not None:  # claimed by this process while the commit failed
+            return await self._same_request(first, fingerprint)
+        assert self.journal is not None
+        snap = await self.journal.find_request(tenant, request_id)
+        if not snap.tasks:  # forgotten (retention) between the refusal and this read
+            raise StoreUnavailable(
+                f"request_id {request_id!r} was taken and released meanwhile; retry"
+            )
+        return await self._same_request(self.view(snap.tasks[0], snap), fingerprint)
 
     async def _same_request(self, first: Task, fingerprint: str) -> Task:
         if (first.fingerprint or "") != fingerprint:

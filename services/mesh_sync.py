@@ -47,6 +47,10 @@ class SharedMesh:
         self.lease = mesh.lease_seconds
         self.claimed = 0
         self._task: asyncio.Task | None = None
+        # Set by a notification (a node joined another orchestrator, a cancel was
+        # asked): the next round starts now, not a third of a lease later.
+        self._wake = asyncio.Event()
+        self.listening = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="shared-mesh")
@@ -57,15 +61,27 @@ class SharedMesh:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def notified(self, kind: str, ids: list[str]) -> None:
+        if kind == "t":
+            view = self.tasks.shared_view
+            if view is not None:
+                view.changed(ids)
+        elif kind == "n" or (kind == "c" and any(self.tasks.held(i) for i in ids)):
+            self._wake.set()
+
     async def _run(self) -> None:
         while True:
             try:
+                # (Again) after a lost connection; until then, rounds poll.
+                self.listening = await self.store.listen(self.notified)
                 await self.round()
             except StoreUnavailable as exc:
                 log.warning("shared store: %s", exc)
             except Exception:
                 log.exception("shared store round failed")
-            await asyncio.sleep(self.lease / 3)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.lease / 3)
 
     async def round(self) -> None:
         now = time.time()
@@ -76,6 +92,12 @@ class SharedMesh:
             if reg is not None:
                 entries.append((record, reg))
         self.mesh.sync_foreign(entries)
+        cancels = await self.store.cancel_requests(self.owner)
+        if cancels:
+            done = self.tasks.cancel_held(cancels)
+            log.info(
+                "cancelled %d of %d tasks as asked through another orchestrator", done, len(cancels)
+            )
         if await self.store.try_sweeper_lock():
             snap = await self.store.claim_expired_tasks(
                 self.owner, now + self.lease, now, CLAIM_BATCH
@@ -85,4 +107,12 @@ class SharedMesh:
                     "claimed %d unfinished tasks whose orchestrator's lease ran out",
                     len(snap.tasks),
                 )
-                self.claimed += self.tasks.adopt(snap)
+                try:
+                    self.claimed += self.tasks.adopt(snap)
+                except BaseException:
+                    # Leased to this live process but not running here: the lease
+                    # would be renewed for ever. Hand back what was not taken up.
+                    left = [t.id for t in snap.tasks if self.tasks.held(t.id) is None]
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.release_task_leases(self.owner, left)
+                    raise

@@ -24,6 +24,7 @@ from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.mesh.nodes import Mesh
+from kernelmesh.core.mesh.shared_tasks import SharedTasks
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
@@ -34,7 +35,7 @@ from kernelmesh.native import compile_cache, host_memory
 from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar, tracing
 from kernelmesh.services.auth_interceptor import AuthInterceptor
 from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
-from kernelmesh.services.health import HealthServicer
+from kernelmesh.services.health import HealthServicer, StoreWatch
 from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.mesh_forward import Forwarder
@@ -135,6 +136,7 @@ class Server:
         self._runner = None
         self._warmup: asyncio.Task | None = None
         self._refining: asyncio.Task | None = None
+        self.store_watch: StoreWatch | None = None
         if config.role == "orchestrator" and not config.with_node:
             self.devices: list = []  # devices come from the nodes that join
         else:
@@ -184,6 +186,8 @@ class Server:
             self.tasks.lease_seconds = config.lease_seconds
             self.mesh.store = self.state
             self.shared = SharedMesh(self.mesh, self.tasks, self.state, owner)
+            # Any orchestrator answers for a task another one holds.
+            self.tasks.shared_view = SharedTasks(self.tasks, self.state)
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
         self.usage = UsageStore(
@@ -359,6 +363,10 @@ class Server:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         if self.mesh is not None:
             await self._health.set(SERVICE_NAMES[3], health_pb2.HealthCheckResponse.SERVING)
+        if self.state.durable:
+            serving = [*SERVING, "", *([SERVICE_NAMES[3]] if self.mesh is not None else [])]
+            self.store_watch = StoreWatch(self._health, self.state, lambda: serving)
+            self.store_watch.start()
         if self.config.role == "node":
             self.agent = NodeAgent(
                 name=self.config.node_name,
@@ -372,7 +380,8 @@ class Server:
         log.info("kernelmesh ready on %s:%d", self.config.host, self.port)
 
     def ready(self) -> bool:
-        return self.started and not self.draining
+        store_ok = self.store_watch is None or self.store_watch.ok
+        return self.started and not self.draining and store_ok
 
     async def wait_started(self) -> None:
         if self._warmup is not None:
@@ -390,6 +399,8 @@ class Server:
             self._warmup.cancel()
         if self._refining is not None:
             self._refining.cancel()
+        if self.store_watch is not None:
+            await self.store_watch.stop()
         if self.agent is not None:
             await self.agent.stop()
         if self.mesh is not None:

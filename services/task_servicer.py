@@ -195,7 +195,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @rpc
     async def GetTask(self, request, context):
         _require_name(request.name)
-        task = self.tasks.get(request.name, tenant=tenant_of(context))
+        task = await self.tasks.find(request.name, tenant=tenant_of(context))
         full = request.view != task_pb2.TASK_VIEW_BASIC
         response = task_pb2.GetTaskResponse()
         convert.fill_task(response.task, task, full=full)
@@ -204,25 +204,26 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @stream_rpc
     async def WatchTask(self, request, context) -> AsyncIterator[task_pb2.WatchTaskResponse]:
         _require_name(request.name)
-        async for event in self.tasks.watch(request.name, tenant=tenant_of(context)):
+        async for event in self.tasks.follow(request.name, tenant=tenant_of(context)):
             yield _event_message(event)
 
     @rpc
     async def CancelTask(self, request, context):
-        task = self.tasks.cancel(request.name, tenant=tenant_of(context))
+        task = await self.tasks.cancel_anywhere(request.name, tenant=tenant_of(context))
         return task_pb2.CancelTaskResponse(task=convert.task_to_proto(task, full=False))
 
     @rpc
     async def ListTasks(self, request, context):
         state = _task_state(request.state) if request.state else None
         tenant = tenant_of(context)
-        tasks, token = self.tasks.list(
+        full = request.view == task_pb2.TASK_VIEW_FULL
+        tasks, token = await self.tasks.find_all(
             tenant=tenant,
             state=state,
             page_size=request.page_size,
             page_token=request.page_token,
+            full=full,
         )
-        full = request.view == task_pb2.TASK_VIEW_FULL
         response = task_pb2.ListTasksResponse()
         size = 0
         for i, task in enumerate(tasks):
@@ -237,7 +238,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                         retry_after=0.0,
                     )
                 # the same page cut to the i tasks that fit, and its token
-                _, token = self.tasks.list(
+                _, token = await self.tasks.find_all(
                     tenant=tenant, state=state, page_size=i, page_token=request.page_token
                 )
                 break

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernelmesh.core.api_keys import ApiKeyRecord
@@ -30,6 +31,11 @@ class SchemaTooNew(StoreError):
 
 class StoreUnavailable(Unavailable):
     """A write or read failed: the caller gets UNAVAILABLE and may retry."""
+
+
+class RequestIdTaken(Exception):
+    """A shared store refused a task: its tenant's request id is already another
+    task's (committed by another orchestrator, or by this one before a restart)."""
 
 
 @dataclass(slots=True)
@@ -63,6 +69,9 @@ class TaskRecord:
     # until when (renewed while it lives; past it, another claims the task).
     node: str | None = None
     lease_until: float | None = None
+    # When an orchestrator other than the holder was asked to cancel the task
+    # (migration 4): the holder reads it with its lease renewals and cancels.
+    cancel_requested: float | None = None
 
 
 # The columns UpdateTask may set.
@@ -79,6 +88,7 @@ TASK_UPDATABLE = frozenset(
         "error_message",
         "output_refs",
         "output_bytes",
+        "cancel_requested",
     }
 )
 
@@ -261,6 +271,24 @@ class Store(ABC):
         if future is not None:
             await future
 
+    async def probe(self, timeout: float) -> str | None:
+        """None if the store can commit; else why not (for readiness). A store
+        that is merely slow is healthy: the probe does not wait behind queued
+        commits unless the last one failed (then an empty commit must go through)."""
+        try:
+            reason = await asyncio.wait_for(self.ping(), timeout)
+            if reason is None and getattr(self, "last_error", None):
+                await asyncio.wait_for(self.sync(), timeout)
+        except StoreUnavailable as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"no answer within {timeout:g}s"
+        return reason or getattr(self, "last_error", None)
+
+    async def ping(self) -> str | None:
+        """A cheap check that the store is there (not queued behind the writer)."""
+        return None
+
     # -- workflows (kernelmesh.core.workflows) -------------------------------
 
     @abstractmethod
@@ -291,6 +319,45 @@ class Store(ABC):
     async def try_sweeper_lock(self) -> bool:
         """True if this process is the one sweeper among those sharing the store."""
         return True
+
+    async def listen(self, callback: Callable[[str, list[str]], None]) -> bool:
+        """Change notifications from the other processes sharing the store:
+        `callback(kind, ids)` with kind "t" (tasks changed state), "c" (cancels
+        asked) or "n" (a node record written). False: none (callers poll)."""
+        return False
+
+    async def release_task_leases(self, owner: str, ids: list[str]) -> None:
+        """Ends `owner`'s leases on `ids` at once (claimed, then not adopted), so
+        the next sweep claims them again."""
+        return None
+
+    async def cancel_requests(self, owner: str) -> list[str]:
+        """The unfinished tasks `owner` holds that another orchestrator was asked
+        to cancel."""
+        return []
+
+    # -- reads of tasks other orchestrators hold (shared stores only) ---------
+
+    async def read_tasks(self, ids: list[str], *, outputs: bool = True) -> Snapshot:
+        """The tasks named, with their attempts (and output blobs with `outputs`)."""
+        return Snapshot()
+
+    async def find_request(self, tenant: str, request_id: str) -> Snapshot:
+        """The task holding the tenant's request id, as `read_tasks` returns it."""
+        return Snapshot()
+
+    async def list_task_records(
+        self,
+        tenant: str,
+        *,
+        state: int | None,
+        limit: int,
+        below: tuple[float, str] | None,
+        outputs: bool = False,
+    ) -> Snapshot:
+        """Up to `limit` of the tenant's tasks, newest first by (create_time, id),
+        those strictly below `below` when given, with their attempts."""
+        return Snapshot()
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

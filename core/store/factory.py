@@ -17,8 +17,8 @@ def default_state_dir() -> Path:
 
 def open_store(url: str | None, state_dir: str | Path | None) -> Store:
     """`sqlite` (default: `<state_dir>/state.sqlite`), `memory`, or a
-    `postgresql://` URL (blobs over 256 KiB as files under `<state_dir>/blobs`,
-    or all in the database without a state dir). The store is returned unopened."""
+    `postgresql://` URL (every blob in the database; `<state_dir>/blobs` is only
+    read, for blobs an earlier version wrote there). The store is returned unopened."""
     kind = (url or "sqlite").strip()
     if kind == "sqlite":
         from kernelmesh.core.store.sqlite import SqliteStore

@@ -136,6 +136,14 @@ CREATE TABLE nodes (
 """
 
 
+# Several orchestrators on one store: a cancel asked of one that does not hold
+# the task is recorded here, and the holder acts on it.
+_V4_CANCEL_REQUESTS = """
+ALTER TABLE tasks ADD COLUMN cancel_requested {real};
+CREATE INDEX tasks_holder ON tasks (node, state);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -147,6 +155,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tasks, attempts, blobs, named tensors, API keys", _V1),
     Migration(2, "workflows and their steps", _V2_WORKFLOWS),
     Migration(3, "nodes of the mesh", _V3_NODES),
+    Migration(4, "cancel requests of tasks held by another orchestrator", _V4_CANCEL_REQUESTS),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -156,15 +156,7 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
     if isinstance(op, PutTask):
         yield PUT_TASK, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateTask):
-        names = sorted(op.fields)
-        unknown = set(names) - TASK_UPDATABLE
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
-        sets = ", ".join(f"{n} = ?" for n in names)
-        yield (
-            f"UPDATE tasks SET {sets} WHERE id = ?",
-            (*(op.fields[n] for n in names), op.id),
-        )
+        yield _update("tasks", TASK_UPDATABLE, op.id, op.fields)
     elif isinstance(op, PutAttempt):
         yield PUT_ATTEMPT, dataclasses.astuple(op.record)
     elif isinstance(op, PutBlob):
@@ -216,20 +208,24 @@ def _workflow_statements(op: object) -> Iterator[tuple[str, tuple]]:
     if isinstance(op, PutWorkflow):
         yield PUT_WORKFLOW, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateWorkflow):
-        names = sorted(op.fields)
-        unknown = set(names) - WORKFLOW_UPDATABLE
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
-        sets = ", ".join(f"{n} = ?" for n in names)
-        yield (
-            f"UPDATE workflows SET {sets} WHERE id = ?",
-            (*(op.fields[n] for n in names), op.id),
-        )
+        yield _update("workflows", WORKFLOW_UPDATABLE, op.id, op.fields)
     elif isinstance(op, PutWorkflowStep):
         yield PUT_WORKFLOW_STEP, dataclasses.astuple(op.record)
     elif isinstance(op, DeleteWorkflow):
         yield "DELETE FROM workflow_steps WHERE workflow_id = ?", (op.id,)
         yield "DELETE FROM workflows WHERE id = ?", (op.id,)
+
+
+def _update(
+    table: str, updatable: frozenset[str], key: str, fields: dict[str, object]
+) -> tuple[str, tuple]:
+    """UPDATE of the named columns of one row, refusing any not in `updatable`."""
+    names = sorted(fields)
+    unknown = set(names) - updatable
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+    sets = ", ".join(f"{n} = ?" for n in names)
+    return f"UPDATE {table} SET {sets} WHERE id = ?", (*(fields[n] for n in names), key)
 
 
 def _put_blob(key: str, data: bytes, files: BlobFiles) -> tuple[str, tuple]:

@@ -188,6 +188,14 @@ class SqliteStore(Store):
                 db.close()
         self._db = self._reader = None
 
+    async def ping(self) -> str | None:
+        # An empty transaction writes nothing, so it passes on a file that can no
+        # longer be written; the next real commit would not.
+        for path in (self.directory, self.path):
+            if not os.access(path, os.W_OK):
+                return f"{path} is missing or not writable"
+        return None
+
     # -- reading --------------------------------------------------------------
 
     def _read(self, statement: str, params: tuple = ()) -> list[tuple]:

@@ -139,3 +139,176 @@ async def test_one_sweeper_at_a_time_and_a_dead_one_blocks_nobody(pg_dsn):
         if not other.is_closed():
             other.terminate()
         await y.close()
+
+
+async def test_a_request_id_another_orchestrator_holds_is_refused_as_taken(pg_dsn):
+    """The unique (tenant, request_id) index makes one task per request id across
+    orchestrators; the refusal is RequestIdTaken (not UNAVAILABLE), and the task
+    holding the id is found with its attempts."""
+    from kernelmesh.core.store.base import RequestIdTaken
+
+    x, y = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    for s in (x, y):
+        await s.open()
+    try:
+        await x.write(PutTask(task(1, request_id="r", node="orch-x")), wait=True)
+        with pytest.raises(RequestIdTaken):
+            await y.write(PutTask(task(2, request_id="r", node="orch-y")), wait=True)
+        # Grouped with others, the refused entry alone fails.
+        refused = y.write(PutTask(task(3, request_id="r")), wait=True)
+        accepted = y.write(PutTask(task(4, request_id="s")), wait=True)
+        with pytest.raises(RequestIdTaken):
+            await refused
+        await accepted
+        found = await y.find_request("acme", "r")
+        assert [t.id for t in found.tasks] == [f"{1:032x}"]
+        assert (await y.find_request("other", "r")).tasks == []
+    finally:
+        for s in (x, y):
+            await s.close()
+
+
+async def test_reads_lists_cancels_and_notifications_across_orchestrators(pg_dsn):
+    x, y = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+    for s in (x, y):
+        await s.open()
+    heard: list[tuple[str, list[str]]] = []
+    try:
+        assert await y.listen(lambda kind, ids: heard.append((kind, ids)))
+        await x.write(
+            *(PutTask(task(n, node="orch-x", lease_until=time.time() + 60)) for n in range(1, 6)),
+            PutBlob(f"tasks/{1:032x}/outputs", b"out-1"),
+            PutAttempt(AttemptRecord(f"{1:032x}", 1, 3, "cpu:0", 1.0, 2.0)),
+            wait=True,
+        )
+        snap = await y.read_tasks([f"{1:032x}", f"{9:032x}"])
+        assert [t.id for t in snap.tasks] == [f"{1:032x}"]
+        assert snap.blobs == {f"tasks/{1:032x}/outputs": b"out-1"}
+        assert [a.number for a in snap.attempts[f"{1:032x}"]] == [1]
+
+        # Newest first by (create_time, id), in pages.
+        page = await y.list_task_records("acme", state=None, limit=2, below=None)
+        assert [t.seq for t in page.tasks] == [5, 4]
+        last = page.tasks[-1]
+        page = await y.list_task_records(
+            "acme", state=None, limit=10, below=(last.create_time, last.id)
+        )
+        assert [t.seq for t in page.tasks] == [3, 2, 1]
+        assert (await y.list_task_records("acme", state=3, limit=10, below=None)).tasks == []
+
+        # A cancel asked through y is seen by x, the holder, until the task ends.
+        await y.write(UpdateTask(f"{2:032x}", {"cancel_requested": time.time()}), wait=True)
+        assert await x.cancel_requests("orch-x") == [f"{2:032x}"]
+        assert await x.cancel_requests("orch-y") == []
+        await x.write(UpdateTask(f"{2:032x}", {"state": 5}), wait=True)
+        assert await x.cancel_requests("orch-x") == []
+
+        give_up = time.monotonic() + 10
+        while not {"t", "c"} <= {kind for kind, _ in heard}:
+            assert time.monotonic() < give_up, f"notifications: {heard}"
+            await asyncio.sleep(0.05)
+        assert ("c", [f"{2:032x}"]) in heard
+        changed = {i for kind, ids in heard if kind == "t" for i in ids}
+        assert changed == {f"{n:032x}" for n in range(1, 6)}
+
+        # Claimed but not taken up: handed back for the next sweep.
+        await x.release_task_leases("orch-x", [f"{3:032x}"])
+        now = time.time()
+        claimed = await y.claim_expired_tasks("orch-y", now + 30, now)
+        assert [t.id for t in claimed.tasks] == [f"{3:032x}"]
+    finally:
+        for s in (x, y):
+            await s.close()
+
+
+async def test_big_blobs_live_in_postgresql_and_old_file_blobs_are_still_read(
+    pg_dsn, tmp_path: Path
+):
+    """Orchestrators on different machines share nothing but the database: a blob
+    over the inline threshold is a bytea row, no file; a row an earlier version
+    wrote naming a file under the blob dir is still read from it."""
+    from kernelmesh.core.store.sql import INLINE_BLOB_BYTES
+
+    blobs = tmp_path / "blobs"
+    store = PostgresStore(pg_dsn, blob_dir=blobs)
+    await store.open()
+    try:
+        big = bytes(range(256)) * (INLINE_BLOB_BYTES // 256 + 64)
+        await store.write(PutBlob("tasks/a/inputs", big), wait=True)
+        assert not blobs.exists() or not any(blobs.iterdir())
+        rows = await store._fetch("SELECT size, path FROM blobs WHERE key = ?", "tasks/a/inputs")
+        assert [tuple(r) for r in rows] == [(len(big), None)]
+
+        store.inline_blobs = False  # as an earlier version wrote big blobs
+        await store.write(PutBlob("tasks/b/inputs", big), wait=True)
+        assert [p.name for p in blobs.iterdir()] == ["tasks__b__inputs"]
+        store.inline_blobs = True
+        snap = await store.load()
+        assert snap.blobs["tasks/a/inputs"] == big
+        assert snap.blobs["tasks/b/inputs"] == big
+    finally:
+        await store.close()
+
+
+async def test_a_request_id_held_elsewhere_answers_with_that_task_and_follows_it(pg_dsn):
+    """Y is asked for a request id X committed (X alive, or dead and not yet
+    claimed): Y answers with X's task read from the store, one task in all, and a
+    caller waiting on it (a resumed workflow step) wakes when X finishes it."""
+    import json
+
+    import numpy as np
+
+    from kernelmesh.core import devices
+    from kernelmesh.core.errors import InvalidArgument
+    from kernelmesh.core.mesh.shared_tasks import SharedTasks
+    from kernelmesh.core.store import codec
+    from kernelmesh.core.store.base import outputs_key
+    from kernelmesh.core.tasks import TaskManager, TaskSpec, TaskState
+    from kernelmesh.core.tensor_store import TensorStore
+
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    y = TaskManager(devices.discover("y", ("cpu",)), TensorStore(1 << 20), journal=store)
+    y.owner = "orch-y"
+    y.shared_view = SharedTasks(y, store, poll_s=0.05)
+    await y.start()
+    try:
+        held = task(
+            1,
+            tenant="default",
+            request_id="r",
+            fingerprint="fp",
+            node="orch-x",
+            lease_until=time.time() + 600,
+            spec=json.dumps({"params": {}, "retry": {}}),
+            labels="{}",
+        )
+        await store.write(PutTask(held), wait=True)
+        x = np.ones(4, np.float32)
+        spec = TaskSpec(op="relu", inputs=[x])
+        view = await y.submit_journaled(spec, request_id="r", fingerprint="fp")
+        assert view.id == held.id and view.state is TaskState.QUEUED
+        with pytest.raises(InvalidArgument):
+            await y.submit_journaled(spec, request_id="r", fingerprint="other")
+        assert [
+            t.id
+            for t in (
+                await store.list_task_records("default", state=None, limit=10, below=None)
+            ).tasks
+        ] == [held.id]
+
+        waiting = asyncio.ensure_future(view.wait())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        # X finishes it.
+        await store.write(
+            PutBlob(outputs_key(held.id), codec.encode([x * 2])),
+            UpdateTask(held.id, {"state": 3, "end_time": time.time()}),
+            wait=True,
+        )
+        await asyncio.wait_for(waiting, 10)
+        assert view.state is TaskState.SUCCEEDED
+        assert np.array_equal(view.outputs[0], x * 2)
+    finally:
+        await y.shutdown(0)
+        await store.close()

@@ -34,17 +34,7 @@ BIG = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_le
 MAX_ATTEMPTS = 20  # several kills may each take an attempt from a task
 
 
-# Known defect (open under issue 8): since the mesh, a `serve` restarted on a shared
-# PostgreSQL store leaves the dead process's unfinished tasks to claims after its
-# lease, and in some runs a resubmitted request id still answers UNAVAILABLE after
-# 90 s. Kept running (not strict) so its result stays visible in every run.
-_PG_AFTER_MESH = pytest.mark.xfail(
-    reason="claims after a restart on PostgreSQL sometimes miss a request id (issue 8)",
-    strict=False,
-)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=_PG_AFTER_MESH)])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store_args(request, tmp_path: Path):
     args = ["--state-dir", str(tmp_path / "state"), "--no-warmup"]
     if request.param == "sqlite":
@@ -152,6 +142,9 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
     server = start(serve_tools, tmp_path, store_args)
     again: dict[str, str] = {}
     submit_all(server.target, request_ids, again, kill_at=(TASKS - 2, lambda: kill9(server)))
+    if server.process.poll() is None:  # never left running behind the test
+        kill9(server)
+        raise AssertionError(f"only {len(again)} resubmissions acknowledged (seed {seed})")
     for rid, name in again.items():
         if rid in acked:
             assert acked[rid] == name, f"request {rid} made a second task (seed {seed})"
@@ -161,10 +154,10 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
     #    acknowledged finishes.
     server = start(serve_tools, tmp_path, store_args)
     try:
-        # Retried as a client would: on a shared (PostgreSQL) store the restarted
-        # server is a new lease holder, and a request id whose task the dead one
-        # committed is UNAVAILABLE (the database refuses a second task) until that
-        # holder's lease ends and the task is claimed.
+        # Retried as a client would on UNAVAILABLE. On a shared (PostgreSQL) store
+        # the restarted server is a new lease holder: a request id whose task the
+        # dead one committed answers with that task (read from the store) before
+        # its lease ends and the task is claimed here.
         last: dict[str, str] = {}
         give_up = time.monotonic() + 90
         while len(last) < TASKS and time.monotonic() < give_up:
@@ -174,15 +167,16 @@ def test_every_acknowledged_task_succeeds_exactly_once_across_kill_9(
         for rid, name in acked.items():
             assert last[rid] == name, f"request {rid} made a second task (seed {seed})"
         acked.update(last)
-        # Unfinished tasks come back at start (SQLite), or are claimed once the dead
-        # holder's lease ends (PostgreSQL, shared by orchestrators).
+        names = sorted(set(acked.values()))
+        assert len(names) == TASKS, f"seed {seed}"
+        done = wait_all_terminal(server.target, names)
+        # Unfinished tasks came back at start (SQLite), or were claimed once the dead
+        # holder's lease ended (PostgreSQL, shared by orchestrators: after the
+        # resubmissions, which a store read answers at once).
         log = server.output()
         back = sum(int(n) for n in re.findall(r"recovered (\d+) unfinished", log))
         back += sum(int(n) for n in re.findall(r"claimed (\d+) unfinished", log))
         assert back > 0, f"nothing was left running: {log[-2000:]}"
-        names = sorted(set(acked.values()))
-        assert len(names) == TASKS, f"seed {seed}"
-        done = wait_all_terminal(server.target, names)
         failed = [n for n, t in done.items() if t.state != task_pb2.TASK_STATE_SUCCEEDED]
         assert not failed, f"seed {seed}: {done[failed[0]]}"
         for task in done.values():
@@ -254,11 +248,31 @@ def test_postgres_down_at_start_stops_the_start_with_the_reason(tmp_path):
     assert "cannot reach PostgreSQL" in done.stderr and "pw" not in done.stderr
 
 
+def health_of(channel: grpc.Channel, service: str = "") -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def wait_health(channel: grpc.Channel, status: int, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while health_of(channel) != status:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools, tmp_path):
     """No silent fallback to memory: while PostgreSQL refuses connections
-    SubmitTask is UNAVAILABLE; once it is back, submissions are accepted and
-    journaled again."""
+    SubmitTask is UNAVAILABLE and readiness (grpc.health.v1) is NOT_SERVING;
+    once it is back, submissions are accepted and journaled again, and SERVING."""
+    from grpc_health.v1 import health_pb2
     from postgres_db import admin
+
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
 
     dsn, name = create_database()
     args = ["--state-dir", str(tmp_path / "state"), "--no-warmup", "--store", dsn]
@@ -267,6 +281,7 @@ def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools
         with grpc.insecure_channel(server.target, options=BIG) as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
             stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(1)), timeout=30)
+            wait_health(channel, serving, "never SERVING with the database up")
             admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
             admin(
                 f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
@@ -275,7 +290,11 @@ def test_postgres_dropping_mid_run_answers_unavailable_then_recovers(serve_tools
                 stub.SubmitTask(task_pb2.SubmitTaskRequest(task=spec(2)), timeout=30)
             assert err.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "PostgreSQL" in err.value.details()
+            wait_health(channel, not_serving, "still SERVING with the database refusing")
+            task_service = "kernelmesh.v1.TaskService"
+            assert health_of(channel, task_service) == not_serving
             admin(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            wait_health(channel, serving, "not SERVING again once the database was back")
             deadline = time.monotonic() + 30
             while True:
                 try:

@@ -6,6 +6,7 @@ X's node joins Y from its --join list)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -126,3 +127,101 @@ def test_two_orchestrators_share_nodes_and_survive_one_killed(dsn, procs):
     # X's node found Y in its join list.
     wait_for(lambda: ready_nodes(y.target) == {"node-a", "node-b"}, what="node-a joined Y")
     assert "claimed" in y.output()
+
+
+def small(n: int) -> task_pb2.TaskSpec:
+    a = np.full((200, 200), (n % 5) + 1, np.float32)
+    msg = task_pb2.TaskSpec(op="matmul")
+    for _ in range(2):
+        msg.inputs.add().tensor.CopyFrom(
+            tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=a.shape, data=a.tobytes())
+        )
+    return msg
+
+
+def test_any_orchestrator_answers_for_a_task_another_one_holds(dsn, procs):
+    """Y reads, lists, watches and cancels tasks X accepted and holds; a request id
+    sent to X and then to Y makes one task. node-a is joined to X alone, and is
+    stopped (SIGSTOP) while the tasks are submitted, so none can finish before
+    the cancel."""
+    x = procs.orchestrator("--store", dsn, "--lease-seconds", "3", "--name", "orch-x", name="x")
+    y = procs.orchestrator("--store", dsn, "--lease-seconds", "3", "--name", "orch-y", name="y")
+    node = procs.node("node-a", x.target, "--backends", "cpu")
+    wait_for(lambda: ready_nodes(x.target) == {"node-a"}, what="node-a placed by X")
+    node.process.send_signal(signal.SIGSTOP)
+
+    with (
+        grpc.insecure_channel(x.target) as to_x,
+        grpc.insecure_channel(y.target) as to_y,
+    ):
+        on_x, on_y = task_pb2_grpc.TaskServiceStub(to_x), task_pb2_grpc.TaskServiceStub(to_y)
+        names = [
+            on_x.SubmitTask(
+                task_pb2.SubmitTaskRequest(task=small(i), request_id=f"rid-{i}"), timeout=30
+            ).task.name
+            for i in range(24)
+        ]
+        # The same request id through Y: X's task, not a second one.
+        again = on_y.SubmitTask(
+            task_pb2.SubmitTaskRequest(task=small(3), request_id="rid-3"), timeout=30
+        )
+        assert again.task.name == names[3]
+        with pytest.raises(grpc.RpcError) as err:
+            on_y.SubmitTask(
+                task_pb2.SubmitTaskRequest(task=small(4), request_id="rid-3"), timeout=30
+            )
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+        # Cancel through Y the last task X queued: X cancels it, it never runs.
+        last = names[-1]
+        reply = on_y.CancelTask(task_pb2.CancelTaskRequest(name=last), timeout=30)
+        assert reply.task.name == last
+
+        def state_on_y(name: str) -> int:
+            return on_y.GetTask(task_pb2.GetTaskRequest(name=name), timeout=30).task.state
+
+        wait_for(
+            lambda: state_on_y(last) == task_pb2.TASK_STATE_CANCELLED,
+            timeout=60,
+            what="the task cancelled through Y",
+        )
+        node.process.send_signal(signal.SIGCONT)
+        cancelled = on_x.GetTask(task_pb2.GetTaskRequest(name=last), timeout=30).task
+        assert cancelled.state == task_pb2.TASK_STATE_CANCELLED
+        assert not [a for a in cancelled.attempts if a.state == task_pb2.TASK_STATE_SUCCEEDED]
+
+        # Y watches a task X holds to its end, outputs included.
+        events = list(on_y.WatchTask(task_pb2.WatchTaskRequest(name=names[-2]), timeout=120))
+        assert events[-1].state == task_pb2.TASK_STATE_SUCCEEDED
+        out = events[-1].task.outputs[0]
+        got = np.frombuffer(out.data, np.float32).reshape(tuple(out.shape))
+        assert np.allclose(got, ((22 % 5) + 1) ** 2 * 200)
+
+        # Y lists X's tasks, newest first, page by page.
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = on_y.ListTasks(
+                task_pb2.ListTasksRequest(page_size=10, page_token=token), timeout=30
+            )
+            seen.extend(t.name for t in page.tasks)
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == list(reversed(names))
+
+        # GetTask through Y of a finished task X holds carries its outputs.
+        wait_for(
+            lambda: state_on_y(names[0]) == task_pb2.TASK_STATE_SUCCEEDED,
+            timeout=120,
+            what="the first task finished",
+        )
+        full = on_y.GetTask(
+            task_pb2.GetTaskRequest(name=names[0], view=task_pb2.TASK_VIEW_FULL), timeout=30
+        ).task
+        assert full.outputs[0].data and full.attempt == 1
+        with pytest.raises(grpc.RpcError) as err:
+            on_y.GetTask(task_pb2.GetTaskRequest(name="tasks/" + "0" * 32), timeout=30)
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    # Y learnt of the cancel and of node-a by notification, not only by polling.
+    assert "cannot listen" not in y.output()
