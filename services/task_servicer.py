@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +13,7 @@ from kernelmesh.core import ops
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
+from kernelmesh.core.task_stream import pipelined
 from kernelmesh.core.tasks import (
     InlinePlan,
     Task,
@@ -168,62 +168,38 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return response
 
     async def StreamTasks(self, request_iterator, context):
-        """Reads requests while tasks run; yields each result as it finishes."""
+        """Reads requests while tasks run; yields each result as it finishes
+        (core.task_stream: the window of tasks in flight, and their cancellation
+        when the call ends)."""
         try:
             tenant = tenant_of(context)
         except KernelmeshError as exc:
             await context.abort_with_status(status_of(exc))
-        results: asyncio.Queue[task_pb2.StreamTasksResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        in_flight: set[Task] = set()
 
-        def deliver(correlation_id: str, task: Task) -> None:
-            in_flight.discard(task)
-            window.release()
-            response = task_pb2.StreamTasksResponse(correlation_id=correlation_id)
-            convert.fill_task(response.task, task)
-            results.put_nowait(response)
-
-        failure: list[BaseException] = []
-
-        async def read() -> None:
+        def start(req: task_pb2.StreamTasksRequest) -> Task | task_pb2.StreamTasksResponse:
+            msg = req.task
             try:
-                async for req in request_iterator:
-                    await window.acquire()
-                    try:
-                        msg = req.task
-                        key = convert.plain_key(msg)
-                        task = self._begin(msg, key, tenant, deadline_of(context))
-                    except KernelmeshError as exc:
-                        # one bad request fails its own item; the stream goes on
-                        window.release()
-                        results.put_nowait(_rejected(req.correlation_id, exc))
-                        continue
-                    in_flight.add(task)
-                    task.add_done_callback(lambda t, cid=req.correlation_id: deliver(cid, t))
-            except KernelmeshError as exc:  # the request stream itself is broken
-                failure.append(exc)
-            finally:
-                results.put_nowait(None)
+                return self._begin(msg, convert.plain_key(msg), tenant, deadline_of(context))
+            except KernelmeshError as exc:  # one bad request fails its own item; the stream goes on
+                return _rejected(req.correlation_id, exc)
 
-        reader = asyncio.create_task(read())
-        reading = True
+        def answer(req: task_pb2.StreamTasksRequest, task: Task) -> task_pb2.StreamTasksResponse:
+            response = task_pb2.StreamTasksResponse(correlation_id=req.correlation_id)
+            convert.fill_task(response.task, task)
+            return response
+
+        def cancel(task: Task) -> None:
+            # the client went away or the call ended: its unfinished work stops
+            self.tasks.cancel(task.name, tenant=tenant)
+
+        results = pipelined(request_iterator, start, answer, cancel, STREAM_WINDOW)
         try:
-            # A result delivered after the reader's end marker still waits in the queue.
-            while reading or in_flight or not results.empty():
-                item = await results.get()
-                if item is None:
-                    reading = False
-                    continue
-                yield item
-            await reader
-            if failure:
-                await context.abort_with_status(status_of(failure[0]))
+            async for response in results:
+                yield response
+        except KernelmeshError as exc:  # the request stream itself is broken
+            await context.abort_with_status(status_of(exc))
         finally:
-            reader.cancel()
-            # The client went away or the call ended: its unfinished work stops.
-            for task in list(in_flight):
-                self.tasks.cancel(task.name, tenant=tenant)
+            await results.aclose()
 
     @rpc
     async def GetTask(self, request, context):
