@@ -175,11 +175,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             tenant = tenant_of(context)
         except KernelmeshError as exc:
             await context.abort_with_status(status_of(exc))
+        deadline = deadline_of(context)  # the call's: the same for every item
 
         def start(req: task_pb2.StreamTasksRequest) -> Task | task_pb2.StreamTasksResponse:
             msg = req.task
             try:
-                return self._begin(msg, convert.plain_key(msg), tenant, deadline_of(context))
+                return self._begin(msg, convert.plain_key(msg), tenant, deadline)
             except KernelmeshError as exc:  # one bad request fails its own item; the stream goes on
                 return _rejected(req.correlation_id, exc)
 
