@@ -288,7 +288,7 @@ def select(
         # so nodes expected to finish alike take turns instead of the first taking all.
         start = next(_turn) % len(able)
         able = able[start:] + able[:start]
-    return min(able, key=lambda d: _expected_finish(d, work))
+    return min(able, key=lambda d: expected_finish(d, work))
 
 
 def _capable(
@@ -317,7 +317,7 @@ def _capable(
     return capable
 
 
-def _expected_finish(device: LocalDevice, work: Work | None) -> tuple:
+def expected_finish(device: LocalDevice, work: Work | None) -> tuple:
     load = device.running + len(device.queue)
     is_cpu = device.info.kind is DeviceKind.CPU
     # A device of another node: the bytes also cross the network, both ways.

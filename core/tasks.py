@@ -29,7 +29,14 @@ from cachetools import LRUCache
 
 from kernelmesh.core import listing, metrics, ops, placement
 from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
-from kernelmesh.core.devices import OBSERVE_FROM_S, DeviceKind, DeviceSelector, LocalDevice, select
+from kernelmesh.core.devices import (
+    OBSERVE_FROM_S,
+    DeviceKind,
+    DeviceSelector,
+    LocalDevice,
+    expected_finish,
+    select,
+)
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -215,6 +222,25 @@ class TaskEvent:
     task: Task
 
 
+@dataclass(frozen=True, slots=True)
+class InlinePlan:
+    """What `prepare` decided for one call shape of plain tensors (no params, labels
+    or selector) that runs inline: the catalog's verdict, the capable devices and the
+    held bytes. A waiting caller repeating that shape (`begin_planned`) skips the
+    validation and placement it would only redo; a plan made before the devices
+    changed is refused."""
+
+    op: str
+    call: ops.ValidatedCall
+    work: placement.Work
+    device: LocalDevice
+    able: tuple[LocalDevice, ...]  # capable, not refusing this call: select()'s choice
+    dtype: str
+    held_bytes: int
+    reason: str
+    generation: int
+
+
 @dataclass(frozen=True)
 class TaskManagerOptions:
     limits: ops.Limits = field(default_factory=ops.Limits)
@@ -238,6 +264,7 @@ class TaskTracing(Protocol):
 
 
 _UNTRACED = contextlib.nullcontext()
+_ANY_DEVICE = DeviceSelector()
 
 
 class TaskManager:
@@ -275,6 +302,7 @@ class TaskManager:
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
         self._capable: dict = {}  # select()'s, cleared when the devices change
+        self._generation = 0  # of the device list: InlinePlans of an older one are stale
         # The mesh: tasks whose node was lost with no other device able to run
         # them yet; placed again when a node joins. Only an orchestrator parks.
         self.park_unplaced = False
@@ -709,6 +737,7 @@ class TaskManager:
         """Devices of a node that joined: placed from now on."""
         self.devices.extend(devices)
         self._capable.clear()
+        self._generation += 1
         for device in devices:
             self._work[device] = asyncio.Event()
             window = REMOTE_WINDOW if getattr(device, "remote", False) else 1
@@ -725,6 +754,7 @@ class TaskManager:
         gone = set(devices)
         self.devices = [d for d in self.devices if d not in gone]
         self._capable.clear()
+        self._generation += 1
         for device in devices:
             device.gone = True
             for seq in device.queue.drain():
@@ -977,6 +1007,85 @@ class TaskManager:
             self._run_inline(task)
         else:
             self._enqueue(task)
+        return task
+
+    def inline_plan(self, spec: TaskSpec, task: Task) -> InlinePlan | None:
+        """The plan of a task `begin` ran inline for `spec`, to begin the same call
+        shape again with `begin_planned`; None where the spec is not one of plain
+        tensors with default params, labels and selector, or the task did not run inline."""
+        if (
+            spec.params
+            or spec.labels
+            or spec.keep_outputs
+            or spec.selector != _ANY_DEVICE
+            or any(isinstance(item, str) for item in spec.inputs)
+            or task.call is None
+            or not self._is_inline(task)
+        ):
+            return None
+        call = task.call
+        dtype = call.inputs[0].dtype if call.inputs else ""
+        capable = self._capable.get((spec.selector, spec.op, dtype)) or ()
+        shapes = [m.shape for m in call.inputs]
+        # A device's refusal depends on the call alone, so it holds for the plan's life.
+        able = tuple(d for d in capable if d.refusal(spec.op, shapes, call.params) is None)
+        if task.device not in able or any(getattr(d, "remote", False) for d in able):
+            return None  # remote devices take turns (select): no fixed plan for those
+        return InlinePlan(
+            op=task.op,
+            call=call,
+            work=placement.work_of(call),
+            device=task.device,
+            able=able,
+            dtype=dtype,
+            held_bytes=task.held_bytes,
+            reason=task.placement_reason,
+            generation=self._generation,
+        )
+
+    def begin_planned(
+        self,
+        plan: InlinePlan,
+        inputs: list[np.ndarray],
+        *,
+        tenant: str,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> Task | None:
+        """`begin` of inputs of exactly the plan's dtypes and shapes: the task is
+        recorded and run inline as `begin` would. None when the plan is stale or the
+        task would now go elsewhere: the caller then takes `begin`."""
+        if plan.generation != self._generation:
+            return None
+        if not self._accepting:
+            raise Unavailable("the server is shutting down and accepts no new tasks")
+        device = plan.device
+        if len(plan.able) > 1:
+            # select()'s choice among the plan's devices: the earliest expected finish
+            work = plan.work
+            if min(plan.able, key=lambda d: expected_finish(d, work)) is not device:
+                return None
+        task = Task(
+            id=f"{random.getrandbits(128):032x}",
+            seq=next(self._seq),
+            op=plan.op,
+            tenant=tenant,
+            priority=priority,
+            labels={},
+            keep_outputs=False,
+            device=device,
+            call=plan.call,
+            inputs=inputs,
+            elements=plan.work.elements,
+            device_name=device.name,
+            held_bytes=plan.held_bytes,
+            selector=_ANY_DEVICE,
+            placement_reason=plan.reason,
+            deadline=deadline,
+        )
+        self._admit(task)
+        self._record(task)
+        self._run_inline(task)
         return task
 
     async def wait(self, task: Task) -> Task:

@@ -109,6 +109,51 @@ def tensor_from_proto(
     return np.frombuffer(data, dtype=dtype).reshape(tuple(msg.shape))
 
 
+# The dtype, shape and byte size of each tensor input of one call shape.
+Layout = tuple[tuple[np.dtype, tuple[int, ...], int], ...]
+
+
+def plain_key(msg: task_pb2.TaskSpec) -> tuple | None:
+    """The call shape of a spec of inline tensors with no params, labels, selector,
+    kept outputs or shared memory: op, then each input's dtype number and shape.
+    None for any other spec. Such a spec's validated form depends on this key alone,
+    so the verdict can be reused (`TaskManager.begin_planned`)."""
+    if (
+        msg.labels
+        or msg.params.fields
+        or msg.keep_outputs
+        or msg.device.kind
+        or msg.device.name
+        or msg.output_shm
+    ):
+        return None
+    key: list[object] = [msg.op]
+    for arg in msg.inputs:
+        if not arg.HasField("tensor"):
+            return None
+        tensor = arg.tensor
+        key.append(tensor.dtype)
+        key.append(tuple(tensor.shape))
+    return tuple(key)
+
+
+def layout_of(arrays: Iterable[np.ndarray]) -> Layout:
+    return tuple((a.dtype, a.shape, a.nbytes) for a in arrays)
+
+
+def plain_inputs(msg: task_pb2.TaskSpec, layout: Layout) -> list[np.ndarray] | None:
+    """The inputs of a spec whose `plain_key` has this layout, decoded with
+    numpy.frombuffer; None when a tensor's byte count is wrong (the full decode
+    then names the field)."""
+    arrays = []
+    for arg, (dtype, shape, nbytes) in zip(msg.inputs, layout, strict=True):
+        data = arg.tensor.data  # each read of a bytes field is a fresh copy: read it once
+        if len(data) != nbytes:
+            return None
+        arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape))
+    return arrays
+
+
 def tensor_to_proto(array: np.ndarray, *, with_data: bool = True) -> tensor_pb2.Tensor:
     return fill_tensor(tensor_pb2.Tensor(), array, with_data=with_data)
 
@@ -295,7 +340,9 @@ def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.
     _timestamp(msg.start_time, task.start_time)
     _timestamp(msg.end_time, task.end_time)
     if task.run_seconds is not None:
-        msg.run_duration.FromNanoseconds(int(task.run_seconds * 1e9))
+        # Duration.FromNanoseconds without its Python-level calls (run time is never negative)
+        duration = msg.run_duration
+        duration.seconds, duration.nanos = divmod(int(task.run_seconds * 1e9), 1_000_000_000)
     if task.placement_reason:
         node, slash, _ = task.device_name.rpartition("/")
         msg.placement.node = "nodes/" + node if slash else ""

@@ -277,11 +277,19 @@ class GuardedRegistrar:
         task_pb2_grpc.add_TaskServiceServicer_to_server(servicer, registrar)
     """
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        outer: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler] | None = None,
+    ) -> None:
         self._server = server
+        # wraps each guarded handler once more (the RPC metrics, when they are not an
+        # interceptor): outside the guard, so it sees the status the guard gives
+        self._outer = outer
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        return guard(handler, method)
+        guarded = guard(handler, method)
+        return guarded if self._outer is None else self._outer(guarded, method)
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         self._server.add_generic_rpc_handlers(

@@ -43,7 +43,7 @@ from kernelmesh.services.mesh_sync import SharedMesh
 from kernelmesh.services.node_agent import NodeAgent
 from kernelmesh.services.orchestrator_nodes import NodeRpcs
 from kernelmesh.services.request_guard import GuardedRegistrar
-from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
+from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor, instrument
 from kernelmesh.services.shm_servicer import SharedMemoryServicer
 from kernelmesh.services.task_servicer import TaskServicer
 from kernelmesh.services.unimplemented import UnimplementedOrchestratorServicer
@@ -221,15 +221,16 @@ class Server:
         # refusals by the key check included; then the server spans when tracing is on
         # (services/tracing.py). The key check runs before a request is read; with auth
         # off there is no auth interceptor at all.
-        interceptors: list[grpc.aio.ServerInterceptor] = [
-            RpcMetricsInterceptor(),
-            *tracing.server_interceptors(),
-        ]
+        interceptors: list[grpc.aio.ServerInterceptor] = list(tracing.server_interceptors())
         if self.auth:
             interceptors.append(AuthInterceptor(self.keys))
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+        # With no other interceptor, the metrics wrap each handler where it is registered
+        # instead: grpc.aio's interceptor pipeline costs every call a few coroutines.
+        if interceptors:
+            interceptors.insert(0, RpcMetricsInterceptor())
+        server = grpc.aio.server(options=options, interceptors=interceptors or None)
         # Every handler is guarded: bad bytes and bad enums are INVALID_ARGUMENT.
-        guarded = GuardedRegistrar(server)
+        guarded = GuardedRegistrar(server, outer=None if interceptors else instrument)
         task_pb2_grpc.add_TaskServiceServicer_to_server(
             TaskServicer(
                 self.tasks,

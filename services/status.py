@@ -124,10 +124,18 @@ async def _statuses(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Wraps a unary-response servicer method in `_statuses`."""
 
+    # The same as `_statuses`, inline: an async context manager costs microseconds
+    # per call, which RunTask's latency notices.
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        async with _statuses(context):
+        try:
             return await method(self, request, context)
+        except KernelmeshError as exc:
+            await context.abort_with_status(status_of(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await context.abort_with_status(internal_status(exc))
 
     return wrapper
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +13,15 @@ from kernelmesh.core import ops
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
-from kernelmesh.core.tasks import Task, TaskEvent, TaskManager, TaskState, fingerprint_of
+from kernelmesh.core.task_stream import pipelined
+from kernelmesh.core.tasks import (
+    InlinePlan,
+    Task,
+    TaskEvent,
+    TaskManager,
+    TaskState,
+    fingerprint_of,
+)
 from kernelmesh.services import convert, paging, shm_servicer
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -31,6 +38,8 @@ MAX_CHUNK = 4 << 20
 WATCH_OUTPUTS_MAX_BYTES = 1 << 20
 MAX_REQUEST_ID = 128
 MAX_ATTEMPTS = 100
+# Call shapes whose inline plan is kept (convert.plain_key); all are forgotten when full.
+MAX_PLANS = 1024
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
@@ -48,6 +57,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         # for framing); the page token continues after the last task that fit.
         self.max_reply_bytes = max_reply_bytes
         self.shm = shm
+        # plain_key -> the layout and plan of a call shape that ran inline before
+        self._plans: dict[tuple, tuple[convert.Layout, InlinePlan]] = {}
 
     def _spec(self, msg: task_pb2.TaskSpec, context: grpc.aio.ServicerContext):
         return convert.spec_from_proto(
@@ -93,15 +104,39 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         convert.fill_task(response.task, task)
         return response
 
+    def _begin(
+        self, msg: task_pb2.TaskSpec, key: tuple | None, tenant: str, deadline: float | None
+    ) -> Task:
+        """`TaskManager.begin` for a waiting caller. A call shape that ran inline before
+        (plain tensors of the same dtypes and shapes) reuses its plan: no second
+        validation or placement, and no TaskSpec."""
+        known = self._plans.get(key) if key is not None else None
+        if known is not None:
+            inputs = convert.plain_inputs(msg, known[0])
+            if inputs is not None:
+                task = self.tasks.begin_planned(
+                    known[1], inputs, tenant=tenant, priority=msg.priority, deadline=deadline
+                )
+                if task is not None:
+                    return task
+        spec = convert.spec_from_proto(msg, tenant=tenant, limits=self.limits, quotas=self.quotas)
+        with qualified(msg):
+            task = self.tasks.begin(spec, deadline=deadline)
+        if key is not None:
+            plan = self.tasks.inline_plan(spec, task)
+            if plan is not None:
+                if len(self._plans) >= MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = (convert.layout_of(spec.inputs), plan)  # type: ignore[arg-type]
+        return task
+
     @rpc
     async def RunTask(self, request, context):
         msg = request.task
-        if self.shm is None or not (msg.output_shm or _has_shm_input(msg)):
-            spec = self._spec(msg, context)
-        else:
+        key = convert.plain_key(msg)  # None when it uses shm
+        if key is None and self.shm is not None and (msg.output_shm or _has_shm_input(msg)):
             return await self._run_with_shm(msg, context)
-        with qualified(msg):
-            task = self.tasks.begin(spec, deadline=deadline_of(context))
+        task = self._begin(msg, key, tenant_of(context), deadline_of(context))
         task = await self.tasks.wait(task)
         if task.state is not TaskState.SUCCEEDED:
             await context.abort_with_status(_task_failure_status(task))
@@ -133,64 +168,39 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return response
 
     async def StreamTasks(self, request_iterator, context):
-        """Reads requests while tasks run; yields each result as it finishes."""
+        """Reads requests while tasks run; yields each result as it finishes
+        (core.task_stream: the window of tasks in flight, and their cancellation
+        when the call ends)."""
         try:
             tenant = tenant_of(context)
         except KernelmeshError as exc:
             await context.abort_with_status(status_of(exc))
-        results: asyncio.Queue[task_pb2.StreamTasksResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        in_flight: set[Task] = set()
+        deadline = deadline_of(context)  # the call's: the same for every item
 
-        def deliver(correlation_id: str, task: Task) -> None:
-            in_flight.discard(task)
-            window.release()
-            response = task_pb2.StreamTasksResponse(correlation_id=correlation_id)
-            convert.fill_task(response.task, task)
-            results.put_nowait(response)
-
-        failure: list[BaseException] = []
-
-        async def read() -> None:
+        def start(req: task_pb2.StreamTasksRequest) -> Task | task_pb2.StreamTasksResponse:
+            msg = req.task
             try:
-                async for req in request_iterator:
-                    await window.acquire()
-                    try:
-                        spec = convert.spec_from_proto(
-                            req.task, tenant=tenant, limits=self.limits, quotas=self.quotas
-                        )
-                        with qualified(req.task):
-                            task = self.tasks.begin(spec, deadline=deadline_of(context))
-                    except KernelmeshError as exc:
-                        # one bad request fails its own item; the stream goes on
-                        window.release()
-                        results.put_nowait(_rejected(req.correlation_id, exc))
-                        continue
-                    in_flight.add(task)
-                    task.add_done_callback(lambda t, cid=req.correlation_id: deliver(cid, t))
-            except KernelmeshError as exc:  # the request stream itself is broken
-                failure.append(exc)
-            finally:
-                results.put_nowait(None)
+                return self._begin(msg, convert.plain_key(msg), tenant, deadline)
+            except KernelmeshError as exc:  # one bad request fails its own item; the stream goes on
+                return _rejected(req.correlation_id, exc)
 
-        reader = asyncio.create_task(read())
-        reading = True
+        def answer(req: task_pb2.StreamTasksRequest, task: Task) -> task_pb2.StreamTasksResponse:
+            response = task_pb2.StreamTasksResponse(correlation_id=req.correlation_id)
+            convert.fill_task(response.task, task)
+            return response
+
+        def cancel(task: Task) -> None:
+            # the client went away or the call ended: its unfinished work stops
+            self.tasks.cancel(task.name, tenant=tenant)
+
+        results = pipelined(request_iterator, start, answer, cancel, STREAM_WINDOW)
         try:
-            # A result delivered after the reader's end marker still waits in the queue.
-            while reading or in_flight or not results.empty():
-                item = await results.get()
-                if item is None:
-                    reading = False
-                    continue
-                yield item
-            await reader
-            if failure:
-                await context.abort_with_status(status_of(failure[0]))
+            async for response in results:
+                yield response
+        except KernelmeshError as exc:  # the request stream itself is broken
+            await context.abort_with_status(status_of(exc))
         finally:
-            reader.cancel()
-            # The client went away or the call ended: its unfinished work stops.
-            for task in list(in_flight):
-                self.tasks.cancel(task.name, tenant=tenant)
+            await results.aclose()
 
     @rpc
     async def GetTask(self, request, context):
