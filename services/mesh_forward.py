@@ -31,6 +31,7 @@ _LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 def call_metadata(task: Task, api_key: str | None) -> list[tuple[str, str]]:
+    """`api_key`: what the node admits calls with (the token it registered with)."""
     metadata = [(TENANT_METADATA_KEY, task.tenant)]
     if api_key:
         metadata.append(("authorization", f"Bearer {api_key}"))
@@ -43,8 +44,17 @@ def call_metadata(task: Task, api_key: str | None) -> list[tuple[str, str]]:
 class Forwarder:
     """One channel per node address, reused by every attempt sent there."""
 
-    def __init__(self, *, max_message_bytes: int, limits: Limits, api_key: str | None = None):
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int,
+        limits: Limits,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        # Presented to a node that registered without a token of its own.
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.credentials = credentials
         self.limits = limits
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -55,7 +65,9 @@ class Forwarder:
     def _stub(self, address: str) -> task_pb2_grpc.TaskServiceStub:
         found = self._stubs.get(address)
         if found is None:
-            channel = tracing.aio_channel(address, options=self._options)
+            channel = tracing.aio_channel(
+                address, credentials=self.credentials, options=self._options
+            )
             found = self._stubs[address] = (channel, task_pb2_grpc.TaskServiceStub(channel))
         return found[1]
 
@@ -80,7 +92,7 @@ class Forwarder:
             response = await self._stub(node.address).RunTask(
                 task_pb2.RunTaskRequest(task=spec),
                 timeout=timeout,
-                metadata=call_metadata(task, self.api_key),
+                metadata=call_metadata(task, node.token or self.api_key),
                 wait_for_ready=False,
             )
         except grpc.aio.AioRpcError as exc:

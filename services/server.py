@@ -40,6 +40,7 @@ from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.mesh_forward import Forwarder
 from kernelmesh.services.mesh_sync import SharedMesh
 from kernelmesh.services.node_agent import NodeAgent
+from kernelmesh.services.node_auth import NodeTokenInterceptor, new_token
 from kernelmesh.services.orchestrator_nodes import NodeRpcs
 from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor
@@ -108,11 +109,16 @@ def check_security(config: ServerConfig) -> None:
     loopback without an explicit --insecure-open, auth without a state dir for
     its bootstrap key, half a TLS pair."""
     if not config.auth and not config.insecure_open and not is_loopback(config.host):
+        what = (
+            "--auth (only its orchestrators may call it)"
+            if config.role == "node"
+            else "--auth (API keys)"
+        )
         raise ValueError(
             f"refusing to serve {config.host} without authentication: beyond loopback "
-            "kernelmesh needs --auth (API keys), or --insecure-open to run open anyway"
+            f"kernelmesh needs {what}, or --insecure-open to run open anyway"
         )
-    if config.auth and not config.state_dir:
+    if config.auth and not config.state_dir and config.role != "node":
         raise ValueError("--auth needs --state-dir: the bootstrap admin key is written there")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -145,7 +151,10 @@ class Server:
         # and are shared by orchestrators on one PostgreSQL.
         self.api_keys: ApiKeyStore = api_keys if api_keys is not None else self.state
         self.keys = KeyRing(self.api_keys, cache_seconds=config.auth_cache_seconds)
-        self.auth = config.auth
+        # A node's --auth admits only its orchestrators (services/node_auth.py): it
+        # has no keys of its own to check.
+        self.auth = config.auth and config.role != "node"
+        self.node_token = new_token() if config.role == "node" else ""
         self.ledger = TenantLedger(config.quotas)
         self.tasks = TaskManager(
             self.devices,
@@ -172,7 +181,9 @@ class Server:
         if config.role in ("serve", "orchestrator"):
             self.tasks.park_unplaced = config.role == "orchestrator"
             self._forwarder = Forwarder(
-                max_message_bytes=config.max_message_bytes, limits=config.limits
+                max_message_bytes=config.max_message_bytes,
+                limits=config.limits,
+                credentials=channel_credentials(config.node_ca, config),
             )
             self.mesh = Mesh(self.tasks, self._forwarder, lease_seconds=config.lease_seconds)
         self.shared: SharedMesh | None = None
@@ -221,6 +232,8 @@ class Server:
         ]
         if self.auth:
             interceptors.append(AuthInterceptor(self.keys))
+        elif cfg.auth and cfg.role == "node":
+            interceptors.append(NodeTokenInterceptor(self.node_token))
         server = grpc.aio.server(options=options, interceptors=interceptors)
         # Every handler is guarded: bad bytes and bad enums are INVALID_ARGUMENT.
         guarded = GuardedRegistrar(server)
@@ -275,13 +288,21 @@ class Server:
             )
         if cfg.http_port is not None:
             app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
-            openai_facade.add_routes(app, self.llm)
-            dashboard.add_routes(
-                app,
-                dashboard.Sources(
-                    cfg.node_name, self.devices, monitor, self.usage, self.ready, time.monotonic()
-                ),
-            )
+            if not (cfg.role == "node" and cfg.auth):
+                # A node with --auth answers only its orchestrators: its sidecar
+                # keeps health and metrics, nothing a client could use.
+                openai_facade.add_routes(app, self.llm)
+                dashboard.add_routes(
+                    app,
+                    dashboard.Sources(
+                        cfg.node_name,
+                        self.devices,
+                        monitor,
+                        self.usage,
+                        self.ready,
+                        time.monotonic(),
+                    ),
+                )
             if self.auth:  # outermost: nothing is read for a caller without a key
                 http_guard.install_auth(app, self.keys, protect_metrics=cfg.protect_metrics)
             http_guard.install(app)
@@ -361,6 +382,9 @@ class Server:
                 join=self.config.join,
                 devices=self.devices,
                 monitor=self._monitor,
+                api_key=self.config.api_key,
+                token=self.node_token,
+                credentials=channel_credentials(self.config.join_ca, self.config),
             )
             self.agent.start()
         self.started = True
@@ -413,6 +437,19 @@ def _tls_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
     client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def channel_credentials(ca: str | None, cfg: ServerConfig) -> grpc.ChannelCredentials | None:
+    """TLS for the mesh's own calls (node to orchestrator, orchestrator to node):
+    the peer's certificate must chain to `ca`; this process's certificate goes
+    along for a peer that wants a client certificate (mutual TLS). None: plaintext."""
+    if not ca:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
+        certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
     )
 
 

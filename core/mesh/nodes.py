@@ -144,6 +144,8 @@ class Node:
     # Joined to another orchestrator on the shared store: placed here, its lease
     # read from the store.
     foreign: bool = False
+    # Presented on every forwarded call (a node with --auth refuses calls without it).
+    token: str = field(default="", repr=False)
 
     @property
     def resource_name(self) -> str:
@@ -163,6 +165,8 @@ class Registration:
     version: str
     devices: Sequence[DeviceInfo]
     capabilities: Sequence[Capability]
+    # What the node admits forwarded calls with (it made it; see services/node_auth.py).
+    token: str = ""
 
     def check(self, version: str) -> None:
         if not _NAME_RE.match(self.name or ""):
@@ -173,6 +177,8 @@ class Registration:
             )
         if len(self.address) > MAX_ADDRESS or not _ADDRESS_RE.match(self.address):
             raise _bad("address", "host:port the orchestrator can reach the node at")
+        if len(self.token) > MAX_FIELD:
+            raise _bad("node_token", f"at most {MAX_FIELD} characters")
         if self.version != version:
             raise FailedPrecondition(
                 f"version skew: node {self.name!r} runs kernelmesh {self.version or '(unset)'} "
@@ -276,7 +282,7 @@ class Mesh:
             if node is not None and node.state is not NodeState.LOST:
                 if not node.foreign:
                     continue  # it heartbeats here: this orchestrator knows best
-                if node.address == record.address:
+                if node.address == record.address and node.token == reg.token:
                     node.lease_until = time.monotonic() + (record.lease_until - now)
                     node.lease_expire_wall = record.lease_until
                     continue
@@ -320,7 +326,9 @@ class Mesh:
                 # A restarted node rejoins under its name: the old incarnation's
                 # work is as lost as its process.
                 self._lose(old, "the node registered again (restarted)")
-        node = Node(self, reg.name, reg.address, reg.version, devices, foreign=foreign)
+        node = Node(
+            self, reg.name, reg.address, reg.version, devices, foreign=foreign, token=reg.token
+        )
         for device in devices:
             device.node = node
         self.nodes.pop(reg.name, None)
