@@ -834,6 +834,9 @@ class TaskManager:
         if self._is_inline(task):
             self._run_inline(task)
         else:
+            if self.tracing is not None:
+                # its run (forwarded to a node, say) is a span of the caller's trace
+                task.trace_context = self.tracing.capture()
             self._enqueue(task)
         return task
 
