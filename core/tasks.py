@@ -32,6 +32,7 @@ from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
 from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
 from kernelmesh.core.errors import (
     Code,
+    FailedPrecondition,
     InvalidArgument,
     KernelmeshError,
     NotFound,
@@ -39,6 +40,7 @@ from kernelmesh.core.errors import (
     Unavailable,
     Violation,
 )
+from kernelmesh.core.mesh import tensors as mesh_tensors
 from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
 from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord, codec
 from kernelmesh.core.store.base import (
@@ -168,6 +170,8 @@ class Task:
     # W3C trace context of the submitting call (a JSON object of carrier headers),
     # kept with the task and sent along with each forwarded attempt.
     trace_context: str = ""
+    # Inputs that name tensors held on nodes (core/mesh/tensors.py), by position.
+    remote_inputs: dict[int, mesh_tensors.RemoteTensor] | None = None
     _forward: asyncio.Future | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
@@ -272,6 +276,9 @@ class TaskManager:
         # The mesh: tasks whose node was lost with no other device able to run
         # them yet; placed again when a node joins. Only an orchestrator parks.
         self.park_unplaced = False
+        # An orchestrator's record of the tensors its nodes hold: a task's input may
+        # name one (it is validated from the record and forwarded near it).
+        self.remote_tensors: mesh_tensors.TensorLocations | None = None
         # Several orchestrators on one shared store: the tasks this one accepted are
         # its own (`owner`) under a lease it renews; an expired one is claimed by
         # another (`adopt`). None: the only process on its store.
@@ -545,12 +552,22 @@ class TaskManager:
             raise Unavailable("the server is shutting down and accepts no new tasks")
         arrays: list[np.ndarray] = []
         violations: list[Violation] = []
+        remote: dict[int, mesh_tensors.RemoteTensor] | None = None
         for i, item in enumerate(spec.inputs):
             if isinstance(item, str):
                 try:
                     arrays.append(self.store.get(item, tenant=spec.tenant).array)
                 except NotFound:
-                    violations.append(Violation(f"inputs[{i}].ref", f"tensor {item!r} not found"))
+                    held = self._remote_input(item, spec.tenant)
+                    if held is None:
+                        violations.append(
+                            Violation(f"inputs[{i}].ref", f"tensor {item!r} not found")
+                        )
+                        continue
+                    held.check_held()  # FAILED_PRECONDITION naming it, its node gone
+                    remote = remote or {}
+                    remote[i] = held
+                    arrays.append(held.placeholder())
             else:
                 arrays.append(item)
         if violations:
@@ -567,6 +584,7 @@ class TaskManager:
             params=call.params,
             work=work,
             cache=self._capable,
+            near=mesh_tensors.near(remote) if remote else None,
         )
         task = Task(
             # 128 random bits: unique across processes and restarts, and a tenth of
@@ -585,10 +603,23 @@ class TaskManager:
             device_name=device.name,
             held_bytes=work.elements * (arrays[0].itemsize if arrays else 8),
             selector=spec.selector,
+            remote_inputs=remote,
         )
-        if len(self.devices) > 1:
+        if remote:
+            if not getattr(device, "remote", False):
+                raise FailedPrecondition(
+                    f"inputs name tensors held on nodes, and {device.name} is this process's "
+                    "own device: name a node's device, or upload the tensors to this process"
+                )
+            task.placement_reason = _near_reason(remote, device)
+        elif len(self.devices) > 1:
             task.placement_reason = self._reason(spec.selector, spec.op, dtype)
         return task
+
+    def _remote_input(self, name: str, tenant: str) -> mesh_tensors.RemoteTensor | None:
+        if self.remote_tensors is None:
+            return None
+        return self.remote_tensors.find(name, tenant)
 
     def _reason(self, selector: DeviceSelector, op: str, dtype: str) -> str:
         capable = self._capable.get((selector, op, dtype)) or ()
@@ -644,6 +675,7 @@ class TaskManager:
                 params=call.params if call is not None else None,
                 work=placement.work_of(call) if call is not None else None,
                 cache=self._capable,
+                near=mesh_tensors.near(task.remote_inputs) if task.remote_inputs else None,
             )
         except KernelmeshError as exc:
             if self.park_unplaced and self._accepting:
@@ -655,7 +687,10 @@ class TaskManager:
         metrics.REDISPATCHED.inc(())
         task.device = device
         task.device_name = device.name
-        task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
+        if task.remote_inputs:
+            task.placement_reason = f"placed again: {_near_reason(task.remote_inputs, device)}"
+        else:
+            task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
         if task.journaled:
             self._journal(UpdateTask(task.id, {"device": device.name}))
         return True
@@ -1337,6 +1372,20 @@ def _wall_deadline(deadline: float | None) -> float | None:
 
 def fingerprint_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _near_reason(remote: Mapping[int, mesh_tensors.RemoteTensor], device: LocalDevice) -> str:
+    """Why a task with stored inputs went where it did: to the node holding them,
+    or elsewhere with them moved there."""
+    node = device.info.node
+    here = sorted({t.name for t in remote.values() if t.node == node})
+    away = sorted({f"{t.name} (from {t.node})" for t in remote.values() if t.node != node})
+    parts = []
+    if here:
+        parts.append(f"node {node} holds the input {', '.join(here)}")
+    if away:
+        parts.append(f"moves the input {', '.join(away)}")
+    return "; ".join(parts)
 
 
 def _frozen(value: object) -> object:

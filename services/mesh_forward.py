@@ -17,8 +17,9 @@ import numpy as np
 from google.protobuf import json_format
 
 from kernelmesh.core import metrics
-from kernelmesh.core.errors import Code
-from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost, RemoteDevice
+from kernelmesh.core.errors import Code, KernelmeshError
+from kernelmesh.core.mesh.nodes import AttemptFailed, Node, NodeLost, RemoteDevice
+from kernelmesh.core.mesh.tensors import RemoteTensor
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.tasks import Task, TaskFailure
 from kernelmesh.services import convert, tracing
@@ -62,6 +63,46 @@ class Forwarder:
         ]
         self._stubs: dict[str, tuple[grpc.aio.Channel, task_pb2_grpc.TaskServiceStub]] = {}
 
+    def stub(self, node: Node) -> task_pb2_grpc.TaskServiceStub:
+        """The TaskService of a node, on the channel kept for its address."""
+        return self._stub(node.address)
+
+    def metadata(self, node: Node, tenant: str) -> list[tuple[str, str]]:
+        metadata = [(TENANT_METADATA_KEY, tenant)]
+        credential = node.token or self.api_key
+        if credential:
+            metadata.append(("authorization", f"Bearer {credential}"))
+        return metadata
+
+    async def fetch(self, item: RemoteTensor, node: Node | None, timeout: float | None) -> bytes:
+        """A stored tensor's bytes, downloaded from the node that holds it."""
+        if node is None:
+            raise AttemptFailed(
+                TaskFailure(
+                    Code.FAILED_PRECONDITION,
+                    f"tensor {item.name} is held by node {item.node}, which is not in the mesh",
+                )
+            )
+        data = bytearray()
+        try:
+            call = self._stub(node.address).DownloadTensor(
+                task_pb2.DownloadTensorRequest(name=item.name),
+                metadata=self.metadata(node, item.tenant),
+                timeout=timeout,
+            )
+            async for part in call:
+                if part.WhichOneof("part") == "chunk":
+                    data += part.chunk
+        except grpc.aio.AioRpcError as exc:
+            raise AttemptFailed(
+                TaskFailure(
+                    Code.FAILED_PRECONDITION,
+                    f"tensor {item.name} could not be read from node {item.node}: "
+                    f"{exc.code().name} {exc.details()}",
+                )
+            ) from None
+        return bytes(data)
+
     def _stub(self, address: str) -> task_pb2_grpc.TaskServiceStub:
         found = self._stubs.get(address)
         if found is None:
@@ -83,11 +124,29 @@ class Forwarder:
         spec.device.name = device.local_name
         if task.call.params:
             json_format.ParseDict(dict(task.call.params), spec.params)
-        for array in task.inputs:
-            convert.fill_tensor(spec.inputs.add().tensor, array)
         timeout = None
         if task.deadline is not None:
             timeout = max(0.001, task.deadline - time.monotonic())
+        remote = task.remote_inputs
+        for i, array in enumerate(task.inputs):
+            held = remote.get(i) if remote else None
+            if held is None:
+                convert.fill_tensor(spec.inputs.add().tensor, array)
+                continue
+            try:
+                held.check_held()
+            except KernelmeshError as exc:
+                raise AttemptFailed(TaskFailure(exc.code, exc.message)) from None
+            if held.node == node.name:
+                spec.inputs.add().ref = held.name  # already there
+                continue
+            # Placed away from its input: the bytes move through this orchestrator.
+            data = await self.fetch(held, node.mesh.nodes.get(held.node), timeout)
+            metrics.TENSOR_MOVES.inc(())
+            tensor = spec.inputs.add().tensor
+            tensor.dtype = convert.NUMPY_TO_DTYPE[held.dtype]
+            tensor.shape.extend(held.shape)
+            tensor.data = data
         try:
             response = await self._stub(node.address).RunTask(
                 task_pb2.RunTaskRequest(task=spec),

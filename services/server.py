@@ -24,6 +24,7 @@ from kernelmesh.core.config import ServerConfig
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.mesh.nodes import Mesh
+from kernelmesh.core.mesh.tensors import TensorLocations
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
@@ -39,6 +40,7 @@ from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.mesh_forward import Forwarder
 from kernelmesh.services.mesh_sync import SharedMesh
+from kernelmesh.services.mesh_tensors import TensorRelay
 from kernelmesh.services.node_agent import NodeAgent
 from kernelmesh.services.node_auth import NodeTokenInterceptor, new_token
 from kernelmesh.services.orchestrator_nodes import NodeRpcs
@@ -186,6 +188,15 @@ class Server:
                 credentials=channel_credentials(config.node_ca, config),
             )
             self.mesh = Mesh(self.tasks, self._forwarder, lease_seconds=config.lease_seconds)
+        self.tensor_relay: TensorRelay | None = None
+        if self.mesh is not None and self._forwarder is not None and not self.devices:
+            # No devices of its own: uploaded tensors are stored on the nodes and only
+            # their whereabouts kept here (README, "Mesh"). serve keeps them in-process.
+            locations = TensorLocations()
+            self.tasks.remote_tensors = self.mesh.tensors = locations
+            self.tensor_relay = TensorRelay(
+                self.mesh, self._forwarder, locations, config.limits, config.quotas
+            )
         self.shared: SharedMesh | None = None
         if self.mesh is not None and self.state.shared:
             # Orchestrators sharing one store: tasks are held under leases.
@@ -243,6 +254,7 @@ class Server:
                 cfg.limits,
                 max_reply_bytes=max(1 << 20, cfg.max_message_bytes - (1 << 20)),
                 shm=self.shm,
+                tensors=self.tensor_relay,
             ),
             guarded,
         )

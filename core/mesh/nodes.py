@@ -35,6 +35,7 @@ from kernelmesh.core.errors import (
     NotFound,
     Violation,
 )
+from kernelmesh.core.mesh.tensors import TensorLocations
 from kernelmesh.core.placement import DeviceSpeed
 from kernelmesh.core.store.base import NodeRecord, PutNode, RenewNode, Store
 
@@ -239,6 +240,9 @@ class Mesh:
         self.store: Store | None = None
         self.owner = ""
         self.changed = asyncio.Event()  # set on every membership change (WatchDevices)
+        # The tensors the nodes hold for an orchestrator without devices of its own:
+        # a node that goes takes its tensors with it.
+        self.tensors: TensorLocations | None = None
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -399,6 +403,7 @@ class Mesh:
             del self.nodes[node.name]
             node.drained.set()
             self.changed.set()
+            self._tensors_gone(node, "was drained and left the mesh")
             log.info("node %s drained and left the mesh", node.name)
 
     # -- leases -----------------------------------------------------------
@@ -436,6 +441,13 @@ class Mesh:
             future.cancel()
         node.drained.set()
         self.changed.set()
+        self._tensors_gone(node, f"was lost ({reason})")
+
+    def _tensors_gone(self, node: Node, why: str) -> None:
+        if self.tensors is not None:
+            count = self.tensors.node_gone(node.name, why)
+            if count:
+                log.warning("node %s took %d stored tensors with it", node.name, count)
 
     def _trim_lost(self) -> None:
         lost = [k for k, n in self.nodes.items() if n.state is NodeState.LOST]
