@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +67,40 @@ MAX_NODE_LOSSES = 3
 DEADLINE_SKEW = 0.05  # seconds
 
 log = logging.getLogger(__name__)
+
+
+class _Wakeup:
+    """Wakes one idle worker of a device per queued task. An asyncio.Event would
+    wake them all: a node's device has 64 workers (forwarded attempts wait on the
+    network), so every task woke 63 of them for nothing."""
+
+    def __init__(self) -> None:
+        self._idle: deque[asyncio.Future[None]] = deque()
+
+    def set(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def set_all(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        # Registered before the first await: a task queued from now on wakes it.
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(waiter)
+            raise
+
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
 
@@ -268,7 +302,7 @@ class TaskManager:
         self._seq = itertools.count(1)
         self._retained_bytes = 0
         self._accepting = True
-        self._work: dict[LocalDevice, asyncio.Event] = {}
+        self._work: dict[LocalDevice, _Wakeup] = {}
         self._workers: list[asyncio.Task] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
@@ -304,7 +338,7 @@ class TaskManager:
                 lambda d=device: len(d.queue)
             )
             metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)
-            self._work[device] = asyncio.Event()
+            self._work[device] = _Wakeup()
             for _ in range(self.options.workers_per_device):
                 self._workers.append(asyncio.create_task(self._worker(device)))
 
@@ -636,7 +670,7 @@ class TaskManager:
         self.devices.extend(devices)
         self._capable.clear()
         for device in devices:
-            self._work[device] = asyncio.Event()
+            self._work[device] = _Wakeup()
             window = REMOTE_WINDOW if getattr(device, "remote", False) else 1
             for _ in range(self.options.workers_per_device * window):
                 self._workers.append(asyncio.create_task(self._worker(device)))
@@ -659,7 +693,7 @@ class TaskManager:
                     self._enqueue(task)
             event = self._work.get(device)
             if event is not None:
-                event.set()
+                event.set_all()  # its workers see it is gone and end
 
     def _replace(self, task: Task) -> bool:
         """Places a task again (its device left); False if it was parked or failed."""
@@ -1023,7 +1057,6 @@ class TaskManager:
             if remote and device.gone:
                 return
             if not len(device.queue):
-                work.clear()
                 await work.wait()
                 continue
             task = self._queued.pop(device.queue.pop())

@@ -16,7 +16,8 @@ from kernelmesh.v1 import orchestrator_pb2, task_pb2, task_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.e2e
 
-LEASE = "1.5"
+# Long enough that a loaded machine does not starve a live node of its lease.
+LEASE = "4"
 
 
 @pytest.fixture
