@@ -227,9 +227,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--lease", type=float, default=1.0)
     parser.add_argument("--only-failover", action="store_true")
+    parser.add_argument("--only-latency", action="store_true")
     args = parser.parse_args()
     if args.only_failover:
         report_failover(args.lease)
+        return
+    if args.only_latency:
+        report_latency(args.samples)
         return
 
     orch, target = start("orch", "orchestrator")
@@ -262,6 +266,22 @@ def main() -> None:
         f"(mesh with 1 node = {one / alone:.2f}x of serve)"
     )
     report_failover(args.lease)
+
+
+def report_latency(samples: int) -> None:
+    orch, target = start("orch", "orchestrator")
+    a, _ = start("node-a", "node", "--name", "node-a", "--join", target, "--backends", "cpu")
+    try:
+        wait_nodes(target, 1)
+        echo = asyncio.run(p50_echo(samples))
+        mesh = asyncio.run(p50_run_task(target, samples))
+        echo = min(echo, asyncio.run(p50_echo(samples)))  # the echo again, after
+    finally:
+        stop(orch, a)
+    print(
+        f"latency p50: bare grpc.aio echo {echo * 1e6:.0f} us; RunTask via orchestrator+node "
+        f"{mesh * 1e6:.0f} us; ratio {mesh / echo:.2f}x (target <= 2.5x)"
+    )
 
 
 def report_failover(lease: float) -> None:

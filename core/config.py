@@ -82,6 +82,15 @@ class ServerConfig:
     lease_seconds: float = 10.0
     # The address orchestrators reach this node at; default host:port of its gRPC.
     advertise: str | None = None
+    # Securing the hop between orchestrators and nodes. A node: its own key (role
+    # node) for RegisterNode and Heartbeat ($KERNELMESH_API_KEY when unset), and the
+    # CA bundle of the orchestrators' certificates (it joins over TLS, presenting
+    # tls_cert/tls_key when the orchestrator asks for a client certificate). An
+    # orchestrator: the CA bundle of the nodes' certificates (forwarded calls go
+    # over TLS, presenting tls_cert/tls_key to a node that asks for one).
+    api_key: str | None = None
+    join_ca: str | None = None
+    node_ca: str | None = None
 
 
 def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:

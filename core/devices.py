@@ -264,12 +264,14 @@ def select(
     params: Mapping[str, Any] | None = None,
     work: Work | None = None,
     cache: dict | None = None,
+    near: Mapping[str, int] | None = None,
 ) -> LocalDevice:
     """The device that runs a task. Only devices that match the selector and can run
     this op, dtype and shape are candidates; among them the one expected to finish
     first, by each device's measured speed and the work already queued on it.
     `cache` (owned by the caller, for one fixed list of devices) remembers which
-    devices can run each (selector, op, dtype)."""
+    devices can run each (selector, op, dtype). `near`: bytes of the task's stored
+    inputs per node holding them (core/mesh/tensors.py), which pull it there."""
     key = (selector, op, dtype)
     capable = cache.get(key) if cache is not None else None
     if capable is None:
@@ -288,7 +290,7 @@ def select(
         # so nodes expected to finish alike take turns instead of the first taking all.
         start = next(_turn) % len(able)
         able = able[start:] + able[:start]
-    return min(able, key=lambda d: expected_finish(d, work))
+    return min(able, key=lambda d: expected_finish(d, work, near))
 
 
 def _capable(
@@ -317,12 +319,22 @@ def _capable(
     return capable
 
 
-def expected_finish(device: LocalDevice, work: Work | None) -> tuple:
+def expected_finish(
+    device: LocalDevice, work: Work | None, near: Mapping[str, int] | None = None
+) -> tuple:
     load = device.running + len(device.queue)
     is_cpu = device.info.kind is DeviceKind.CPU
     # A device of another node: the bytes also cross the network, both ways.
     moved = work.bytes if work is not None and getattr(device, "remote", False) else 0
-    return placement.expected_finish(device.speed, work, load, is_cpu=is_cpu, network_bytes=moved)
+    stored = 0
+    if near:
+        # Stored inputs on this device's node stay there; the others come from
+        # their node through the orchestrator (twice over the network).
+        total = sum(near.values())
+        stored = total - 2 * near.get(device.info.node, 0)
+    return placement.expected_finish(
+        device.speed, work, load, is_cpu=is_cpu, network_bytes=moved, stored_bytes=stored
+    )
 
 
 # --------------------------------------------------------------------------

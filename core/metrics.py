@@ -122,3 +122,8 @@ RESULTS_REFUSED = Tally(
     "Results a node returned that did not match the op's outputs (shape or dtype).",
     (),
 )
+TENSOR_MOVES = Tally(
+    "kernelmesh_tensor_moves",
+    "Stored tensors moved from the node holding them to the node a task was placed on.",
+    (),
+)

@@ -87,13 +87,18 @@ def expected_finish(
     *,
     is_cpu: bool = False,
     network_bytes: int = 0,
+    stored_bytes: int = 0,
 ) -> tuple:
     """A sort key: lower finishes sooner. `load` is the tasks queued or running.
     Unmeasured devices come after measured ones; among them the CPU, whose kernels
-    need no compiling or copying, goes first."""
+    need no compiling or copying, goes first. `stored_bytes`: what a device's node
+    adds to `network_bytes` for the task's stored inputs (negative on the node that
+    holds them, positive where they would have to be moved), so tasks go to their
+    data unless moving it is cheaper than waiting there."""
     if speed is None or work is None:
-        return (1, 0 if is_cpu else 1, load)
-    return (0, (speed.seconds(work) + network_bytes / NETWORK_BYTES_PER_SECOND) * (1 + load))
+        return (1, 0 if is_cpu else 1, load, stored_bytes)
+    moved = max(0, network_bytes + stored_bytes)
+    return (0, (speed.seconds(work) + moved / NETWORK_BYTES_PER_SECOND) * (1 + load))
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:

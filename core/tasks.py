@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ from kernelmesh.core.devices import (
 )
 from kernelmesh.core.errors import (
     Code,
+    FailedPrecondition,
     InvalidArgument,
     KernelmeshError,
     NotFound,
@@ -46,6 +47,7 @@ from kernelmesh.core.errors import (
     Unavailable,
     Violation,
 )
+from kernelmesh.core.mesh import tensors as mesh_tensors
 from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
 from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord, codec
 from kernelmesh.core.store.base import (
@@ -73,6 +75,40 @@ MAX_NODE_LOSSES = 3
 DEADLINE_SKEW = 0.05  # seconds
 
 log = logging.getLogger(__name__)
+
+
+class _Wakeup:
+    """Wakes one idle worker of a device per queued task. An asyncio.Event would
+    wake them all: a node's device has 64 workers (forwarded attempts wait on the
+    network), so every task woke 63 of them for nothing."""
+
+    def __init__(self) -> None:
+        self._idle: deque[asyncio.Future[None]] = deque()
+
+    def set(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def set_all(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        # Registered before the first await: a task queued from now on wakes it.
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(waiter)
+            raise
+
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
 
@@ -176,6 +212,8 @@ class Task:
     # W3C trace context of the submitting call (a JSON object of carrier headers),
     # kept with the task and sent along with each forwarded attempt.
     trace_context: str = ""
+    # Inputs that name tensors held on nodes (core/mesh/tensors.py), by position.
+    remote_inputs: dict[int, mesh_tensors.RemoteTensor] | None = None
     _forward: asyncio.Future | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
@@ -297,7 +335,7 @@ class TaskManager:
         self._seq = itertools.count(1)
         self._retained_bytes = 0
         self._accepting = True
-        self._work: dict[LocalDevice, asyncio.Event] = {}
+        self._work: dict[LocalDevice, _Wakeup] = {}
         self._workers: list[asyncio.Task] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
@@ -306,6 +344,9 @@ class TaskManager:
         # The mesh: tasks whose node was lost with no other device able to run
         # them yet; placed again when a node joins. Only an orchestrator parks.
         self.park_unplaced = False
+        # An orchestrator's record of the tensors its nodes hold: a task's input may
+        # name one (it is validated from the record and forwarded near it).
+        self.remote_tensors: mesh_tensors.TensorLocations | None = None
         # Several orchestrators on one shared store: the tasks this one accepted are
         # its own (`owner`) under a lease it renews; an expired one is claimed by
         # another (`adopt`). None: the only process on its store.
@@ -334,7 +375,7 @@ class TaskManager:
                 lambda d=device: len(d.queue)
             )
             metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)
-            self._work[device] = asyncio.Event()
+            self._work[device] = _Wakeup()
             for _ in range(self.options.workers_per_device):
                 self._workers.append(asyncio.create_task(self._worker(device)))
 
@@ -678,12 +719,22 @@ class TaskManager:
             raise Unavailable("the server is shutting down and accepts no new tasks")
         arrays: list[np.ndarray] = []
         violations: list[Violation] = []
+        remote: dict[int, mesh_tensors.RemoteTensor] | None = None
         for i, item in enumerate(spec.inputs):
             if isinstance(item, str):
                 try:
                     arrays.append(self.store.get(item, tenant=spec.tenant).array)
                 except NotFound:
-                    violations.append(Violation(f"inputs[{i}].ref", f"tensor {item!r} not found"))
+                    held = self._remote_input(item, spec.tenant)
+                    if held is None:
+                        violations.append(
+                            Violation(f"inputs[{i}].ref", f"tensor {item!r} not found")
+                        )
+                        continue
+                    held.check_held()  # FAILED_PRECONDITION naming it, its node gone
+                    remote = remote or {}
+                    remote[i] = held
+                    arrays.append(held.placeholder())
             else:
                 arrays.append(item)
         if violations:
@@ -700,6 +751,7 @@ class TaskManager:
             params=call.params,
             work=work,
             cache=self._capable,
+            near=mesh_tensors.near(remote) if remote else None,
         )
         task = Task(
             # 128 random bits: unique across processes and restarts, and a tenth of
@@ -718,10 +770,23 @@ class TaskManager:
             device_name=device.name,
             held_bytes=work.elements * (arrays[0].itemsize if arrays else 8),
             selector=spec.selector,
+            remote_inputs=remote,
         )
-        if len(self.devices) > 1:
+        if remote:
+            if not getattr(device, "remote", False):
+                raise FailedPrecondition(
+                    f"inputs name tensors held on nodes, and {device.name} is this process's "
+                    "own device: name a node's device, or upload the tensors to this process"
+                )
+            task.placement_reason = _near_reason(remote, device)
+        elif len(self.devices) > 1:
             task.placement_reason = self._reason(spec.selector, spec.op, dtype)
         return task
+
+    def _remote_input(self, name: str, tenant: str) -> mesh_tensors.RemoteTensor | None:
+        if self.remote_tensors is None:
+            return None
+        return self.remote_tensors.find(name, tenant)
 
     def _reason(self, selector: DeviceSelector, op: str, dtype: str) -> str:
         capable = self._capable.get((selector, op, dtype)) or ()
@@ -739,7 +804,7 @@ class TaskManager:
         self._capable.clear()
         self._generation += 1
         for device in devices:
-            self._work[device] = asyncio.Event()
+            self._work[device] = _Wakeup()
             window = REMOTE_WINDOW if getattr(device, "remote", False) else 1
             for _ in range(self.options.workers_per_device * window):
                 self._workers.append(asyncio.create_task(self._worker(device)))
@@ -763,7 +828,7 @@ class TaskManager:
                     self._enqueue(task)
             event = self._work.get(device)
             if event is not None:
-                event.set()
+                event.set_all()  # its workers see it is gone and end
 
     def _replace(self, task: Task) -> bool:
         """Places a task again (its device left); False if it was parked or failed."""
@@ -779,6 +844,7 @@ class TaskManager:
                 params=call.params if call is not None else None,
                 work=placement.work_of(call) if call is not None else None,
                 cache=self._capable,
+                near=mesh_tensors.near(task.remote_inputs) if task.remote_inputs else None,
             )
         except KernelmeshError as exc:
             if self.park_unplaced and self._accepting:
@@ -790,7 +856,10 @@ class TaskManager:
         metrics.REDISPATCHED.inc(())
         task.device = device
         task.device_name = device.name
-        task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
+        if task.remote_inputs:
+            task.placement_reason = f"placed again: {_near_reason(task.remote_inputs, device)}"
+        else:
+            task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
         if task.journaled:
             self._journal(UpdateTask(task.id, {"device": device.name}))
         return True
@@ -1006,6 +1075,9 @@ class TaskManager:
         if self._is_inline(task):
             self._run_inline(task)
         else:
+            if self.tracing is not None:
+                # its run (forwarded to a node, say) is a span of the caller's trace
+                task.trace_context = self.tracing.capture()
             self._enqueue(task)
         return task
 
@@ -1237,7 +1309,6 @@ class TaskManager:
             if remote and device.gone:
                 return
             if not len(device.queue):
-                work.clear()
                 await work.wait()
                 continue
             task = self._queued.pop(device.queue.pop())
@@ -1592,6 +1663,20 @@ def _wall_deadline(deadline: float | None) -> float | None:
 
 def fingerprint_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _near_reason(remote: Mapping[int, mesh_tensors.RemoteTensor], device: LocalDevice) -> str:
+    """Why a task with stored inputs went where it did: to the node holding them,
+    or elsewhere with them moved there."""
+    node = device.info.node
+    here = sorted({t.name for t in remote.values() if t.node == node})
+    away = sorted({f"{t.name} (from {t.node})" for t in remote.values() if t.node != node})
+    parts = []
+    if here:
+        parts.append(f"node {node} holds the input {', '.join(here)}")
+    if away:
+        parts.append(f"moves the input {', '.join(away)}")
+    return "; ".join(parts)
 
 
 def _frozen(value: object) -> object:

@@ -11,20 +11,102 @@ import click
 from kernelmesh.core import config as config_module
 
 
+def _common(fn):
+    """Flags every server role takes: where it listens, its settings file, logs."""
+    for option in reversed(
+        [
+            click.option(
+                "--host", default=None, help="Address to bind (default 127.0.0.1, loopback only)."
+            ),
+            click.option(
+                "--port", type=int, default=None, help="gRPC port (default 50051; 0 picks one)."
+            ),
+            click.option(
+                "--http-port",
+                type=int,
+                default=None,
+                help="HTTP sidecar port (default 8080; 0 picks one).",
+            ),
+            click.option("--no-http", is_flag=True, help="Do not start the HTTP sidecar."),
+            click.option(
+                "--config",
+                "config_path",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="YAML file of settings (see README); flags override it.",
+            ),
+            click.option(
+                "--grace",
+                "grace_seconds",
+                type=float,
+                default=None,
+                help="Seconds to drain on SIGTERM (default 30).",
+            ),
+            click.option(
+                "--no-warmup", is_flag=True, help="Compile kernels on first use, not at start."
+            ),
+            click.option("--log-level", default="INFO", show_default=True),
+            click.option(
+                "--log-format",
+                type=click.Choice(["text", "json"]),
+                default="text",
+                show_default=True,
+                help="json: one object per line, with the trace and span ids of the call being "
+                "handled.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _security(fn):
+    """Authentication and TLS, the same flags for serve, orchestrator and node."""
+    for option in reversed(
+        [
+            click.option(
+                "--auth",
+                is_flag=True,
+                help="Require credentials (always needed beyond loopback): API keys on serve "
+                "and orchestrator; on a node, only its orchestrators' calls. See README.",
+            ),
+            click.option(
+                "--insecure-open",
+                is_flag=True,
+                help="Serve beyond loopback WITHOUT authentication (not recommended).",
+            ),
+            click.option(
+                "--tls-cert",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="PEM certificate chain: serve gRPC over TLS (also this process's client "
+                "certificate in the mesh's mutual TLS).",
+            ),
+            click.option(
+                "--tls-key",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="PEM private key of --tls-cert.",
+            ),
+            click.option(
+                "--tls-client-ca",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+_PROTECT_METRICS = click.option(
+    "--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too."
+)
+
+
 @click.command()
-@click.option("--host", default=None, help="Address to bind (default 127.0.0.1, loopback only).")
-@click.option("--port", type=int, default=None, help="gRPC port (default 50051; 0 picks one).")
-@click.option(
-    "--http-port", type=int, default=None, help="HTTP sidecar port (default 8080; 0 picks one)."
-)
-@click.option("--no-http", is_flag=True, help="Do not start the HTTP sidecar.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="YAML file of settings (see README); flags override it.",
-)
+@_common
 @click.option(
     "--llm-config",
     type=click.Path(exists=True, dir_okay=False),
@@ -49,100 +131,48 @@ from kernelmesh.core import config as config_module
     default=None,
     help="Comma-separated backends to use: cpu, opencl, cuda, metal (default: all available).",
 )
-@click.option("--grace", type=float, default=None, help="Seconds to drain on SIGTERM (default 30).")
-@click.option("--no-warmup", is_flag=True, help="Compile kernels on first use, not at start.")
-@click.option(
-    "--auth", is_flag=True, help="Require API keys (always needed beyond loopback); see README."
-)
-@click.option(
-    "--insecure-open",
-    is_flag=True,
-    help="Serve beyond loopback WITHOUT authentication (not recommended).",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="PEM certificate chain: serve gRPC over TLS.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="PEM private key of --tls-cert.",
-)
-@click.option(
-    "--tls-client-ca",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="PEM CA bundle: require client certificates signed by it (mutual TLS).",
-)
-@click.option("--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too.")
+@_security
+@_PROTECT_METRICS
 @click.option(
     "--batching",
     default=None,
     help="Dynamically batch small tasks of these ops (comma-separated, or 'all'); the "
     "config's batching: section sets sizes and delay (see README).",
 )
-@click.option("--log-level", default="INFO", show_default=True)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one object per line, with the trace and span ids of the call being handled.",
-)
-def serve(
-    host: str | None,
-    port: int | None,
-    http_port: int | None,
-    no_http: bool,
-    config_path: str | None,
-    llm_config: str | None,
-    state_dir: str | None,
-    store: str | None,
-    backends: str | None,
-    grace: float | None,
-    no_warmup: bool,
-    auth: bool,
-    insecure_open: bool,
-    tls_cert: str | None,
-    tls_key: str | None,
-    tls_client_ca: str | None,
-    protect_metrics: bool,
-    batching: str | None,
-    log_level: str,
-    log_format: str,
-) -> None:
+def serve(**options: object) -> None:
     """Run the all-in-one server: every service on one port, every device found."""
+    _run_role(role="serve", **options)
+
+
+def _run_role(**overrides: object) -> None:
+    """Loads the settings and runs the server in one of the mesh's roles."""
+    import dataclasses
+
+    from kernelmesh.core.llm.config import LLMConfigError
+    from kernelmesh.core.store import StoreError, default_state_dir
     from kernelmesh.services import logging_setup, tracing
+    from kernelmesh.services.server import check_security
     from kernelmesh.services.server import serve as run_server
 
-    logging_setup.configure(log_level, "json" if log_format == "json" else "text")
-    tracing.configure("kernelmesh")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    role = str(overrides["role"])
+    log_format = "json" if overrides.pop("log_format") == "json" else "text"
+    logging_setup.configure(str(overrides.pop("log_level")), log_format)
+    # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    tracing.configure("kernelmesh" if role == "serve" else f"kernelmesh-{role}")
+    for flag in ("auth", "insecure_open", "protect_metrics"):
+        if flag in overrides:
+            overrides[flag] = overrides[flag] or None  # unset: the config file decides
+    no_http = overrides.pop("no_http")
+    no_warmup = overrides.pop("no_warmup")
+    batching = overrides.pop("batching", None)
+    if role == "serve":
+        overrides.pop("role")  # the default; a settings file may still name another
     try:
         cfg = config_module.load(
-            config_path,
-            host=host,
-            port=port,
-            http_port=http_port,
-            grace_seconds=grace,
-            llm_config=llm_config,
-            backends=backends,
-            state_dir=state_dir,
-            store=store,
-            warmup=False if no_warmup else None,
-            auth=auth or None,
-            insecure_open=insecure_open or None,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            protect_metrics=protect_metrics or None,
+            overrides.pop("config_path"), warmup=False if no_warmup else None, **overrides
         )
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from None
-    import dataclasses
-
     if no_http:
         cfg = dataclasses.replace(cfg, http_port=None)
     if batching:
@@ -153,13 +183,10 @@ def serve(
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         cfg = dataclasses.replace(cfg, batching=chosen)
-    from kernelmesh.core.store import StoreError, default_state_dir
-
-    if cfg.state_dir is None:
+    if role == "serve" and cfg.state_dir is None:
         cfg = dataclasses.replace(cfg, state_dir=str(default_state_dir()))
-    from kernelmesh.core.llm.config import LLMConfigError
-    from kernelmesh.services.server import check_security
-
+    # Open only on loopback (README, "Security"); a node's --auth admits only the
+    # orchestrators it joined.
     try:
         check_security(cfg)
     except ValueError as exc:
@@ -172,77 +199,6 @@ def serve(
         raise click.ClickException(str(exc)) from None
     except LLMConfigError as exc:
         raise click.UsageError(f"--llm-config: {exc}") from None
-
-
-def _run_role(**overrides: object) -> None:
-    """Loads the settings and runs the server in one of the mesh's roles."""
-    import dataclasses
-
-    from kernelmesh.core.store import StoreError
-    from kernelmesh.services import logging_setup, tracing
-    from kernelmesh.services.server import check_security
-    from kernelmesh.services.server import serve as run_server
-
-    role = str(overrides["role"])
-    log_format = "json" if overrides.pop("log_format") == "json" else "text"
-    logging_setup.configure(str(overrides.pop("log_level")), log_format)
-    tracing.configure(f"kernelmesh-{role}")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
-    for flag in ("auth", "insecure_open", "protect_metrics"):
-        if flag in overrides:
-            overrides[flag] = overrides[flag] or None  # unset: the config file decides
-    no_http = overrides.pop("no_http")
-    no_warmup = overrides.pop("no_warmup")
-    try:
-        cfg = config_module.load(
-            overrides.pop("config_path"), warmup=False if no_warmup else None, **overrides
-        )
-    except (ValueError, TypeError) as exc:
-        raise click.UsageError(str(exc)) from None
-    if no_http:
-        cfg = dataclasses.replace(cfg, http_port=None)
-    if role == "orchestrator":
-        # The public endpoint: open only on loopback (README, "Security"). A node's
-        # own port is not yet authenticated; keep nodes on a private network.
-        try:
-            check_security(cfg)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-    try:
-        asyncio.run(run_server(cfg))
-    except StoreError as exc:
-        raise click.ClickException(f"cannot open the state store: {exc}") from None
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _common(fn):
-    for option in reversed(
-        [
-            click.option("--host", default=None, help="Address to bind (default 127.0.0.1)."),
-            click.option("--port", type=int, default=None, help="gRPC port (0 picks one)."),
-            click.option("--http-port", type=int, default=None, help="HTTP sidecar port."),
-            click.option("--no-http", is_flag=True, help="Do not start the HTTP sidecar."),
-            click.option(
-                "--config",
-                "config_path",
-                type=click.Path(exists=True, dir_okay=False),
-                default=None,
-                help="YAML file of settings; flags override it.",
-            ),
-            click.option("--grace", "grace_seconds", type=float, default=None),
-            click.option("--no-warmup", is_flag=True, help="Compile kernels on first use."),
-            click.option("--log-level", default="INFO", show_default=True),
-            click.option(
-                "--log-format",
-                type=click.Choice(["text", "json"]),
-                default="text",
-                show_default=True,
-                help="json: one object per line, with the trace and span ids of the call.",
-            ),
-        ]
-    ):
-        fn = option(fn)
-    return fn
 
 
 @click.command()
@@ -262,17 +218,15 @@ def _common(fn):
 @click.option("--with-node", is_flag=True, help="Also run tasks on this process's own devices.")
 @click.option("--backends", default=None, help="With --with-node: the backends to use.")
 @click.option("--name", "node_name", default=None, help="With --with-node: this node's name.")
-@click.option("--auth", is_flag=True, help="Require API keys (always needed beyond loopback).")
-@click.option("--insecure-open", is_flag=True, help="Serve beyond loopback WITHOUT authentication.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@_security
+@_PROTECT_METRICS
 @click.option(
-    "--tls-client-ca",
+    "--node-ca",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="Require client certificates signed by this CA (mutual TLS).",
+    help="PEM CA bundle of the nodes' certificates: forward to nodes over TLS (presenting "
+    "--tls-cert to nodes that require a client certificate).",
 )
-@click.option("--protect-metrics", is_flag=True, help="With --auth, /metrics needs a key too.")
 def orchestrator(**options: object) -> None:
     """Run an orchestrator: the public services; nodes join it and run the work."""
     _run_role(role="orchestrator", **options)
@@ -292,6 +246,21 @@ def orchestrator(**options: object) -> None:
     help="host:port orchestrators reach this node at (default --host:--port).",
 )
 @click.option("--backends", default=None, help="Backends to use: cpu, opencl, cuda, metal.")
+@_security
+@click.option(
+    "--api-key",
+    envvar="KERNELMESH_API_KEY",
+    default=None,
+    help="This node's key (role node) for joining an orchestrator that runs with --auth "
+    "[env KERNELMESH_API_KEY].",
+)
+@click.option(
+    "--join-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM CA bundle of the orchestrators' certificates: join over TLS (presenting "
+    "--tls-cert to orchestrators that require a client certificate).",
+)
 def node(**options: object) -> None:
     """Run a node: joins the orchestrators and runs the tasks they forward."""
     _run_role(role="node", store="memory", **options)

@@ -17,8 +17,9 @@ import numpy as np
 from google.protobuf import json_format
 
 from kernelmesh.core import metrics
-from kernelmesh.core.errors import Code
-from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost, RemoteDevice
+from kernelmesh.core.errors import Code, KernelmeshError
+from kernelmesh.core.mesh.nodes import AttemptFailed, Node, NodeLost, RemoteDevice
+from kernelmesh.core.mesh.tensors import RemoteTensor
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.tasks import Task, TaskFailure
 from kernelmesh.services import convert, tracing
@@ -31,6 +32,7 @@ _LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 def call_metadata(task: Task, api_key: str | None) -> list[tuple[str, str]]:
+    """`api_key`: what the node admits calls with (the token it registered with)."""
     metadata = [(TENANT_METADATA_KEY, task.tenant)]
     if api_key:
         metadata.append(("authorization", f"Bearer {api_key}"))
@@ -43,19 +45,73 @@ def call_metadata(task: Task, api_key: str | None) -> list[tuple[str, str]]:
 class Forwarder:
     """One channel per node address, reused by every attempt sent there."""
 
-    def __init__(self, *, max_message_bytes: int, limits: Limits, api_key: str | None = None):
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int,
+        limits: Limits,
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        # Presented to a node that registered without a token of its own.
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.credentials = credentials
         self.limits = limits
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # A failed attempt is the task's to retry (its policy, another node),
+            # not gRPC's: no retry buffering on every call.
+            ("grpc.enable_retries", 0),
         ]
         self._stubs: dict[str, tuple[grpc.aio.Channel, task_pb2_grpc.TaskServiceStub]] = {}
+
+    def stub(self, node: Node) -> task_pb2_grpc.TaskServiceStub:
+        """The TaskService of a node, on the channel kept for its address."""
+        return self._stub(node.address)
+
+    def metadata(self, node: Node, tenant: str) -> list[tuple[str, str]]:
+        metadata = [(TENANT_METADATA_KEY, tenant)]
+        credential = node.token or self.api_key
+        if credential:
+            metadata.append(("authorization", f"Bearer {credential}"))
+        return metadata
+
+    async def fetch(self, item: RemoteTensor, node: Node | None, timeout: float | None) -> bytes:
+        """A stored tensor's bytes, downloaded from the node that holds it."""
+        if node is None:
+            raise AttemptFailed(
+                TaskFailure(
+                    Code.FAILED_PRECONDITION,
+                    f"tensor {item.name} is held by node {item.node}, which is not in the mesh",
+                )
+            )
+        data = bytearray()
+        try:
+            call = self._stub(node.address).DownloadTensor(
+                task_pb2.DownloadTensorRequest(name=item.name),
+                metadata=self.metadata(node, item.tenant),
+                timeout=timeout,
+            )
+            async for part in call:
+                if part.WhichOneof("part") == "chunk":
+                    data += part.chunk
+        except grpc.aio.AioRpcError as exc:
+            raise AttemptFailed(
+                TaskFailure(
+                    Code.FAILED_PRECONDITION,
+                    f"tensor {item.name} could not be read from node {item.node}: "
+                    f"{exc.code().name} {exc.details()}",
+                )
+            ) from None
+        return bytes(data)
 
     def _stub(self, address: str) -> task_pb2_grpc.TaskServiceStub:
         found = self._stubs.get(address)
         if found is None:
-            channel = tracing.aio_channel(address, options=self._options)
+            channel = tracing.aio_channel(
+                address, credentials=self.credentials, options=self._options
+            )
             found = self._stubs[address] = (channel, task_pb2_grpc.TaskServiceStub(channel))
         return found[1]
 
@@ -71,16 +127,34 @@ class Forwarder:
         spec.device.name = device.local_name
         if task.call.params:
             json_format.ParseDict(dict(task.call.params), spec.params)
-        for array in task.inputs:
-            convert.fill_tensor(spec.inputs.add().tensor, array)
         timeout = None
         if task.deadline is not None:
             timeout = max(0.001, task.deadline - time.monotonic())
+        remote = task.remote_inputs
+        for i, array in enumerate(task.inputs):
+            held = remote.get(i) if remote else None
+            if held is None:
+                convert.fill_tensor(spec.inputs.add().tensor, array)
+                continue
+            try:
+                held.check_held()
+            except KernelmeshError as exc:
+                raise AttemptFailed(TaskFailure(exc.code, exc.message)) from None
+            if held.node == node.name:
+                spec.inputs.add().ref = held.name  # already there
+                continue
+            # Placed away from its input: the bytes move through this orchestrator.
+            data = await self.fetch(held, node.mesh.nodes.get(held.node), timeout)
+            metrics.TENSOR_MOVES.inc(())
+            tensor = spec.inputs.add().tensor
+            tensor.dtype = convert.NUMPY_TO_DTYPE[held.dtype]
+            tensor.shape.extend(held.shape)
+            tensor.data = data
         try:
             response = await self._stub(node.address).RunTask(
                 task_pb2.RunTaskRequest(task=spec),
                 timeout=timeout,
-                metadata=call_metadata(task, self.api_key),
+                metadata=call_metadata(task, node.token or self.api_key),
                 wait_for_ready=False,
             )
         except grpc.aio.AioRpcError as exc:
@@ -101,20 +175,23 @@ class Forwarder:
         if len(msg.outputs) != len(expected):
             problem = f"{len(msg.outputs)} outputs where the op gives {len(expected)}"
         else:
+            # The op's validated call says what each output must be: compared as
+            # they come, without validating them afresh (the shapes are known).
             for i, (out, meta) in enumerate(zip(msg.outputs, expected, strict=True)):
-                dtype = convert.DTYPE_TO_NUMPY.get(out.dtype)
                 shape = tuple(out.shape)
-                if dtype is None or np.dtype(dtype).name != meta.dtype or shape != meta.shape:
-                    got = np.dtype(dtype).name if dtype is not None else f"dtype {out.dtype}"
+                if out.dtype != convert.NUMPY_TO_DTYPE.get(meta.dtype) or shape != meta.shape:
+                    dtype = convert.DTYPE_TO_NUMPY.get(out.dtype)
+                    got = dtype.name if dtype is not None else f"dtype {out.dtype}"
                     problem = (
                         f"output {i} is {got}{list(shape)}, expected {meta.dtype}{list(meta.shape)}"
                     )
                     break
-                try:
-                    outputs.append(convert.tensor_from_proto(out, f"outputs[{i}]", self.limits))
-                except Exception as exc:  # data of the wrong length
-                    problem = f"output {i} is malformed: {exc}"
+                dtype = convert.DTYPE_TO_NUMPY[out.dtype]
+                data = out.data  # a fresh copy per read: read once
+                if len(data) != meta.size * dtype.itemsize:
+                    problem = f"output {i} has {len(data)} bytes for {meta.dtype}{list(shape)}"
                     break
+                outputs.append(np.frombuffer(data, dtype).reshape(shape))
         if problem is not None:
             metrics.RESULTS_REFUSED.inc(())
             raise AttemptFailed(

@@ -61,6 +61,8 @@ class NodeAgent:
         devices: Sequence[LocalDevice],
         monitor: DeviceMonitor,
         api_key: str | None = None,
+        token: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if not join:
             raise ValueError("a node needs at least one orchestrator address to join")
@@ -70,6 +72,9 @@ class NodeAgent:
         self.devices = list(devices)
         self.monitor = monitor
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        # What the orchestrators present when they call this node (services/node_auth.py).
+        self.token = token
+        self.credentials = credentials
         self.drained = asyncio.Event()
         self.joined = asyncio.Event()
         self.orchestrator = ""  # the address it is joined through now
@@ -94,6 +99,7 @@ class NodeAgent:
             version=VERSION,
             devices=[convert.device_to_proto(d.info, self.monitor.status(d)) for d in self.devices],
             capabilities=capabilities(self.devices),
+            node_token=self.token,
         )
 
     async def _run(self) -> None:
@@ -111,7 +117,7 @@ class NodeAgent:
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _member_of(self, address: str) -> None:
-        async with tracing.aio_channel(address) as channel:
+        async with tracing.aio_channel(address, credentials=self.credentials) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             reply = await stub.RegisterNode(
                 self._registration(), metadata=self._metadata(), timeout=10

@@ -102,6 +102,7 @@ def registration_of(request: orchestrator_pb2.RegisterNodeRequest) -> Registrati
         version=request.version,
         devices=[_device_info(d) for d in request.devices],
         capabilities=[_capability(c) for c in request.capabilities],
+        token=request.node_token,
     )
 
 

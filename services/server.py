@@ -25,6 +25,7 @@ from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.mesh.nodes import Mesh
 from kernelmesh.core.mesh.shared_tasks import SharedTasks
+from kernelmesh.core.mesh.tensors import TensorLocations
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.store import Store, UsageStore, open_store
@@ -40,7 +41,9 @@ from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer
 from kernelmesh.services.mesh_forward import Forwarder
 from kernelmesh.services.mesh_sync import SharedMesh
+from kernelmesh.services.mesh_tensors import TensorRelay
 from kernelmesh.services.node_agent import NodeAgent
+from kernelmesh.services.node_auth import NodeTokenInterceptor, new_token
 from kernelmesh.services.orchestrator_nodes import NodeRpcs
 from kernelmesh.services.request_guard import GuardedRegistrar
 from kernelmesh.services.rpc_metrics import RpcMetricsInterceptor, instrument
@@ -109,11 +112,16 @@ def check_security(config: ServerConfig) -> None:
     loopback without an explicit --insecure-open, auth without a state dir for
     its bootstrap key, half a TLS pair."""
     if not config.auth and not config.insecure_open and not is_loopback(config.host):
+        what = (
+            "--auth (only its orchestrators may call it)"
+            if config.role == "node"
+            else "--auth (API keys)"
+        )
         raise ValueError(
             f"refusing to serve {config.host} without authentication: beyond loopback "
-            "kernelmesh needs --auth (API keys), or --insecure-open to run open anyway"
+            f"kernelmesh needs {what}, or --insecure-open to run open anyway"
         )
-    if config.auth and not config.state_dir:
+    if config.auth and not config.state_dir and config.role != "node":
         raise ValueError("--auth needs --state-dir: the bootstrap admin key is written there")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -148,7 +156,10 @@ class Server:
         # and are shared by orchestrators on one PostgreSQL.
         self.api_keys: ApiKeyStore = api_keys if api_keys is not None else self.state
         self.keys = KeyRing(self.api_keys, cache_seconds=config.auth_cache_seconds)
-        self.auth = config.auth
+        # A node's --auth admits only its orchestrators (services/node_auth.py): it
+        # has no keys of its own to check.
+        self.auth = config.auth and config.role != "node"
+        self.node_token = new_token() if config.role == "node" else ""
         self.ledger = TenantLedger(config.quotas)
         self.tasks = TaskManager(
             self.devices,
@@ -175,9 +186,20 @@ class Server:
         if config.role in ("serve", "orchestrator"):
             self.tasks.park_unplaced = config.role == "orchestrator"
             self._forwarder = Forwarder(
-                max_message_bytes=config.max_message_bytes, limits=config.limits
+                max_message_bytes=config.max_message_bytes,
+                limits=config.limits,
+                credentials=channel_credentials(config.node_ca, config),
             )
             self.mesh = Mesh(self.tasks, self._forwarder, lease_seconds=config.lease_seconds)
+        self.tensor_relay: TensorRelay | None = None
+        if self.mesh is not None and self._forwarder is not None and not self.devices:
+            # No devices of its own: uploaded tensors are stored on the nodes and only
+            # their whereabouts kept here (README, "Mesh"). serve keeps them in-process.
+            locations = TensorLocations()
+            self.tasks.remote_tensors = self.mesh.tensors = locations
+            self.tensor_relay = TensorRelay(
+                self.mesh, self._forwarder, locations, config.limits, config.quotas
+            )
         self.shared: SharedMesh | None = None
         if self.mesh is not None and self.state.shared:
             # Orchestrators sharing one store: tasks are held under leases.
@@ -224,6 +246,8 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = list(tracing.server_interceptors())
         if self.auth:
             interceptors.append(AuthInterceptor(self.keys))
+        elif cfg.auth and cfg.role == "node":
+            interceptors.append(NodeTokenInterceptor(self.node_token))
         # With no other interceptor, the metrics wrap each handler where it is registered
         # instead: grpc.aio's interceptor pipeline costs every call a few coroutines.
         if interceptors:
@@ -237,6 +261,7 @@ class Server:
                 cfg.limits,
                 max_reply_bytes=max(1 << 20, cfg.max_message_bytes - (1 << 20)),
                 shm=self.shm,
+                tensors=self.tensor_relay,
             ),
             guarded,
         )
@@ -283,13 +308,21 @@ class Server:
             )
         if cfg.http_port is not None:
             app = sidecar.make_app(started=lambda: self.started, ready=self.ready)
-            openai_facade.add_routes(app, self.llm)
-            dashboard.add_routes(
-                app,
-                dashboard.Sources(
-                    cfg.node_name, self.devices, monitor, self.usage, self.ready, time.monotonic()
-                ),
-            )
+            if not (cfg.role == "node" and cfg.auth):
+                # A node with --auth answers only its orchestrators: its sidecar
+                # keeps health and metrics, nothing a client could use.
+                openai_facade.add_routes(app, self.llm)
+                dashboard.add_routes(
+                    app,
+                    dashboard.Sources(
+                        cfg.node_name,
+                        self.devices,
+                        monitor,
+                        self.usage,
+                        self.ready,
+                        time.monotonic(),
+                    ),
+                )
             if self.auth:  # outermost: nothing is read for a caller without a key
                 http_guard.install_auth(app, self.keys, protect_metrics=cfg.protect_metrics)
             http_guard.install(app)
@@ -375,6 +408,9 @@ class Server:
                 join=self.config.join,
                 devices=self.devices,
                 monitor=self._monitor,
+                api_key=self.config.api_key,
+                token=self.node_token,
+                credentials=channel_credentials(self.config.join_ca, self.config),
             )
             self.agent.start()
         self.started = True
@@ -432,6 +468,19 @@ def _tls_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
     client_ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def channel_credentials(ca: str | None, cfg: ServerConfig) -> grpc.ChannelCredentials | None:
+    """TLS for the mesh's own calls (node to orchestrator, orchestrator to node):
+    the peer's certificate must chain to `ca`; this process's certificate goes
+    along for a peer that wants a client certificate (mutual TLS). None: plaintext."""
+    if not ca:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
+        certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
     )
 
 

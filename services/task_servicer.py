@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -26,6 +27,9 @@ from kernelmesh.services import convert, paging, shm_servicer
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
 from kernelmesh.v1 import task_pb2, task_pb2_grpc
+
+if TYPE_CHECKING:
+    from kernelmesh.services.mesh_tensors import TensorRelay
 
 # Tasks of one StreamTasks call in flight at once; the reader waits beyond this,
 # which pushes back on the client through gRPC flow control.
@@ -49,8 +53,11 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         limits: ops.Limits,
         max_reply_bytes: int = 64 << 20,
         shm: SharedMemoryRegistry | None = None,
+        tensors: TensorRelay | None = None,
     ) -> None:
         self.tasks = tasks
+        # An orchestrator without devices: tensors are stored on nodes (the mesh).
+        self.tensors = tensors
         self.limits = limits
         self.quotas = tasks.store.ledger.quotas
         # A List reply is cut to fit this (the server's max message size, less room
@@ -259,6 +266,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @rpc
     async def UploadTensor(self, request_iterator, context):
         tenant = tenant_of(context)
+        if self.tensors is not None:
+            return await self.tensors.upload(request_iterator, tenant, context)
         header = None
         buffer = np.empty(0, np.uint8)
         filled = 0
@@ -322,7 +331,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @stream_rpc
     async def DownloadTensor(self, request, context):
-        item = self.tasks.store.get(request.name, tenant=tenant_of(context))
+        tenant = tenant_of(context)
+        if self.tensors is not None and self.tensors.holds(request.name, tenant):
+            async for part in self.tensors.download(request, tenant, context):
+                yield part
+            return
+        item = self.tasks.store.get(request.name, tenant=tenant)
         if request.chunk_size < 0:
             raise InvalidArgument([Violation("chunk_size", "must be >= 0")])
         size = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
@@ -333,7 +347,11 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     @rpc
     async def DeleteTensor(self, request, context):
-        self.tasks.store.delete(request.name, tenant=tenant_of(context))
+        tenant = tenant_of(context)
+        if self.tensors is not None and self.tensors.holds(request.name, tenant):
+            await self.tensors.delete(request.name, tenant, context)
+            return task_pb2.DeleteTensorResponse()
+        self.tasks.store.delete(request.name, tenant=tenant)
         return task_pb2.DeleteTensorResponse()
 
 

@@ -35,6 +35,7 @@ from kernelmesh.core.errors import (
     NotFound,
     Violation,
 )
+from kernelmesh.core.mesh.tensors import TensorLocations
 from kernelmesh.core.placement import DeviceSpeed
 from kernelmesh.core.store.base import NodeRecord, PutNode, RenewNode, Store
 
@@ -144,6 +145,8 @@ class Node:
     # Joined to another orchestrator on the shared store: placed here, its lease
     # read from the store.
     foreign: bool = False
+    # Presented on every forwarded call (a node with --auth refuses calls without it).
+    token: str = field(default="", repr=False)
 
     @property
     def resource_name(self) -> str:
@@ -163,6 +166,8 @@ class Registration:
     version: str
     devices: Sequence[DeviceInfo]
     capabilities: Sequence[Capability]
+    # What the node admits forwarded calls with (it made it; see services/node_auth.py).
+    token: str = ""
 
     def check(self, version: str) -> None:
         if not _NAME_RE.match(self.name or ""):
@@ -173,6 +178,8 @@ class Registration:
             )
         if len(self.address) > MAX_ADDRESS or not _ADDRESS_RE.match(self.address):
             raise _bad("address", "host:port the orchestrator can reach the node at")
+        if len(self.token) > MAX_FIELD:
+            raise _bad("node_token", f"at most {MAX_FIELD} characters")
         if self.version != version:
             raise FailedPrecondition(
                 f"version skew: node {self.name!r} runs kernelmesh {self.version or '(unset)'} "
@@ -233,6 +240,9 @@ class Mesh:
         self.store: Store | None = None
         self.owner = ""
         self.changed = asyncio.Event()  # set on every membership change (WatchDevices)
+        # The tensors the nodes hold for an orchestrator without devices of its own:
+        # a node that goes takes its tensors with it.
+        self.tensors: TensorLocations | None = None
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -276,7 +286,7 @@ class Mesh:
             if node is not None and node.state is not NodeState.LOST:
                 if not node.foreign:
                     continue  # it heartbeats here: this orchestrator knows best
-                if node.address == record.address:
+                if node.address == record.address and node.token == reg.token:
                     node.lease_until = time.monotonic() + (record.lease_until - now)
                     node.lease_expire_wall = record.lease_until
                     continue
@@ -320,7 +330,9 @@ class Mesh:
                 # A restarted node rejoins under its name: the old incarnation's
                 # work is as lost as its process.
                 self._lose(old, "the node registered again (restarted)")
-        node = Node(self, reg.name, reg.address, reg.version, devices, foreign=foreign)
+        node = Node(
+            self, reg.name, reg.address, reg.version, devices, foreign=foreign, token=reg.token
+        )
         for device in devices:
             device.node = node
         self.nodes.pop(reg.name, None)
@@ -391,6 +403,7 @@ class Mesh:
             del self.nodes[node.name]
             node.drained.set()
             self.changed.set()
+            self._tensors_gone(node, "was drained and left the mesh")
             log.info("node %s drained and left the mesh", node.name)
 
     # -- leases -----------------------------------------------------------
@@ -428,6 +441,13 @@ class Mesh:
             future.cancel()
         node.drained.set()
         self.changed.set()
+        self._tensors_gone(node, f"was lost ({reason})")
+
+    def _tensors_gone(self, node: Node, why: str) -> None:
+        if self.tensors is not None:
+            count = self.tensors.node_gone(node.name, why)
+            if count:
+                log.warning("node %s took %d stored tensors with it", node.name, count)
 
     def _trim_lost(self) -> None:
         lost = [k for k, n in self.nodes.items() if n.state is NodeState.LOST]

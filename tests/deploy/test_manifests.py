@@ -109,6 +109,27 @@ def test_nodes_join_the_orchestrator_service(rendered):
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
 
 
+NODE_KEY = DEPLOY / "examples" / "node-key-secret.example.yaml"
+
+
+def test_nodes_admit_only_their_orchestrators_and_join_with_a_node_key(rendered):
+    daemonset = find(rendered, "DaemonSet", "kernelmesh-node")
+    [container] = pod_spec(daemonset)["containers"]
+    # beyond loopback a node refuses to start open: --auth admits only the
+    # orchestrators it joined
+    assert "--auth" in container["args"] and "--insecure-open" not in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KERNELMESH_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kernelmesh-node-key",
+        "key": "api-key",
+    }
+    [secret] = list(yaml.safe_load_all(NODE_KEY.read_text()))
+    kubernetes_validate.validate(secret, VERSIONS[-1], strict=True)
+    assert secret["metadata"]["name"] == "kernelmesh-node-key"
+    assert "CHANGE-ME" in secret["stringData"]["api-key"]
+    assert "NOT A REAL CREDENTIAL" in NODE_KEY.read_text()
+
+
 def test_probes_are_native_grpc_health_checks(rendered):
     for workload in workloads(rendered):
         for container in pod_spec(workload)["containers"]:

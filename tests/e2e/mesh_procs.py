@@ -44,7 +44,9 @@ class Procs:
     tmp_path: Path
     started: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, *args: str, timeout: float = 120.0) -> Proc:
+    def start(
+        self, name: str, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None
+    ) -> Proc:
         log = self.tmp_path / f"{name}-{time.monotonic_ns()}.log"
         handle = log.open("w")
         cmd = [
@@ -64,7 +66,11 @@ class Procs:
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=self.tmp_path,
-            env={**os.environ, "XDG_STATE_HOME": str(self.tmp_path / "xdg-state")},
+            env={
+                **os.environ,
+                "XDG_STATE_HOME": str(self.tmp_path / "xdg-state"),
+                **(env or {}),
+            },
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -79,11 +85,13 @@ class Procs:
         process.kill()
         raise TimeoutError(f"{name} did not start:\n{log.read_text()}")
 
-    def orchestrator(self, *args: str, name: str = "orchestrator") -> Proc:
-        return self.start(name, "orchestrator", *args)
+    def orchestrator(
+        self, *args: str, name: str = "orchestrator", env: dict[str, str] | None = None
+    ) -> Proc:
+        return self.start(name, "orchestrator", *args, env=env)
 
-    def node(self, name: str, join: str, *args: str) -> Proc:
-        return self.start(name, "node", "--name", name, "--join", join, *args)
+    def node(self, name: str, join: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        return self.start(name, "node", "--name", name, "--join", join, *args, env=env)
 
     def stop_all(self) -> None:
         for proc in self.started:

@@ -1,0 +1,156 @@
+"""Tensors on nodes, with an orchestrator and two real node processes (issue 8):
+an upload through the orchestrator is stored on a node, a task naming it runs on
+that node (its placement says why), a task made to run elsewhere moves it, a
+download through the orchestrator returns its bytes, a delete reaches the node,
+and a node lost with its tensors fails the tasks that need them with
+FAILED_PRECONDITION naming the tensor."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from mesh_procs import Procs, ready_nodes, wait_for
+
+from kernelmesh.v1 import orchestrator_pb2, task_pb2, task_pb2_grpc, tensor_pb2
+
+pytestmark = pytest.mark.e2e
+
+# Long enough that a loaded machine does not starve a live node of its lease.
+LEASE = "4"
+
+
+@pytest.fixture
+def procs(tmp_path):
+    found = Procs(tmp_path)
+    yield found
+    found.stop_all()
+
+
+@pytest.fixture
+def mesh(procs):
+    orch = procs.orchestrator("--store", "memory", "--lease-seconds", LEASE)
+    a = procs.node("node-a", orch.target, "--backends", "cpu", "--auth")
+    b = procs.node("node-b", orch.target, "--backends", "cpu", "--auth")
+    wait_for(lambda: ready_nodes(orch.target) == {"node-a", "node-b"}, what="both nodes READY")
+    with grpc.insecure_channel(orch.target) as channel:
+        yield orch, {"node-a": a, "node-b": b}, task_pb2_grpc.TaskServiceStub(channel)
+
+
+def upload(stub, array: np.ndarray) -> tensor_pb2.TensorRef:
+    def parts():
+        header = task_pb2.TensorHeader(dtype=tensor_pb2.DTYPE_FLOAT32, shape=array.shape)
+        yield task_pb2.UploadTensorRequest(header=header)
+        data = array.astype(np.float32).tobytes()
+        for start in range(0, len(data), 1000):
+            yield task_pb2.UploadTensorRequest(chunk=data[start : start + 1000])
+
+    return stub.UploadTensor(parts(), timeout=30).tensor
+
+
+def download(stub, name: str) -> np.ndarray:
+    header, data = None, b""
+    for part in stub.DownloadTensor(task_pb2.DownloadTensorRequest(name=name), timeout=30):
+        if part.WhichOneof("part") == "header":
+            header = part.header
+        else:
+            data += part.chunk
+    assert header is not None
+    return np.frombuffer(data, np.float32).reshape(tuple(header.shape))
+
+
+def relu_of(name: str, device: str = "") -> task_pb2.RunTaskRequest:
+    request = task_pb2.RunTaskRequest()
+    request.task.op = "relu"
+    request.task.inputs.add().ref = name
+    request.task.device.name = device
+    return request
+
+
+def holder(ref: tensor_pb2.TensorRef) -> str:
+    return ref.device.partition("/")[0]
+
+
+def on_each_node(stub) -> dict[str, tuple[tensor_pb2.TensorRef, np.ndarray]]:
+    """Uploads until each node holds one (a new tensor goes to the node holding
+    the fewest bytes, so two uploads of the same size land on both)."""
+    held = {}
+    for i in range(4):
+        x = np.linspace(-5, 5, 2048, dtype=np.float32) * (i + 1)
+        ref = upload(stub, x)
+        held.setdefault(holder(ref), (ref, x))
+        if len(held) == 2:
+            return held
+    raise AssertionError(f"uploads all went to {set(held)}")
+
+
+def test_a_task_runs_on_the_node_holding_its_input(mesh):
+    _, _, stub = mesh
+    held = on_each_node(stub)
+    ref, x = held["node-b"]
+    assert ref.name.startswith("tensors/") and ref.size_bytes == x.nbytes
+    for _ in range(4):  # not by chance: every time
+        task = stub.RunTask(relu_of(ref.name), timeout=60).task
+        assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
+        assert task.device == "node-b/cpu:0"
+        assert task.placement.node == "nodes/node-b"
+        assert f"node node-b holds the input {ref.name}" in task.placement.reason
+        out = np.frombuffer(task.outputs[0].data, np.float32)
+        np.testing.assert_array_equal(out, np.maximum(x, 0))
+
+    np.testing.assert_array_equal(download(stub, ref.name), x)
+
+
+def test_a_task_placed_away_from_its_input_moves_it(mesh):
+    _, _, stub = mesh
+    ref, x = on_each_node(stub)["node-b"]
+    task = stub.RunTask(relu_of(ref.name, device="node-a"), timeout=60).task
+    assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
+    assert task.device == "node-a/cpu:0"
+    assert f"moves the input {ref.name} (from node-b)" in task.placement.reason
+    np.testing.assert_array_equal(np.frombuffer(task.outputs[0].data, np.float32), np.maximum(x, 0))
+
+
+def test_delete_reaches_the_node(mesh):
+    _, _, stub = mesh
+    ref, _ = on_each_node(stub)["node-a"]
+    stub.DeleteTensor(task_pb2.DeleteTensorRequest(name=ref.name), timeout=30)
+    for call in (
+        lambda: download(stub, ref.name),
+        lambda: stub.RunTask(relu_of(ref.name), timeout=30),
+    ):
+        with pytest.raises(grpc.RpcError) as gone:
+            call()
+        assert gone.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert ref.name in gone.value.details()
+
+
+def test_a_lost_node_takes_its_tensors_and_tasks_needing_them_say_which(mesh):
+    orch, nodes, stub = mesh
+    held = on_each_node(stub)
+    lost_ref, _ = held["node-a"]
+    kept_ref, kept = held["node-b"]
+    nodes["node-a"].kill9()
+
+    from mesh_procs import list_nodes
+
+    wait_for(
+        lambda: any(
+            n.name == "nodes/node-a" and n.state == orchestrator_pb2.NODE_STATE_LOST
+            for n in list_nodes(orch.target)
+        ),
+        what="node-a LOST",
+    )
+    for call in (
+        lambda: stub.RunTask(relu_of(lost_ref.name), timeout=30),
+        lambda: download(stub, lost_ref.name),
+    ):
+        with pytest.raises(grpc.RpcError) as failed:
+            call()
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert lost_ref.name in failed.value.details()
+        assert "node-a" in failed.value.details()
+    # what node-b holds is untouched
+    task = stub.RunTask(relu_of(kept_ref.name), timeout=60).task
+    assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
+    np.testing.assert_array_equal(download(stub, kept_ref.name), kept)
