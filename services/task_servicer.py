@@ -15,6 +15,7 @@ from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExh
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
 from kernelmesh.core.tasks import Task, TaskEvent, TaskManager, TaskState, fingerprint_of
+from kernelmesh.core.uploads import TensorUpload
 from kernelmesh.services import convert, paging, shm_servicer
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -246,19 +247,17 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return response
 
     @rpc
-    async def UploadTensor(self, request_iterator, context):
+    async def UploadTensor(
+        self,
+        request_iterator: AsyncIterator[task_pb2.UploadTensorRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> task_pb2.UploadTensorResponse:
         tenant = tenant_of(context)
-        header = None
-        buffer: bytearray | None = None
-        filled = 0
-        ledger = self.tasks.store.ledger
-        nbytes = 0
-        # Memory is taken as chunks arrive, never from the header's declared size:
-        # a header alone holds nothing, and each chunk is charged to the tenant first.
+        upload: TensorUpload | None = None
         try:
             async for req in request_iterator:
                 part = req.WhichOneof("part")
-                if header is None:
+                if upload is None:
                     if part != "header":
                         raise InvalidArgument(
                             [Violation("header", "the first message must be a header")]
@@ -268,33 +267,25 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     nbytes = convert.check_shape(
                         header.shape, dtype, "header", self.limits, self.quotas.max_dims
                     )
-                    self.tasks.store.reserve_check(nbytes)
-                    buffer = bytearray()
+                    upload = TensorUpload(
+                        self.tasks.store,
+                        tenant=tenant,
+                        dtype=dtype,
+                        shape=tuple(header.shape),
+                        nbytes=nbytes,
+                    )
                 elif part == "chunk":
-                    chunk = req.chunk  # each read of a bytes field is a fresh copy
-                    end = filled + len(chunk)
-                    if end > nbytes:
-                        raise InvalidArgument(
-                            [Violation("chunk", f"more data than the header's {nbytes} bytes")]
-                        )
-                    self.tasks.store.reserve_check(end)
-                    ledger.reserve(tenant, len(chunk))
-                    filled = end
-                    buffer += chunk
+                    upload.add(req.chunk)  # each read of a bytes field is a fresh copy
                 else:
                     raise InvalidArgument(
                         [Violation("header", "only the first message is a header")]
                     )
-            if header is None:
+            if upload is None:
                 raise InvalidArgument([Violation("header", "the stream was empty")])
-            if filled != nbytes:
-                raise InvalidArgument(
-                    [Violation("chunk", f"got {filled} bytes; the header needs {nbytes}")]
-                )
-            array = np.frombuffer(buffer, dtype=dtype).reshape(tuple(header.shape))
-            item = self.tasks.store.put(array, tenant=tenant, reserved=True)
+            item = upload.finish()
         except BaseException:
-            ledger.release(tenant, filled)
+            if upload is not None:
+                upload.abort()
             raise
         if self.tasks.journal is not None:
             await self.tasks.journal.sync()  # the tensor survives a crash once acknowledged

@@ -1,0 +1,55 @@
+"""A tensor arriving in chunks (UploadTensor): bytes are charged to the tenant as
+they arrive, never from the declared size, so a header alone holds nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernelmesh.core.errors import InvalidArgument, Violation
+from kernelmesh.core.tensor_store import StoredTensor, TensorStore
+
+
+class TensorUpload:
+    """One upload in progress: `add` each chunk, then `finish` stores the tensor;
+    `abort` gives back what the chunks held when the upload fails."""
+
+    def __init__(
+        self,
+        store: TensorStore,
+        *,
+        tenant: str,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        nbytes: int,
+    ) -> None:
+        store.reserve_check(nbytes)
+        self.store = store
+        self.tenant = tenant
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = nbytes
+        self.filled = 0
+        self._buffer = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        end = self.filled + len(chunk)
+        if end > self.nbytes:
+            raise InvalidArgument(
+                [Violation("chunk", f"more data than the header's {self.nbytes} bytes")]
+            )
+        self.store.reserve_check(end)
+        self.store.ledger.reserve(self.tenant, len(chunk))
+        self.filled = end
+        self._buffer += chunk
+
+    def finish(self) -> StoredTensor:
+        """Stores the tensor; its bytes stay charged to the tenant."""
+        if self.filled != self.nbytes:
+            raise InvalidArgument(
+                [Violation("chunk", f"got {self.filled} bytes; the header needs {self.nbytes}")]
+            )
+        array = np.frombuffer(self._buffer, dtype=self.dtype).reshape(self.shape)
+        return self.store.put(array, tenant=self.tenant, reserved=True)
+
+    def abort(self) -> None:
+        self.store.ledger.release(self.tenant, self.filled)
