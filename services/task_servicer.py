@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from kernelmesh.core import ops
+from kernelmesh.core.catalog import devices_for
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
@@ -56,23 +57,22 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         )
 
     @rpc
-    async def ListOps(self, request, context):
+    async def ListOps(
+        self, request: task_pb2.ListOpsRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListOpsResponse:
         catalog = ops.list_ops()
         start, size = paging.page_bounds(request.page_token, request.page_size, len(catalog))
         page = catalog[start : start + size]
-        ops_msgs = [convert.op_to_proto(spec, self._devices_for(spec)) for spec in page]
+        ops_msgs = [
+            convert.op_to_proto(spec, devices_for(spec, self.tasks.devices)) for spec in page
+        ]
         token = paging.next_token(start, size, len(catalog))
         return task_pb2.ListOpsResponse(ops=ops_msgs, next_page_token=token)
 
-    def _devices_for(self, spec: ops.OpSpec) -> list[str]:
-        return [
-            d.name
-            for d in self.tasks.devices
-            if any(d.supports(spec.name, dtype) for dtype in spec.dtypes)
-        ]
-
     @rpc
-    async def SubmitTask(self, request, context):
+    async def SubmitTask(
+        self, request: task_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.SubmitTaskResponse:
         """Journals the task before replying (group commit with the submissions
         arriving together); request_id makes a retry return the first task."""
         spec = self._spec(request.task, context)
@@ -194,7 +194,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                 self.tasks.cancel(task.name, tenant=tenant)
 
     @rpc
-    async def GetTask(self, request, context):
+    async def GetTask(
+        self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.GetTaskResponse:
         _require_name(request.name)
         task = self.tasks.get(request.name, tenant=tenant_of(context))
         full = request.view != task_pb2.TASK_VIEW_BASIC
@@ -203,18 +205,24 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return response
 
     @stream_rpc
-    async def WatchTask(self, request, context) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+    async def WatchTask(
+        self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
         _require_name(request.name)
         async for event in self.tasks.watch(request.name, tenant=tenant_of(context)):
             yield _event_message(event)
 
     @rpc
-    async def CancelTask(self, request, context):
+    async def CancelTask(
+        self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.CancelTaskResponse:
         task = self.tasks.cancel(request.name, tenant=tenant_of(context))
         return task_pb2.CancelTaskResponse(task=convert.task_to_proto(task, full=False))
 
     @rpc
-    async def ListTasks(self, request, context):
+    async def ListTasks(
+        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListTasksResponse:
         state = _task_state(request.state) if request.state else None
         tenant = tenant_of(context)
         tasks, token = self.tasks.list(
@@ -292,7 +300,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return task_pb2.UploadTensorResponse(tensor=convert.ref_to_proto(item))
 
     @stream_rpc
-    async def DownloadTensor(self, request, context):
+    async def DownloadTensor(
+        self, request: task_pb2.DownloadTensorRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[task_pb2.DownloadTensorResponse]:
         item = self.tasks.store.get(request.name, tenant=tenant_of(context))
         if request.chunk_size < 0:
             raise InvalidArgument([Violation("chunk_size", "must be >= 0")])
@@ -303,7 +313,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             yield task_pb2.DownloadTensorResponse(chunk=bytes(view[start : start + size]))
 
     @rpc
-    async def DeleteTensor(self, request, context):
+    async def DeleteTensor(
+        self, request: task_pb2.DeleteTensorRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.DeleteTensorResponse:
         self.tasks.store.delete(request.name, tenant=tenant_of(context))
         return task_pb2.DeleteTensorResponse()
 
