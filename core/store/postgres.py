@@ -28,6 +28,7 @@ from kernelmesh.core.store.base import (
     Store,
     StoreError,
     StoreUnavailable,
+    TaskRecord,
 )
 from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 
@@ -88,7 +89,7 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._queue: list[_Entry] = []
         self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._sql: dict[str, str] = {}
         self.last_error: str | None = None
@@ -208,7 +209,7 @@ class PostgresStore(Store):
             self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
         return False
 
-    async def _transaction(self, statements: list) -> None:
+    async def _transaction(self, statements: list[tuple[str, sql.Row]]) -> None:
         assert self._pool is not None
         async with self._pool.acquire() as conn, conn.transaction():
             for statement, rows in sql.grouped(statements):
@@ -235,7 +236,7 @@ class PostgresStore(Store):
                 )
                 pool.terminate()
 
-    async def _fetch(self, statement: str, *args: object) -> list:
+    async def _fetch(self, statement: str, *args: object) -> list[asyncpg.Record]:
         if self._pool is None:
             raise StoreUnavailable(f"the store {self.where} is closed")
         try:
@@ -344,5 +345,5 @@ class PostgresStore(Store):
         return [sql.api_key_from_row(tuple(r)) for r in rows]
 
 
-def _seq(record) -> int:
+def _seq(record: TaskRecord) -> int:
     return record.seq
