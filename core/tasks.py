@@ -10,6 +10,7 @@ store: the caller holds the result."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import itertools
@@ -22,14 +23,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from cachetools import LRUCache
 
 from kernelmesh.core import listing, metrics, ops, placement
 from kernelmesh.core.batching import Batcher, BatchingOptions, batch_class
-from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, select
+from kernelmesh.core.devices import DeviceKind, DeviceSelector, LocalDevice, SelectCache, select
 from kernelmesh.core.errors import (
     Code,
     InvalidArgument,
@@ -168,10 +169,10 @@ class Task:
     # W3C trace context of the submitting call (a JSON object of carrier headers),
     # kept with the task and sent along with each forwarded attempt.
     trace_context: str = ""
-    _forward: asyncio.Future | None = None
+    _forward: asyncio.Future[list[np.ndarray]] | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
-    _watchers: list[asyncio.Queue] = field(default_factory=list)
+    _watchers: list[asyncio.Queue[TaskEvent]] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -265,10 +266,10 @@ class TaskManager:
         self._retained_bytes = 0
         self._accepting = True
         self._work: dict[LocalDevice, asyncio.Event] = {}
-        self._workers: list[asyncio.Task] = []
+        self._workers: list[asyncio.Task[None]] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
-        self._capable: dict = {}  # select()'s, cleared when the devices change
+        self._capable: SelectCache = {}  # select()'s, cleared when the devices change
         # The mesh: tasks whose node was lost with no other device able to run
         # them yet; placed again when a node joins. Only an orchestrator parks.
         self.park_unplaced = False
@@ -278,7 +279,7 @@ class TaskManager:
         self.owner: str | None = None
         self.lease_seconds = 10.0
         self._unplaced: dict[int, Task] = {}
-        self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
+        self._calls: LRUCache[tuple[Any, ...], tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
         )
         self._batcher = (
@@ -293,10 +294,11 @@ class TaskManager:
         # Gauges read live values when scraped, so the task path never updates them.
         metrics.TASKS_RETAINED.set_function(lambda: len(self._tasks))
         for device in self.devices:
+            # (mypy cannot type a lambda whose default binds the loop's device)
             metrics.child(metrics.QUEUE_DEPTH, device.name).set_function(
-                lambda d=device: len(d.queue)
+                lambda d=device: len(d.queue)  # type: ignore[misc]
             )
-            metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)
+            metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)  # type: ignore[misc]
             self._work[device] = asyncio.Event()
             for _ in range(self.options.workers_per_device):
                 self._workers.append(asyncio.create_task(self._worker(device)))
@@ -510,7 +512,7 @@ class TaskManager:
         attempts: list[Attempt],
         device: LocalDevice,
         call: ops.ValidatedCall | None,
-        spec: dict,
+        spec: dict[str, Any],
     ) -> Task:
         task = Task(
             id=record.id,
@@ -621,7 +623,7 @@ class TaskManager:
         self.devices = [d for d in self.devices if d not in gone]
         self._capable.clear()
         for device in devices:
-            device.gone = True
+            device.gone = True  # type: ignore[attr-defined]  # a node's device
             for seq in device.queue.drain():
                 task = self._queued.pop(seq, None)
                 if task is not None:
@@ -982,7 +984,7 @@ class TaskManager:
         work = self._work[device]
         remote = getattr(device, "remote", False)
         while True:
-            if remote and device.gone:
+            if remote and device.gone:  # type: ignore[attr-defined]
                 return
             if not len(device.queue):
                 work.clear()
@@ -1004,6 +1006,8 @@ class TaskManager:
                     await self._forward(task, device)
                 continue
             attempt = task.attempt
+            call = task.call
+            assert call is not None and task.inputs is not None  # a queued task has both
             device.task_started()
             began = time.perf_counter()
             try:
@@ -1013,8 +1017,8 @@ class TaskManager:
                         device.run,
                         task.op,
                         task.inputs,
-                        task.call.params,
-                        task.call.outputs,
+                        call.params,
+                        call.outputs,
                     )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
@@ -1050,7 +1054,11 @@ class TaskManager:
         return True
 
     def _batch_done(
-        self, task: Task, attempt: int, result: list[np.ndarray] | BaseException, seconds: float
+        self,
+        task: Task,
+        attempt: int,
+        result: builtins.list[np.ndarray] | BaseException,
+        seconds: float,
     ) -> None:
         if task.state.terminal or task.attempt != attempt:
             return  # cancelled while its batch ran, or (fencing) no longer this attempt
@@ -1072,7 +1080,7 @@ class TaskManager:
         began = time.perf_counter()
         failure: TaskFailure | None = None
         lost: str | None = None
-        outputs = None
+        outputs: builtins.list[np.ndarray] = []  # read only once the attempt succeeded
         try:
             await asyncio.wait((forward,))
         finally:
@@ -1083,7 +1091,7 @@ class TaskManager:
         if task.state.terminal or task.dispatch != dispatch:
             return  # cancelled, or a late answer from an attempt that was replaced
         if forward.cancelled():
-            lost = f"{device.name} was lost while running attempt: {device.lost_reason}"
+            lost = f"{device.name} was lost while running attempt: {device.lost_reason}"  # type: ignore[attr-defined]
         else:
             exc = forward.exception()
             if exc is None:
@@ -1107,8 +1115,10 @@ class TaskManager:
     def _run_inline(self, task: Task) -> None:
         self._start(task)
         began = time.perf_counter()
+        call = task.call
+        assert call is not None and task.inputs is not None  # a task that runs has both
         try:
-            outputs = task.device.run(task.op, task.inputs, task.call.params, task.call.outputs)
+            outputs = task.device.run(task.op, task.inputs, call.params, call.outputs)
         except Exception as exc:
             self._finish(task, TaskState.FAILED, _kernel_failure(task, exc))
             return
@@ -1181,7 +1191,7 @@ class TaskManager:
         attempt.error = failure
         return attempt
 
-    def _complete(self, task: Task, outputs: list[np.ndarray], seconds: float) -> None:
+    def _complete(self, task: Task, outputs: builtins.list[np.ndarray], seconds: float) -> None:
         task.run_seconds = seconds
         metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
         if task.keep_outputs:
