@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -936,7 +936,7 @@ class TaskManager:
             page_token=page_token,
         )
 
-    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[TaskEvent]:
+    async def watch(self, name: str, *, tenant: str) -> AsyncGenerator[TaskEvent, None]:
         """The current state, then every change until the task ends."""
         task = self.get(name, tenant=tenant)
         queue: asyncio.Queue[TaskEvent] = asyncio.Queue()

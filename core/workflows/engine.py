@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
@@ -615,7 +615,7 @@ class WorkflowEngine:
             page_token=page_token,
         )
 
-    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[WorkflowEvent]:
+    async def watch(self, name: str, *, tenant: str) -> AsyncGenerator[WorkflowEvent, None]:
         """The workflow as it stands, then every transition until it ends."""
         wf = self.get(name, tenant=tenant)
         queue: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
