@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 import numpy as np
@@ -15,7 +17,12 @@ import numpy as np
 from kernelmesh.clients.client import DEFAULT_TARGET, Client
 from kernelmesh.clients.errors import DeadlineExceededError, KernelmeshError
 from kernelmesh.clients.reach import Unreachable, reach
-from kernelmesh.clients.types import selector
+from kernelmesh.clients.types import TensorRef, selector
+
+if TYPE_CHECKING:
+    import grpc
+
+    from kernelmesh.v1.orchestrator_pb2_grpc import OrchestratorServiceStub
 
 # Inputs above this many bytes go up chunked (UploadTensor) before the task runs, with
 # a line per file, instead of inside one RunTask message.
@@ -35,7 +42,7 @@ class _PluginGroup(click.Group):
             return command
         for ep in entry_points(group="kernelmesh.cli"):
             if ep.name == name:
-                return ep.load()
+                return cast(click.Command, ep.load())
         return None
 
 
@@ -62,7 +69,10 @@ def _ca_bundle() -> str | None:
     return None if ctx is None else ctx.meta.get("kernelmesh.ca_bundle")
 
 
-def target_option(command):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def target_option(command: _F) -> _F:
     """--target, --wait and --ca-bundle: where the server is, how long to wait for it
     to answer, and the CAs to trust when it serves TLS."""
     command = click.option(
@@ -95,7 +105,9 @@ def target_option(command):
     )(command)
 
 
-def _client(target: str, wait: float, *, timeout: float = 60.0, tenant: str | None = None):
+def _client(
+    target: str, wait: float, *, timeout: float = 60.0, tenant: str | None = None
+) -> Client:
     """A client for a server that answers, or exit 1 with what to do when none does."""
     ca_bundle = _ca_bundle()
     try:
@@ -220,7 +232,8 @@ def _load_npy(path: str) -> np.ndarray:
             param_hint="'--input' / '-i'",
         )
     try:
-        return np.load(path, allow_pickle=False)
+        array: np.ndarray = np.load(path, allow_pickle=False)
+        return array
     except (ValueError, OSError, EOFError) as exc:
         raise click.BadParameter(
             f"{path}: the .npy file cannot be read ({exc})", param_hint="'--input' / '-i'"
@@ -264,7 +277,7 @@ def run(
 ) -> None:
     """Run OP on .npy inputs and print or save the result."""
     arrays = [_load_npy(path) for path in inputs]
-    kwargs = dict(_parse_param(p) for p in params)
+    kwargs: dict[str, Any] = dict(_parse_param(p) for p in params)
     with _client(target, wait, timeout=600.0) as km:
         try:
             args = [_send(km, path, a) for path, a in zip(inputs, arrays, strict=True)]
@@ -293,7 +306,7 @@ def run(
             click.echo(result)
 
 
-def _send(km: Client, path: str, array: np.ndarray):
+def _send(km: Client, path: str, array: np.ndarray) -> np.ndarray | TensorRef:
     """Large inputs go up in chunks first, with a line saying so; small ones ride inline."""
     if array.nbytes <= UPLOAD_ABOVE_BYTES:
         return array
@@ -481,7 +494,9 @@ from kernelmesh.clients.workflow_cli import workflow  # noqa: E402 - it builds o
 main.add_command(workflow)
 
 
-def _orchestrator(target: str, wait: float):
+def _orchestrator(
+    target: str, wait: float
+) -> tuple[grpc.Channel, OrchestratorServiceStub, list[tuple[str, str]]]:
     """A stub for the node RPCs, and the metadata (API key) each call carries."""
     import os
 
@@ -505,7 +520,7 @@ def _orchestrator(target: str, wait: float):
     return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel), metadata
 
 
-def _rpc_failed(exc) -> None:
+def _rpc_failed(exc: grpc.RpcError) -> NoReturn:
     click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
     sys.exit(1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from kernelmesh.clients.types import TaskState
 class Case:
     op: str
     inputs: tuple[np.ndarray, ...]
-    params: dict
+    params: dict[str, Any]
     expected: np.ndarray
     rtol: float = 1e-4
     atol: float = 1e-4
@@ -26,7 +27,8 @@ class Case:
 def _gelu(x: np.ndarray) -> np.ndarray:
     from math import erf, sqrt
 
-    return (0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2)))).astype(x.dtype)
+    out: np.ndarray = (0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2)))).astype(x.dtype)
+    return out
 
 
 def _conv2d(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
@@ -36,7 +38,8 @@ def _conv2d(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarr
     oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
     windows = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
     windows = windows[:, :, ::stride, ::stride][:, :, :oh, :ow]
-    return np.einsum("nchwij,ocij->nohw", windows, w).astype(x.dtype)
+    out: np.ndarray = np.einsum("nchwij,ocij->nohw", windows, w).astype(x.dtype)
+    return out
 
 
 def cases(rng: np.random.Generator) -> list[Case]:
@@ -62,7 +65,7 @@ def cases(rng: np.random.Generator) -> list[Case]:
         Case("matmul", (batch_a, batch_b), {}, batch_a @ batch_b, rtol=1e-3, atol=1e-3),
         Case("add", (v, w), {}, v + w),
         Case("sub", (v, w), {}, v - w),
-        Case("mul", (v, np.float32(3.0)), {}, v * np.float32(3.0)),
+        Case("mul", (v, np.array(3.0, dtype=f32)), {}, v * np.float32(3.0)),
         Case("div", (v, positive), {}, v / positive, rtol=1e-5, atol=1e-5),
         Case("scale", (v,), {"factor": 0.5}, v * np.float32(0.5)),
         Case("relu", (v,), {}, np.maximum(v, 0)),
@@ -141,7 +144,7 @@ def run_demo(km: Client, *, echo: Callable[[str], None]) -> bool:
     mats = [rng.standard_normal((256, 256), dtype=np.float32) for _ in range(8)]
     began = time.perf_counter()
     handles = [km.submit("matmul", m, m, labels={"demo": "batch"}) for m in mats]
-    results = [h.result() for h in handles]
+    results = [cast(np.ndarray, h.result()) for h in handles]  # one output each, not kept
     batch_ok = all(
         np.allclose(r, m @ m, rtol=1e-3, atol=1e-3) for r, m in zip(results, mats, strict=True)
     )

@@ -8,12 +8,14 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import click
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -24,6 +26,8 @@ ROLES = {
     "node": orchestrator_pb2.API_KEY_ROLE_NODE,
 }
 ROLE_NAMES = {v: k for k, v in ROLES.items()}
+Metadata = list[tuple[str, str]]
+_F = TypeVar("_F", bound=Callable[..., Any])
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -38,7 +42,7 @@ def parse_duration(text: str) -> float:
 @contextmanager
 def _stub(
     target: str, api_key: str | None, ca_bundle: str | None
-) -> Iterator[tuple[orchestrator_pb2_grpc.OrchestratorServiceStub, list[tuple[str, str]]]]:
+) -> Iterator[tuple[orchestrator_pb2_grpc.OrchestratorServiceStub, Metadata]]:
     if not api_key:
         raise click.UsageError("an admin key is needed: set KERNELMESH_API_KEY or --api-key")
     if ca_bundle:
@@ -54,7 +58,8 @@ def _stub(
         )
 
 
-def _call(method, request, metadata):
+def _call(method: Callable[..., Any], request: Message, metadata: Metadata) -> Any:
+    """The stub's reply (the generated stubs are untyped), or exit 1 with the status."""
     try:
         return method(request, metadata=metadata, timeout=30)
     except grpc.RpcError as exc:
@@ -77,7 +82,7 @@ def _show(key: orchestrator_pb2.ApiKey) -> str:
     )
 
 
-def _connection(func):
+def _connection(func: _F) -> _F:
     func = click.option(
         "--ca-bundle",
         type=click.Path(exists=True, dir_okay=False),
@@ -128,8 +133,11 @@ def create(
     click.echo(reply.secret)
 
 
-def _all_keys(stub, metadata, tenant: str) -> list[orchestrator_pb2.ApiKey]:
-    found, token = [], ""
+def _all_keys(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, metadata: Metadata, tenant: str
+) -> list[orchestrator_pb2.ApiKey]:
+    found: list[orchestrator_pb2.ApiKey] = []
+    token = ""
     while True:
         reply = _call(
             stub.ListApiKeys,

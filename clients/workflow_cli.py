@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -15,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kernelmesh.clients.cli import _client, _fail, _load_npy, target_option
+from kernelmesh.clients.client import Client
 from kernelmesh.clients.errors import KernelmeshError
 from kernelmesh.clients.workflow_types import (
     StepState,
@@ -48,7 +51,7 @@ class _Rows:
     def __init__(self, info: WorkflowInfo) -> None:
         self.name = info.name
         self.state = info.state
-        self.rows: dict[str, list] = {}
+        self.rows: dict[str, list[Any]] = {}  # step -> [state, seconds, message]
         self.began: dict[str, float] = {}
         self.update(info)
 
@@ -88,12 +91,12 @@ class _Rows:
         return table
 
 
-def _follow(km, info: WorkflowInfo, plain: bool) -> WorkflowInfo:
+def _follow(km: Client, info: WorkflowInfo, plain: bool) -> WorkflowInfo:
     rows = _Rows(info)
     console = Console()
     if plain or not console.is_terminal:
         for event in km.workflows.watch(info.name):
-            if event.step:
+            if event.step and event.step_state is not None:  # a step's event has its state
                 took = f" ({event.seconds:.3f}s)" if event.seconds is not None else ""
                 click.echo(f"{event.step}: {event.step_state.name}{took} {event.message}".rstrip())
         final = km.workflows.get(info.name)
@@ -113,14 +116,14 @@ def _follow(km, info: WorkflowInfo, plain: bool) -> WorkflowInfo:
     return final
 
 
-def _leaves(spec) -> list[str]:
+def _leaves(spec: Mapping[str, Any]) -> list[str]:
     steps = spec.get("steps") or []
     used = {d for s in steps for d in (s.get("depends_on") or [])}
     text = yaml.safe_dump(spec)
     return [s["id"] for s in steps if s["id"] not in used and f"${{{s['id']}." not in text]
 
 
-def _write(km, final: WorkflowInfo, steps: list[str], out: Path) -> None:
+def _write(km: Client, final: WorkflowInfo, steps: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for step_id in steps:
         step = final.step(step_id)

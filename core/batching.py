@@ -90,12 +90,14 @@ class BatchingOptions:
         return max(self.preferred_batch_sizes, default=self.max_batch_size)
 
 
-def batch_class(task: Task, options: BatchingOptions) -> tuple | None:
+def batch_class(task: Task, options: BatchingOptions) -> tuple[Any, ...] | None:
     """The class a task batches in, or None when it runs alone."""
     op = task.op
     if op not in (options.ops or BATCHABLE_OPS) or task.elements > options.max_task_elements:
         return None
-    metas = task.call.inputs
+    call = task.call
+    assert call is not None  # a task to run has its validated call
+    metas = call.inputs
     shapes = tuple(m.shape for m in metas)
     if op == "matmul":
         if len(shapes[0]) != 2:
@@ -103,7 +105,7 @@ def batch_class(task: Task, options: BatchingOptions) -> tuple | None:
     elif len(shapes) == 2 and shapes[0] != shapes[1]:
         return None  # a scalar operand: concatenation would not line up
     try:
-        params = tuple(sorted(task.call.params.items()))
+        params = tuple(sorted(call.params.items()))
         hash(params)
     except TypeError:
         return None
@@ -168,9 +170,9 @@ class Batcher:
         self._executor = executor
         self._start = start
         self._done = done
-        self._forming: dict[tuple, _Forming] = {}
-        self._where: dict[int, tuple] = {}  # task seq -> its class, while forming
-        self._running: set[asyncio.Task] = set()
+        self._forming: dict[tuple[Any, ...], _Forming] = {}
+        self._where: dict[int, tuple[Any, ...]] = {}  # task seq -> its class, while forming
+        self._running: set[asyncio.Task[None]] = set()
         self.batches_run = 0
         self.tasks_batched = 0
 
@@ -208,7 +210,7 @@ class Batcher:
         """Tasks waiting in forming batches."""
         return len(self._where)
 
-    def _flush(self, key: tuple, whole: bool) -> None:
+    def _flush(self, key: tuple[Any, ...], whole: bool) -> None:
         forming = self._forming.get(key)
         if forming is None:
             return
@@ -242,7 +244,9 @@ class Batcher:
         first = started[0]
         device = first.device
         attempts = [t.attempt for t in started]
-        inputs = [t.inputs for t in started]
+        inputs = [t.inputs for t in started if t.inputs is not None]  # a started task has them
+        call = first.call
+        assert call is not None
         device.task_started()
         began = time.perf_counter()
         try:
@@ -251,9 +255,9 @@ class Batcher:
                 run_batch,
                 device,
                 first.op,
-                first.call.params,
+                call.params,
                 inputs,
-                first.call.outputs,
+                call.outputs,
             )
         except Exception as exc:  # the executor itself failed (shut down)
             results = [exc] * len(started)

@@ -108,14 +108,14 @@ def load(path: str | Path | None = None, **overrides: object) -> ServerConfig:
         raise ValueError(
             f"unknown settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
         )
-    if isinstance(values.get("backends"), str):
-        values["backends"] = tuple(b.strip() for b in values["backends"].split(",") if b.strip())
-    elif isinstance(values.get("backends"), list):
-        values["backends"] = tuple(values["backends"])
-    if isinstance(values.get("join"), str):
-        values["join"] = tuple(a.strip() for a in values["join"].split(",") if a.strip())
-    elif isinstance(values.get("join"), list):
-        values["join"] = tuple(values["join"])
+    if isinstance(backends := values.get("backends"), str):
+        values["backends"] = tuple(b.strip() for b in backends.split(",") if b.strip())
+    elif isinstance(backends, list):
+        values["backends"] = tuple(backends)
+    if isinstance(join := values.get("join"), str):
+        values["join"] = tuple(a.strip() for a in join.split(",") if a.strip())
+    elif isinstance(join, list):
+        values["join"] = tuple(join)
     if isinstance(values.get("limits"), dict):
         values["limits"] = Limits(**values["limits"])  # type: ignore[arg-type]
     if isinstance(values.get("quotas"), dict):

@@ -98,7 +98,9 @@ class LocalDevice:
     def supports(self, op: str, dtype: str) -> bool:
         return self.backend.supports(op, dtype)
 
-    def refusal(self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]):
+    def refusal(
+        self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]
+    ) -> str | None:
         return self.backend.refusal(op, shapes, params)
 
     def run(
@@ -107,7 +109,7 @@ class LocalDevice:
         inputs: Sequence[np.ndarray],
         params: Mapping[str, Any],
         outputs: Sequence[Any] | None = None,
-    ) -> list:
+    ) -> list[np.ndarray]:
         """`outputs`: the validated call's outputs (``ValidatedCall.outputs``), so the
         backend does not infer them again."""
         return self.backend.run(op, inputs, params, outputs)
@@ -255,6 +257,10 @@ _turn = itertools.count()
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+# Which devices can run each (selector, op, dtype), for one fixed list of devices.
+SelectCache = dict[tuple[DeviceSelector, str, str], list[LocalDevice]]
+
+
 def select(
     devices: Sequence[LocalDevice],
     selector: DeviceSelector,
@@ -263,7 +269,7 @@ def select(
     shapes: Sequence[tuple[int, ...]] = (),
     params: Mapping[str, Any] | None = None,
     work: Work | None = None,
-    cache: dict | None = None,
+    cache: SelectCache | None = None,
     near: Mapping[str, int] | None = None,
 ) -> LocalDevice:
     """The device that runs a task. Only devices that match the selector and can run
@@ -321,7 +327,7 @@ def _capable(
 
 def expected_finish(
     device: LocalDevice, work: Work | None, near: Mapping[str, int] | None = None
-) -> tuple:
+) -> tuple[float, ...]:
     load = device.running + len(device.queue)
     is_cpu = device.info.kind is DeviceKind.CPU
     # A device of another node: the bytes also cross the network, both ways.

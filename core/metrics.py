@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Iterator
+from typing import Any, TypeVar, cast
 
 from prometheus_client import REGISTRY, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -43,7 +46,7 @@ class Tally(Collector):
     ) -> None:
         self.name, self.doc, self.labels, self.buckets = name, doc, labels, buckets
         # labels -> [count per bucket (the last one is +Inf), sum of values]
-        self._series: dict[tuple[str, ...], list] = {}
+        self._series: dict[tuple[str, ...], list[Any]] = {}
         REGISTRY.register(self)
 
     def inc(self, key: tuple[str, ...]) -> None:
@@ -63,12 +66,12 @@ class Tally(Collector):
         """Each label set's (count, sum of observed values); sum is 0 for counters."""
         return {key: (sum(counts), total) for key, (counts, total) in list(self._series.items())}
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         if not self.buckets:
-            family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+            counter = CounterMetricFamily(self.name, self.doc, labels=self.labels)
             for key, (counts, _) in list(self._series.items()):
-                family.add_metric(list(key), counts[0])
-            yield family
+                counter.add_metric(list(key), counts[0])
+            yield counter
             return
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
         for key, (counts, total) in list(self._series.items()):
@@ -98,15 +101,16 @@ TASKS_RETAINED = Gauge("kernelmesh_tasks_retained", "Task records held in memory
 
 # labels() takes a lock and builds a key on every call; the hot path keeps the
 # children it has already resolved.
-_children: dict[tuple, object] = {}
+_children: dict[tuple[int | str, ...], MetricWrapperBase] = {}
+_M = TypeVar("_M", bound=MetricWrapperBase)
 
 
-def child(metric, *labels: str):
-    key = (id(metric), *labels)
+def child(metric: _M, *labels: str) -> _M:
+    key: tuple[int | str, ...] = (id(metric), *labels)
     found = _children.get(key)
     if found is None:
         found = _children[key] = metric.labels(*labels)
-    return found
+    return cast(_M, found)
 
 
 # The mesh (core/mesh): membership and failover.

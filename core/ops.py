@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
+from typing import Any, SupportsInt, TypeGuard, cast
 
 __all__ = [
     "CATALOG",
@@ -264,7 +265,10 @@ class _Violations:
         self.items.append(FieldViolation(field, description))
 
 
-_Infer = Callable[[OpSpec, tuple[TensorMeta, ...], dict[str, object], _Violations], tuple]
+_Metas = tuple[TensorMeta, ...]
+# Params after their checks: each holds its type's value, or _INVALID.
+_Params = dict[str, Any]
+_Infer = Callable[[OpSpec, _Metas, _Params, _Violations], _Metas]
 
 
 def validate(
@@ -313,6 +317,10 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def _all_integers(shape: tuple[object, ...]) -> TypeGuard[tuple[int, ...]]:
+    return all(not isinstance(d, bool) and isinstance(d, numbers.Integral) for d in shape)
+
+
 def _check_input(spec: OpSpec, i: int, t: TensorMeta, limits: Limits, errors: _Violations) -> bool:
     """Checks one input's dtype, dims and size; returns whether its shape is usable."""
     if t.dtype not in spec.dtypes:
@@ -324,8 +332,8 @@ def _check_input(spec: OpSpec, i: int, t: TensorMeta, limits: Limits, errors: _V
             + f"; allowed: {', '.join(spec.dtypes)}"
             + (f" (convert first, e.g. x.astype({spec.dtypes[0]!r}))" if not reason else ""),
         )
-    shape = tuple(t.shape)
-    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
+    shape: tuple[object, ...] = tuple(t.shape)  # from the wire: checked here
+    if not _all_integers(shape):
         errors.add(f"inputs[{i}].shape", f"inputs[{i}].shape {shape} must hold integers")
         return False
     if any(d < 0 for d in shape):
@@ -431,15 +439,15 @@ def _coerce(p: ParamSpec, value: object) -> object:
 
 def _as_int(value: object) -> int:
     # Struct carries every number as a double, so 2.0 means 2.
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
         return int(value)
     if (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
         and math.isfinite(value)
         and float(value).is_integer()
     ):
-        return int(value)
+        return int(cast(SupportsInt, value))  # numbers.Real does not declare __int__
     raise ValueError(f"must be an integer, got {_show(value)}")
 
 
@@ -468,7 +476,7 @@ def _is_scalar(shape: tuple[int, ...]) -> bool:
     return shape == () or shape == (1,)
 
 
-def _infer_binary(spec, inputs, params, errors):
+def _infer_binary(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     a, b = inputs
     _same_dtype(spec, inputs, errors)
     if a.shape == b.shape or _is_scalar(b.shape):
@@ -486,12 +494,12 @@ def _infer_binary(spec, inputs, params, errors):
     return (TensorMeta(a.dtype, shape),)
 
 
-def _infer_unary(spec, inputs, params, errors):
+def _infer_unary(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     (x,) = inputs
     return (TensorMeta(x.dtype, x.shape),)
 
 
-def _infer_reduction(spec, inputs, params, errors):
+def _infer_reduction(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     (x,) = inputs
     ndim = len(x.shape)
     axis = params["axis"]
@@ -507,7 +515,7 @@ def _infer_reduction(spec, inputs, params, errors):
             return ()
         axis %= ndim
         params["axis"] = axis
-        axes = (axis,)
+        axes: tuple[int, ...] = (axis,)
     else:
         axes = tuple(range(ndim))
 
@@ -532,7 +540,7 @@ def _infer_reduction(spec, inputs, params, errors):
     return (TensorMeta(dtype, shape),)
 
 
-def _infer_softmax(spec, inputs, params, errors):
+def _infer_softmax(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     (x,) = inputs
     if len(x.shape) < 1:
         errors.add(
@@ -543,7 +551,7 @@ def _infer_softmax(spec, inputs, params, errors):
     return (TensorMeta(x.dtype, x.shape),)
 
 
-def _infer_matmul(spec, inputs, params, errors):
+def _infer_matmul(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     a, b = inputs
     _same_dtype(spec, inputs, errors)
     if len(a.shape) not in (2, 3):
@@ -580,7 +588,7 @@ def _infer_matmul(spec, inputs, params, errors):
     return (TensorMeta(a.dtype, (*a.shape[:-1], b.shape[-1])),)
 
 
-def _infer_transpose(spec, inputs, params, errors):
+def _infer_transpose(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     (x,) = inputs
     if len(x.shape) != 2:
         errors.add(
@@ -590,8 +598,8 @@ def _infer_transpose(spec, inputs, params, errors):
     return (TensorMeta(x.dtype, (x.shape[1], x.shape[0])),)
 
 
-def _pair(params: dict[str, object], name: str, minimum: int, errors: _Violations):
-    value = params[name]
+def _pair(params: _Params, name: str, minimum: int, errors: _Violations) -> tuple[int, ...] | None:
+    value: tuple[int, ...] = params[name]
     if value is _INVALID:
         return None
     if len(value) == 1:
@@ -606,7 +614,7 @@ def _pair(params: dict[str, object], name: str, minimum: int, errors: _Violation
     return value
 
 
-def _infer_conv2d(spec, inputs, params, errors):
+def _infer_conv2d(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     x, w = inputs
     _same_dtype(spec, inputs, errors)
     stride = _pair(params, "stride", 1, errors)
@@ -651,7 +659,7 @@ def _infer_conv2d(spec, inputs, params, errors):
     return (TensorMeta(x.dtype, (n, o, oh, ow)),)
 
 
-def _infer_fft(spec, inputs, params, errors):
+def _infer_fft(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violations) -> _Metas:
     (x,) = inputs
     if len(x.shape) < 1 or x.shape[-1] == 0:
         errors.add(

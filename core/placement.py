@@ -88,7 +88,7 @@ def expected_finish(
     is_cpu: bool = False,
     network_bytes: int = 0,
     stored_bytes: int = 0,
-) -> tuple:
+) -> tuple[float, ...]:
     """A sort key: lower finishes sooner. `load` is the tasks queued or running.
     Unmeasured devices come after measured ones; among them the CPU, whose kernels
     need no compiling or copying, goes first. `stored_bytes`: what a device's node

@@ -4,6 +4,7 @@ defaults, with Ray's default of 3 attempts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kernelmesh.core.errors import Code
 
@@ -49,7 +50,7 @@ class RetryPolicy:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> RetryPolicy:
+    def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
         return cls(
             initial_interval=float(data["initial_interval"]),
             backoff_coefficient=float(data["backoff_coefficient"]),

@@ -10,6 +10,7 @@ store: the caller holds the result."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import itertools
@@ -18,11 +19,11 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from cachetools import LRUCache
@@ -34,6 +35,7 @@ from kernelmesh.core.devices import (
     DeviceKind,
     DeviceSelector,
     LocalDevice,
+    SelectCache,
     expected_finish,
     select,
 )
@@ -214,10 +216,10 @@ class Task:
     trace_context: str = ""
     # Inputs that name tensors held on nodes (core/mesh/tensors.py), by position.
     remote_inputs: dict[int, mesh_tensors.RemoteTensor] | None = None
-    _forward: asyncio.Future | None = None
+    _forward: asyncio.Future[list[np.ndarray]] | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
-    _watchers: list[asyncio.Queue] = field(default_factory=list)
+    _watchers: list[asyncio.Queue[TaskEvent]] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     # A view of a task another orchestrator holds: follows it in the store until
@@ -336,10 +338,10 @@ class TaskManager:
         self._retained_bytes = 0
         self._accepting = True
         self._work: dict[LocalDevice, _Wakeup] = {}
-        self._workers: list[asyncio.Task] = []
+        self._workers: list[asyncio.Task[None]] = []
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
-        self._capable: dict = {}  # select()'s, cleared when the devices change
+        self._capable: SelectCache = {}  # select()'s, cleared when the devices change
         self._generation = 0  # of the device list: InlinePlans of an older one are stale
         # The mesh: tasks whose node was lost with no other device able to run
         # them yet; placed again when a node joins. Only an orchestrator parks.
@@ -356,7 +358,7 @@ class TaskManager:
         # (core.mesh.shared_tasks.SharedTasks; set by the server).
         self.shared_view = None
         self._unplaced: dict[int, Task] = {}
-        self._calls: LRUCache[tuple, tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
+        self._calls: LRUCache[tuple[Any, ...], tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
         )
         self._batcher = (
@@ -371,10 +373,11 @@ class TaskManager:
         # Gauges read live values when scraped, so the task path never updates them.
         metrics.TASKS_RETAINED.set_function(lambda: len(self._tasks))
         for device in self.devices:
+            # (mypy cannot type a lambda whose default binds the loop's device)
             metrics.child(metrics.QUEUE_DEPTH, device.name).set_function(
-                lambda d=device: len(d.queue)
+                lambda d=device: len(d.queue)  # type: ignore[misc]
             )
-            metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)
+            metrics.child(metrics.RUNNING, device.name).set_function(lambda d=device: d.running)  # type: ignore[misc]
             self._work[device] = _Wakeup()
             for _ in range(self.options.workers_per_device):
                 self._workers.append(asyncio.create_task(self._worker(device)))
@@ -682,7 +685,7 @@ class TaskManager:
         attempts: list[Attempt],
         device: LocalDevice,
         call: ops.ValidatedCall | None,
-        spec: dict,
+        spec: dict[str, Any],
         *,
         register: bool = True,
     ) -> Task:
@@ -821,7 +824,7 @@ class TaskManager:
         self._capable.clear()
         self._generation += 1
         for device in devices:
-            device.gone = True
+            device.gone = True  # type: ignore[attr-defined]  # a node's device
             for seq in device.queue.drain():
                 task = self._queued.pop(seq, None)
                 if task is not None:
@@ -1257,7 +1260,7 @@ class TaskManager:
             page_token=page_token,
         )
 
-    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[TaskEvent]:
+    async def watch(self, name: str, *, tenant: str) -> AsyncGenerator[TaskEvent, None]:
         """The current state, then every change until the task ends."""
         task = self.get(name, tenant=tenant)
         queue: asyncio.Queue[TaskEvent] = asyncio.Queue()
@@ -1306,7 +1309,7 @@ class TaskManager:
         remote = getattr(device, "remote", False)
         while True:
             outputs = None  # an idle worker must not hold on to its last task's outputs
-            if remote and device.gone:
+            if remote and device.gone:  # type: ignore[attr-defined]
                 return
             if not len(device.queue):
                 await work.wait()
@@ -1327,6 +1330,8 @@ class TaskManager:
                     await self._forward(task, device)
                 continue
             attempt = task.attempt
+            call = task.call
+            assert call is not None and task.inputs is not None  # a queued task has both
             device.task_started()
             began = time.perf_counter()
             try:
@@ -1336,8 +1341,8 @@ class TaskManager:
                         device.run,
                         task.op,
                         task.inputs,
-                        task.call.params,
-                        task.call.outputs,
+                        call.params,
+                        call.outputs,
                     )
             except Exception as exc:  # a kernel failure fails its task, never the server
                 outputs = None
@@ -1376,7 +1381,11 @@ class TaskManager:
         return True
 
     def _batch_done(
-        self, task: Task, attempt: int, result: list[np.ndarray] | BaseException, seconds: float
+        self,
+        task: Task,
+        attempt: int,
+        result: builtins.list[np.ndarray] | BaseException,
+        seconds: float,
     ) -> None:
         if task.state.terminal or task.attempt != attempt:
             return  # cancelled while its batch ran, or (fencing) no longer this attempt
@@ -1398,7 +1407,7 @@ class TaskManager:
         began = time.perf_counter()
         failure: TaskFailure | None = None
         lost: str | None = None
-        outputs = None
+        outputs: builtins.list[np.ndarray] = []  # read only once the attempt succeeded
         try:
             await asyncio.wait((forward,))
         finally:
@@ -1409,7 +1418,7 @@ class TaskManager:
         if task.state.terminal or task.dispatch != dispatch:
             return  # cancelled, or a late answer from an attempt that was replaced
         if forward.cancelled():
-            lost = f"{device.name} was lost while running attempt: {device.lost_reason}"
+            lost = f"{device.name} was lost while running attempt: {device.lost_reason}"  # type: ignore[attr-defined]
         else:
             exc = forward.exception()
             if exc is None:
@@ -1433,8 +1442,10 @@ class TaskManager:
     def _run_inline(self, task: Task) -> None:
         self._start(task)
         began = time.perf_counter()
+        call = task.call
+        assert call is not None and task.inputs is not None  # a task that runs has both
         try:
-            outputs = task.device.run(task.op, task.inputs, task.call.params, task.call.outputs)
+            outputs = task.device.run(task.op, task.inputs, call.params, call.outputs)
         except Exception as exc:
             self._fail(task, _kernel_failure(task, exc))  # a submitted task retries
             return
@@ -1510,7 +1521,7 @@ class TaskManager:
         attempt.error = failure
         return attempt
 
-    def _complete(self, task: Task, outputs: list[np.ndarray], seconds: float) -> None:
+    def _complete(self, task: Task, outputs: builtins.list[np.ndarray], seconds: float) -> None:
         task.run_seconds = seconds
         metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
         if task.keep_outputs:

@@ -4,6 +4,8 @@ the mesh arrives."""
 
 from __future__ import annotations
 
+import grpc
+
 from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.auth import KEY_PREFIX, KeyRing
 from kernelmesh.core.errors import InvalidArgument, Violation
@@ -67,7 +69,9 @@ class ApiKeyServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.keys = keys
 
     @rpc
-    async def CreateApiKey(self, request, context):
+    async def CreateApiKey(
+        self, request: orchestrator_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CreateApiKeyResponse:
         role = ROLE_FROM_PROTO.get(request.role)
         if role is None:
             raise InvalidArgument(
@@ -87,7 +91,9 @@ class ApiKeyServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
 
     @rpc
-    async def ListApiKeys(self, request, context):
+    async def ListApiKeys(
+        self, request: orchestrator_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListApiKeysResponse:
         tenant = check_tenant(request.tenant, "tenant") if request.tenant else None
         records = await self.keys.store.list_api_keys(tenant)
         start, size = paging.page_bounds(request.page_token, request.page_size, len(records))
@@ -97,7 +103,9 @@ class ApiKeyServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
 
     @rpc
-    async def RevokeApiKey(self, request, context):
+    async def RevokeApiKey(
+        self, request: orchestrator_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.RevokeApiKeyResponse:
         grace = (
             _seconds(request.grace, "grace", 0, MAX_GRACE_SECONDS)
             if request.HasField("grace")

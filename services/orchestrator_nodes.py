@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
 
 from kernelmesh.core.devices import DeviceInfo, DeviceKind, DeviceStatus
 from kernelmesh.core.errors import KernelmeshError
@@ -113,7 +116,9 @@ class NodeRpcs:
         self.mesh = mesh
 
     @rpc
-    async def RegisterNode(self, request, context):
+    async def RegisterNode(
+        self, request: orchestrator_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.RegisterNodeResponse:
         # Sizes first: nothing per device is built for a request that claims too much.
         check_counts(len(request.devices), len(request.capabilities))
         record = ""
@@ -128,7 +133,11 @@ class NodeRpcs:
             lease_seconds=self.mesh.lease_seconds,
         )
 
-    async def Heartbeat(self, request_iterator, context):
+    async def Heartbeat(
+        self,
+        request_iterator: AsyncIterator[orchestrator_pb2.HeartbeatRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[orchestrator_pb2.HeartbeatResponse]:
         """Each request renews the node's lease; commands (drain) flow back."""
         node: Node | None = None
         sender: asyncio.Task | None = None
@@ -183,7 +192,9 @@ class NodeRpcs:
                 await reader
 
     @rpc
-    async def ListNodes(self, request, context):
+    async def ListNodes(
+        self, request: orchestrator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListNodesResponse:
         nodes = self.mesh.list()
         start, size = paging.page_bounds(request.page_token, request.page_size, len(nodes))
         return orchestrator_pb2.ListNodesResponse(
@@ -192,9 +203,13 @@ class NodeRpcs:
         )
 
     @rpc
-    async def GetNode(self, request, context):
+    async def GetNode(
+        self, request: orchestrator_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetNodeResponse:
         return orchestrator_pb2.GetNodeResponse(node=node_to_proto(self.mesh.get(request.name)))
 
     @rpc
-    async def DrainNode(self, request, context):
+    async def DrainNode(
+        self, request: orchestrator_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.DrainNodeResponse:
         return orchestrator_pb2.DrainNodeResponse(node=node_to_proto(self.mesh.drain(request.name)))

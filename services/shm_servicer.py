@@ -60,19 +60,25 @@ class SharedMemoryServicer(shm_pb2_grpc.SharedMemoryServiceServicer):
         self.registry = registry
 
     @rpc
-    async def RegisterSharedMemory(self, request, context):
+    async def RegisterSharedMemory(
+        self, request: shm_pb2.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> shm_pb2.RegisterSharedMemoryResponse:
         require_local(context)
         r = request.region
         region = self.registry.register(tenant_of(context), r.name, r.key, r.byte_size)
         return shm_pb2.RegisterSharedMemoryResponse(region=_region_proto(region))
 
     @rpc
-    async def UnregisterSharedMemory(self, request, context):
+    async def UnregisterSharedMemory(
+        self, request: shm_pb2.UnregisterSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> shm_pb2.UnregisterSharedMemoryResponse:
         self.registry.unregister(tenant_of(context), request.name)
         return shm_pb2.UnregisterSharedMemoryResponse()
 
     @rpc
-    async def ListSharedMemory(self, request, context):
+    async def ListSharedMemory(
+        self, request: shm_pb2.ListSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> shm_pb2.ListSharedMemoryResponse:
         regions = self.registry.list(tenant_of(context))
         start, size = paging.page_bounds(request.page_token, request.page_size, len(regions))
         return shm_pb2.ListSharedMemoryResponse(

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from kernelmesh.core import ops
+from kernelmesh.core.catalog import devices_for
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
 from kernelmesh.core.shm import SharedMemoryRegistry
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
@@ -23,6 +24,7 @@ from kernelmesh.core.tasks import (
     TaskState,
     fingerprint_of,
 )
+from kernelmesh.core.uploads import TensorUpload
 from kernelmesh.services import convert, paging, shm_servicer
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -73,23 +75,22 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         )
 
     @rpc
-    async def ListOps(self, request, context):
+    async def ListOps(
+        self, request: task_pb2.ListOpsRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListOpsResponse:
         catalog = ops.list_ops()
         start, size = paging.page_bounds(request.page_token, request.page_size, len(catalog))
         page = catalog[start : start + size]
-        ops_msgs = [convert.op_to_proto(spec, self._devices_for(spec)) for spec in page]
+        ops_msgs = [
+            convert.op_to_proto(spec, devices_for(spec, self.tasks.devices)) for spec in page
+        ]
         token = paging.next_token(start, size, len(catalog))
         return task_pb2.ListOpsResponse(ops=ops_msgs, next_page_token=token)
 
-    def _devices_for(self, spec: ops.OpSpec) -> list[str]:
-        return [
-            d.name
-            for d in self.tasks.devices
-            if any(d.supports(spec.name, dtype) for dtype in spec.dtypes)
-        ]
-
     @rpc
-    async def SubmitTask(self, request, context):
+    async def SubmitTask(
+        self, request: task_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.SubmitTaskResponse:
         """Journals the task before replying (group commit with the submissions
         arriving together); request_id makes a retry return the first task."""
         spec = self._spec(request.task, context)
@@ -210,7 +211,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             await results.aclose()
 
     @rpc
-    async def GetTask(self, request, context):
+    async def GetTask(
+        self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.GetTaskResponse:
         _require_name(request.name)
         task = await self.tasks.find(request.name, tenant=tenant_of(context))
         full = request.view != task_pb2.TASK_VIEW_BASIC
@@ -219,18 +222,24 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return response
 
     @stream_rpc
-    async def WatchTask(self, request, context) -> AsyncIterator[task_pb2.WatchTaskResponse]:
+    async def WatchTask(
+        self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[task_pb2.WatchTaskResponse]:
         _require_name(request.name)
         async for event in self.tasks.follow(request.name, tenant=tenant_of(context)):
             yield _event_message(event)
 
     @rpc
-    async def CancelTask(self, request, context):
+    async def CancelTask(
+        self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.CancelTaskResponse:
         task = await self.tasks.cancel_anywhere(request.name, tenant=tenant_of(context))
         return task_pb2.CancelTaskResponse(task=convert.task_to_proto(task, full=False))
 
     @rpc
-    async def ListTasks(self, request, context):
+    async def ListTasks(
+        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListTasksResponse:
         state = _task_state(request.state) if request.state else None
         tenant = tenant_of(context)
         full = request.view == task_pb2.TASK_VIEW_FULL
@@ -264,21 +273,19 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         return response
 
     @rpc
-    async def UploadTensor(self, request_iterator, context):
+    async def UploadTensor(
+        self,
+        request_iterator: AsyncIterator[task_pb2.UploadTensorRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> task_pb2.UploadTensorResponse:
         tenant = tenant_of(context)
         if self.tensors is not None:
             return await self.tensors.upload(request_iterator, tenant, context)
-        header = None
-        buffer = np.empty(0, np.uint8)
-        filled = 0
-        ledger = self.tasks.store.ledger
-        nbytes = 0
-        # Memory is taken as chunks arrive, never from the header's declared size:
-        # a header alone holds nothing, and each chunk is charged to the tenant first.
+        upload: TensorUpload | None = None
         try:
             async for req in request_iterator:
                 part = req.WhichOneof("part")
-                if header is None:
+                if upload is None:
                     if part != "header":
                         raise InvalidArgument(
                             [Violation("header", "the first message must be a header")]
@@ -288,49 +295,34 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     nbytes = convert.check_shape(
                         header.shape, dtype, "header", self.limits, self.quotas.max_dims
                     )
-                    self.tasks.store.reserve_check(nbytes)
-                    # Room for the whole tensor, filled in place. An np.empty takes address
-                    # space, not memory: pages are committed as chunks land in them (and
-                    # NumPy asks for 2 MiB pages, where a growing bytearray faults 4 KiB
-                    # ones: assembling 256 MiB took 130 ms instead of 540 on a loaded VM).
-                    try:
-                        buffer = np.empty(nbytes, np.uint8)
-                    except MemoryError:
-                        raise ResourceExhausted(
-                            f"no room for a tensor of {nbytes} bytes on this server"
-                        ) from None
+                    upload = TensorUpload(
+                        self.tasks.store,
+                        tenant=tenant,
+                        dtype=dtype,
+                        shape=tuple(header.shape),
+                        nbytes=nbytes,
+                    )
                 elif part == "chunk":
-                    chunk = req.chunk  # each read of a bytes field is a fresh copy
-                    end = filled + len(chunk)
-                    if end > nbytes:
-                        raise InvalidArgument(
-                            [Violation("chunk", f"more data than the header's {nbytes} bytes")]
-                        )
-                    self.tasks.store.reserve_check(end)
-                    ledger.reserve(tenant, len(chunk))
-                    buffer[filled:end] = np.frombuffer(chunk, np.uint8)
-                    filled = end
+                    upload.add(req.chunk)  # each read of a bytes field is a fresh copy
                 else:
                     raise InvalidArgument(
                         [Violation("header", "only the first message is a header")]
                     )
-            if header is None:
+            if upload is None:
                 raise InvalidArgument([Violation("header", "the stream was empty")])
-            if filled != nbytes:
-                raise InvalidArgument(
-                    [Violation("chunk", f"got {filled} bytes; the header needs {nbytes}")]
-                )
-            array = buffer.view(dtype).reshape(tuple(header.shape))
-            item = self.tasks.store.put(array, tenant=tenant, reserved=True)
+            item = upload.finish()
         except BaseException:
-            ledger.release(tenant, filled)
+            if upload is not None:
+                upload.abort()
             raise
         if self.tasks.journal is not None:
             await self.tasks.journal.sync()  # the tensor survives a crash once acknowledged
         return task_pb2.UploadTensorResponse(tensor=convert.ref_to_proto(item))
 
     @stream_rpc
-    async def DownloadTensor(self, request, context):
+    async def DownloadTensor(
+        self, request: task_pb2.DownloadTensorRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[task_pb2.DownloadTensorResponse]:
         tenant = tenant_of(context)
         if self.tensors is not None and self.tensors.holds(request.name, tenant):
             async for part in self.tensors.download(request, tenant, context):
@@ -346,7 +338,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             yield task_pb2.DownloadTensorResponse(chunk=bytes(view[start : start + size]))
 
     @rpc
-    async def DeleteTensor(self, request, context):
+    async def DeleteTensor(
+        self, request: task_pb2.DeleteTensorRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.DeleteTensorResponse:
         tenant = tenant_of(context)
         if self.tensors is not None and self.tensors.holds(request.name, tenant):
             await self.tensors.delete(request.name, tenant, context)

@@ -325,7 +325,7 @@ def _deployment(body: Any, kind: ModelKind, at: _Path) -> DeploymentConfig:
     if "name" not in values:
         raise LLMConfigError(f"{at / 'name'}: every deployment needs a name")
     values["name"] = str(values["name"])
-    deployment = _dataclass(DeploymentConfig, values, at, minimum=0)
+    deployment: DeploymentConfig = _dataclass(DeploymentConfig, values, at, minimum=0)
     if provider is ProviderKind.LOCAL:
         if kind is not ModelKind.EMBEDDING:
             raise LLMConfigError(

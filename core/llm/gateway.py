@@ -36,9 +36,10 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -239,7 +240,7 @@ class Gateway:
             for d in model.deployments:
                 # The series keeps its last value, not this gateway alive.
                 last = metrics.BREAKER_VALUES[d.breaker.state]
-                metrics.BREAKER_STATE.labels(model.name, d.name).set_function(lambda v=last: v)
+                metrics.BREAKER_STATE.labels(model.name, d.name).set_function(lambda v=last: v)  # type: ignore[misc]
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -312,7 +313,7 @@ class Gateway:
         options: GenerationOptions = GenerationOptions(),  # noqa: B008 - frozen, shared safely
         *,
         timeout: float | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """`timeout` as for generate; it sizes the windows for the first chunk."""
         try:
             entry = self._chat_model(model)
@@ -592,7 +593,7 @@ class Gateway:
             own = window >= deployment.config.timeout_s
             try:
                 permit, result = await deployment.retry.call(
-                    lambda d=deployment, u=until, o=own: self._attempt(d, call, stream, u, o),
+                    functools.partial(self._attempt, deployment, call, stream, until, own),
                     until,
                 )
                 return deployment, permit, result
@@ -706,13 +707,13 @@ def _count_failure(model: str, models: dict[str, _Model], error: KernelmeshError
 
 
 async def _first_chunk(
-    upstream: AsyncIterator[Chunk],
-) -> tuple[AsyncIterator[Chunk], Chunk]:
+    upstream: AsyncGenerator[Chunk, None],
+) -> tuple[AsyncGenerator[Chunk, None], Chunk]:
     """Opens a stream up to its first chunk, so that failures before any text
     was delivered can still be retried or failed over."""
     try:
         first = await anext(upstream)
     except BaseException:
-        await upstream.aclose()  # type: ignore[attr-defined]
+        await upstream.aclose()
         raise
     return upstream, first

@@ -73,7 +73,7 @@ class RetryPolicy:
             return error.retry_after
         # Exponential backoff plus random jitter, so that many clients
         # retrying together do not hit the upstream in step.
-        exponential = self.config.initial_backoff_s * 2 ** (attempt - 1)
+        exponential: float = self.config.initial_backoff_s * 2 ** (attempt - 1)
         jitter = random.uniform(0, self.config.initial_backoff_s)
         return min(self.config.max_backoff_s, exponential) + jitter
 

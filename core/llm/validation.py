@@ -25,16 +25,18 @@ def check_chat(
     messages = tuple(messages)
     if not messages:
         violations.append(Violation("messages", "at least one message is required"))
+    # The isinstance checks hold for typed callers; they are for those that are not
+    # (a dict from JSON, a str role), which mypy counts as unreachable.
     for i, message in enumerate(messages):
         if not isinstance(message, Message) or not isinstance(message.role, Role):
-            violations.append(
+            violations.append(  # type: ignore[unreachable]
                 Violation(
                     f"messages[{i}].role",
                     f"must be one of {', '.join(r.value for r in Role)}",
                 )
             )
         elif not isinstance(message.content, str):
-            violations.append(Violation(f"messages[{i}].content", "must be a string"))
+            violations.append(Violation(f"messages[{i}].content", "must be a string"))  # type: ignore[unreachable]
     if options.temperature is not None and not 0.0 <= options.temperature <= 2.0:
         violations.append(
             Violation("options.temperature", f"must be between 0 and 2, got {options.temperature}")
@@ -57,7 +59,7 @@ def check_chat(
     if violations:
         raise InvalidArgument(violations)
     if not isinstance(options.stop, tuple):
-        options = dataclasses.replace(options, stop=stop)
+        options = dataclasses.replace(options, stop=stop)  # type: ignore[unreachable]
     return messages, options
 
 

@@ -15,6 +15,7 @@ The gRPC call that forwards an attempt to a node lives in `services`
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import re
@@ -108,10 +109,18 @@ class RemoteDevice(LocalDevice):
     def supports(self, op: str, dtype: str) -> bool:
         return self.capability is not None and (op, dtype) in self.capability.ops
 
-    def refusal(self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]):
+    def refusal(
+        self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]
+    ) -> str | None:
         return None  # shape limits are the node's to check; it answers FAILED_PRECONDITION
 
-    def run(self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> list:
+    def run(
+        self,
+        op: str,
+        inputs: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        outputs: Sequence[Any] | None = None,
+    ) -> list[np.ndarray]:
         raise RuntimeError("a remote device runs attempts through forward()")
 
     def memory_available_bytes(self) -> int:
@@ -138,9 +147,9 @@ class Node:
     queue_depth: int = 0
     running: int = 0
     # Commands for the heartbeat stream, read by the node's open stream.
-    commands: asyncio.Queue = field(default_factory=asyncio.Queue)
+    commands: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     # Forwarded attempts in flight, cancelled if the node is lost.
-    inflight: set[asyncio.Future] = field(default_factory=set)
+    inflight: set[asyncio.Future[Any]] = field(default_factory=set)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     # Joined to another orchestrator on the shared store: placed here, its lease
     # read from the store.
@@ -234,7 +243,7 @@ class Mesh:
         self.lease_seconds = lease_seconds
         self.version = version
         self.nodes: dict[str, Node] = {}
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         # A store shared with other orchestrators (PostgreSQL): node records and
         # their leases are written there, under this orchestrator's id.
         self.store: Store | None = None
@@ -413,7 +422,7 @@ class Mesh:
             await asyncio.sleep(min(1.0, self.lease_seconds / 4))
             self.sweep()
 
-    def sweep(self) -> list[Node]:
+    def sweep(self) -> builtins.list[Node]:
         """Declares LOST every node whose lease has run out."""
         now = time.monotonic()
         lost = [
@@ -456,7 +465,7 @@ class Mesh:
 
     # -- the mesh's devices -----------------------------------------------
 
-    def devices(self) -> list[RemoteDevice]:
+    def devices(self) -> builtins.list[RemoteDevice]:
         return [d for n in self.list() if n.state is not NodeState.LOST for d in n.devices]
 
 

@@ -109,9 +109,9 @@ class MemoryStore(Store):
             if node is not None and node.orchestrator == op.orchestrator:
                 self.nodes[op.name] = dataclasses.replace(node, lease_until=op.lease_until)
         elif isinstance(op, RevokeApiKey):
-            record = self.api_keys.get(op.key_id)
-            if record is not None and (record.revoked_at is None or record.revoked_at > op.at):
-                self.api_keys[op.key_id] = dataclasses.replace(record, revoked_at=op.at)
+            api_key = self.api_keys.get(op.key_id)
+            if api_key is not None and (api_key.revoked_at is None or api_key.revoked_at > op.at):
+                self.api_keys[op.key_id] = dataclasses.replace(api_key, revoked_at=op.at)
         elif isinstance(op, PutWorkflow):
             self.workflows[op.record.id] = dataclasses.replace(op.record)
         elif isinstance(op, UpdateWorkflow):
@@ -120,12 +120,12 @@ class MemoryStore(Store):
                 for name, value in op.fields.items():
                     setattr(workflow, name, value)
         elif isinstance(op, PutWorkflowStep):
-            key = (op.record.workflow_id, op.record.step_id)
-            self.workflow_steps[key] = dataclasses.replace(op.record)
+            step = (op.record.workflow_id, op.record.step_id)
+            self.workflow_steps[step] = dataclasses.replace(op.record)
         elif isinstance(op, DeleteWorkflow):
             self.workflows.pop(op.id, None)
-            for key in [k for k in self.workflow_steps if k[0] == op.id]:
-                del self.workflow_steps[key]
+            for step in [k for k in self.workflow_steps if k[0] == op.id]:
+                del self.workflow_steps[step]
 
     async def list_nodes(self) -> list[NodeRecord]:
         return [self.nodes[k] for k in sorted(self.nodes)]

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,6 +33,7 @@ from kernelmesh.core.store.base import (
     Store,
     StoreError,
     StoreUnavailable,
+    TaskRecord,
     UpdateTask,
 )
 from kernelmesh.core.store.workflow_records import WorkflowSnapshot
@@ -104,7 +106,7 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
         self._queue: list[_Entry] = []
         self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._sql: dict[str, str] = {}
         self._listener: asyncpg.Connection | None = None
@@ -235,7 +237,9 @@ class PostgresStore(Store):
             self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
         return False
 
-    async def _transaction(self, statements: list, notices: list[str] = ()) -> None:
+    async def _transaction(
+        self, statements: list[tuple[str, sql.Row]], notices: Sequence[str] = ()
+    ) -> None:
         assert self._pool is not None
         async with self._pool.acquire() as conn, conn.transaction():
             for statement, rows in sql.grouped(statements):
@@ -294,7 +298,7 @@ class PostgresStore(Store):
                 )
                 pool.terminate()
 
-    async def _fetch(self, statement: str, *args: object) -> list:
+    async def _fetch(self, statement: str, *args: object) -> list[asyncpg.Record]:
         if self._pool is None:
             raise StoreUnavailable(f"the store {self.where} is closed")
         try:
@@ -484,7 +488,7 @@ class PostgresStore(Store):
         return [sql.api_key_from_row(tuple(r)) for r in rows]
 
 
-def _seq(record) -> int:
+def _seq(record: TaskRecord) -> int:
     return record.seq
 
 

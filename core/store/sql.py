@@ -9,6 +9,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.store.base import (
@@ -43,6 +44,9 @@ from kernelmesh.core.store.workflow_records import (
     WorkflowRecord,
     WorkflowStepRecord,
 )
+
+# A row of SQL parameters, or of a query's result.
+Row = tuple[Any, ...]
 
 # Blobs up to this size live in the database; bigger ones are files in the
 # blob directory (written and fsynced before the transaction that names them).
@@ -142,17 +146,17 @@ class BlobFiles:
                 self.path(key).unlink()
 
 
-def plan(ops: Iterable[Op], files: BlobFiles) -> tuple[list[tuple[str, tuple]], list[str]]:
+def plan(ops: Iterable[Op], files: BlobFiles) -> tuple[list[tuple[str, Row]], list[str]]:
     """The statements for `ops`, in order, and the blob keys whose files to remove
     once they commit."""
-    statements: list[tuple[str, tuple]] = []
+    statements: list[tuple[str, Row]] = []
     unlink: list[str] = []
     for op in ops:
         statements.extend(_statements(op, files, unlink))
     return statements, unlink
 
 
-def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[str, tuple]]:
+def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[str, Row]]:
     if isinstance(op, PutTask):
         yield PUT_TASK, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateTask):
@@ -204,7 +208,7 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
         raise TypeError(f"unknown store operation {op!r}")
 
 
-def _workflow_statements(op: object) -> Iterator[tuple[str, tuple]]:
+def _workflow_statements(op: object) -> Iterator[tuple[str, Row]]:
     if isinstance(op, PutWorkflow):
         yield PUT_WORKFLOW, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateWorkflow):
@@ -218,7 +222,7 @@ def _workflow_statements(op: object) -> Iterator[tuple[str, tuple]]:
 
 def _update(
     table: str, updatable: frozenset[str], key: str, fields: dict[str, object]
-) -> tuple[str, tuple]:
+) -> tuple[str, Row]:
     """UPDATE of the named columns of one row, refusing any not in `updatable`."""
     names = sorted(fields)
     unknown = set(names) - updatable
@@ -228,16 +232,16 @@ def _update(
     return f"UPDATE {table} SET {sets} WHERE id = ?", (*(fields[n] for n in names), key)
 
 
-def _put_blob(key: str, data: bytes, files: BlobFiles) -> tuple[str, tuple]:
+def _put_blob(key: str, data: bytes, files: BlobFiles) -> tuple[str, Row]:
     if len(data) > INLINE_BLOB_BYTES and files.directory is not None:
         return PUT_BLOB, (key, len(data), None, files.write(key, data))
     return PUT_BLOB, (key, len(data), bytes(data), None)
 
 
-def grouped(statements: list[tuple[str, tuple]]) -> Iterator[tuple[str, list[tuple]]]:
+def grouped(statements: list[tuple[str, Row]]) -> Iterator[tuple[str, list[Row]]]:
     """Runs of the same statement, so each run is one executemany."""
     current: str | None = None
-    rows: list[tuple] = []
+    rows: list[Row] = []
     for sql, params in statements:
         if sql != current and rows:
             yield current, rows  # type: ignore[misc]
@@ -248,19 +252,19 @@ def grouped(statements: list[tuple[str, tuple]]) -> Iterator[tuple[str, list[tup
         yield current, rows  # type: ignore[misc]
 
 
-def task_from_row(row: tuple) -> TaskRecord:
+def task_from_row(row: Row) -> TaskRecord:
     return TaskRecord(*row)
 
 
-def attempt_from_row(row: tuple) -> AttemptRecord:
+def attempt_from_row(row: Row) -> AttemptRecord:
     return AttemptRecord(*row)
 
 
-def tensor_from_row(row: tuple) -> TensorRecord:
+def tensor_from_row(row: Row) -> TensorRecord:
     return TensorRecord(*row)
 
 
-def api_key_from_row(row: tuple) -> ApiKeyRecord:
+def api_key_from_row(row: Row) -> ApiKeyRecord:
     key_id, digest, tenant, role, label, created, expires, revoked = row
     return ApiKeyRecord(
         key_id=key_id,
@@ -274,9 +278,9 @@ def api_key_from_row(row: tuple) -> ApiKeyRecord:
     )
 
 
-def workflow_from_row(row: tuple) -> WorkflowRecord:
+def workflow_from_row(row: Row) -> WorkflowRecord:
     return WorkflowRecord(*row)
 
 
-def workflow_step_from_row(row: tuple) -> WorkflowStepRecord:
+def workflow_step_from_row(row: Row) -> WorkflowStepRecord:
     return WorkflowStepRecord(*row)

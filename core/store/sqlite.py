@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store import migrations, sql
@@ -198,7 +199,7 @@ class SqliteStore(Store):
 
     # -- reading --------------------------------------------------------------
 
-    def _read(self, statement: str, params: tuple = ()) -> list[tuple]:
+    def _read(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if self._reader is None:
             raise StoreUnavailable(f"the store {self.path} is closed")
         with self._read_lock:

@@ -66,8 +66,10 @@ _MAX_PENDING = 100_000
 
 
 class TokenUsage(Protocol):
-    prompt_tokens: int
-    completion_tokens: int
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
 
 
 @dataclass(frozen=True)

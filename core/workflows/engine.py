@@ -25,9 +25,10 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,6 +64,9 @@ from kernelmesh.core.workflows.spec import (
     spec_to_dict,
 )
 from kernelmesh.core.workflows.validation import Plan, plan_of, validate
+
+if TYPE_CHECKING:
+    from kernelmesh.core.llm import Gateway
 
 PREFIX = "workflows/"
 log = logging.getLogger(__name__)
@@ -169,8 +173,8 @@ class Workflow:
     # Tensors the engine stored from inline inputs: the workflow's to delete.
     owned: frozenset[str] = frozenset()
     _watchers: list[_Watcher] = field(default_factory=list)
-    _runner: asyncio.Task | None = None
-    _running: dict[str, asyncio.Task] = field(default_factory=dict)
+    _runner: asyncio.Task[None] | None = None
+    _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     # Per step: its dependants not yet shown ended (retention of its outputs).
     _consumers_left: dict[str, int] = field(default_factory=dict)
@@ -207,7 +211,7 @@ class WorkflowEngine:
     def __init__(
         self,
         tasks: TaskManager,
-        llm: object | None = None,  # kernelmesh.core.llm.Gateway
+        llm: Gateway | None = None,
         journal: Store | None = None,
         options: WorkflowOptions | None = None,
     ) -> None:
@@ -569,6 +573,8 @@ class WorkflowEngine:
             step.attempt += 1
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
+                # An Embeddings or a Completion, as action.kind says (mypy cannot tell).
+                call: Coroutine[Any, Any, object]
                 if action.kind == "embed":
                     call = self.llm.embed(
                         wf.tenant, action.model, [text(t) for t in action.inputs], timeout=left
@@ -583,7 +589,7 @@ class WorkflowEngine:
                     call = self.llm.generate(
                         wf.tenant, action.model, messages, options, timeout=left
                     )
-                result = await (call if left is None else asyncio.wait_for(call, left))
+                result: Any = await (call if left is None else asyncio.wait_for(call, left))
             except TimeoutError:
                 failure = TaskFailure(
                     Code.DEADLINE_EXCEEDED, f"the step's timeout of {timeout:g}s passed"
@@ -784,7 +790,7 @@ class WorkflowEngine:
 
     async def watch(
         self, name: str, *, tenant: str, steps: bool = True
-    ) -> AsyncIterator[WorkflowEvent]:
+    ) -> AsyncGenerator[WorkflowEvent, None]:
         """The workflow as it stands, then every transition until it ends (with
         `steps=False`, only the workflow's own)."""
         wf = self.get(name, tenant=tenant)

@@ -158,7 +158,7 @@ def _step(raw: object, where: str, violations: list[Violation]) -> StepSpec | No
     if len(violations) > before or action is None:
         return None
     return StepSpec(
-        id=step_id,
+        id=str(step_id),  # a str: checked above
         action=action,
         depends_on=tuple(str(d) for d in depends),
         retry=retry,

@@ -5,7 +5,7 @@ it, so a dtype mismatch three steps down is found at submission."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kernelmesh.core import ops
@@ -120,7 +120,9 @@ def plan_of(spec: WorkflowSpec) -> Plan:
     return Plan({k: tuple(v) for k, v in deps.items()}, tuple(order))
 
 
-def _references(step: StepSpec, where: str, violations: list[Violation]):
+def _references(
+    step: StepSpec, where: str, violations: list[Violation]
+) -> Iterator[tuple[str, Ref]]:
     action = step.action
     if isinstance(action, TaskAction):
         for j, item in enumerate(action.inputs):
@@ -207,12 +209,16 @@ def _check_types(
         where = f"steps[{i}]"
         action = step.action
         if isinstance(action, LlmAction):
-            for field, ref in refs_of[step_id]:
-                if ref.is_input or produces.get(ref.source) != _TEXT or ref.field != "text":
+            for field, text_ref in refs_of[step_id]:
+                if (
+                    text_ref.is_input
+                    or produces.get(text_ref.source) != _TEXT
+                    or text_ref.field != "text"
+                ):
                     violations.append(
                         Violation(
                             field,
-                            f"{ref.text}: text is needed here; only a generate step's "
+                            f"{text_ref.text}: text is needed here; only a generate step's "
                             "${step.text} is text",
                         )
                     )
@@ -265,7 +271,8 @@ def _check_types(
                     metas.append(None)
                 else:
                     metas.append(made[ref.index] if isinstance(made, tuple) else None)
-        if any(m is None for m in metas):
+        known = [m for m in metas if m is not None]
+        if len(known) < len(metas):
             # Not known before it runs (an embedding's width): checked when it runs.
             if action.op not in ops.CATALOG:
                 violations.append(
@@ -274,7 +281,7 @@ def _check_types(
             produces[step_id] = None
             continue
         try:
-            call = ops.validate(action.op, metas, action.params, limits)
+            call = ops.validate(action.op, known, action.params, limits)
         except ops.OpValidationError as exc:
             for v in exc.violations:
                 violations.append(Violation(f"{where}.task.{v.field}", v.description))
@@ -286,7 +293,7 @@ def _check_types(
                 devices,
                 action.selector,
                 action.op,
-                metas[0].dtype if metas else "",
+                known[0].dtype if known else "",
                 shapes=[m.shape for m in call.inputs],
                 params=call.params,
                 cache=capable,

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import Any
@@ -176,7 +176,7 @@ class Provider(ABC):
     @abstractmethod
     def stream(
         self, messages: Sequence[Message], options: GenerationOptions
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Yields non-empty deltas, then one last chunk with an empty delta,
         the finish reason and usage. Raises UpstreamError when the stream
         breaks, never ends early without saying so."""
@@ -273,7 +273,7 @@ class Provider(ABC):
 _MAX_LINE = 1 << 20
 
 
-async def read_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def read_lines(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
     """A response body's lines (without the newline), as they arrive; use it
     under contextlib.aclosing.
 

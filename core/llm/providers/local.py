@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +102,9 @@ class LocalProvider(Provider):
 
     async def stream(
         self, messages: Sequence[Message], options: GenerationOptions
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         raise self._error(FailureKind.BAD_REQUEST, "the local provider serves embeddings only")
-        yield  # pragma: no cover - makes this an async generator
+        yield  # type: ignore[unreachable]  # pragma: no cover - makes this an async generator
 
     async def embed(self, inputs: Sequence[str]) -> Embeddings:
         # Loading (~0.3 s) and embedding are CPU work: keep them off the loop.

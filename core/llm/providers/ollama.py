@@ -5,7 +5,7 @@ eval_count) and POST {base_url}/api/embed."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -62,7 +62,7 @@ class OllamaProvider(Provider):
 
     async def stream(
         self, messages: Sequence[Message], options: GenerationOptions
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         resp = await self._open_stream("/api/chat", self._payload(messages, options, True))
         final: dict[str, Any] | None = None
         chars = 0

@@ -5,7 +5,7 @@ stream_options.include_usage, and POST {base_url}/embeddings."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -71,7 +71,7 @@ class OpenAIProvider(Provider):
 
     async def stream(
         self, messages: Sequence[Message], options: GenerationOptions
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         resp = await self._open_stream("/chat/completions", self._payload(messages, options, True))
         complete = False
         reason: FinishReason | None = None
