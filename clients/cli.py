@@ -123,7 +123,7 @@ def _client(
     return Client(target, timeout=timeout, tenant=tenant, ca_bundle=ca_bundle)
 
 
-def _tls_credentials(ca_bundle: str | None):
+def _tls_credentials(ca_bundle: str | None) -> grpc.ChannelCredentials | None:
     import grpc
 
     if ca_bundle is None:

@@ -11,6 +11,7 @@ future exists only while one side waits for the other."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import TypeVar
@@ -61,8 +62,8 @@ async def pipelined(
         try:
             async for item in items:
                 while len(in_flight) >= window:
-                    room[0] = loop.create_future()
-                    await room[0]
+                    room[0] = waiting = loop.create_future()
+                    await waiting
                     room[0] = None
                 begun = start(item)
                 if not isinstance(begun, Task):
@@ -71,7 +72,7 @@ async def pipelined(
                     ready.append(answer(item, begun))
                 else:
                     in_flight.add(begun)
-                    begun.add_done_callback(lambda task, item=item: ended(item, task))
+                    begun.add_done_callback(functools.partial(ended, item))
                     continue
                 nudge(wake)
         except Exception as exc:  # the item stream itself is broken
@@ -88,8 +89,8 @@ async def pipelined(
                 yield ready.popleft()
             if reader.done() and not in_flight and not ready:
                 break
-            wake[0] = loop.create_future()
-            await wake[0]
+            wake[0] = waiting = loop.create_future()
+            await waiting
             wake[0] = None
         await reader
         if failure:

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from cachetools import LRUCache
@@ -67,6 +67,9 @@ from kernelmesh.core.store.base import (
 from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
 from kernelmesh.core.tensor_store import StoredTensor, TensorStore
 from kernelmesh.native.backend import LaunchError, OutOfDeviceMemory
+
+if TYPE_CHECKING:
+    from kernelmesh.core.mesh.shared_tasks import SharedTasks
 
 PREFIX = "tasks/"
 # Forwarded attempts in flight per remote device and worker slot: forwarding
@@ -356,7 +359,7 @@ class TaskManager:
         self.lease_seconds = 10.0
         # With a shared store: reads, watches and cancels of tasks held elsewhere
         # (core.mesh.shared_tasks.SharedTasks; set by the server).
-        self.shared_view = None
+        self.shared_view: SharedTasks | None = None
         self._unplaced: dict[int, Task] = {}
         self._calls: LRUCache[tuple[Any, ...], tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
@@ -1356,7 +1359,7 @@ class TaskManager:
                 self._fail(task, failure)
             else:
                 seconds = time.perf_counter() - began
-                if seconds >= OBSERVE_FROM_S:
+                if seconds >= OBSERVE_FROM_S and task.call is not None:
                     device.observe(task.call, seconds)
                 self._complete(task, outputs, seconds)
 
@@ -1450,7 +1453,7 @@ class TaskManager:
             self._fail(task, _kernel_failure(task, exc))  # a submitted task retries
             return
         seconds = time.perf_counter() - began
-        if seconds >= OBSERVE_FROM_S:
+        if seconds >= OBSERVE_FROM_S and task.call is not None:
             task.device.observe(task.call, seconds)
         self._complete(task, outputs, seconds)
 

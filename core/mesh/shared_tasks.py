@@ -13,7 +13,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from kernelmesh.core import listing
@@ -84,7 +84,7 @@ class SharedTasks:
             token = _encode(last.create_time, last.id)
         return page, token
 
-    async def watch(self, name: str, *, tenant: str) -> AsyncIterator[TaskEvent]:
+    async def watch(self, name: str, *, tenant: str) -> AsyncGenerator[TaskEvent, None]:
         """The current state, then each change seen in the store until the task ends."""
         from kernelmesh.core.tasks import TaskEvent
 

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -254,7 +255,7 @@ class PostgresStore(Store):
         await self._fetch("SELECT 1")  # raises StoreUnavailable when unreachable
         return None
 
-    async def listen(self, callback) -> bool:
+    async def listen(self, callback: Callable[[str, list[str]], None]) -> bool:
         """Calls `callback(kind, ids)` for each notification another orchestrator
         (or this one) sends; returns whether listening. Called again after the
         connection drops; callers poll as well, so a lost one only slows them."""
@@ -263,8 +264,8 @@ class PostgresStore(Store):
         if self._closing:
             return False
 
-        def received(_conn, _pid, _channel, payload: str) -> None:
-            kind, _, ids = payload.partition(":")
+        def received(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            kind, _, ids = str(payload).partition(":")
             callback(kind, ids.split(",") if ids else [])
 
         try:
@@ -377,7 +378,14 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"the state store (PostgreSQL) failed a claim: {exc}") from None
         return snap
 
-    async def _fill(self, conn, snap: Snapshot, *, inputs: bool, outputs: bool) -> None:
+    async def _fill(
+        self,
+        conn: asyncpg.pool.PoolConnectionProxy[Any],
+        snap: Snapshot,
+        *,
+        inputs: bool,
+        outputs: bool,
+    ) -> None:
         """Adds the attempts of `snap`'s tasks, and their input or output blobs."""
         ids = [t.id for t in snap.tasks]
         if not ids:
@@ -492,7 +500,7 @@ def _seq(record: TaskRecord) -> int:
     return record.seq
 
 
-def _notices(ops) -> list[str]:
+def _notices(ops: Iterable[Op]) -> list[str]:
     """The notifications a batch sends: which tasks changed state, which were
     asked to cancel, and whether a node record was written."""
     changed: list[str] = []

@@ -15,6 +15,7 @@ its producer's."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -60,7 +61,7 @@ class CommitOrder:
             log.warning("workflow state not journaled: %s", exc)
             return
         assert future is not None
-        future.add_done_callback(lambda f, e=entry: self._settled(e, f))
+        future.add_done_callback(functools.partial(self._settled, entry))
 
     def _settled(self, entry: _Pending, future: asyncio.Future[None]) -> None:
         if future.cancelled() or future.exception() is not None:

@@ -148,7 +148,7 @@ class StepRun:
 
 @dataclass(eq=False)
 class _Watcher:
-    queue: asyncio.Queue
+    queue: asyncio.Queue[WorkflowEvent]
     steps: bool  # False: only the workflow's own transitions
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kernelmesh.core import ops
-from kernelmesh.core.devices import LocalDevice, select
+from kernelmesh.core.devices import LocalDevice, SelectCache, select
 from kernelmesh.core.errors import FailedPrecondition, InvalidArgument, KernelmeshError, Violation
 from kernelmesh.core.workflows.refs import Ref, tensor_ref, text_refs
 from kernelmesh.core.workflows.spec import LlmAction, StepSpec, TaskAction, WorkflowSpec
@@ -202,7 +202,7 @@ def _check_types(
     each consumer. Returns the device refusals (FAILED_PRECONDITION)."""
     produces: dict[str, object] = {}  # step -> _TEXT, or a tuple of metas (a meta may be None)
     refusals: list[str] = []
-    capable: dict = {}  # select()'s, for these devices: steps repeat ops
+    capable: SelectCache = {}  # select()'s, for these devices: steps repeat ops
     for step_id in order:
         i = index[step_id]
         step = spec.steps[i]
