@@ -54,6 +54,7 @@ class StoreWatch:
         self.timeout = timeout
         self.failing: str | None = None  # why the last probe failed
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     @property
     def ok(self) -> bool:
@@ -63,13 +64,14 @@ class StoreWatch:
         self._task = asyncio.create_task(self._run(), name="store-watch")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self.check()
             await asyncio.sleep(self.interval)
 

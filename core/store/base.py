@@ -275,10 +275,13 @@ class Store(ABC):
         """None if the store can commit; else why not (for readiness). A store
         that is merely slow is healthy: the probe does not wait behind queued
         commits unless the last one failed (then an empty commit must go through)."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands
+        # as its inner await finishes, and a stopping server then waits forever.
         try:
-            reason = await asyncio.wait_for(self.ping(), timeout)
-            if reason is None and getattr(self, "last_error", None):
-                await asyncio.wait_for(self.sync(), timeout)
+            async with asyncio.timeout(timeout):
+                reason = await self.ping()
+                if reason is None and getattr(self, "last_error", None):
+                    await self.sync()
         except StoreUnavailable as exc:
             return str(exc)
         except TimeoutError:

@@ -52,7 +52,15 @@ def test_uploads_past_the_tenant_quota_are_refused_and_not_held(tmp_path, serve_
     quota = 64 * MiB
     config = tmp_path / "kernelmesh.yaml"
     config.write_text(f"quotas:\n  max_bytes_per_tenant: {quota}\n")
-    proc = serve_tools.start_serve(tmp_path, "--no-warmup", "--config", str(config))
+    # Freed buffers are kept for reuse by default (native/host_memory.py), which keeps
+    # RSS near its peak of transient buffers: off here, so RSS shows what is held.
+    proc = serve_tools.start_serve(
+        tmp_path,
+        "--no-warmup",
+        "--config",
+        str(config),
+        env={"KERNELMESH_RETAIN_FREED_MEMORY": "0"},
+    )
     chunk = task_pb2.UploadTensorRequest(chunk=b"\1" * MiB)
     header = task_pb2.UploadTensorRequest(
         header=task_pb2.TensorHeader(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4 * MiB])
