@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kernelmesh.core.api_keys import ApiKeyRecord
@@ -196,8 +196,24 @@ class RevokeApiKey:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """Writes of one task's state by its holder (several orchestrators on one
+    store): applied only if the task's row is still `node`'s and at `attempt`
+    (None: any attempt) when the batch commits. Refused, they are dropped
+    whole (an outputs blob and an attempt record with them) and the store's
+    `fenced_out` hook is told: a holder whose lease ran out and whose tasks
+    another orchestrator claimed must not write their end."""
+
+    task_id: str
+    node: str
+    attempt: int | None
+    ops: tuple[PutTask | UpdateTask | DeleteTask | PutAttempt | PutBlob | DeleteBlob, ...]
+
+
 Op = (
-    PutTask
+    Fenced
+    | PutTask
     | UpdateTask
     | DeleteTask
     | PutAttempt
@@ -304,9 +320,18 @@ class Store(ABC):
         """Every node record (of every orchestrator sharing the store)."""
         return []
 
-    async def renew_task_leases(self, owner: str, until: float) -> int:
-        """Extends the lease of every unfinished task `owner` holds; returns how many."""
-        return 0
+    # Called (on the event loop) with the ids of tasks whose Fenced writes were
+    # refused: another orchestrator holds them now.
+    fenced_out: Callable[[list[str]], None] | None = None
+
+    async def renew_task_leases(
+        self, owner: str, until: float, ids: Sequence[str] = ()
+    ) -> list[str]:
+        """Extends the lease of every unfinished task `owner` holds, and returns
+        those of `ids` that `owner` no longer holds (another orchestrator claimed
+        them after `owner`'s lease ran out, or their row is gone): their attempts
+        here must stop and their results be dropped."""
+        return []
 
     async def claim_expired_tasks(
         self, owner: str, until: float, now: float, limit: int = 100

@@ -12,6 +12,7 @@ from kernelmesh.core.store.base import (
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    Fenced,
     NodeRecord,
     Op,
     PutApiKey,
@@ -75,7 +76,18 @@ class MemoryStore(Store):
         return future
 
     def _apply(self, op: Op) -> None:
-        if isinstance(op, PutTask):
+        if isinstance(op, Fenced):
+            record = self.tasks.get(op.task_id)
+            if (
+                record is not None
+                and record.node == op.node
+                and (op.attempt is None or record.attempt == op.attempt)
+            ):
+                for inner in op.ops:
+                    self._apply(inner)
+            elif self.fenced_out is not None:
+                self.fenced_out([op.task_id])
+        elif isinstance(op, PutTask):
             self.tasks[op.record.id] = dataclasses.replace(op.record)
         elif isinstance(op, UpdateTask):
             record = self.tasks.get(op.id)

@@ -18,6 +18,7 @@ from kernelmesh.core.store.base import (
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    Fenced,
     Op,
     PutApiKey,
     PutAttempt,
@@ -157,7 +158,12 @@ def plan(ops: Iterable[Op], files: BlobFiles) -> tuple[list[tuple[str, Row]], li
 
 
 def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[str, Row]]:
-    if isinstance(op, PutTask):
+    if isinstance(op, Fenced):
+        # Checked by a store several processes share before planning (PostgreSQL);
+        # one process alone on its store (SQLite) is always the holder.
+        for inner in op.ops:
+            yield from _statements(inner, files, unlink)
+    elif isinstance(op, PutTask):
         yield PUT_TASK, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateTask):
         yield _update("tasks", TASK_UPDATABLE, op.id, op.fields)
