@@ -334,7 +334,7 @@ class TaskManager:
         store.journal = self.journal
         if self.journal is not None:
             # A shared store refused the writes of tasks another orchestrator holds.
-            self.journal.fenced_out = self.relinquish
+            self.journal.fenced_out = self._fenced_out
         # Submitted tasks by (tenant, request_id): AIP-155 idempotency.
         self._requests: dict[tuple[str, str], Task] = {}
         # Journal commits not yet acknowledged, by task id (a duplicate waits on it).
@@ -554,6 +554,9 @@ class TaskManager:
                 done,
             )
         return done
+
+    def _fenced_out(self, ids: builtins.list[str]) -> None:
+        self.relinquish(ids)
 
     async def _follow_relinquished(self, task: Task) -> None:
         """Whoever waits on or watches a relinquished task here sees how it ends

@@ -17,7 +17,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -46,6 +46,8 @@ from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+if TYPE_CHECKING:
+    _Conn: TypeAlias = asyncpg.pool.PoolConnectionProxy[Any]
 
 _RETRY_PAUSE_S = 0.2
 _CLOSE_TIMEOUT_S = 5.0
@@ -286,8 +288,8 @@ class PostgresStore(Store):
             refused: list[str] = []
             held = _task_ids(ops)
             if held:
-                rows = await conn.fetch(_LOCK_TASKS, sorted(held))
-                ops, refused = _fence(ops, {r[0]: (r[1], r[2]) for r in rows})
+                locked = await conn.fetch(_LOCK_TASKS, sorted(held))
+                ops, refused = _fence(ops, {r[0]: (r[1], r[2]) for r in locked})
             # Files are written off the event loop: they may be large.
             statements, unlink = await asyncio.to_thread(
                 sql.plan, ops, self._inline if self.inline_blobs else self.files
@@ -391,7 +393,7 @@ class PostgresStore(Store):
         does, so the two never deadlock), then reads which of `ids` are no
         longer `owner`'s: claimed by another orchestrator, or gone."""
 
-        async def renew(conn: asyncpg.Connection) -> list[str]:
+        async def renew(conn: _Conn) -> list[str]:
             await conn.execute(
                 "UPDATE tasks SET lease_until = $1 WHERE id IN (SELECT id FROM tasks "
                 f"WHERE node = $2 AND state IN {_UNFINISHED} ORDER BY id FOR UPDATE)",
@@ -412,9 +414,7 @@ class PostgresStore(Store):
 
         return await self._in_transaction(renew, "a lease renewal")
 
-    async def _in_transaction(
-        self, work: Callable[[asyncpg.Connection], Awaitable[_T]], what: str
-    ) -> _T:
+    async def _in_transaction(self, work: Callable[[_Conn], Awaitable[_T]], what: str) -> _T:
         if self._pool is None:
             raise StoreUnavailable(f"the store {self.where} is closed")
         pool = self._pool
@@ -544,7 +544,7 @@ class PostgresStore(Store):
         return await self._read_snapshot(statement, *args, limit, outputs=outputs)
 
     async def release_task_leases(self, owner: str, ids: list[str]) -> None:
-        async def release(conn: asyncpg.Connection) -> None:
+        async def release(conn: _Conn) -> None:
             await conn.execute(
                 "UPDATE tasks SET lease_until = 0 WHERE id IN (SELECT id FROM tasks "
                 "WHERE node = $1 AND id = ANY($2::text[]) ORDER BY id FOR UPDATE)",
