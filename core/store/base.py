@@ -197,6 +197,40 @@ class RevokeApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class PutUsage:
+    """One LLM call's usage (the llm_usage table)."""
+
+    ts: float
+    tenant: str
+    model: str
+    provider: str
+    deployment: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class SettleBudget:
+    """Replaces a budget reservation by the tokens its call used, in one
+    transaction; a reservation already charged in full (expired) changes nothing."""
+
+    hold_id: int
+    tenant: str
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAnswer:
+    """A reservation's outcome: its id (None: refused, the budget would be
+    exceeded), and the tenant's spent and reserved tokens as the store saw them."""
+
+    hold_id: int | None
+    spent: int
+    reserved: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fenced:
     """Writes of one task's state by its holder (several orchestrators on one
     store): applied only if the task's row is still `node`'s and at `attempt`
@@ -213,6 +247,8 @@ class Fenced:
 
 Op = (
     Fenced
+    | PutUsage
+    | SettleBudget
     | PutTask
     | UpdateTask
     | DeleteTask
@@ -383,6 +419,24 @@ class Store(ABC):
         """Up to `limit` of the tenant's tasks, newest first by (create_time, id),
         those strictly below `below` when given, with their attempts."""
         return Snapshot()
+
+    # -- LLM token budgets (kernelmesh.core.store.usage.StoreUsage) -----------
+
+    @abstractmethod
+    async def reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        """Atomically (serialized per tenant across every process on the store)
+        charges the tenant's expired reservations as spent, then reserves
+        `tokens` until `expires` if spent + reserved + tokens <= budget.
+        Committed before it returns."""
+
+    @abstractmethod
+    async def budget_usage(
+        self,
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
+        """Tokens spent per tenant (reservations not counted), and usage totals as
+        (tenant, model, provider, requests, prompt, completion, cost)."""
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

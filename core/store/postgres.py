@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import re
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -25,6 +26,7 @@ import asyncpg
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
+    BudgetAnswer,
     DeleteTask,
     Fenced,
     NodeRecord,
@@ -95,6 +97,17 @@ def _numbered(statement: str) -> str:
     """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
     counter = iter(range(1, 10_000))
     return re.sub(r"\?", lambda _: f"${next(counter)}", statement)
+
+
+# sql.BUDGET_RESERVE with its parameters typed (PostgreSQL cannot infer them in a
+# SELECT list), returning the id when the reservation was made.
+_PG_BUDGET_RESERVE = _numbered(
+    sql.BUDGET_RESERVE.replace(
+        "SELECT ?, ?, ?, ?, ? WHERE",
+        "SELECT ?::bigint, ?::text, ?::bigint, ?::text, ?::double precision WHERE",
+    ).replace("+ ? <= ?", "+ ?::bigint <= ?::bigint")
+    + " RETURNING id"
+)
 
 
 def redacted(dsn: str) -> str:
@@ -567,6 +580,49 @@ class PostgresStore(Store):
         """Whether to sweep: the one-at-a-time rule is the transaction-scoped lock
         that `claim_expired_tasks` takes."""
         return self._pool is not None
+
+    async def reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        """One transaction; the tenant's llm_budget_spent row, locked FOR UPDATE,
+        serializes reservations of that tenant across every orchestrator."""
+        hold = secrets.randbits(62) + 1
+
+        async def reserve(conn: _Conn) -> BudgetAnswer:
+            await conn.execute(self._q(sql.BUDGET_ROW), tenant)
+            await conn.execute(
+                "SELECT 1 FROM llm_budget_spent WHERE tenant = $1 FOR UPDATE", tenant
+            )
+            expired = int(await conn.fetchval(self._q(sql.BUDGET_EXPIRED), tenant, now))
+            if expired:
+                await conn.execute(self._q(sql.BUDGET_CHARGE), expired, tenant)
+                await conn.execute(self._q(sql.BUDGET_DROP_EXPIRED), tenant, now)
+            granted = await conn.fetchval(
+                _PG_BUDGET_RESERVE,
+                hold,
+                tenant,
+                tokens,
+                owner,
+                expires,
+                tenant,
+                tenant,
+                tokens,
+                budget,
+            )
+            row = await conn.fetchrow(self._q(sql.BUDGET_STATE), tenant, tenant)
+            assert row is not None  # one row: two scalar subqueries
+            return BudgetAnswer(hold if granted else None, int(row[0]), int(row[1]))
+
+        return await self._in_transaction(reserve, "a budget reservation")
+
+    async def budget_usage(
+        self,
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
+        spent = await self._fetch(sql.SELECT_BUDGET_SPENT)
+        usage = await self._fetch(sql.SELECT_USAGE)
+        return {r[0]: int(r[1]) for r in spent}, [
+            (r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), float(r[6])) for r in usage
+        ]
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
         rows = await self._fetch(sql.SELECT_API_KEYS + " WHERE digest = ?", bytes(digest))
