@@ -235,6 +235,8 @@ class Server:
         try:
             if isinstance(self.usage, StoreUsage):
                 await self.usage.open()
+                if self.config.state_dir:  # kept apart by an earlier version
+                    await self.usage.import_file(Path(self.config.state_dir) / "usage.sqlite")
             await self._start(began)
         except BaseException:
             await self.state.close()

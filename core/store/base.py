@@ -221,6 +221,15 @@ class SettleBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class ChargeBudget:
+    """Adds `tokens` to a tenant's spent budget (spending brought over from a
+    `usage.sqlite` of an earlier version)."""
+
+    tenant: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetAnswer:
     """A reservation's outcome: its id (None: refused, the budget would be
     exceeded), and the tenant's spent and reserved tokens as the store saw them."""
@@ -249,6 +258,7 @@ Op = (
     Fenced
     | PutUsage
     | SettleBudget
+    | ChargeBudget
     | PutTask
     | UpdateTask
     | DeleteTask

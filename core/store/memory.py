@@ -10,6 +10,7 @@ from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store.base import (
     AttemptRecord,
     BudgetAnswer,
+    ChargeBudget,
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
@@ -85,6 +86,8 @@ class MemoryStore(Store):
     def _apply(self, op: Op) -> None:
         if isinstance(op, PutUsage):
             self.usage.append(op)
+        elif isinstance(op, ChargeBudget):
+            self.budget_spent[op.tenant] = self.budget_spent.get(op.tenant, 0) + op.tokens
         elif isinstance(op, SettleBudget):
             if self.reservations.pop(op.hold_id, None) is not None:
                 self.budget_spent[op.tenant] = self.budget_spent.get(op.tenant, 0) + op.used

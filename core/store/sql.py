@@ -15,6 +15,7 @@ from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.store.base import (
     TASK_UPDATABLE,
     AttemptRecord,
+    ChargeBudget,
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
@@ -94,6 +95,10 @@ PUT_USAGE = "INSERT INTO llm_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 SETTLE_BUDGET = (
     "UPDATE llm_budget_spent SET tokens = tokens + ? WHERE tenant = ? "
     "AND EXISTS (SELECT 1 FROM llm_reservations WHERE id = ?)"
+)
+CHARGE_BUDGET = (
+    "INSERT INTO llm_budget_spent (tenant, tokens) VALUES (?, ?) ON CONFLICT (tenant) "
+    "DO UPDATE SET tokens = llm_budget_spent.tokens + excluded.tokens"
 )
 SELECT_USAGE = (
     "SELECT tenant, model, provider, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
@@ -202,6 +207,8 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
     elif isinstance(op, SettleBudget):
         yield SETTLE_BUDGET, (op.used, op.tenant, op.hold_id)
         yield "DELETE FROM llm_reservations WHERE id = ?", (op.hold_id,)
+    elif isinstance(op, ChargeBudget):
+        yield CHARGE_BUDGET, (op.tenant, op.tokens)
     elif isinstance(op, PutTask):
         yield PUT_TASK, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateTask):

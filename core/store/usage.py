@@ -14,6 +14,7 @@ by a process that died is charged in full: its call's outcome is unknown."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -26,6 +27,7 @@ from typing import Protocol
 from kernelmesh.core.errors import Unavailable
 from kernelmesh.core.store.base import (
     BudgetAnswer,
+    ChargeBudget,
     PutUsage,
     SettleBudget,
     Store,
@@ -357,11 +359,53 @@ class StoreUsage(UsageStore):
         self._budget_spent = {}
         self._closed = False
 
+    async def import_file(self, path: Path) -> bool:
+        """Brings the usage rows and spent budgets of a `usage.sqlite` an earlier
+        version kept (a reservation it left is charged in full, as it always was)
+        into the store, then renames the file `usage.sqlite.imported`. A crash
+        between the commit and the rename imports it twice: spending counted
+        twice, never a budget handed out again."""
+
+        def read() -> tuple[dict[str, int], list[_Row]]:
+            legacy = UsageStore(path)  # charges reservations a dead process left
+            try:
+                spent = legacy.budget_spent()
+                rows = legacy._db.execute("SELECT * FROM llm_usage").fetchall()
+            finally:
+                legacy.close()
+            return spent, rows
+
+        if not path.is_file():
+            return False
+        spent, rows = await asyncio.to_thread(read)
+        future = self.store.write(
+            *(PutUsage(*row) for row in rows),
+            *(ChargeBudget(tenant, tokens) for tenant, tokens in spent.items() if tokens),
+            wait=True,
+        )
+        if future is not None:
+            await future
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                part.rename(
+                    part.with_name(part.name.replace("usage.sqlite", "usage.sqlite.imported"))
+                )
+        log.info(
+            "imported %d LLM usage rows and the spent budgets of %d tenants from %s",
+            len(rows),
+            len(spent),
+            path,
+        )
+        await self.open()
+        return True
+
     async def open(self) -> None:
         """Loads the totals (after the store is open)."""
         spent, usage = await self.store.budget_usage()
         with self._lock:
             self._budget_spent = dict(spent)
+            self._totals = {}
             for tenant, model, provider, n, p, c, cost in usage:
                 self._totals[(tenant, model, provider)] = _Totals(n, p, c, cost)
 

@@ -183,3 +183,37 @@ async def test_usage_rows_are_kept_in_the_store(tmp_path):
         assert record.cost == 1.0
     finally:
         await store.close()
+
+
+async def test_a_usage_sqlite_of_an_earlier_version_is_imported_once(tmp_path):
+    """Its spent budgets (a reservation left by a crash charged in full) and usage
+    rows move into the store; the file is renamed, so a restart does not add them again."""
+    from kernelmesh.core.store import UsageStore
+
+    legacy = tmp_path / "state" / "usage.sqlite"
+    old = UsageStore(legacy)
+    tokens = SimpleNamespace(prompt_tokens=3, completion_tokens=4)
+    old.record("acme", "m", "openai", "primary", tokens, 0.5)  # type: ignore[arg-type]
+    old.release(old.hold("acme", 50), "acme", 7)
+    old.hold("acme", 120)  # the process dies mid-call
+    old.flush()
+    old.close()
+
+    for _ in range(2):  # a restart imports nothing more
+        store = SqliteStore(tmp_path / "state")
+        await store.open()
+        try:
+            usage = StoreUsage(store, "a")
+            await usage.open()
+            await usage.import_file(legacy)
+            assert not legacy.exists()
+            assert (tmp_path / "state" / "usage.sqlite.imported").is_file()
+            spent, _ = await store.budget_usage()
+            assert spent == {"acme": 127}
+            assert usage.budget_spent() == {"acme": 127}
+            (record,) = usage.summary("acme")
+            assert (record.requests, record.prompt_tokens) == (1, 3)
+            refused = await store.reserve_budget("acme", 200, 300, "a", time.time() + 60, 0.0)
+            assert refused.hold_id is None and refused.spent == 127
+        finally:
+            await store.close()
