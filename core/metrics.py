@@ -121,6 +121,12 @@ REDISPATCHED = Tally(
     "Attempts placed again after their node was lost or drained.",
     (),
 )
+TASKS_RELINQUISHED = Tally(
+    "kernelmesh_tasks_relinquished",
+    "Tasks another orchestrator claimed after this one's lease on them ran out "
+    "(their attempts here stopped, their results dropped).",
+    (),
+)
 RESULTS_REFUSED = Tally(
     "kernelmesh_results_refused",
     "Results a node returned that did not match the op's outputs (shape or dtype).",

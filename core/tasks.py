@@ -55,6 +55,7 @@ from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord,
 from kernelmesh.core.store.base import (
     AttemptRecord,
     DeleteTask,
+    Fenced,
     Op,
     PutAttempt,
     PutBlob,
@@ -228,6 +229,9 @@ class Task:
     # A view of a task another orchestrator holds: follows it in the store until
     # it ends, for a caller that waits on it (a resumed workflow step).
     _follow: Callable[[Task], Awaitable[None]] | None = None
+    # Several orchestrators on one store: another one claimed the task after this
+    # one's lease ran out. Nothing here writes it or counts its result any more.
+    relinquished: bool = False
 
     @property
     def name(self) -> str:
@@ -328,6 +332,9 @@ class TaskManager:
         # past the process): submitted tasks live in memory only, at no cost.
         self.journal = journal if journal is not None and journal.durable else None
         store.journal = self.journal
+        if self.journal is not None:
+            # A shared store refused the writes of tasks another orchestrator holds.
+            self.journal.fenced_out = self._fenced_out
         # Submitted tasks by (tenant, request_id): AIP-155 idempotency.
         self._requests: dict[tuple[str, str], Task] = {}
         # Journal commits not yet acknowledged, by task id (a duplicate waits on it).
@@ -360,6 +367,7 @@ class TaskManager:
         # With a shared store: reads, watches and cancels of tasks held elsewhere
         # (core.mesh.shared_tasks.SharedTasks; set by the server).
         self.shared_view: SharedTasks | None = None
+        self._following: set[asyncio.Future[None]] = set()
         self._unplaced: dict[int, Task] = {}
         self._calls: LRUCache[tuple[Any, ...], tuple[ops.ValidatedCall, placement.Work]] = LRUCache(
             maxsize=4096
@@ -476,8 +484,12 @@ class TaskManager:
         """Runs the unfinished tasks claimed from an orchestrator whose lease ran
         out, as `recover` does after a restart (a RUNNING one's attempt is lost)."""
         for record in snap.tasks:
-            if PREFIX + record.id in self._tasks:
-                continue
+            held = self.held(record.id)
+            if held is not None:
+                if held.attempt == record.attempt and not held.relinquished:
+                    continue  # this process's own, its lease renewed late: still its run
+                # Another orchestrator ran it meanwhile (and died): the copy here is stale.
+                self.relinquish([record.id], follow=False)
             record.seq = next(self._seq)  # this process's numbering; ids stay
             attempts = [_attempt_of(a) for a in snap.attempts.get(record.id, [])]
             self._restore_unfinished(record, attempts, snap)
@@ -488,6 +500,79 @@ class TaskManager:
     def held(self, task_id: str) -> Task | None:
         """The task if this process holds it in memory."""
         return self._tasks.get(PREFIX + task_id)
+
+    def leased(self) -> builtins.list[str]:
+        """The ids of the unfinished journaled tasks this process holds (whose
+        leases it renews)."""
+        return [
+            t.id
+            for t in self._tasks.values()
+            if t.journaled and not t.state.terminal and not t.relinquished
+        ]
+
+    def relinquish(self, ids: Sequence[str], *, follow: bool = True) -> int:
+        """Another orchestrator holds these tasks now (it claimed them once this
+        one's lease ran out): their attempts here stop (a queued one never runs, a
+        forwarded one is cancelled on its node, a running kernel's result is
+        dropped), nothing more of them is written, and they are forgotten here, so
+        reads go to the store. Whoever waits on one here follows it there."""
+        done = 0
+        for task_id in ids:
+            task = self.held(task_id)
+            if task is None or task.relinquished:
+                continue
+            task.relinquished = True
+            done += 1
+            if task._retry_handle is not None:
+                task._retry_handle.cancel()
+                task._retry_handle = None
+            if task.state is TaskState.QUEUED:
+                if self._queued.pop(task.seq, None) is not None:
+                    task.device.queue.remove(task.seq)
+                if self._batcher is not None:
+                    self._batcher.discard(task)
+                self._unplaced.pop(task.seq, None)
+            if task._forward is not None:
+                task._forward.cancel()
+            self._tasks.pop(task.name, None)
+            if self._finished.pop(task.name, None) is not None:
+                self._retained_bytes -= task.retained_bytes
+            else:
+                self._unadmit(task)
+            self._forget_request(task)
+            metrics.TASKS_RELINQUISHED.inc(())
+            if follow and self.shared_view is not None and not task._done.is_set():
+                task._follow = self.shared_view.follow_into  # for a later wait()
+                if task._watchers or task._callbacks:
+                    following = asyncio.ensure_future(self._follow_relinquished(task))
+                    self._following.add(following)
+                    following.add_done_callback(self._following.discard)
+        if done:
+            log.warning(
+                "%d tasks are held by another orchestrator now (this one's lease on them "
+                "ran out): their attempts here are stopped and their results dropped",
+                done,
+            )
+        return done
+
+    def _fenced_out(self, ids: builtins.list[str]) -> None:
+        self.relinquish(ids)
+
+    async def _follow_relinquished(self, task: Task) -> None:
+        """Whoever waits on or watches a relinquished task here sees how it ends
+        where it runs now."""
+        assert self.shared_view is not None
+        try:
+            await self.shared_view.follow_into(task)
+        except Exception as exc:  # the store is down: they learn nothing more here
+            log.warning("following relinquished task %s: %s", task.name, exc)
+            return
+        if task._watchers:
+            self._emit(task, task.error.message if task.error else "succeeded")
+        if task._callbacks:
+            callbacks, task._callbacks = task._callbacks, []
+            for callback in callbacks:
+                callback(task)
 
     def cancel_held(self, ids: Sequence[str]) -> int:
         """Cancels the tasks held here that another orchestrator was asked to cancel."""
@@ -631,7 +716,9 @@ class TaskManager:
             lost.error = TaskFailure(
                 Code.UNAVAILABLE, "attempt lost: the server stopped while it ran"
             )
-            self._journal(PutAttempt(_attempt_record(record.id, lost)))
+            self._journal_held(
+                record.id, record.attempt, PutAttempt(_attempt_record(record.id, lost))
+            )
         data = json.loads(record.spec)
         labels = json.loads(record.labels)
         retry = RetryPolicy.from_json(data["retry"])
@@ -675,7 +762,9 @@ class TaskManager:
             self._finish(task, TaskState.FAILED, lost.error)  # the dead letter
             return
         if record.state != TaskState.QUEUED:
-            self._journal(UpdateTask(task.id, {"state": int(TaskState.QUEUED)}))
+            self._journal_held(
+                task.id, task.attempt, UpdateTask(task.id, {"state": int(TaskState.QUEUED)})
+            )
         delay = (record.not_before or 0.0) - time.time()
         if delay > 0:
             task._retry_handle = asyncio.get_running_loop().call_later(delay, self._requeue, task)
@@ -867,12 +956,14 @@ class TaskManager:
         else:
             task.placement_reason = f"placed again: {task.placement_reason or 'its device left'}"
         if task.journaled:
-            self._journal(UpdateTask(task.id, {"device": device.name}))
+            self._journal_held(task.id, task.attempt, UpdateTask(task.id, {"device": device.name}))
         return True
 
     def _node_lost(self, task: Task, device: LocalDevice, message: str) -> None:
         """The node running an attempt is gone: the attempt failed, and the task goes
         back to the queue as a new attempt (up to MAX_NODE_LOSSES times)."""
+        if task.relinquished:
+            return
         failure = TaskFailure(Code.UNAVAILABLE, message)
         task.node_losses += 1
         if task.node_losses > MAX_NODE_LOSSES:
@@ -882,7 +973,9 @@ class TaskManager:
         task.state = TaskState.QUEUED
         task.placement_reason = f"{device.name} was lost"
         if task.journaled:
-            self._journal(
+            self._journal_held(
+                task.id,
+                task.attempt,
                 UpdateTask(task.id, {"state": int(TaskState.QUEUED)}),
                 *([PutAttempt(_attempt_record(task.id, ended))] if ended else []),
             )
@@ -1066,6 +1159,14 @@ class TaskManager:
             self.journal.write(*ops_)
         except StoreUnavailable as exc:  # closed while shutting down: recovery redoes it
             log.warning("not journaled: %s", exc)
+
+    def _journal_held(self, task_id: str, attempt: int | None, *ops_: Any) -> None:
+        """Queues writes of a task this process holds: on a shared store, fenced
+        (applied only while the task's row is still this holder's, at `attempt`)."""
+        if self.owner:
+            self._journal(Fenced(task_id, self.owner, attempt, tuple(ops_)))
+        else:
+            self._journal(*ops_)
 
     def begin(self, spec: TaskSpec, *, deadline: float | None = None) -> Task:
         """Starts a task for a waiting caller: small CPU tasks run inline, on the
@@ -1465,7 +1566,9 @@ class TaskManager:
             task.attempt += 1
             attempt = Attempt(task.attempt, TaskState.RUNNING, task.device_name, task.start_time)
             task.attempts.append(attempt)
-            self._journal(
+            self._journal_held(
+                task.id,
+                task.attempt - 1,  # the row's attempt until this write
                 UpdateTask(
                     task.id,
                     {
@@ -1483,6 +1586,8 @@ class TaskManager:
 
     def _fail(self, task: Task, failure: TaskFailure) -> None:
         """An attempt failed: a journaled task retries by its policy, else it ends."""
+        if task.relinquished:
+            return  # another orchestrator runs it now
         policy = task.retry
         if (
             task.journaled
@@ -1497,7 +1602,9 @@ class TaskManager:
         ended = self._end_attempt(task, TaskState.FAILED, failure)
         delay = task.retry.delay(task.attempt)
         task.state = TaskState.QUEUED
-        self._journal(
+        self._journal_held(
+            task.id,
+            task.attempt,
             UpdateTask(
                 task.id, {"state": int(TaskState.QUEUED), "not_before": time.time() + delay}
             ),
@@ -1525,6 +1632,8 @@ class TaskManager:
         return attempt
 
     def _complete(self, task: Task, outputs: builtins.list[np.ndarray], seconds: float) -> None:
+        if task.relinquished:
+            return  # another orchestrator runs it now: this result is dropped
         task.run_seconds = seconds
         metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
         if task.keep_outputs:
@@ -1549,6 +1658,8 @@ class TaskManager:
         self._finish(task, TaskState.SUCCEEDED, None)
 
     def _finish(self, task: Task, state: TaskState, failure: TaskFailure | None) -> None:
+        if task.relinquished:
+            return
         task.state = state
         task.error = failure
         task.end_time = time.time()
@@ -1597,7 +1708,9 @@ class TaskManager:
         )
         if ended is not None:
             ops_.append(PutAttempt(_attempt_record(task.id, ended)))
-        self._journal(*ops_)
+        # Fenced: a holder whose lease ran out must not write the end of a task
+        # another orchestrator claimed (and may have run) meanwhile.
+        self._journal_held(task.id, task.attempt, *ops_)
 
     def _oldest_expired(self, now: float) -> bool:
         if not self._finished:
@@ -1625,7 +1738,7 @@ class TaskManager:
             self._tasks.pop(name, None)
             self._retained_bytes -= task.retained_bytes
             if task.journaled:
-                self._journal(DeleteTask(task.id))
+                self._journal_held(task.id, None, DeleteTask(task.id))
                 if task.request_id:
                     self._requests.pop((task.tenant, task.request_id), None)
 

@@ -84,8 +84,17 @@ class SharedMesh:
                 await asyncio.wait_for(self._wake.wait(), self.lease / 3)
 
     async def round(self) -> None:
+        leased = self.tasks.leased()
+        # Their rows are committed before they are checked (a task accepted without
+        # waiting for its commit, a workflow step, may still be queued).
+        await self.store.sync()
         now = time.time()
-        await self.store.renew_task_leases(self.owner, now + self.lease)
+        # A renewal that came late (this process stalled past its lease) finds the
+        # tasks another orchestrator claimed meanwhile: they stop here, so no task
+        # runs to its end twice (their writes from here are fenced out as well).
+        lost = await self.store.renew_task_leases(self.owner, now + self.lease, leased)
+        if lost:
+            self.tasks.relinquish(lost)
         entries = []
         for record in await self.store.list_nodes():
             reg = decode(record)

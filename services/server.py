@@ -28,7 +28,7 @@ from kernelmesh.core.mesh.shared_tasks import SharedTasks
 from kernelmesh.core.mesh.tensors import TensorLocations
 from kernelmesh.core.ops import Limits
 from kernelmesh.core.shm import SharedMemoryRegistry
-from kernelmesh.core.store import Store, UsageStore, open_store
+from kernelmesh.core.store import Store, StoreUsage, UsageStore, open_store
 from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
 from kernelmesh.core.tensor_store import TensorStore
 from kernelmesh.core.workflows import WorkflowEngine, WorkflowOptions
@@ -212,8 +212,14 @@ class Server:
             self.tasks.shared_view = SharedTasks(self.tasks, self.state)
         # LLM gateway (issue 4): a bad --llm-config fails here, before any port is bound.
         # In memory without --state-dir; held here either way, so the dashboard reads it.
-        self.usage = UsageStore(
-            Path(config.state_dir) / "usage.sqlite" if config.state_dir else ":memory:"
+        # In the configured store when it is durable (shared by every orchestrator
+        # on a PostgreSQL store: one budget for all of them).
+        self.usage: UsageStore = (
+            StoreUsage(self.state, f"{config.node_name}-{secrets.token_hex(4)}")
+            if self.state.durable
+            else UsageStore(
+                Path(config.state_dir) / "usage.sqlite" if config.state_dir else ":memory:"
+            )
         )
         self.llm = Gateway.from_file(config.llm_config, store=self.usage)
         self.workflows = WorkflowEngine(
@@ -227,6 +233,10 @@ class Server:
         host_memory.retain_freed_memory()  # bulk tensors reuse buffers, not fresh pages
         await self.state.open()
         try:
+            if isinstance(self.usage, StoreUsage):
+                await self.usage.open()
+                if self.config.state_dir:  # kept apart by an earlier version
+                    await self.usage.import_file(Path(self.config.state_dir) / "usage.sqlite")
             await self._start(began)
         except BaseException:
             await self.state.close()

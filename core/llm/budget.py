@@ -21,10 +21,11 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kernelmesh.core.errors import ResourceExhausted
 from kernelmesh.core.llm.config import LLMConfig
+from kernelmesh.core.store.base import BudgetAnswer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ class BudgetJournal(Protocol):
     def hold(self, tenant: str, tokens: int) -> int: ...
 
     def release(self, hold_id: int, tenant: str, used: int) -> None: ...
+
+
+@runtime_checkable
+class SharedBudget(Protocol):
+    """A journal that reserves in the database itself (the configured store, shared
+    by every process on it): the grant is the database's, not this process's."""
+
+    async def reserve(self, tenant: str, tokens: int, budget: int) -> BudgetAnswer: ...
 
 
 @dataclass
@@ -116,6 +125,38 @@ class BudgetLedger:
                     return Reservation(tenant, tokens, hold_id=hold_id)
                 account.reserved += tokens
             return Reservation(tenant, tokens)
+
+    async def reserve_async(self, tenant: str, tokens: int) -> Reservation:
+        """`reserve`, decided by the store when it is shared (every process on it
+        draws on one budget): awaited, so the event loop is never blocked."""
+        shared: object = self._journal
+        if not isinstance(shared, SharedBudget):
+            return self.reserve(tenant, tokens)
+        with self._lock:
+            account = self._account(tenant)
+            if account is None:
+                return Reservation(tenant, tokens)
+            if account.blocked is not None:
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} token budget is blocked: {account.blocked}; "
+                    f"{account.spent} of {account.budget} tokens spent",
+                    retry_after=_SPENT_RETRY_AFTER_S,
+                )
+            budget = account.budget
+        answer = await shared.reserve(tenant, tokens, budget)
+        with self._lock:
+            account.spent = answer.spent
+            if answer.hold_id is None:
+                left = budget - answer.spent
+                in_flight = answer.reserved > 0 and tokens <= left
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} token budget: {answer.spent} of {budget} tokens spent, "
+                    f"{answer.reserved} reserved by requests in flight (all servers); "
+                    f"this request may need {tokens}",
+                    retry_after=_IN_FLIGHT_RETRY_AFTER_S if in_flight else _SPENT_RETRY_AFTER_S,
+                )
+            account.reserved += tokens
+        return Reservation(tenant, tokens, hold_id=answer.hold_id)
 
     def settle(self, reservation: Reservation, used: int) -> None:
         """Replaces the reservation by the tokens really used (0 when the call

@@ -273,7 +273,7 @@ class Gateway:
             key, hit = self._cached(tenant, model, messages, options)
             if hit is not None:
                 return replace(hit, cached=True)
-            admission = self._admit(tenant, entry, messages, options)
+            admission = await self._admit(tenant, entry, messages, options)
             used = 0
             try:
                 deployment, _, completion = await self._failover(
@@ -331,7 +331,7 @@ class Gateway:
                 )
                 return
 
-            admission = self._admit(tenant, entry, messages, options)
+            admission = await self._admit(tenant, entry, messages, options)
             used = 0
             try:
                 deployment, permit, (upstream, chunk) = await self._failover(
@@ -407,7 +407,7 @@ class Gateway:
             entry = self._embedding_model(model)
             inputs = check_inputs(inputs)
             estimate = sum(estimate_tokens(text) for text in inputs)
-            admission = self._admit_tokens(tenant, entry, estimate, input_token_bound(inputs))
+            admission = await self._admit_tokens(tenant, entry, estimate, input_token_bound(inputs))
             used = 0
             try:
                 deployment, _, result = await self._failover(
@@ -488,23 +488,26 @@ class Gateway:
             options.max_tokens or entry.default_max_tokens
         )
 
-    def _admit(
+    async def _admit(
         self, tenant: str, model: _Model, messages: Sequence[Message], options: GenerationOptions
     ) -> _Admission:
         completion = options.max_tokens or model.default_max_tokens
-        return self._admit_tokens(
+        return await self._admit_tokens(
             tenant,
             model,
             estimate_prompt_tokens(messages) + completion,
             prompt_token_bound(messages, model.prompt_overhead) + completion,
         )
 
-    def _admit_tokens(self, tenant: str, model: _Model, estimate: int, bound: int) -> _Admission:
+    async def _admit_tokens(
+        self, tenant: str, model: _Model, estimate: int, bound: int
+    ) -> _Admission:
         """Takes `bound` tokens of the tenant's budget and `estimate` of its
-        per-minute limit, or neither. No await between the two: a request is
-        admitted by both or charged by neither."""
+        per-minute limit, or neither: a refused rate limit gives the reservation
+        back. The reservation is awaited (a database transaction when the budget
+        lives in the configured store), committed before the upstream call."""
         try:
-            reservation = self._budget.reserve(tenant, bound)
+            reservation = await self._budget.reserve_async(tenant, bound)
         except KernelmeshError as e:
             e.metric_reason = "token_budget"  # type: ignore[attr-defined]
             raise

@@ -13,7 +13,7 @@ from kernelmesh.core.store.base import (
     TensorRecord,
 )
 from kernelmesh.core.store.factory import default_state_dir, open_store
-from kernelmesh.core.store.usage import _SCHEMA, UsageRecord, UsageStore
+from kernelmesh.core.store.usage import _SCHEMA, StoreUsage, UsageRecord, UsageStore
 
 __all__ = [
     "_SCHEMA",
@@ -23,6 +23,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "StoreUsage",
     "TaskRecord",
     "TensorRecord",
     "UsageRecord",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kernelmesh.core.api_keys import ApiKeyRecord
@@ -196,8 +196,70 @@ class RevokeApiKey:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class PutUsage:
+    """One LLM call's usage (the llm_usage table)."""
+
+    ts: float
+    tenant: str
+    model: str
+    provider: str
+    deployment: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class SettleBudget:
+    """Replaces a budget reservation by the tokens its call used, in one
+    transaction; a reservation already charged in full (expired) changes nothing."""
+
+    hold_id: int
+    tenant: str
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeBudget:
+    """Adds `tokens` to a tenant's spent budget (spending brought over from a
+    `usage.sqlite` of an earlier version)."""
+
+    tenant: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAnswer:
+    """A reservation's outcome: its id (None: refused, the budget would be
+    exceeded), and the tenant's spent and reserved tokens as the store saw them."""
+
+    hold_id: int | None
+    spent: int
+    reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fenced:
+    """Writes of one task's state by its holder (several orchestrators on one
+    store): applied only if the task's row is still `node`'s and at `attempt`
+    (None: any attempt) when the batch commits. Refused, they are dropped
+    whole (an outputs blob and an attempt record with them) and the store's
+    `fenced_out` hook is told: a holder whose lease ran out and whose tasks
+    another orchestrator claimed must not write their end."""
+
+    task_id: str
+    node: str
+    attempt: int | None
+    ops: tuple[PutTask | UpdateTask | DeleteTask | PutAttempt | PutBlob | DeleteBlob, ...]
+
+
 Op = (
-    PutTask
+    Fenced
+    | PutUsage
+    | SettleBudget
+    | ChargeBudget
+    | PutTask
     | UpdateTask
     | DeleteTask
     | PutAttempt
@@ -307,9 +369,18 @@ class Store(ABC):
         """Every node record (of every orchestrator sharing the store)."""
         return []
 
-    async def renew_task_leases(self, owner: str, until: float) -> int:
-        """Extends the lease of every unfinished task `owner` holds; returns how many."""
-        return 0
+    # Called (on the event loop) with the ids of tasks whose Fenced writes were
+    # refused: another orchestrator holds them now.
+    fenced_out: Callable[[list[str]], None] | None = None
+
+    async def renew_task_leases(
+        self, owner: str, until: float, ids: Sequence[str] = ()
+    ) -> list[str]:
+        """Extends the lease of every unfinished task `owner` holds, and returns
+        those of `ids` that `owner` no longer holds (another orchestrator claimed
+        them after `owner`'s lease ran out, or their row is gone): their attempts
+        here must stop and their results be dropped."""
+        return []
 
     async def claim_expired_tasks(
         self, owner: str, until: float, now: float, limit: int = 100
@@ -361,6 +432,24 @@ class Store(ABC):
         """Up to `limit` of the tenant's tasks, newest first by (create_time, id),
         those strictly below `below` when given, with their attempts."""
         return Snapshot()
+
+    # -- LLM token budgets (kernelmesh.core.store.usage.StoreUsage) -----------
+
+    @abstractmethod
+    async def reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        """Atomically (serialized per tenant across every process on the store)
+        charges the tenant's expired reservations as spent, then reserves
+        `tokens` until `expires` if spent + reserved + tokens <= budget.
+        Committed before it returns."""
+
+    @abstractmethod
+    async def budget_usage(
+        self,
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
+        """Tokens spent per tenant (reservations not counted), and usage totals as
+        (tenant, model, provider, requests, prompt, completion, cost)."""
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

@@ -9,9 +9,12 @@ import dataclasses
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store.base import (
     AttemptRecord,
+    BudgetAnswer,
+    ChargeBudget,
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    Fenced,
     NodeRecord,
     Op,
     PutApiKey,
@@ -20,8 +23,10 @@ from kernelmesh.core.store.base import (
     PutNode,
     PutTask,
     PutTensor,
+    PutUsage,
     RenewNode,
     RevokeApiKey,
+    SettleBudget,
     Snapshot,
     Store,
     TaskRecord,
@@ -54,6 +59,10 @@ class MemoryStore(Store):
         self.workflows: dict[str, WorkflowRecord] = {}
         self.workflow_steps: dict[tuple[str, str], WorkflowStepRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
+        self.usage: list[PutUsage] = []
+        self.budget_spent: dict[str, int] = {}
+        self.reservations: dict[int, tuple[str, int, float]] = {}  # tenant, tokens, expires
+        self._holds = 0
 
     @property
     def where(self) -> str:
@@ -75,7 +84,25 @@ class MemoryStore(Store):
         return future
 
     def _apply(self, op: Op) -> None:
-        if isinstance(op, PutTask):
+        if isinstance(op, PutUsage):
+            self.usage.append(op)
+        elif isinstance(op, ChargeBudget):
+            self.budget_spent[op.tenant] = self.budget_spent.get(op.tenant, 0) + op.tokens
+        elif isinstance(op, SettleBudget):
+            if self.reservations.pop(op.hold_id, None) is not None:
+                self.budget_spent[op.tenant] = self.budget_spent.get(op.tenant, 0) + op.used
+        elif isinstance(op, Fenced):
+            record = self.tasks.get(op.task_id)
+            if (
+                record is not None
+                and record.node == op.node
+                and (op.attempt is None or record.attempt == op.attempt)
+            ):
+                for inner in op.ops:
+                    self._apply(inner)
+            elif self.fenced_out is not None:
+                self.fenced_out([op.task_id])
+        elif isinstance(op, PutTask):
             self.tasks[op.record.id] = dataclasses.replace(op.record)
         elif isinstance(op, UpdateTask):
             record = self.tasks.get(op.id)
@@ -148,6 +175,37 @@ class MemoryStore(Store):
         for (workflow_id, _), step in sorted(self.workflow_steps.items()):
             snap.steps.setdefault(workflow_id, []).append(dataclasses.replace(step))
         return snap
+
+    async def reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        spent = self.budget_spent.setdefault(tenant, 0)
+        for hold, (who, held, until) in list(self.reservations.items()):
+            if who == tenant and until < now:
+                del self.reservations[hold]
+                spent += held
+        self.budget_spent[tenant] = spent
+        reserved = sum(n for who, n, _ in self.reservations.values() if who == tenant)
+        if spent + reserved + tokens > budget:
+            return BudgetAnswer(None, spent, reserved)
+        self._holds += 1
+        self.reservations[self._holds] = (tenant, tokens, expires)
+        return BudgetAnswer(self._holds, spent, reserved + tokens)
+
+    async def budget_usage(
+        self,
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
+        totals: dict[tuple[str, str, str], list[float]] = {}
+        for u in self.usage:
+            row = totals.setdefault((u.tenant, u.model, u.provider), [0, 0, 0, 0.0])
+            row[0] += 1
+            row[1] += u.prompt_tokens
+            row[2] += u.completion_tokens
+            row[3] += u.cost
+        return dict(self.budget_spent), [
+            (t, m, p, int(v[0]), int(v[1]), int(v[2]), float(v[3]))
+            for (t, m, p), v in sorted(totals.items())
+        ]
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
         return next((r for r in self.api_keys.values() if r.digest == digest), None)

@@ -144,6 +144,37 @@ CREATE INDEX tasks_holder ON tasks (node, state);
 """
 
 
+# LLM usage and token budgets in the configured store (shared by every process on
+# it): usage rows; each tenant's spent tokens (its row is the lock a reservation
+# takes); reservations in flight, with their process and an expiry past which a
+# reservation nobody settled is charged in full (its process died mid-call).
+_V5_LLM_BUDGETS = """
+CREATE TABLE llm_usage (
+    ts {real} NOT NULL,
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    prompt_tokens {bigint} NOT NULL,
+    completion_tokens {bigint} NOT NULL,
+    cost {real} NOT NULL
+);
+CREATE INDEX llm_usage_tenant ON llm_usage (tenant);
+CREATE TABLE llm_budget_spent (
+    tenant TEXT PRIMARY KEY,
+    tokens {bigint} NOT NULL
+);
+CREATE TABLE llm_reservations (
+    id {bigint} PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    tokens {bigint} NOT NULL,
+    owner TEXT NOT NULL,
+    expires {real} NOT NULL
+);
+CREATE INDEX llm_reservations_tenant ON llm_reservations (tenant, expires);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -156,6 +187,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "workflows and their steps", _V2_WORKFLOWS),
     Migration(3, "nodes of the mesh", _V3_NODES),
     Migration(4, "cancel requests of tasks held by another orchestrator", _V4_CANCEL_REQUESTS),
+    Migration(5, "LLM usage, token budgets and their reservations", _V5_LLM_BUDGETS),
 )
 LATEST = MIGRATIONS[-1].version
 

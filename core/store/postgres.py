@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -24,8 +26,12 @@ import asyncpg
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
+    BudgetAnswer,
+    DeleteTask,
+    Fenced,
     NodeRecord,
     Op,
+    PutAttempt,
     PutNode,
     PutTask,
     RequestIdTaken,
@@ -40,6 +46,10 @@ from kernelmesh.core.store.base import (
 from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    _Conn: TypeAlias = asyncpg.pool.PoolConnectionProxy[Any]
 
 _RETRY_PAUSE_S = 0.2
 _CLOSE_TIMEOUT_S = 5.0
@@ -65,6 +75,17 @@ _NOT_TRANSIENT = (
 
 _Entry = tuple[tuple[Op, ...], "asyncio.Future[None] | None"]
 
+# A deadlock (40P01) or serialization failure (40001) rolls the transaction back
+# whole; it is tried again at once, a few times, not reported as a store fault.
+_ROLLED_BACK = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_ROLLBACK_RETRIES = 8
+# Locks the task rows a batch writes, in id order, before anything else: every
+# transaction that locks several task rows (a batch, a lease renewal, a release)
+# takes them in the same order, so none waits on another in a cycle.
+_LOCK_TASKS = (
+    "SELECT id, node, attempt FROM tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+)
+
 # LISTEN/NOTIFY between orchestrators sharing the database: "t:<ids>" (tasks whose
 # state changed), "c:<ids>" (cancels asked), "n:" (a node record written). Sent in
 # the transaction that makes the change, so delivered once it commits.
@@ -76,6 +97,17 @@ def _numbered(statement: str) -> str:
     """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
     counter = iter(range(1, 10_000))
     return re.sub(r"\?", lambda _: f"${next(counter)}", statement)
+
+
+# sql.BUDGET_RESERVE with its parameters typed (PostgreSQL cannot infer them in a
+# SELECT list), returning the id when the reservation was made.
+_PG_BUDGET_RESERVE = _numbered(
+    sql.BUDGET_RESERVE.replace(
+        "SELECT ?, ?, ?, ?, ? WHERE",
+        "SELECT ?::bigint, ?::text, ?::bigint, ?::text, ?::double precision WHERE",
+    ).replace("+ ? <= ?", "+ ?::bigint <= ?::bigint")
+    + " RETURNING id"
+)
 
 
 def redacted(dsn: str) -> str:
@@ -115,6 +147,8 @@ class PostgresStore(Store):
         # Transactions committed and queue entries they carried (group commit's effect).
         self.commits = 0
         self.committed_entries = 0
+        # Transactions rolled back by a deadlock or serialization failure and retried.
+        self.rollbacks = 0
 
     @property
     def where(self) -> str:
@@ -184,17 +218,14 @@ class PostgresStore(Store):
 
     async def _commit(self, batch: list[_Entry]) -> bool:
         assert self._pool is not None
+        ops = [op for entry, _ in batch for op in entry]
         try:
-            # Files are written off the event loop: they may be large.
-            statements, unlink = await asyncio.to_thread(
-                sql.plan,
-                [op for ops, _ in batch for op in ops],
-                self._inline if self.inline_blobs else self.files,
-            )
             # Bounded: a connection cut mid-transaction can leave a call waiting for
             # ever, and every caller waiting for this commit with it.
-            notices = _notices(op for ops, _ in batch for op in ops)
-            await asyncio.wait_for(self._transaction(statements, notices), _COMMIT_TIMEOUT_S)
+            unlink, refused = await self._retried(
+                lambda: asyncio.wait_for(self._transaction(ops), _COMMIT_TIMEOUT_S),
+                "a commit",
+            )
         except _NOT_TRANSIENT as exc:
             if len(batch) > 1:
                 # One entry the database refuses (a request id another orchestrator
@@ -211,7 +242,31 @@ class PostgresStore(Store):
         for _, future in batch:
             if future is not None and not future.done():
                 future.set_result(None)
+        if refused:
+            log.warning(
+                "store %s: dropped the writes of %d tasks another orchestrator holds now "
+                "(this one's lease on them ran out): %s",
+                self.where,
+                len(refused),
+                ", ".join(refused[:10]),
+            )
+            if self.fenced_out is not None:
+                self.fenced_out(refused)
         return True
+
+    async def _retried(self, attempt: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """`attempt()`, again after a deadlock or serialization failure (its
+        transaction was rolled back whole, so trying again is safe)."""
+        for tries in range(1, _ROLLBACK_RETRIES + 1):
+            try:
+                return await attempt()
+            except _ROLLED_BACK as exc:
+                if tries == _ROLLBACK_RETRIES:
+                    raise
+                self.rollbacks += 1
+                log.warning("store %s: %s was rolled back (%s); retrying", self.where, what, exc)
+                await asyncio.sleep(random.uniform(0, 0.01 * tries))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _failed(self, batch: list[_Entry], exc: BaseException) -> bool:
         if _request_id_taken(exc):
@@ -238,18 +293,28 @@ class PostgresStore(Store):
             self._queue[:0] = [(ops, None) for ops, f in batch if f is None and ops]
         return False
 
-    async def _transaction(
-        self, statements: list[tuple[str, sql.Row]], notices: Sequence[str] = ()
-    ) -> None:
+    async def _transaction(self, ops: list[Op]) -> tuple[list[str], list[str]]:
+        """Commits `ops` in one transaction; returns the blob keys whose files to
+        remove and the ids of tasks whose Fenced writes were refused (dropped)."""
         assert self._pool is not None
         async with self._pool.acquire() as conn, conn.transaction():
+            refused: list[str] = []
+            held = _task_ids(ops)
+            if held:
+                locked = await conn.fetch(_LOCK_TASKS, sorted(held))
+                ops, refused = _fence(ops, {r[0]: (r[1], r[2]) for r in locked})
+            # Files are written off the event loop: they may be large.
+            statements, unlink = await asyncio.to_thread(
+                sql.plan, ops, self._inline if self.inline_blobs else self.files
+            )
             for statement, rows in sql.grouped(statements):
                 if len(rows) == 1:
                     await conn.execute(self._q(statement), *rows[0])
                 else:
                     await conn.executemany(self._q(statement), rows)
-            for payload in notices:
+            for payload in _notices(ops):
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+        return unlink, refused
 
     async def ping(self) -> str | None:
         await self._fetch("SELECT 1")  # raises StoreUnavailable when unreachable
@@ -334,14 +399,47 @@ class PostgresStore(Store):
     async def list_nodes(self) -> list[NodeRecord]:
         return [NodeRecord(*tuple(r)) for r in await self._fetch(sql.SELECT_NODES)]
 
-    async def renew_task_leases(self, owner: str, until: float) -> int:
-        rows = await self._fetch(
-            f"UPDATE tasks SET lease_until = ? WHERE node = ? AND state IN {_UNFINISHED} "
-            "RETURNING id",
-            until,
-            owner,
-        )
-        return len(rows)
+    async def renew_task_leases(
+        self, owner: str, until: float, ids: Sequence[str] = ()
+    ) -> list[str]:
+        """Renews in one transaction, locking the rows in id order (as a commit
+        does, so the two never deadlock), then reads which of `ids` are no
+        longer `owner`'s: claimed by another orchestrator, or gone."""
+
+        async def renew(conn: _Conn) -> list[str]:
+            await conn.execute(
+                "UPDATE tasks SET lease_until = $1 WHERE id IN (SELECT id FROM tasks "
+                f"WHERE node = $2 AND state IN {_UNFINISHED} ORDER BY id FOR UPDATE)",
+                until,
+                owner,
+                timeout=_COMMIT_TIMEOUT_S,
+            )
+            if not ids:
+                return []
+            rows = await conn.fetch(
+                "SELECT u.id FROM unnest($1::text[]) AS u(id) LEFT JOIN tasks t "
+                "ON t.id = u.id WHERE t.id IS NULL OR t.node IS DISTINCT FROM $2",
+                list(ids),
+                owner,
+                timeout=_COMMIT_TIMEOUT_S,
+            )
+            return [r[0] for r in rows]
+
+        return await self._in_transaction(renew, "a lease renewal")
+
+    async def _in_transaction(self, work: Callable[[_Conn], Awaitable[_T]], what: str) -> _T:
+        if self._pool is None:
+            raise StoreUnavailable(f"the store {self.where} is closed")
+        pool = self._pool
+
+        async def attempt() -> _T:
+            async with pool.acquire() as conn, conn.transaction():
+                return await work(conn)
+
+        try:
+            return await self._retried(attempt, what)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"the state store (PostgreSQL) failed {what}: {exc}") from None
 
     async def claim_expired_tasks(
         self, owner: str, until: float, now: float, limit: int = 100
@@ -459,11 +557,16 @@ class PostgresStore(Store):
         return await self._read_snapshot(statement, *args, limit, outputs=outputs)
 
     async def release_task_leases(self, owner: str, ids: list[str]) -> None:
-        await self._fetch(
-            "UPDATE tasks SET lease_until = 0 WHERE node = ? AND id = ANY(?) RETURNING id",
-            owner,
-            list(ids),
-        )
+        async def release(conn: _Conn) -> None:
+            await conn.execute(
+                "UPDATE tasks SET lease_until = 0 WHERE id IN (SELECT id FROM tasks "
+                "WHERE node = $1 AND id = ANY($2::text[]) ORDER BY id FOR UPDATE)",
+                owner,
+                list(ids),
+                timeout=_COMMIT_TIMEOUT_S,
+            )
+
+        await self._in_transaction(release, "a lease release")
 
     async def cancel_requests(self, owner: str) -> list[str]:
         rows = await self._fetch(
@@ -477,6 +580,49 @@ class PostgresStore(Store):
         """Whether to sweep: the one-at-a-time rule is the transaction-scoped lock
         that `claim_expired_tasks` takes."""
         return self._pool is not None
+
+    async def reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        """One transaction; the tenant's llm_budget_spent row, locked FOR UPDATE,
+        serializes reservations of that tenant across every orchestrator."""
+        hold = secrets.randbits(62) + 1
+
+        async def reserve(conn: _Conn) -> BudgetAnswer:
+            await conn.execute(self._q(sql.BUDGET_ROW), tenant)
+            await conn.execute(
+                "SELECT 1 FROM llm_budget_spent WHERE tenant = $1 FOR UPDATE", tenant
+            )
+            expired = int(await conn.fetchval(self._q(sql.BUDGET_EXPIRED), tenant, now))
+            if expired:
+                await conn.execute(self._q(sql.BUDGET_CHARGE), expired, tenant)
+                await conn.execute(self._q(sql.BUDGET_DROP_EXPIRED), tenant, now)
+            granted = await conn.fetchval(
+                _PG_BUDGET_RESERVE,
+                hold,
+                tenant,
+                tokens,
+                owner,
+                expires,
+                tenant,
+                tenant,
+                tokens,
+                budget,
+            )
+            row = await conn.fetchrow(self._q(sql.BUDGET_STATE), tenant, tenant)
+            assert row is not None  # one row: two scalar subqueries
+            return BudgetAnswer(hold if granted else None, int(row[0]), int(row[1]))
+
+        return await self._in_transaction(reserve, "a budget reservation")
+
+    async def budget_usage(
+        self,
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
+        spent = await self._fetch(sql.SELECT_BUDGET_SPENT)
+        usage = await self._fetch(sql.SELECT_USAGE)
+        return {r[0]: int(r[1]) for r in spent}, [
+            (r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), float(r[6])) for r in usage
+        ]
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
         rows = await self._fetch(sql.SELECT_API_KEYS + " WHERE digest = ?", bytes(digest))
@@ -498,6 +644,52 @@ class PostgresStore(Store):
 
 def _seq(record: TaskRecord) -> int:
     return record.seq
+
+
+def _task_ids(ops: Iterable[Op]) -> set[str]:
+    """The existing task rows a batch writes (inserts of new tasks lock nothing
+    another transaction waits on)."""
+    ids: set[str] = set()
+    for op in ops:
+        if isinstance(op, UpdateTask | DeleteTask):
+            ids.add(op.id)
+        elif isinstance(op, Fenced):
+            ids.add(op.task_id)
+        elif isinstance(op, PutAttempt):
+            ids.add(op.record.task_id)
+    return ids
+
+
+def _fence(ops: list[Op], rows: dict[str, tuple[str | None, int]]) -> tuple[list[Op], list[str]]:
+    """`ops` with each Fenced group replaced by its writes if the task's row (as
+    locked, then as the batch's earlier writes change it) is its node's at its
+    attempt, or dropped; and the ids of the tasks whose groups were dropped."""
+    kept: list[Op] = []
+    refused: list[str] = []
+    for op in ops:
+        if not isinstance(op, Fenced):
+            kept.append(op)
+            _track(op, rows)
+            continue
+        row = rows.get(op.task_id)
+        if row is None or row[0] != op.node or (op.attempt is not None and row[1] != op.attempt):
+            if op.task_id not in refused:
+                refused.append(op.task_id)
+            continue
+        for inner in op.ops:
+            kept.append(inner)
+            _track(inner, rows)
+    return kept, refused
+
+
+def _track(op: Op, rows: dict[str, tuple[str | None, int]]) -> None:
+    if isinstance(op, PutTask):
+        rows[op.record.id] = (op.record.node, op.record.attempt)
+    elif isinstance(op, UpdateTask) and op.id in rows and "attempt" in op.fields:
+        node, _ = rows[op.id]
+        rows[op.id] = (node, int(op.fields["attempt"]))  # type: ignore[call-overload]
+    elif isinstance(op, DeleteTask):
+        rows.pop(op.id, None)
 
 
 def _notices(ops: Iterable[Op]) -> list[str]:

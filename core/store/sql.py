@@ -15,9 +15,11 @@ from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.store.base import (
     TASK_UPDATABLE,
     AttemptRecord,
+    ChargeBudget,
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    Fenced,
     Op,
     PutApiKey,
     PutAttempt,
@@ -25,8 +27,10 @@ from kernelmesh.core.store.base import (
     PutNode,
     PutTask,
     PutTensor,
+    PutUsage,
     RenewNode,
     RevokeApiKey,
+    SettleBudget,
     TaskRecord,
     TensorRecord,
     UpdateTask,
@@ -84,6 +88,42 @@ RENEW_NODE = "UPDATE nodes SET lease_until = ? WHERE name = ? AND orchestrator =
 SELECT_NODES = f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes ORDER BY name"
 REVOKE_API_KEY = (
     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND (revoked_at IS NULL OR revoked_at > ?)"
+)
+
+PUT_USAGE = "INSERT INTO llm_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# Only while the reservation is there: one charged in full (expired) is spent already.
+SETTLE_BUDGET = (
+    "UPDATE llm_budget_spent SET tokens = tokens + ? WHERE tenant = ? "
+    "AND EXISTS (SELECT 1 FROM llm_reservations WHERE id = ?)"
+)
+CHARGE_BUDGET = (
+    "INSERT INTO llm_budget_spent (tenant, tokens) VALUES (?, ?) ON CONFLICT (tenant) "
+    "DO UPDATE SET tokens = llm_budget_spent.tokens + excluded.tokens"
+)
+SELECT_USAGE = (
+    "SELECT tenant, model, provider, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
+    "SUM(cost) FROM llm_usage GROUP BY tenant, model, provider"
+)
+SELECT_BUDGET_SPENT = "SELECT tenant, tokens FROM llm_budget_spent"
+# A reservation, in the transaction that holds the tenant's budget row: the
+# budget's own row first (the lock), expired reservations charged, then the
+# conditional insert. `?` placeholders; PostgreSQL's version casts them.
+BUDGET_ROW = (
+    "INSERT INTO llm_budget_spent (tenant, tokens) VALUES (?, 0) ON CONFLICT (tenant) DO NOTHING"
+)
+BUDGET_EXPIRED = (
+    "SELECT COALESCE(SUM(tokens), 0) FROM llm_reservations WHERE tenant = ? AND expires < ?"
+)
+BUDGET_CHARGE = "UPDATE llm_budget_spent SET tokens = tokens + ? WHERE tenant = ?"
+BUDGET_DROP_EXPIRED = "DELETE FROM llm_reservations WHERE tenant = ? AND expires < ?"
+BUDGET_RESERVE = (
+    "INSERT INTO llm_reservations (id, tenant, tokens, owner, expires) "
+    "SELECT ?, ?, ?, ?, ? WHERE (SELECT tokens FROM llm_budget_spent WHERE tenant = ?) "
+    "+ (SELECT COALESCE(SUM(tokens), 0) FROM llm_reservations WHERE tenant = ?) + ? <= ?"
+)
+BUDGET_STATE = (
+    "SELECT (SELECT tokens FROM llm_budget_spent WHERE tenant = ?), "
+    "(SELECT COALESCE(SUM(tokens), 0) FROM llm_reservations WHERE tenant = ?)"
 )
 
 SELECT_TASKS = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks ORDER BY seq"
@@ -157,7 +197,19 @@ def plan(ops: Iterable[Op], files: BlobFiles) -> tuple[list[tuple[str, Row]], li
 
 
 def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[str, Row]]:
-    if isinstance(op, PutTask):
+    if isinstance(op, Fenced):
+        # Checked by a store several processes share before planning (PostgreSQL);
+        # one process alone on its store (SQLite) is always the holder.
+        for inner in op.ops:
+            yield from _statements(inner, files, unlink)
+    elif isinstance(op, PutUsage):
+        yield PUT_USAGE, dataclasses.astuple(op)
+    elif isinstance(op, SettleBudget):
+        yield SETTLE_BUDGET, (op.used, op.tenant, op.hold_id)
+        yield "DELETE FROM llm_reservations WHERE id = ?", (op.hold_id,)
+    elif isinstance(op, ChargeBudget):
+        yield CHARGE_BUDGET, (op.tenant, op.tokens)
+    elif isinstance(op, PutTask):
         yield PUT_TASK, dataclasses.astuple(op.record)
     elif isinstance(op, UpdateTask):
         yield _update("tasks", TASK_UPDATABLE, op.id, op.fields)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from kernelmesh.core.api_keys import ApiKeyRecord
 from kernelmesh.core.store import migrations, sql
 from kernelmesh.core.store.base import (
+    BudgetAnswer,
     NodeRecord,
     Op,
     SchemaTooNew,
@@ -46,6 +48,9 @@ class SqliteStore(Store):
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
+        # Budget reservations commit at once, apart from the batched writer.
+        self._budget_db: sqlite3.Connection | None = None
+        self._budget_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queue: list[_Entry] = []
         self._closing = False
@@ -82,6 +87,7 @@ class SqliteStore(Store):
                 raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode})")
             self._migrate(self._db)
             self._reader = self._connect()
+            self._budget_db = self._connect()
             # Before the writer starts: no file of this process is mid-commit.
             named = self._db.execute("SELECT path FROM blobs WHERE path IS NOT NULL").fetchall()
             self.files.sweep({path for (path,) in named})
@@ -184,10 +190,10 @@ class SqliteStore(Store):
             self._cond.notify()
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
-        for db in (self._db, self._reader):
+        for db in (self._db, self._reader, self._budget_db):
             if db is not None:
                 db.close()
-        self._db = self._reader = None
+        self._db = self._reader = self._budget_db = None
 
     async def ping(self) -> str | None:
         # An empty transaction writes nothing, so it passes on a file that can no
@@ -239,6 +245,51 @@ class SqliteStore(Store):
             step = sql.workflow_step_from_row(row)
             snap.steps.setdefault(step.workflow_id, []).append(step)
         return snap
+
+    async def reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        return await asyncio.to_thread(
+            self._reserve_budget, tenant, tokens, budget, owner, expires, now
+        )
+
+    def _reserve_budget(
+        self, tenant: str, tokens: int, budget: int, owner: str, expires: float, now: float
+    ) -> BudgetAnswer:
+        db = self._budget_db
+        if db is None:
+            raise StoreUnavailable(f"the store {self.path} is closed")
+        with self._budget_lock:
+            try:
+                # BEGIN IMMEDIATE: one reservation at a time across processes.
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(sql.BUDGET_ROW, (tenant,))
+                (expired,) = db.execute(sql.BUDGET_EXPIRED, (tenant, now)).fetchone()
+                if expired:
+                    db.execute(sql.BUDGET_CHARGE, (expired, tenant))
+                    db.execute(sql.BUDGET_DROP_EXPIRED, (tenant, now))
+                hold = secrets.randbits(62) + 1
+                granted = db.execute(
+                    sql.BUDGET_RESERVE,
+                    (hold, tenant, tokens, owner, expires, tenant, tenant, tokens, budget),
+                ).rowcount
+                spent, reserved = db.execute(sql.BUDGET_STATE, (tenant, tenant)).fetchone()
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise StoreUnavailable(
+                    f"the state store {self.path} cannot record a budget reservation: {exc}"
+                ) from None
+        return BudgetAnswer(hold if granted == 1 else None, int(spent), int(reserved))
+
+    async def budget_usage(
+        self,
+    ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
+        spent = await asyncio.to_thread(self._read, sql.SELECT_BUDGET_SPENT)
+        usage = await asyncio.to_thread(self._read, sql.SELECT_USAGE)
+        return {t: int(n) for t, n in spent}, [tuple(r) for r in usage]
 
     async def get_api_key_by_digest(self, digest: bytes) -> ApiKeyRecord | None:
         rows = await asyncio.to_thread(

@@ -14,6 +14,7 @@ by a process that died is charged in full: its call's outcome is unknown."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -24,6 +25,14 @@ from pathlib import Path
 from typing import Protocol
 
 from kernelmesh.core.errors import Unavailable
+from kernelmesh.core.store.base import (
+    BudgetAnswer,
+    ChargeBudget,
+    PutUsage,
+    SettleBudget,
+    Store,
+    StoreUnavailable,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS llm_usage (
@@ -322,3 +331,135 @@ class UsageStore:
                 self._committed.notify_all()
             if stop:
                 return
+
+
+class StoreUsage(UsageStore):
+    """LLM usage and token budgets in the configured `Store` (SQLite under the
+    state dir, or PostgreSQL shared by several orchestrators), in place of a
+    `usage.sqlite` per process.
+
+    A reservation is one transaction in the database (`Store.reserve_budget`:
+    serialized per tenant, granted only while spent + reserved + tokens stays
+    within the budget), committed before the upstream call, awaited without
+    blocking the event loop. It carries this process's name and an expiry: a
+    reservation nobody settled by then (its process died mid-call) is charged
+    in full by the next reservation of the tenant, never less. Settlements and
+    usage rows ride the store's group commit; until a settlement commits, the
+    whole reservation stays held. Totals for `summary` are loaded at `open`
+    and kept here (this process's calls added as they happen)."""
+
+    def __init__(self, store: Store, owner: str, *, reservation_ttl_s: float = 900.0) -> None:
+        # UsageStore's SQLite file is not used: the Store holds everything.
+        self.store = store
+        self.owner = owner
+        self.reservation_ttl_s = reservation_ttl_s
+        self.path = store.where
+        self._totals = {}
+        self._lock = threading.Lock()
+        self._budget_spent = {}
+        self._closed = False
+
+    async def import_file(self, path: Path) -> bool:
+        """Brings the usage rows and spent budgets of a `usage.sqlite` an earlier
+        version kept (a reservation it left is charged in full, as it always was)
+        into the store, then renames the file `usage.sqlite.imported`. A crash
+        between the commit and the rename imports it twice: spending counted
+        twice, never a budget handed out again."""
+
+        def read() -> tuple[dict[str, int], list[_Row]]:
+            legacy = UsageStore(path)  # charges reservations a dead process left
+            try:
+                spent = legacy.budget_spent()
+                rows = legacy._db.execute("SELECT * FROM llm_usage").fetchall()
+            finally:
+                legacy.close()
+            return spent, rows
+
+        if not path.is_file():
+            return False
+        spent, rows = await asyncio.to_thread(read)
+        future = self.store.write(
+            *(PutUsage(*row) for row in rows),
+            *(ChargeBudget(tenant, tokens) for tenant, tokens in spent.items() if tokens),
+            wait=True,
+        )
+        if future is not None:
+            await future
+        for suffix in ("", "-wal", "-shm"):
+            part = path.with_name(path.name + suffix)
+            if part.exists():
+                part.rename(
+                    part.with_name(part.name.replace("usage.sqlite", "usage.sqlite.imported"))
+                )
+        log.info(
+            "imported %d LLM usage rows and the spent budgets of %d tenants from %s",
+            len(rows),
+            len(spent),
+            path,
+        )
+        await self.open()
+        return True
+
+    async def open(self) -> None:
+        """Loads the totals (after the store is open)."""
+        spent, usage = await self.store.budget_usage()
+        with self._lock:
+            self._budget_spent = dict(spent)
+            self._totals = {}
+            for tenant, model, provider, n, p, c, cost in usage:
+                self._totals[(tenant, model, provider)] = _Totals(n, p, c, cost)
+
+    def record(
+        self,
+        tenant: str,
+        model: str,
+        provider: str,
+        deployment: str,
+        usage: TokenUsage,
+        cost: float,
+    ) -> None:
+        with self._lock:
+            totals = self._totals.get((tenant, model, provider))
+            if totals is None:
+                totals = self._totals[(tenant, model, provider)] = _Totals()
+            totals.requests += 1
+            totals.prompt_tokens += usage.prompt_tokens
+            totals.completion_tokens += usage.completion_tokens
+            totals.cost += cost
+        row = PutUsage(
+            time.time(),
+            tenant,
+            model,
+            provider,
+            deployment,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            cost,
+        )
+        try:
+            self.store.write(row)
+        except StoreUnavailable as exc:  # closing: the totals here were shown already
+            log.warning("usage not recorded: %s", exc)
+
+    async def reserve(self, tenant: str, tokens: int, budget: int) -> BudgetAnswer:
+        now = time.time()
+        return await self.store.reserve_budget(
+            tenant, tokens, budget, self.owner, now + self.reservation_ttl_s, now
+        )
+
+    def hold(self, tenant: str, tokens: int) -> int:
+        raise TypeError("StoreUsage reserves in the database: use `reserve`")
+
+    def release(self, hold_id: int, tenant: str, used: int) -> None:
+        with self._lock:
+            self._budget_spent[tenant] = self._budget_spent.get(tenant, 0) + used
+        try:
+            self.store.write(SettleBudget(hold_id, tenant, used))
+        except StoreUnavailable as exc:  # the reservation stays: charged in full later
+            log.warning("budget settlement not recorded: %s", exc)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        return None  # the store's group commit; `await store.sync()` waits for it
+
+    def close(self) -> None:
+        self._closed = True  # the server closes the store itself

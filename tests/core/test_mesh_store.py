@@ -101,10 +101,15 @@ async def test_expired_tasks_are_claimed_once_with_attempts_and_inputs(pg_dsn):
         assert [a.number for a in snap.attempts[f"{1:032x}"]] == [1]
         assert (await y.claim_expired_tasks("orch-y", now + 30, now)).tasks == []
 
-        # The holder renews; a finished task is not renewed.
+        # The holder renews its unfinished tasks, and learns which of those it
+        # thought it held were claimed meanwhile (1 and 4) or are gone (9).
         await y.write(UpdateTask(f"{4:032x}", {"state": 3}), wait=True)
-        renewed = await x.renew_task_leases("orch-x", now + 120)
-        assert renewed == 1  # task 2 only
+        ids = [f"{n:032x}" for n in (1, 2, 3, 4, 9)]
+        lost = await x.renew_task_leases("orch-x", now + 120, ids)
+        assert sorted(lost) == [f"{n:032x}" for n in (1, 4, 9)]
+        leases = await x.read_tasks(ids, outputs=False)
+        assert {t.seq: t.lease_until for t in leases.tasks}[2] == now + 120
+        assert {t.seq: t.lease_until for t in leases.tasks}[3] == now - 1  # finished
     finally:
         for s in (x, y, z):
             await s.close()

@@ -225,3 +225,83 @@ def test_any_orchestrator_answers_for_a_task_another_one_holds(dsn, procs):
         assert err.value.code() is grpc.StatusCode.NOT_FOUND
     # Y learnt of the cancel and of node-a by notification, not only by polling.
     assert "cannot listen" not in y.output()
+
+
+def attempts_of(dsn: str, ids: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """Each task's attempts as (number, state), from the store."""
+    import asyncpg
+
+    async def read() -> dict[str, list[tuple[int, int]]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT task_id, number, state FROM task_attempts WHERE task_id = ANY($1) "
+                "ORDER BY task_id, number",
+                ids,
+            )
+        finally:
+            await conn.close()
+        found: dict[str, list[tuple[int, int]]] = {}
+        for r in rows:
+            found.setdefault(r[0], []).append((r[1], r[2]))
+        return found
+
+    return asyncio.run(read())
+
+
+def test_a_holder_that_stalls_past_its_lease_drops_what_it_ran(dsn, procs):
+    """X stops (SIGSTOP) for longer than its lease with attempts forwarded and
+    queued; Y claims X's tasks and runs them to their end. When X resumes, the
+    answers to its old attempts arrive and its workers wake: it learns it no
+    longer holds the tasks (its renewal, or its fenced writes refused), stops
+    them and drops their results. Every task ends SUCCEEDED with one succeeded
+    attempt, and X answers for them from the store."""
+    lease = "2"
+    x = procs.orchestrator("--store", dsn, "--lease-seconds", lease, "--name", "orch-x", name="x")
+    y = procs.orchestrator("--store", dsn, "--lease-seconds", lease, "--name", "orch-y", name="y")
+    a = procs.node("node-a", f"{x.target},{y.target}", "--backends", "cpu")
+    b = procs.node("node-b", f"{y.target},{x.target}", "--backends", "cpu")
+    for orch in (x, y):
+        wait_for(
+            lambda o=orch: ready_nodes(o.target) == {"node-a", "node-b"},
+            what=f"both nodes placed by {orch.name}",
+        )
+    # The nodes stop, so X's attempts are in flight (or queued) when X stops.
+    for node in (a, b):
+        node.process.send_signal(signal.SIGSTOP)
+    with grpc.insecure_channel(x.target) as to_x:
+        on_x = task_pb2_grpc.TaskServiceStub(to_x)
+        names = [
+            on_x.SubmitTask(task_pb2.SubmitTaskRequest(task=small(i)), timeout=30).task.name
+            for i in range(16)
+        ]
+    x.process.send_signal(signal.SIGSTOP)
+    for node in (a, b):
+        node.process.send_signal(signal.SIGCONT)
+    ids = [n.removeprefix("tasks/") for n in names]
+
+    def all_done() -> bool:
+        found = states(dsn, ids)
+        return len(found) == len(ids) and all(state == 3 for state, _ in found.values())
+
+    # Y claims X's tasks once X's leases run out, and runs them.
+    wait_for(all_done, timeout=180, what="Y ran X's tasks to their end")
+    assert "claimed" in y.output()
+    x.process.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: "held by another orchestrator now" in x.output(),
+        timeout=60,
+        what="X learnt its tasks are held elsewhere",
+    )
+    with grpc.insecure_channel(x.target) as to_x:
+        on_x = task_pb2_grpc.TaskServiceStub(to_x)
+        # X answers from the store: the run Y made, not X's own.
+        for name in names:
+            got = on_x.GetTask(task_pb2.GetTaskRequest(name=name), timeout=30).task
+            assert got.state == task_pb2.TASK_STATE_SUCCEEDED
+    found = states(dsn, ids)
+    assert all(state == 3 and ok == 1 for state, ok in found.values()), found
+    attempts = attempts_of(dsn, ids)
+    # X's attempts were lost with its lease: none of them counts as a success.
+    assert all(runs[-1][1] == 3 for runs in attempts.values())
+    assert any(len(runs) > 1 for runs in attempts.values()), attempts

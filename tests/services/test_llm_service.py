@@ -288,7 +288,9 @@ async def test_usage_survives_a_restart_with_a_state_dir(server_config, tmp_path
             seen.append(srv.llm.usage("acct"))
         finally:
             await srv.stop(grace=1.0)
-    assert (tmp_path / "state" / "usage.sqlite").is_file()
+    # In the state store itself (migration 5), not a usage.sqlite of its own.
+    assert (tmp_path / "state" / "state.sqlite").is_file()
+    assert not (tmp_path / "state" / "usage.sqlite").exists()
     (before,), (after,) = seen
     assert after == before
     assert after.requests == 1 and after.prompt_tokens > 0 and after.completion_tokens > 0
