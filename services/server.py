@@ -195,7 +195,7 @@ class Server:
         if self.mesh is not None and self._forwarder is not None and not self.devices:
             # No devices of its own: uploaded tensors are stored on the nodes and only
             # their whereabouts kept here (README, "Mesh"). serve keeps them in-process.
-            locations = TensorLocations()
+            locations = TensorLocations(self.state)
             self.tasks.remote_tensors = self.mesh.tensors = locations
             self.tensor_relay = TensorRelay(
                 self.mesh, self._forwarder, locations, config.limits, config.quotas
@@ -367,6 +367,10 @@ class Server:
         resumed, kept = await self.workflows.recover()
         if resumed or kept:
             log.info("workflows: %d resumed, %d finished ones restored", resumed, kept)
+        if self.tensor_relay is not None:
+            held = await self.tensor_relay.locations.load()
+            if held:
+                log.info("mesh: %d tensors held on nodes, as the store records them", held)
         if self.mesh is not None:
             await self.mesh.start()
         if self.shared is not None:

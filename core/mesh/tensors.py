@@ -7,11 +7,16 @@ bytes a device elsewhere would have to receive), and its forwarded call names
 them; placed elsewhere, the orchestrator moves the bytes from the holder to the
 chosen node (counted in `kernelmesh_tensor_moves_total`). A node that is lost,
 drained or restarted takes its tensors with it: tasks and downloads that need
-one fail with FAILED_PRECONDITION naming it."""
+one fail with FAILED_PRECONDITION naming it.
+
+The records live in the configured Store (migration 6) as well as here: a
+restarted orchestrator loads them, and another one sharing the store reads a
+record it has not seen from there."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +25,13 @@ import numpy as np
 
 from kernelmesh.core.errors import FailedPrecondition, NotFound
 from kernelmesh.core.limits import quote
+from kernelmesh.core.store.base import (
+    DeleteTensorLocation,
+    PutTensorLocation,
+    Store,
+    TensorLocationRecord,
+    TensorsLost,
+)
 
 
 @dataclass
@@ -48,14 +60,91 @@ class RemoteTensor:
                 "upload it again"
             )
 
+    def record(self) -> TensorLocationRecord:
+        return TensorLocationRecord(
+            name=self.name,
+            tenant=self.tenant,
+            node=self.node,
+            device=self.device,
+            dtype=self.dtype,
+            shape=json.dumps(list(self.shape)),
+            nbytes=self.nbytes,
+            lost=self.lost,
+        )
+
+    @classmethod
+    def of(cls, record: TensorLocationRecord) -> RemoteTensor:
+        return cls(
+            name=record.name,
+            tenant=record.tenant,
+            node=record.node,
+            device=record.device,
+            dtype=record.dtype,
+            shape=tuple(int(n) for n in json.loads(record.shape)),
+            lost=record.lost,
+        )
+
 
 class TensorLocations:
-    """The orchestrator's record of which node holds each tensor."""
+    """The orchestrator's record of which node holds each tensor, written
+    through to `store` when one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store | None = None) -> None:
         self._items: dict[str, RemoteTensor] = {}
         self._lock = threading.Lock()
         self._turn = itertools.count()
+        self.store = store
+
+    async def load(self) -> int:
+        """The records the store keeps (at start); returns how many."""
+        if self.store is None:
+            return 0
+        records = await self.store.tensor_locations()
+        with self._lock:
+            for record in records:
+                self._items[record.name] = RemoteTensor.of(record)
+        return len(records)
+
+    async def refresh(self) -> None:
+        """Takes the store's records as they are now (a shared store: other
+        orchestrators upload, delete and lose tensors too), so tasks submitted
+        here are placed by them."""
+        if self.store is None:
+            return
+        records = await self.store.tensor_locations()
+        items = {r.name: RemoteTensor.of(r) for r in records}
+        with self._lock:
+            self._items = items
+
+    async def lookup(self, name: str, tenant: str) -> RemoteTensor | None:
+        """`find`, asking a shared store (another orchestrator may have written
+        or changed the record) before answering."""
+        if self.store is not None and self.store.shared:
+            records = await self.store.tensor_locations(name)
+            with self._lock:
+                if records:
+                    self._items[name] = RemoteTensor.of(records[0])
+                else:
+                    self._items.pop(name, None)
+        return self.find(name, tenant)
+
+    async def put(self, item: RemoteTensor) -> None:
+        """`add`, returning once the store has committed the record."""
+        with self._lock:
+            self._items[item.name] = item
+        if self.store is not None:
+            future = self.store.write(PutTensorLocation(item.record()), wait=True)
+            if future is not None:
+                await future
+
+    async def forget(self, name: str) -> None:
+        """`remove`, returning once the store has committed it."""
+        with self._lock:
+            self._items.pop(name, None)
+        if self.store is not None:
+            future = self.store.write(DeleteTensorLocation(name), wait=True)
+            if future is not None:
+                await future
 
     def __len__(self) -> int:
         return len(self._items)
@@ -63,6 +152,8 @@ class TensorLocations:
     def add(self, item: RemoteTensor) -> None:
         with self._lock:
             self._items[item.name] = item
+        if self.store is not None:
+            self.store.write(PutTensorLocation(item.record()))
 
     def find(self, name: str, tenant: str) -> RemoteTensor | None:
         """The record, or None when there is none for this tenant (another
@@ -78,7 +169,9 @@ class TensorLocations:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self._items.pop(name, None)
+            found = self._items.pop(name, None)
+        if found is not None and self.store is not None:
+            self.store.write(DeleteTensorLocation(name))
 
     def node_gone(self, node: str, why: str) -> int:
         """The node's tensors are gone with it; returns how many."""
@@ -88,6 +181,8 @@ class TensorLocations:
                 if item.node == node and not item.lost:
                     item.lost = why
                     count += 1
+        if self.store is not None:
+            self.store.write(TensorsLost(node, why))
         return count
 
     def held_bytes(self) -> dict[str, int]:

@@ -185,6 +185,43 @@ class RenewNode:
     lease_until: float
 
 
+# -- where the mesh's nodes hold named tensors (migration 6) -----------------
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLocationRecord:
+    name: str
+    tenant: str
+    node: str
+    device: str
+    dtype: str
+    shape: str  # JSON list
+    nbytes: int
+    lost: str = ""  # why the node went; "" while it holds the tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PutTensorLocation:
+    record: TensorLocationRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTensorLocation:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TensorsLost:
+    """Every tensor `node` holds is gone with it, for `why`."""
+
+    node: str
+    why: str
+
+
+TensorLocationOp = PutTensorLocation | DeleteTensorLocation | TensorsLost
+TENSOR_LOCATION_OPS = (PutTensorLocation, DeleteTensorLocation, TensorsLost)
+
+
 @dataclass(frozen=True, slots=True)
 class PutApiKey:
     record: ApiKeyRecord
@@ -210,6 +247,7 @@ Op = (
     | WorkflowOp
     | PutNode
     | RenewNode
+    | TensorLocationOp
 )
 
 
@@ -358,6 +396,12 @@ class Store(ABC):
         """Up to `limit` of the tenant's tasks, newest first by (create_time, id),
         those strictly below `below` when given, with their attempts."""
         return Snapshot()
+
+    # -- where the mesh's nodes hold named tensors ------------------------------
+
+    async def tensor_locations(self, name: str | None = None) -> list[TensorLocationRecord]:
+        """Every tensor location record, or the one of `name` (none or one)."""
+        return []
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

@@ -144,6 +144,25 @@ CREATE INDEX tasks_holder ON tasks (node, state);
 """
 
 
+# The mesh's named tensors held on nodes (core/mesh/tensors.py): where each
+# one is, so a restarted orchestrator, or another one sharing the store,
+# still finds it. `lost` is why its node went ("" while the node holds it).
+# (Migration 5 is the LLM budgets'.)
+_V6_TENSOR_LOCATIONS = """
+CREATE TABLE tensor_locations (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    node TEXT NOT NULL,
+    device TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    nbytes {bigint} NOT NULL,
+    lost TEXT NOT NULL
+);
+CREATE INDEX tensor_locations_node ON tensor_locations (node);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -156,6 +175,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "workflows and their steps", _V2_WORKFLOWS),
     Migration(3, "nodes of the mesh", _V3_NODES),
     Migration(4, "cancel requests of tasks held by another orchestrator", _V4_CANCEL_REQUESTS),
+    Migration(6, "where the mesh's nodes hold named tensors", _V6_TENSOR_LOCATIONS),
 )
 LATEST = MIGRATIONS[-1].version
 

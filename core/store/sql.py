@@ -14,10 +14,12 @@ from typing import Any
 from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.store.base import (
     TASK_UPDATABLE,
+    TENSOR_LOCATION_OPS,
     AttemptRecord,
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    DeleteTensorLocation,
     Op,
     PutApiKey,
     PutAttempt,
@@ -25,10 +27,13 @@ from kernelmesh.core.store.base import (
     PutNode,
     PutTask,
     PutTensor,
+    PutTensorLocation,
     RenewNode,
     RevokeApiKey,
     TaskRecord,
+    TensorLocationRecord,
     TensorRecord,
+    TensorsLost,
     UpdateTask,
     inputs_key,
     outputs_key,
@@ -85,6 +90,10 @@ SELECT_NODES = f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes ORDER BY name"
 REVOKE_API_KEY = (
     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND (revoked_at IS NULL OR revoked_at > ?)"
 )
+
+TENSOR_LOCATION_COLUMNS = tuple(f.name for f in dataclasses.fields(TensorLocationRecord))
+PUT_TENSOR_LOCATION = _upsert("tensor_locations", TENSOR_LOCATION_COLUMNS, ("name",))
+SELECT_TENSOR_LOCATIONS = f"SELECT {', '.join(TENSOR_LOCATION_COLUMNS)} FROM tensor_locations"
 
 SELECT_TASKS = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks ORDER BY seq"
 SELECT_ATTEMPTS = f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM task_attempts ORDER BY task_id, number"
@@ -204,6 +213,8 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
         yield PUT_NODE, dataclasses.astuple(op.record)
     elif isinstance(op, RenewNode):
         yield RENEW_NODE, (op.lease_until, op.name, op.orchestrator)
+    elif isinstance(op, TENSOR_LOCATION_OPS):
+        yield _tensor_location_statement(op)
     else:  # pragma: no cover - a new Op without SQL is a programming error
         raise TypeError(f"unknown store operation {op!r}")
 
@@ -218,6 +229,22 @@ def _workflow_statements(op: object) -> Iterator[tuple[str, Row]]:
     elif isinstance(op, DeleteWorkflow):
         yield "DELETE FROM workflow_steps WHERE workflow_id = ?", (op.id,)
         yield "DELETE FROM workflows WHERE id = ?", (op.id,)
+
+
+def _tensor_location_statement(op: object) -> tuple[str, Row]:
+    if isinstance(op, PutTensorLocation):
+        return PUT_TENSOR_LOCATION, dataclasses.astuple(op.record)
+    if isinstance(op, DeleteTensorLocation):
+        return "DELETE FROM tensor_locations WHERE name = ?", (op.name,)
+    assert isinstance(op, TensorsLost)
+    return (
+        "UPDATE tensor_locations SET lost = ? WHERE node = ? AND lost = ''",
+        (op.why, op.node),
+    )
+
+
+def tensor_location_from_row(row: Row) -> TensorLocationRecord:
+    return TensorLocationRecord(*row)
 
 
 def _update(

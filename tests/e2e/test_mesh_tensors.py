@@ -154,3 +154,32 @@ def test_a_lost_node_takes_its_tensors_and_tasks_needing_them_say_which(mesh):
     task = stub.RunTask(relu_of(kept_ref.name), timeout=60).task
     assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
     np.testing.assert_array_equal(download(stub, kept_ref.name), kept)
+
+
+def test_tensor_locations_survive_an_orchestrator_restart(procs, tmp_path):
+    """The location record is in the store (SQLite here): an orchestrator killed
+    and restarted on its address still relays a download of a tensor a node holds,
+    and deletes it there."""
+    args = ("--state-dir", str(tmp_path / "orch-state"), "--lease-seconds", LEASE)
+    orch = procs.orchestrator(*args)
+    port = orch.port  # the node's --join names it: the restarted one listens there too
+    procs.node("node-a", orch.target, "--backends", "cpu")
+    wait_for(lambda: ready_nodes(orch.target) == {"node-a"}, what="node-a READY")
+    x = np.linspace(-3, 3, 4096, dtype=np.float32)
+    with grpc.insecure_channel(orch.target) as channel:
+        ref = upload(task_pb2_grpc.TaskServiceStub(channel), x)
+    assert holder(ref) == "node-a"
+
+    orch.kill9()
+    again = procs.orchestrator(*args, name="orchestrator-again", port=port)
+    wait_for(lambda: ready_nodes(again.target) == {"node-a"}, what="node-a rejoined")
+    with grpc.insecure_channel(again.target) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        np.testing.assert_array_equal(download(stub, ref.name), x)
+        task = stub.RunTask(relu_of(ref.name), timeout=60).task
+        assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
+        assert task.device == "node-a/cpu:0"
+        stub.DeleteTensor(task_pb2.DeleteTensorRequest(name=ref.name), timeout=30)
+        with pytest.raises(grpc.RpcError) as gone:
+            download(stub, ref.name)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
