@@ -37,6 +37,23 @@ class TensorRelay:
         self.locations = locations
         self.limits = limits
         self.quotas = quotas
+        locations.deleter = self.delete_on_node
+
+    async def delete_on_node(self, item: RemoteTensor) -> None:
+        """Deletes a tensor the orchestrator let go of (a workflow's intermediate)
+        on the node holding it; one that is gone already is fine."""
+        node = self.mesh.nodes.get(item.node)
+        if node is None or node.state is NodeState.LOST:
+            return
+        try:
+            await self.forwarder.stub(node).DeleteTensor(
+                task_pb2.DeleteTensorRequest(name=item.name),
+                metadata=self.forwarder.metadata(node, item.tenant),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
 
     async def holds(self, name: str, tenant: str) -> bool:
         return await self.locations.lookup(name, tenant) is not None

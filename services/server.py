@@ -346,6 +346,10 @@ class Server:
             )
         await self.tasks.start()
         try:
+            if self.tensor_relay is not None:  # before the tasks: their kept outputs
+                held = await self.tensor_relay.locations.load()
+                if held:
+                    log.info("mesh: %d tensors held on nodes, as the store records them", held)
             queued, finished, tensors = await self.tasks.recover()
         except BaseException:
             await self.tasks.shutdown(0)
@@ -367,10 +371,6 @@ class Server:
         resumed, kept = await self.workflows.recover()
         if resumed or kept:
             log.info("workflows: %d resumed, %d finished ones restored", resumed, kept)
-        if self.tensor_relay is not None:
-            held = await self.tensor_relay.locations.load()
-            if held:
-                log.info("mesh: %d tensors held on nodes, as the store records them", held)
         if self.mesh is not None:
             await self.mesh.start()
         if self.shared is not None:

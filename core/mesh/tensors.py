@@ -15,10 +15,12 @@ record it has not seen from there."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +34,8 @@ from kernelmesh.core.store.base import (
     TensorLocationRecord,
     TensorsLost,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +98,30 @@ class TensorLocations:
         self._lock = threading.Lock()
         self._turn = itertools.count()
         self.store = store
+        # Deletes a tensor on the node holding it (the orchestrator's relay sets
+        # it): `discard` lets a workflow's freed intermediates go from their node.
+        self.deleter: Callable[[RemoteTensor], Awaitable[None]] | None = None
+        self._deleting: set[asyncio.Task[None]] = set()
+
+    def discard(self, name: str, tenant: str) -> bool:
+        """Forgets the tenant's tensor and deletes it on its node in the
+        background; False when there is no record of it."""
+        item = self.find(name, tenant)
+        if item is None:
+            return False
+        self.remove(name)
+        if self.deleter is not None and not item.lost:
+            job = asyncio.get_running_loop().create_task(self._delete(item))
+            self._deleting.add(job)
+            job.add_done_callback(self._deleting.discard)
+        return True
+
+    async def _delete(self, item: RemoteTensor) -> None:
+        assert self.deleter is not None
+        try:
+            await self.deleter(item)
+        except Exception as exc:  # the node went meanwhile: its copy went with it
+            log.warning("tensor %s not deleted on node %s: %s", item.name, item.node, exc)
 
     async def load(self) -> int:
         """The records the store keeps (at start); returns how many."""

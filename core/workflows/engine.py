@@ -742,7 +742,10 @@ class WorkflowEngine:
                 task.output_refs = [_hollow(r) if r.name in names else r for r in task.output_refs]
 
     def _delete_tensors(self, names: frozenset[str] | set[str], tenant: str) -> None:
+        remote = self.tasks.remote_tensors  # an orchestrator's: on the nodes
         for name in names:
+            if remote is not None and remote.discard(name, tenant):
+                continue
             with contextlib.suppress(NotFound, StoreUnavailable):
                 self.tasks.store.delete(name, tenant=tenant)
 

@@ -183,3 +183,73 @@ def test_tensor_locations_survive_an_orchestrator_restart(procs, tmp_path):
         with pytest.raises(grpc.RpcError) as gone:
             download(stub, ref.name)
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def workflow_of(first: dict, second: dict) -> dict:
+    return {
+        "steps": [
+            {"id": "first", "task": {"op": "relu", "inputs": ["${inputs.x}"], **first}},
+            {
+                "id": "second",
+                "task": {"op": "exp", "inputs": ["${first.outputs[0]}"], **second},
+                "keep_outputs": True,
+            },
+        ]
+    }
+
+
+def run_workflow(orch, spec: dict, x: np.ndarray):
+    from kernelmesh.clients import Client
+
+    with Client(orch.target, timeout=60) as km:
+        info = km.workflows.submit(spec, {"x": x})
+        done = km.workflows.wait(info.name, timeout=120)
+        assert done.state.name == "SUCCEEDED", done
+        out = km.download(done.step("second").outputs[0])
+    with grpc.insecure_channel(orch.target) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        tasks = {
+            s.id: stub.GetTask(task_pb2.GetTaskRequest(name=s.task), timeout=30).task
+            for s in done.steps
+        }
+    return done, tasks, out
+
+
+def test_a_workflow_intermediate_stays_on_its_node_and_the_next_step_runs_there(mesh):
+    orch, _, stub = mesh
+    x = np.linspace(-4, 4, 5000, dtype=np.float32)
+    done, tasks, out = run_workflow(orch, workflow_of({}, {}), x)
+    np.testing.assert_allclose(out, np.exp(np.maximum(x, 0)), rtol=1e-5)
+    first, second = tasks["first"], tasks["second"]
+    node = first.device.partition("/")[0]
+    assert second.device.partition("/")[0] == node, (first.device, second.device)
+    # the intermediate never came to the orchestrator: the second step found it there
+    assert f"node {node} holds the input" in second.placement.reason, second.placement.reason
+    assert "moves" not in second.placement.reason
+    # the second step's kept output is on its node and downloads through the orchestrator
+    assert done.step("second").outputs[0].device.startswith(f"{node}/")
+    # the freed intermediate is gone from the node and from the record
+    intermediate = done.step("first").outputs[0].name
+
+    def freed() -> bool:
+        try:
+            download(stub, intermediate)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+    wait_for(freed, what="the intermediate deleted")
+
+
+def test_a_workflow_step_placed_elsewhere_moves_the_intermediate(mesh):
+    orch, _, _ = mesh
+    x = np.linspace(-4, 4, 5000, dtype=np.float32)
+    done, tasks, out = run_workflow(
+        orch, workflow_of({"device": {"name": "node-a"}}, {"device": {"name": "node-b"}}), x
+    )
+    np.testing.assert_allclose(out, np.exp(np.maximum(x, 0)), rtol=1e-5)
+    assert tasks["first"].device == "node-a/cpu:0"
+    assert tasks["second"].device == "node-b/cpu:0"
+    reason = tasks["second"].placement.reason
+    assert "moves the input" in reason and "(from node-a)" in reason, reason
+    assert done.step("second").outputs[0].device == "node-b/cpu:0"
