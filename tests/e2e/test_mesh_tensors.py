@@ -253,3 +253,51 @@ def test_a_workflow_step_placed_elsewhere_moves_the_intermediate(mesh):
     reason = tasks["second"].placement.reason
     assert "moves the input" in reason and "(from node-a)" in reason, reason
     assert done.step("second").outputs[0].device == "node-b/cpu:0"
+
+
+def test_a_workflow_intermediate_lost_with_its_node_is_made_again(mesh):
+    """The node holding a finished step's output dies before the step using it
+    runs: the step that made it runs again (it is deterministic), and the
+    workflow completes with the right result."""
+    from kernelmesh.clients import Client
+
+    orch, nodes, _ = mesh
+    x = np.linspace(-4, 4, 5000, dtype=np.float32)
+    big = np.random.default_rng(1).standard_normal((1500, 1500)).astype(np.float32) / 40
+    chain = [{"id": "first", "task": {"op": "relu", "inputs": ["${inputs.x}"]}}]
+    previous = "${inputs.big}"
+    for i in range(10):  # seconds of matmuls: the last step waits while the node is killed
+        chain.append(
+            {"id": f"slow{i}", "task": {"op": "matmul", "inputs": [previous, "${inputs.big}"]}}
+        )
+        previous = f"${{slow{i}.outputs[0]}}"
+    chain.append(
+        {
+            "id": "last",
+            "task": {"op": "exp", "inputs": ["${first.outputs[0]}"]},
+            "depends_on": ["slow9"],
+            "keep_outputs": True,
+        }
+    )
+    with Client(orch.target, timeout=60) as km:
+        info = km.workflows.submit({"steps": chain}, {"x": x, "big": big})
+
+        def first_done():
+            got = km.workflows.get(info.name)
+            step = got.step("first")
+            return step if step.state.name == "SUCCEEDED" else None
+
+        first = wait_for(first_done, what="the first step done")
+        before = first.outputs[0]
+        holder_node = before.device.partition("/")[0]
+        assert not km.workflows.get(info.name).step("last").state.terminal, "too late to kill"
+        nodes[holder_node].kill9()
+        done = km.workflows.wait(info.name, timeout=180)
+        assert done.state.name == "SUCCEEDED", done
+        np.testing.assert_allclose(
+            km.download(done.step("last").outputs[0]), np.exp(np.maximum(x, 0)), rtol=1e-5
+        )
+        again = done.step("first")
+        assert again.outputs[0].name != before.name  # made anew
+        assert again.task != first.task
+        assert "run again" in orch.output() and "outputs lost with their node" in orch.output()
