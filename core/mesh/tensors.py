@@ -134,15 +134,17 @@ class TensorLocations:
         return len(records)
 
     async def refresh(self) -> None:
-        """Takes the store's records as they are now (a shared store: other
-        orchestrators upload, delete and lose tensors too), so tasks submitted
-        here are placed by them."""
+        """Takes in the store's records as they are now (a shared store: other
+        orchestrators upload and lose tensors too), so tasks submitted here are
+        placed by them. Records only here are kept (their write may not have
+        committed yet); a delete elsewhere is seen by `lookup`, and by a task
+        naming the tensor, which the node then refuses."""
         if self.store is None:
             return
         records = await self.store.tensor_locations()
-        items = {r.name: RemoteTensor.of(r) for r in records}
         with self._lock:
-            self._items = items
+            for record in records:
+                self._items[record.name] = RemoteTensor.of(record)
 
     async def lookup(self, name: str, tenant: str) -> RemoteTensor | None:
         """`find`, asking a shared store (another orchestrator may have written
