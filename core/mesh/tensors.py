@@ -203,15 +203,17 @@ class TensorLocations:
         if found is not None and self.store is not None:
             self.store.write(DeleteTensorLocation(name))
 
-    def node_gone(self, node: str, why: str) -> int:
-        """The node's tensors are gone with it; returns how many."""
+    def node_gone(self, node: str, why: str, *, record: bool = True) -> int:
+        """The node's tensors are gone with it; returns how many. `record`: write
+        it to the store too (only the orchestrator the node heartbeats to does; one
+        that merely lost sight of it in a shared store may be wrong)."""
         count = 0
         with self._lock:
             for item in self._items.values():
                 if item.node == node and not item.lost:
                     item.lost = why
                     count += 1
-        if self.store is not None:
+        if record and self.store is not None:
             self.store.write(TensorsLost(node, why))
         return count
 
