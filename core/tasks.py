@@ -220,6 +220,9 @@ class Task:
     trace_context: str = ""
     # Inputs that name tensors held on nodes (core/mesh/tensors.py), by position.
     remote_inputs: dict[int, mesh_tensors.RemoteTensor] | None = None
+    # Kept outputs a node stores (the forwarder asked it to keep them): their
+    # location is recorded instead of the bytes coming back.
+    remote_outputs: list[mesh_tensors.RemoteTensor] | None = None
     _forward: asyncio.Future[list[np.ndarray]] | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
@@ -602,7 +605,7 @@ class TaskManager:
             # Named tensors this process has (restored at start); others live with
             # the orchestrator that made them.
             with contextlib.suppress(NotFound):
-                task.output_refs.append(self.store.get(ref, tenant=record.tenant))
+                task.output_refs.append(self.kept_ref(ref, record.tenant))
         task.start_time = record.start_time
         task.end_time = record.end_time
         task.run_seconds = record.run_seconds
@@ -687,7 +690,7 @@ class TaskManager:
         refs = []
         for name in json.loads(record.output_refs):
             with contextlib.suppress(NotFound):
-                refs.append(self.store.get(name, tenant=record.tenant))
+                refs.append(self.kept_ref(name, record.tenant))
         if failure is None and record.error_code is not None:
             failure = TaskFailure(_code(record.error_code), record.error_message or "")
         task = self._restored(
@@ -877,6 +880,25 @@ class TaskManager:
         elif len(self.devices) > 1:
             task.placement_reason = self._reason(spec.selector, spec.op, dtype)
         return task
+
+    def _remote_ref(self, item: mesh_tensors.RemoteTensor) -> StoredTensor:
+        """A kept output a node holds, as a reference: its location recorded, its
+        array a stand-in of its dtype and shape that holds no memory."""
+        if self.remote_tensors is not None:
+            self.remote_tensors.add(item)
+        return StoredTensor(
+            item.name, item.tenant, f"{item.node}/{item.device}", item.placeholder()
+        )
+
+    def kept_ref(self, name: str, tenant: str) -> StoredTensor:
+        """A task's kept output by name, here or (recorded) on a node."""
+        try:
+            return self.store.get(name, tenant=tenant)
+        except NotFound:
+            held = self._remote_input(name, tenant)
+            if held is None:
+                raise
+            return StoredTensor(name, tenant, f"{held.node}/{held.device}", held.placeholder())
 
     def _remote_input(self, name: str, tenant: str) -> mesh_tensors.RemoteTensor | None:
         if self.remote_tensors is None:
@@ -1636,7 +1658,12 @@ class TaskManager:
             return  # another orchestrator runs it now: this result is dropped
         task.run_seconds = seconds
         metrics.TASK_RUN_SECONDS.observe((task.op, task.device.name), seconds)
-        if task.keep_outputs:
+        if task.keep_outputs and task.remote_outputs is not None:
+            # kept on the node that produced them (it charges the tenant there)
+            self.store.ledger.release(task.tenant, task.held_bytes)
+            task.held_bytes = 0
+            task.output_refs = [self._remote_ref(r) for r in task.remote_outputs]
+        elif task.keep_outputs:
             # the outputs move to the tensor store, which charges the tenant for them
             self.store.ledger.release(task.tenant, task.held_bytes)
             task.held_bytes = 0

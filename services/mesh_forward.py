@@ -150,6 +150,10 @@ class Forwarder:
             tensor.dtype = convert.NUMPY_TO_DTYPE[held.dtype]
             tensor.shape.extend(held.shape)
             tensor.data = data
+        # An orchestrator that keeps its tensors on the nodes: kept outputs stay
+        # on the node that produced them, recorded where they are.
+        keep = task.keep_outputs and node.mesh.tensors is not None
+        spec.keep_outputs = keep
         try:
             response = await self._stub(node.address).RunTask(
                 task_pb2.RunTaskRequest(task=spec),
@@ -164,7 +168,45 @@ class Forwarder:
             raise AttemptFailed(
                 TaskFailure(_code(exc.code()), f"on {device.name}: {exc.details()}")
             ) from None
+        if keep:
+            return self._kept(device, task, response.task)
         return self._checked(device, task, response.task)
+
+    def _kept(self, device: RemoteDevice, task: Task, msg: task_pb2.Task) -> list[np.ndarray]:
+        """Outputs the node kept: each must be what the op promised. Returns
+        stand-ins; `task.remote_outputs` says where the tensors are."""
+        assert device.node is not None
+        expected = task.call.outputs if task.call is not None else ()
+        problem = None
+        kept: list[RemoteTensor] = []
+        if len(msg.output_refs) != len(expected):
+            problem = f"{len(msg.output_refs)} kept outputs where the op gives {len(expected)}"
+        for i, (ref, meta) in enumerate(zip(msg.output_refs, expected, strict=False)):
+            dtype = convert.DTYPE_TO_NUMPY.get(ref.dtype)
+            if dtype is None or dtype.name != meta.dtype or tuple(ref.shape) != meta.shape:
+                problem = f"kept output {i} is {ref.dtype}{list(ref.shape)}, expected " + (
+                    f"{meta.dtype}{list(meta.shape)}"
+                )
+                break
+            kept.append(
+                RemoteTensor(
+                    name=ref.name,
+                    tenant=task.tenant,
+                    node=device.node.name,
+                    device=ref.device,
+                    dtype=meta.dtype,
+                    shape=meta.shape,
+                )
+            )
+        if problem is not None:
+            metrics.RESULTS_REFUSED.inc(())
+            raise AttemptFailed(
+                TaskFailure(
+                    Code.INTERNAL, f"result refused: node {device.node.name} returned {problem}"
+                )
+            )
+        task.remote_outputs = kept
+        return [k.placeholder() for k in kept]
 
     def _checked(self, device: RemoteDevice, task: Task, msg: task_pb2.Task) -> list[np.ndarray]:
         """The node's outputs, if they are what the op promised; a node that answers

@@ -101,6 +101,8 @@ class SharedMesh:
             if reg is not None:
                 entries.append((record, reg))
         self.mesh.sync_foreign(entries)
+        if self.mesh.tensors is not None:  # tensors uploaded through the others
+            await self.mesh.tensors.refresh()
         cancels = await self.store.cancel_requests(self.owner)
         if cancels:
             done = self.tasks.cancel_held(cancels)

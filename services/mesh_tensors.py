@@ -37,9 +37,26 @@ class TensorRelay:
         self.locations = locations
         self.limits = limits
         self.quotas = quotas
+        locations.deleter = self.delete_on_node
 
-    def holds(self, name: str, tenant: str) -> bool:
-        return self.locations.find(name, tenant) is not None
+    async def delete_on_node(self, item: RemoteTensor) -> None:
+        """Deletes a tensor the orchestrator let go of (a workflow's intermediate)
+        on the node holding it; one that is gone already is fine."""
+        node = self.mesh.nodes.get(item.node)
+        if node is None or node.state is NodeState.LOST:
+            return
+        try:
+            await self.forwarder.stub(node).DeleteTensor(
+                task_pb2.DeleteTensorRequest(name=item.name),
+                metadata=self.forwarder.metadata(node, item.tenant),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    async def holds(self, name: str, tenant: str) -> bool:
+        return await self.locations.lookup(name, tenant) is not None
 
     def _holder(self) -> Node:
         ready = {
@@ -80,7 +97,7 @@ class TensorRelay:
         except grpc.aio.AioRpcError as exc:
             await _relay_error(context, exc)
         ref = reply.tensor
-        self.locations.add(
+        await self.locations.put(
             RemoteTensor(
                 name=ref.name,
                 tenant=tenant,
@@ -99,7 +116,13 @@ class TensorRelay:
         item = self.locations.get(request.name, tenant)
         item.check_held()
         node = self.mesh.nodes.get(item.node)
-        assert node is not None  # a node that left had its tensors marked
+        if node is None or node.state is NodeState.LOST:
+            # Not (yet) joined here: this orchestrator restarted and the node has
+            # not rejoined, or it is joined to another orchestrator of the store.
+            raise Unavailable(
+                f"tensor {request.name} is held by node {item.node}, which is not "
+                "connected to this orchestrator now; retry"
+            )
         call = self.forwarder.stub(node).DownloadTensor(
             request,
             metadata=self.forwarder.metadata(node, tenant),
@@ -126,7 +149,7 @@ class TensorRelay:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     await _relay_error(context, exc)
-        self.locations.remove(name)
+        await self.locations.forget(name)
 
 
 async def _relay_error(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError):

@@ -195,7 +195,7 @@ class Server:
         if self.mesh is not None and self._forwarder is not None and not self.devices:
             # No devices of its own: uploaded tensors are stored on the nodes and only
             # their whereabouts kept here (README, "Mesh"). serve keeps them in-process.
-            locations = TensorLocations()
+            locations = TensorLocations(self.state)
             self.tasks.remote_tensors = self.mesh.tensors = locations
             self.tensor_relay = TensorRelay(
                 self.mesh, self._forwarder, locations, config.limits, config.quotas
@@ -356,6 +356,10 @@ class Server:
             )
         await self.tasks.start()
         try:
+            if self.tensor_relay is not None:  # before the tasks: their kept outputs
+                held = await self.tensor_relay.locations.load()
+                if held:
+                    log.info("mesh: %d tensors held on nodes, as the store records them", held)
             queued, finished, tensors = await self.tasks.recover()
         except BaseException:
             await self.tasks.shutdown(0)

@@ -324,7 +324,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.DownloadTensorRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[task_pb2.DownloadTensorResponse]:
         tenant = tenant_of(context)
-        if self.tensors is not None and self.tensors.holds(request.name, tenant):
+        if self.tensors is not None and await self.tensors.holds(request.name, tenant):
             async for part in self.tensors.download(request, tenant, context):
                 yield part
             return
@@ -342,7 +342,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.DeleteTensorRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.DeleteTensorResponse:
         tenant = tenant_of(context)
-        if self.tensors is not None and self.tensors.holds(request.name, tenant):
+        if self.tensors is not None and await self.tensors.holds(request.name, tenant):
             await self.tensors.delete(request.name, tenant, context)
             return task_pb2.DeleteTensorResponse()
         self.tasks.store.delete(request.name, tenant=tenant)

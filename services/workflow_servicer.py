@@ -115,7 +115,7 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def _ref(self, name: str, tenant: str):
         try:
-            return convert.ref_to_proto(self.workflows.tasks.store.get(name, tenant=tenant))
+            return convert.ref_to_proto(self.workflows.tasks.kept_ref(name, tenant))
         except NotFound:  # deleted since: the name is still worth showing
             return tensor_pb2.TensorRef(name=name)
 

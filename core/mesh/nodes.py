@@ -454,7 +454,7 @@ class Mesh:
 
     def _tensors_gone(self, node: Node, why: str) -> None:
         if self.tensors is not None:
-            count = self.tensors.node_gone(node.name, why)
+            count = self.tensors.node_gone(node.name, why, record=not node.foreign)
             if count:
                 log.warning("node %s took %d stored tensors with it", node.name, count)
 

@@ -185,6 +185,43 @@ class RenewNode:
     lease_until: float
 
 
+# -- where the mesh's nodes hold named tensors (migration 6) -----------------
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLocationRecord:
+    name: str
+    tenant: str
+    node: str
+    device: str
+    dtype: str
+    shape: str  # JSON list
+    nbytes: int
+    lost: str = ""  # why the node went; "" while it holds the tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PutTensorLocation:
+    record: TensorLocationRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTensorLocation:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TensorsLost:
+    """Every tensor `node` holds is gone with it, for `why`."""
+
+    node: str
+    why: str
+
+
+TensorLocationOp = PutTensorLocation | DeleteTensorLocation | TensorsLost
+TENSOR_LOCATION_OPS = (PutTensorLocation, DeleteTensorLocation, TensorsLost)
+
+
 @dataclass(frozen=True, slots=True)
 class PutApiKey:
     record: ApiKeyRecord
@@ -272,6 +309,7 @@ Op = (
     | WorkflowOp
     | PutNode
     | RenewNode
+    | TensorLocationOp
 )
 
 
@@ -450,6 +488,12 @@ class Store(ABC):
     ) -> tuple[dict[str, int], list[tuple[str, str, str, int, int, int, float]]]:
         """Tokens spent per tenant (reservations not counted), and usage totals as
         (tenant, model, provider, requests, prompt, completion, cost)."""
+
+    # -- where the mesh's nodes hold named tensors ------------------------------
+
+    async def tensor_locations(self, name: str | None = None) -> list[TensorLocationRecord]:
+        """Every tensor location record, or the one of `name` (none or one)."""
+        return []
 
     # -- API keys (kernelmesh.core.api_keys.ApiKeyStore) --------------------
 

@@ -14,6 +14,7 @@ from kernelmesh.core.store.base import (
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    DeleteTensorLocation,
     Fenced,
     NodeRecord,
     Op,
@@ -23,6 +24,7 @@ from kernelmesh.core.store.base import (
     PutNode,
     PutTask,
     PutTensor,
+    PutTensorLocation,
     PutUsage,
     RenewNode,
     RevokeApiKey,
@@ -30,7 +32,9 @@ from kernelmesh.core.store.base import (
     Snapshot,
     Store,
     TaskRecord,
+    TensorLocationRecord,
     TensorRecord,
+    TensorsLost,
     UpdateTask,
     inputs_key,
     outputs_key,
@@ -63,6 +67,7 @@ class MemoryStore(Store):
         self.budget_spent: dict[str, int] = {}
         self.reservations: dict[int, tuple[str, int, float]] = {}  # tenant, tokens, expires
         self._holds = 0
+        self.tensor_location_records: dict[str, TensorLocationRecord] = {}
 
     @property
     def where(self) -> str:
@@ -135,6 +140,14 @@ class MemoryStore(Store):
             node = self.nodes.get(op.name)
             if node is not None and node.orchestrator == op.orchestrator:
                 self.nodes[op.name] = dataclasses.replace(node, lease_until=op.lease_until)
+        elif isinstance(op, PutTensorLocation):
+            self.tensor_location_records[op.record.name] = op.record
+        elif isinstance(op, DeleteTensorLocation):
+            self.tensor_location_records.pop(op.name, None)
+        elif isinstance(op, TensorsLost):
+            for name, held in list(self.tensor_location_records.items()):
+                if held.node == op.node and not held.lost:
+                    self.tensor_location_records[name] = dataclasses.replace(held, lost=op.why)
         elif isinstance(op, RevokeApiKey):
             api_key = self.api_keys.get(op.key_id)
             if api_key is not None and (api_key.revoked_at is None or api_key.revoked_at > op.at):
@@ -156,6 +169,12 @@ class MemoryStore(Store):
 
     async def list_nodes(self) -> list[NodeRecord]:
         return [self.nodes[k] for k in sorted(self.nodes)]
+
+    async def tensor_locations(self, name: str | None = None) -> list[TensorLocationRecord]:
+        if name is not None:
+            found = self.tensor_location_records.get(name)
+            return [] if found is None else [found]
+        return list(self.tensor_location_records.values())
 
     async def load(self) -> Snapshot:
         snap = Snapshot(

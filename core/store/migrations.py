@@ -174,6 +174,24 @@ CREATE TABLE llm_reservations (
 CREATE INDEX llm_reservations_tenant ON llm_reservations (tenant, expires);
 """
 
+# The mesh's named tensors held on nodes (core/mesh/tensors.py): where each
+# one is, so a restarted orchestrator, or another one sharing the store,
+# still finds it. `lost` is why its node went ("" while the node holds it).
+# (Migration 5 is the LLM budgets'.)
+_V6_TENSOR_LOCATIONS = """
+CREATE TABLE tensor_locations (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    node TEXT NOT NULL,
+    device TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    nbytes {bigint} NOT NULL,
+    lost TEXT NOT NULL
+);
+CREATE INDEX tensor_locations_node ON tensor_locations (node);
+"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -188,6 +206,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "nodes of the mesh", _V3_NODES),
     Migration(4, "cancel requests of tasks held by another orchestrator", _V4_CANCEL_REQUESTS),
     Migration(5, "LLM usage, token budgets and their reservations", _V5_LLM_BUDGETS),
+    Migration(6, "where the mesh's nodes hold named tensors", _V6_TENSOR_LOCATIONS),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -41,6 +41,7 @@ from kernelmesh.core.store.base import (
     StoreError,
     StoreUnavailable,
     TaskRecord,
+    TensorLocationRecord,
     UpdateTask,
 )
 from kernelmesh.core.store.workflow_records import WorkflowSnapshot
@@ -371,6 +372,13 @@ class PostgresStore(Store):
             return await self._pool.fetch(self._q(statement), *args, timeout=_COMMIT_TIMEOUT_S)
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"the state store (PostgreSQL) failed a read: {exc}") from None
+
+    async def tensor_locations(self, name: str | None = None) -> list[TensorLocationRecord]:
+        if name is None:
+            rows = await self._fetch(sql.SELECT_TENSOR_LOCATIONS)
+        else:
+            rows = await self._fetch(sql.SELECT_TENSOR_LOCATIONS + " WHERE name = ?", name)
+        return [sql.tensor_location_from_row(tuple(r)) for r in rows]
 
     async def load(self) -> Snapshot:
         snap = Snapshot()

@@ -14,11 +14,13 @@ from typing import Any
 from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.store.base import (
     TASK_UPDATABLE,
+    TENSOR_LOCATION_OPS,
     AttemptRecord,
     ChargeBudget,
     DeleteBlob,
     DeleteTask,
     DeleteTensor,
+    DeleteTensorLocation,
     Fenced,
     Op,
     PutApiKey,
@@ -27,12 +29,15 @@ from kernelmesh.core.store.base import (
     PutNode,
     PutTask,
     PutTensor,
+    PutTensorLocation,
     PutUsage,
     RenewNode,
     RevokeApiKey,
     SettleBudget,
     TaskRecord,
+    TensorLocationRecord,
     TensorRecord,
+    TensorsLost,
     UpdateTask,
     inputs_key,
     outputs_key,
@@ -125,6 +130,9 @@ BUDGET_STATE = (
     "SELECT (SELECT tokens FROM llm_budget_spent WHERE tenant = ?), "
     "(SELECT COALESCE(SUM(tokens), 0) FROM llm_reservations WHERE tenant = ?)"
 )
+TENSOR_LOCATION_COLUMNS = tuple(f.name for f in dataclasses.fields(TensorLocationRecord))
+PUT_TENSOR_LOCATION = _upsert("tensor_locations", TENSOR_LOCATION_COLUMNS, ("name",))
+SELECT_TENSOR_LOCATIONS = f"SELECT {', '.join(TENSOR_LOCATION_COLUMNS)} FROM tensor_locations"
 
 SELECT_TASKS = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks ORDER BY seq"
 SELECT_ATTEMPTS = f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM task_attempts ORDER BY task_id, number"
@@ -256,6 +264,8 @@ def _statements(op: Op, files: BlobFiles, unlink: list[str]) -> Iterator[tuple[s
         yield PUT_NODE, dataclasses.astuple(op.record)
     elif isinstance(op, RenewNode):
         yield RENEW_NODE, (op.lease_until, op.name, op.orchestrator)
+    elif isinstance(op, TENSOR_LOCATION_OPS):
+        yield _tensor_location_statement(op)
     else:  # pragma: no cover - a new Op without SQL is a programming error
         raise TypeError(f"unknown store operation {op!r}")
 
@@ -270,6 +280,22 @@ def _workflow_statements(op: object) -> Iterator[tuple[str, Row]]:
     elif isinstance(op, DeleteWorkflow):
         yield "DELETE FROM workflow_steps WHERE workflow_id = ?", (op.id,)
         yield "DELETE FROM workflows WHERE id = ?", (op.id,)
+
+
+def _tensor_location_statement(op: object) -> tuple[str, Row]:
+    if isinstance(op, PutTensorLocation):
+        return PUT_TENSOR_LOCATION, dataclasses.astuple(op.record)
+    if isinstance(op, DeleteTensorLocation):
+        return "DELETE FROM tensor_locations WHERE name = ?", (op.name,)
+    assert isinstance(op, TensorsLost)
+    return (
+        "UPDATE tensor_locations SET lost = ? WHERE node = ? AND lost = ''",
+        (op.why, op.node),
+    )
+
+
+def tensor_location_from_row(row: Row) -> TensorLocationRecord:
+    return TensorLocationRecord(*row)
 
 
 def _update(

@@ -25,6 +25,7 @@ from kernelmesh.core.store.base import (
     Store,
     StoreError,
     StoreUnavailable,
+    TensorLocationRecord,
 )
 from kernelmesh.core.store.workflow_records import WorkflowSnapshot
 
@@ -219,6 +220,15 @@ class SqliteStore(Store):
     async def list_nodes(self) -> list[NodeRecord]:
         rows = await asyncio.to_thread(self._read, sql.SELECT_NODES)
         return [NodeRecord(*row) for row in rows]
+
+    async def tensor_locations(self, name: str | None = None) -> list[TensorLocationRecord]:
+        if name is None:
+            rows = await asyncio.to_thread(self._read, sql.SELECT_TENSOR_LOCATIONS)
+        else:
+            rows = await asyncio.to_thread(
+                self._read, sql.SELECT_TENSOR_LOCATIONS + " WHERE name = ?", (name,)
+            )
+        return [sql.tensor_location_from_row(r) for r in rows]
 
     async def load(self) -> Snapshot:
         return await asyncio.to_thread(self._load)

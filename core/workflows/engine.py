@@ -35,6 +35,7 @@ import numpy as np
 from kernelmesh.core import listing, ops
 from kernelmesh.core.errors import (
     Code,
+    FailedPrecondition,
     InvalidArgument,
     KernelmeshError,
     NotFound,
@@ -70,6 +71,10 @@ if TYPE_CHECKING:
 
 PREFIX = "workflows/"
 log = logging.getLogger(__name__)
+
+# How often a step's inputs lost with their node are made again (by running the
+# steps that made them) before the step fails with FAILED_PRECONDITION.
+MAX_REMAKES = 3
 
 
 class WorkflowState(IntEnum):
@@ -226,6 +231,10 @@ class WorkflowEngine:
         self._commits = CommitOrder(self.journal)
         self._seq = 0
         self._stopping = False
+        # Steps run again because a lost node took their outputs (rare): by
+        # (workflow, step), how often, and one at a time.
+        self._remakes: dict[tuple[str, str], int] = {}
+        self._remaking: dict[tuple[str, str], asyncio.Lock] = {}
 
     # -- submission ----------------------------------------------------------
 
@@ -472,12 +481,12 @@ class WorkflowEngine:
             )
         return source.outputs[ref.index]
 
-    async def _run_task(self, wf: Workflow, step: StepRun, action: TaskAction) -> None:
+    def _task_spec(self, wf: Workflow, step: StepRun, action: TaskAction) -> TaskSpec:
         inputs: list[np.ndarray | str] = []
         for item in action.inputs:
             ref = tensor_ref(item) if isinstance(item, str) else None
             inputs.append(self._resolve(wf, ref) if ref is not None else item)
-        spec = TaskSpec(
+        return TaskSpec(
             op=action.op,
             inputs=inputs,
             params=action.params,
@@ -488,11 +497,24 @@ class WorkflowEngine:
             tenant=wf.tenant,
             retry=step.spec.retry or DEFAULT_RETRY,
         )
+
+    async def _run_task(self, wf: Workflow, step: StepRun, action: TaskAction) -> None:
+        for remade in range(MAX_REMAKES + 1):
+            await self._remake_lost_inputs(wf, action)
+            if await self._run_task_once(wf, step, action, remade):
+                return
+
+    async def _run_task_once(
+        self, wf: Workflow, step: StepRun, action: TaskAction, remade: int
+    ) -> bool:
+        """One submission of the step's task; False when it failed for want of an
+        input lost with its node that an earlier step can make again."""
+        spec = self._task_spec(wf, step, action)
         timeout = step.spec.timeout
         deadline = time.monotonic() + timeout if timeout else None
         # One request id per step: after a restart the same submission returns
         # the step's task instead of running it again.
-        request = f"{wf.name}/steps/{step.id}"
+        request = f"{wf.name}/steps/{step.id}" + (f"/remade-{remade}" if remade else "")
         # Not waiting for the task's commit: the step is shown finished only once
         # its end is committed, which is after the task's record (the store commits
         # in order). Dying before that, the step had not finished as far as anyone
@@ -521,16 +543,91 @@ class WorkflowEngine:
                 StepState.FAILED,
                 TaskFailure(Code.DEADLINE_EXCEEDED, f"the step's timeout of {timeout:g}s passed"),
             )
-            return
+            return True
         step.attempt = task.attempt
         if task.state is TaskState.SUCCEEDED:
             step.outputs = [r.name for r in task.output_refs]
             # The outputs pass to dependants by name (tensor references), never
             # as bytes: the task manager resolves them where they are kept.
             self._step_end(wf, step, StepState.SUCCEEDED, None)
-        else:
-            error = task.error or TaskFailure(Code.UNKNOWN, task.state.name.lower())
-            self._step_end(wf, step, StepState.FAILED, error)
+            return True
+        error = task.error or TaskFailure(Code.UNKNOWN, task.state.name.lower())
+        if (
+            remade < MAX_REMAKES
+            and error.code == Code.FAILED_PRECONDITION
+            and self._lost_sources(wf, action)
+        ):
+            log.warning(
+                "workflow %s step %s: %s; making its inputs again", wf.name, step.id, error.message
+            )
+            return False
+        self._step_end(wf, step, StepState.FAILED, error)
+        return True
+
+    # -- intermediates lost with their node ------------------------------------
+
+    def _lost_sources(self, wf: Workflow, action: TaskAction) -> list[StepRun]:
+        """The earlier kernel steps whose outputs this action uses and a lost node
+        took with it (an orchestrator keeping tensors on its nodes only)."""
+        remote = self.tasks.remote_tensors
+        if remote is None:
+            return []
+        found: dict[str, StepRun] = {}
+        for item in action.inputs:
+            ref = tensor_ref(item) if isinstance(item, str) else None
+            if ref is None or ref.is_input or ref.field == "text" or ref.index is None:
+                continue
+            source = wf.steps[ref.source]
+            if not isinstance(source.spec.action, TaskAction) or ref.index >= len(source.outputs):
+                continue
+            held = remote.find(source.outputs[ref.index], wf.tenant)
+            if held is not None and held.lost:
+                found[source.id] = source
+        return list(found.values())
+
+    async def _remake_lost_inputs(self, wf: Workflow, action: TaskAction) -> None:
+        """Runs again each earlier step whose output this action needs and a lost
+        node took: a kernel step is deterministic, so its outputs are made anew
+        (its own lost inputs first). The step keeps its state; its outputs are the
+        new ones from then on."""
+        for source in self._lost_sources(wf, action):
+            lock = self._remaking.setdefault((wf.name, source.id), asyncio.Lock())
+            async with lock:  # two consumers of one lost output make it once
+                if source not in self._lost_sources(wf, action):
+                    continue
+                assert isinstance(source.spec.action, TaskAction)
+                await self._remake_lost_inputs(wf, source.spec.action)
+                remakes = self._remakes.get((wf.name, source.id), 0) + 1
+                self._remakes[(wf.name, source.id)] = remakes
+                request = f"{wf.name}/steps/{source.id}/remake-{remakes}"
+                task = await self.tasks.submit_journaled(
+                    self._task_spec(wf, source, source.spec.action),
+                    request_id=request,
+                    fingerprint=request,
+                    await_commit=False,
+                    inline=True,
+                )
+                await self.tasks.wait(task)
+                if task.state is not TaskState.SUCCEEDED:
+                    error = task.error or TaskFailure(Code.UNKNOWN, task.state.name.lower())
+                    raise FailedPrecondition(
+                        f"step {source.id!r}'s outputs were lost with their node, and making "
+                        f"them again failed: {error.message}"
+                    )
+                log.warning(
+                    "workflow %s: step %s run again (as %s), its outputs lost with their node",
+                    wf.name,
+                    source.id,
+                    task.name,
+                )
+                remote = self.tasks.remote_tensors
+                if remote is not None:
+                    for name in source.outputs:
+                        remote.remove(name)
+                source.outputs = [r.name for r in task.output_refs]
+                source.task = task.name
+                source.view = source.snapshot()
+                self._journal(PutWorkflowStep(_step_record(wf, source)))
 
     async def _follow(self, wf: Workflow, step: StepRun, task: Task) -> None:
         """Waits for a step's task; a new attempt (after a failure or a lost node)
@@ -742,7 +839,10 @@ class WorkflowEngine:
                 task.output_refs = [_hollow(r) if r.name in names else r for r in task.output_refs]
 
     def _delete_tensors(self, names: frozenset[str] | set[str], tenant: str) -> None:
+        remote = self.tasks.remote_tensors  # an orchestrator's: on the nodes
         for name in names:
+            if remote is not None and remote.discard(name, tenant):
+                continue
             with contextlib.suppress(NotFound, StoreUnavailable):
                 self.tasks.store.delete(name, tenant=tenant)
 
@@ -758,6 +858,9 @@ class WorkflowEngine:
         while len(self._finished) > self.options.retention:
             name, wf = self._finished.popitem(last=False)
             self._workflows.pop(name, None)
+            for key in [k for k in self._remakes if k[0] == name]:
+                self._remakes.pop(key, None)
+                self._remaking.pop(key, None)
             if wf.request_id:
                 self._requests.pop((wf.tenant, wf.request_id), None)
             self._journal(DeleteWorkflow(wf.id))

@@ -349,3 +349,32 @@ async def test_blob_files_no_row_names_are_swept_at_open(tmp_path):
         store.files.path(inputs_key(task(9).id)).name
     ]
     await store.close()
+
+
+# -- where the mesh's nodes hold named tensors (migration 6) -----------------
+
+
+@pytest.mark.parametrize("make_store", KINDS, indirect=True)
+async def test_tensor_locations_are_kept_marked_lost_and_deleted(store, make_store):
+    from kernelmesh.core.mesh.tensors import RemoteTensor, TensorLocations
+
+    locations = TensorLocations(store)
+    for name, node in (("tensors/a", "node-a"), ("tensors/b", "node-b"), ("tensors/c", "node-a")):
+        await locations.put(RemoteTensor(name, "acme", node, "cpu:0", "float32", (2, 3)))
+    await locations.forget("tensors/c")
+    assert locations.node_gone("node-a", "was lost (test)") == 1
+    await store.sync()
+    store = await reopened(store, make_store)
+    try:
+        again = TensorLocations(store)
+        assert await again.load() == 2
+        a = again.get("tensors/a", "acme")
+        assert (a.node, a.shape, a.dtype, a.nbytes) == ("node-a", (2, 3), "float32", 24)
+        assert a.lost == "was lost (test)"
+        assert again.get("tensors/b", "acme").lost == ""
+        assert again.find("tensors/c", "acme") is None
+        assert again.find("tensors/b", "other-tenant") is None
+        [only] = await store.tensor_locations("tensors/b")
+        assert only.node == "node-b"
+    finally:
+        await store.close()

@@ -45,7 +45,12 @@ class Procs:
     started: list[Proc] = field(default_factory=list)
 
     def start(
-        self, name: str, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None
+        self,
+        name: str,
+        *args: str,
+        timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> Proc:
         log = self.tmp_path / f"{name}-{time.monotonic_ns()}.log"
         handle = log.open("w")
@@ -57,7 +62,7 @@ class Procs:
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(port),
             "--no-http",
             "--no-warmup",
         ]
@@ -86,9 +91,13 @@ class Procs:
         raise TimeoutError(f"{name} did not start:\n{log.read_text()}")
 
     def orchestrator(
-        self, *args: str, name: str = "orchestrator", env: dict[str, str] | None = None
+        self,
+        *args: str,
+        name: str = "orchestrator",
+        env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> Proc:
-        return self.start(name, "orchestrator", *args, env=env)
+        return self.start(name, "orchestrator", *args, env=env, port=port)
 
     def node(self, name: str, join: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         return self.start(name, "node", "--name", name, "--join", join, *args, env=env)

@@ -154,3 +154,150 @@ def test_a_lost_node_takes_its_tensors_and_tasks_needing_them_say_which(mesh):
     task = stub.RunTask(relu_of(kept_ref.name), timeout=60).task
     assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
     np.testing.assert_array_equal(download(stub, kept_ref.name), kept)
+
+
+def test_tensor_locations_survive_an_orchestrator_restart(procs, tmp_path):
+    """The location record is in the store (SQLite here): an orchestrator killed
+    and restarted on its address still relays a download of a tensor a node holds,
+    and deletes it there."""
+    args = ("--state-dir", str(tmp_path / "orch-state"), "--lease-seconds", LEASE)
+    orch = procs.orchestrator(*args)
+    port = orch.port  # the node's --join names it: the restarted one listens there too
+    procs.node("node-a", orch.target, "--backends", "cpu")
+    wait_for(lambda: ready_nodes(orch.target) == {"node-a"}, what="node-a READY")
+    x = np.linspace(-3, 3, 4096, dtype=np.float32)
+    with grpc.insecure_channel(orch.target) as channel:
+        ref = upload(task_pb2_grpc.TaskServiceStub(channel), x)
+    assert holder(ref) == "node-a"
+
+    orch.kill9()
+    again = procs.orchestrator(*args, name="orchestrator-again", port=port)
+    wait_for(lambda: ready_nodes(again.target) == {"node-a"}, what="node-a rejoined")
+    with grpc.insecure_channel(again.target) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        np.testing.assert_array_equal(download(stub, ref.name), x)
+        task = stub.RunTask(relu_of(ref.name), timeout=60).task
+        assert task.state == task_pb2.TASK_STATE_SUCCEEDED, task.error
+        assert task.device == "node-a/cpu:0"
+        stub.DeleteTensor(task_pb2.DeleteTensorRequest(name=ref.name), timeout=30)
+        with pytest.raises(grpc.RpcError) as gone:
+            download(stub, ref.name)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def workflow_of(first: dict, second: dict) -> dict:
+    return {
+        "steps": [
+            {"id": "first", "task": {"op": "relu", "inputs": ["${inputs.x}"], **first}},
+            {
+                "id": "second",
+                "task": {"op": "exp", "inputs": ["${first.outputs[0]}"], **second},
+                "keep_outputs": True,
+            },
+        ]
+    }
+
+
+def run_workflow(orch, spec: dict, x: np.ndarray):
+    from kernelmesh.clients import Client
+
+    with Client(orch.target, timeout=60) as km:
+        info = km.workflows.submit(spec, {"x": x})
+        done = km.workflows.wait(info.name, timeout=120)
+        assert done.state.name == "SUCCEEDED", done
+        out = km.download(done.step("second").outputs[0])
+    with grpc.insecure_channel(orch.target) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        tasks = {
+            s.id: stub.GetTask(task_pb2.GetTaskRequest(name=s.task), timeout=30).task
+            for s in done.steps
+        }
+    return done, tasks, out
+
+
+def test_a_workflow_intermediate_stays_on_its_node_and_the_next_step_runs_there(mesh):
+    orch, _, stub = mesh
+    x = np.linspace(-4, 4, 5000, dtype=np.float32)
+    done, tasks, out = run_workflow(orch, workflow_of({}, {}), x)
+    np.testing.assert_allclose(out, np.exp(np.maximum(x, 0)), rtol=1e-5)
+    first, second = tasks["first"], tasks["second"]
+    node = first.device.partition("/")[0]
+    assert second.device.partition("/")[0] == node, (first.device, second.device)
+    # the intermediate never came to the orchestrator: the second step found it there
+    assert f"node {node} holds the input" in second.placement.reason, second.placement.reason
+    assert "moves" not in second.placement.reason
+    # the second step's kept output is on its node and downloads through the orchestrator
+    assert done.step("second").outputs[0].device.startswith(f"{node}/")
+    # the freed intermediate is gone from the node and from the record
+    intermediate = done.step("first").outputs[0].name
+
+    def freed() -> bool:
+        try:
+            download(stub, intermediate)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+    wait_for(freed, what="the intermediate deleted")
+
+
+def test_a_workflow_step_placed_elsewhere_moves_the_intermediate(mesh):
+    orch, _, _ = mesh
+    x = np.linspace(-4, 4, 5000, dtype=np.float32)
+    done, tasks, out = run_workflow(
+        orch, workflow_of({"device": {"name": "node-a"}}, {"device": {"name": "node-b"}}), x
+    )
+    np.testing.assert_allclose(out, np.exp(np.maximum(x, 0)), rtol=1e-5)
+    assert tasks["first"].device == "node-a/cpu:0"
+    assert tasks["second"].device == "node-b/cpu:0"
+    reason = tasks["second"].placement.reason
+    assert "moves the input" in reason and "(from node-a)" in reason, reason
+    assert done.step("second").outputs[0].device == "node-b/cpu:0"
+
+
+def test_a_workflow_intermediate_lost_with_its_node_is_made_again(mesh):
+    """The node holding a finished step's output dies before the step using it
+    runs: the step that made it runs again (it is deterministic), and the
+    workflow completes with the right result."""
+    from kernelmesh.clients import Client
+
+    orch, nodes, _ = mesh
+    x = np.linspace(-4, 4, 5000, dtype=np.float32)
+    big = np.random.default_rng(1).standard_normal((1500, 1500)).astype(np.float32) / 40
+    chain = [{"id": "first", "task": {"op": "relu", "inputs": ["${inputs.x}"]}}]
+    previous = "${inputs.big}"
+    for i in range(10):  # seconds of matmuls: the last step waits while the node is killed
+        chain.append(
+            {"id": f"slow{i}", "task": {"op": "matmul", "inputs": [previous, "${inputs.big}"]}}
+        )
+        previous = f"${{slow{i}.outputs[0]}}"
+    chain.append(
+        {
+            "id": "last",
+            "task": {"op": "exp", "inputs": ["${first.outputs[0]}"]},
+            "depends_on": ["slow9"],
+            "keep_outputs": True,
+        }
+    )
+    with Client(orch.target, timeout=60) as km:
+        info = km.workflows.submit({"steps": chain}, {"x": x, "big": big})
+
+        def first_done():
+            got = km.workflows.get(info.name)
+            step = got.step("first")
+            return step if step.state.name == "SUCCEEDED" else None
+
+        first = wait_for(first_done, what="the first step done")
+        before = first.outputs[0]
+        holder_node = before.device.partition("/")[0]
+        assert not km.workflows.get(info.name).step("last").state.terminal, "too late to kill"
+        nodes[holder_node].kill9()
+        done = km.workflows.wait(info.name, timeout=180)
+        assert done.state.name == "SUCCEEDED", done
+        np.testing.assert_allclose(
+            km.download(done.step("last").outputs[0]), np.exp(np.maximum(x, 0)), rtol=1e-5
+        )
+        again = done.step("first")
+        assert again.outputs[0].name != before.name  # made anew
+        assert again.task != first.task
+        assert "run again" in orch.output() and "outputs lost with their node" in orch.output()
