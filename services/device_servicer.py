@@ -66,4 +66,4 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             await asyncio.sleep(interval)
 
 
-__all__ = ["DeviceMonitor", "DeviceServicer"]
+__all__ = ["DeviceServicer"]
