@@ -80,10 +80,9 @@ class SharedMemoryServicer(shm_pb2_grpc.SharedMemoryServiceServicer):
         self, request: shm_pb2.ListSharedMemoryRequest, context: grpc.aio.ServicerContext
     ) -> shm_pb2.ListSharedMemoryResponse:
         regions = self.registry.list(tenant_of(context))
-        start, size = paging.page_bounds(request.page_token, request.page_size, len(regions))
+        page, token = paging.page_of(regions, request.page_token, request.page_size)
         return shm_pb2.ListSharedMemoryResponse(
-            regions=[_region_proto(r) for r in regions[start : start + size]],
-            next_page_token=paging.next_token(start, size, len(regions)),
+            regions=[_region_proto(r) for r in page], next_page_token=token
         )
 
 
