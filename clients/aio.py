@@ -28,7 +28,6 @@ from kernelmesh.clients.types import (
     task_spec,
 )
 from kernelmesh.clients.workflows import AsyncWorkflows
-from kernelmesh.v1 import task_pb2
 
 
 class AsyncClient(Connected):
@@ -120,16 +119,8 @@ class AsyncClient(Connected):
         """Runs an op and returns its output as a NumPy array (a tuple for
         several outputs). Raises a KernelmeshError subclass on failure. Inputs of
         `plans.BULK_BYTES` or more travel in chunks (UploadTensor/DownloadTensor)."""
-        if plans.is_bulk(inputs):
-
-            def make(args: tuple[Input, ...], keep: bool) -> task_pb2.TaskSpec:
-                return task_spec(
-                    op, args, params, device=device, priority=priority, keep_outputs=keep
-                )
-
-            return await self._io.run(plans.run_bulk(make, inputs, timeout))
-        spec = task_spec(op, inputs, params, device=device, priority=priority)
-        return await self._io.run(plans.run(spec, timeout))
+        plan = plans.run_op(op, inputs, params, device=device, priority=priority, timeout=timeout)
+        return await self._io.run(plan)
 
     async def run_task(
         self,

@@ -104,6 +104,25 @@ class Pages(Generic[Req, Res, T]):
         return items, Unary(self.rpc, self.request(token)) if token else None
 
 
+# Every List response carries it (AIP-158); protobuf's Message type does not say so.
+_NEXT_PAGE_TOKEN = "next_page_token"
+
+
+def listing(
+    rpc: Rpc[Req, Res], items: Callable[[Res], Iterable[T]], page_size: int, **filters: object
+) -> Pages[Req, Res, T]:
+    """A List call's pages: `page_size` items a page, the same `filters` on each,
+    `items` decoding a page's replies."""
+
+    def request(token: str) -> Req:
+        return rpc.request(page_size=page_size, page_token=token, **filters)
+
+    def page(reply: Res) -> tuple[Iterable[T], str]:
+        return items(reply), str(getattr(reply, _NEXT_PAGE_TOKEN))
+
+    return Pages(rpc, request, page)
+
+
 @dataclass(frozen=True)
 class ReadAll(Generic[T]):
     """Every page of a listing, as a list."""

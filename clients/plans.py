@@ -20,12 +20,10 @@ from kernelmesh.clients.calls import (
     NO_DEADLINE,
     Pages,
     Plan,
-    Req,
-    Res,
     Rpc,
     Stream,
-    T,
     call,
+    listing,
     read,
     read_all,
     rpc,
@@ -116,29 +114,20 @@ def wait_ready(service: str, timeout: float) -> Plan[None]:
 # -- catalog and devices --------------------------------------------------------------
 
 
-def _ops_page(reply: task_pb2.ListOpsResponse) -> tuple[Iterable[Op], str]:
-    return map(Op.from_proto, reply.ops), reply.next_page_token
+def _ops(reply: task_pb2.ListOpsResponse) -> Iterable[Op]:
+    return map(Op.from_proto, reply.ops)
 
 
-def _devices_page(reply: device_pb2.ListDevicesResponse) -> tuple[Iterable[Device], str]:
-    return map(Device.from_proto, reply.devices), reply.next_page_token
-
-
-def _every_page(
-    method: Rpc[Req, Res], decode: Callable[[Res], tuple[Iterable[T], str]]
-) -> Plan[list[T]]:
-    def request(token: str) -> Req:
-        return method.request(page_size=PAGE_SIZE, page_token=token)
-
-    return (yield from read_all(Pages(method, request, decode)))
+def _devices(reply: device_pb2.ListDevicesResponse) -> Iterable[Device]:
+    return map(Device.from_proto, reply.devices)
 
 
 def ops() -> Plan[list[Op]]:
-    return (yield from _every_page(LIST_OPS, _ops_page))
+    return (yield from read_all(listing(LIST_OPS, _ops, PAGE_SIZE)))
 
 
 def devices() -> Plan[list[Device]]:
-    return (yield from _every_page(LIST_DEVICES, _devices_page))
+    return (yield from read_all(listing(LIST_DEVICES, _devices, PAGE_SIZE)))
 
 
 # -- tasks ----------------------------------------------------------------------------
@@ -193,6 +182,26 @@ def run_bulk(
                 yield from delete_tensor(name)
 
 
+def run_op(
+    op: str,
+    inputs: tuple[Input, ...],
+    params: Mapping[str, object],
+    *,
+    device: str | None,
+    priority: int,
+    timeout: float | None,
+) -> Plan[Outputs]:
+    """`Client.run`: inputs of BULK_BYTES or more travel in chunks (`run_bulk`)."""
+    if is_bulk(inputs):
+
+        def make(args: tuple[Input, ...], keep: bool) -> task_pb2.TaskSpec:
+            return task_spec(op, args, params, device=device, priority=priority, keep_outputs=keep)
+
+        return (yield from run_bulk(make, inputs, timeout))
+    spec = task_spec(op, inputs, params, device=device, priority=priority)
+    return (yield from run(spec, timeout))
+
+
 def submit(spec: task_pb2.TaskSpec, request_id: str | None = None) -> Plan[str]:
     """Queues a task; returns its name. One request id for every attempt, so
     a retry after a lost reply finds the first task instead of adding one."""
@@ -211,21 +220,14 @@ def cancel_task(name: str) -> Plan[TaskInfo]:
     return TaskInfo.from_proto(reply.task)
 
 
-def _tasks_page(reply: task_pb2.ListTasksResponse) -> tuple[Iterable[TaskInfo], str]:
-    return map(TaskInfo.from_proto, reply.tasks), reply.next_page_token
+def _tasks(reply: task_pb2.ListTasksResponse) -> Iterable[TaskInfo]:
+    return map(TaskInfo.from_proto, reply.tasks)
 
 
 def list_tasks(
     state: TaskState | None, page_size: int
 ) -> Pages[task_pb2.ListTasksRequest, task_pb2.ListTasksResponse, TaskInfo]:
-    def request(token: str) -> task_pb2.ListTasksRequest:
-        return task_pb2.ListTasksRequest(
-            page_size=page_size,
-            page_token=token,
-            state=int(state or 0),  # type: ignore[arg-type]
-        )
-
-    return Pages(LIST_TASKS, request, _tasks_page)
+    return listing(LIST_TASKS, _tasks, page_size, state=int(state or 0))
 
 
 def _event(msg: task_pb2.WatchTaskResponse) -> TaskEvent:
@@ -373,9 +375,9 @@ def embed(texts: str | Sequence[str], model: str, timeout: float | None) -> Plan
     return vectors(reply)
 
 
-def _models_page(reply: llm_pb2.ListModelsResponse) -> tuple[Iterable[Model], str]:
-    return map(Model.from_proto, reply.models), reply.next_page_token
+def _models(reply: llm_pb2.ListModelsResponse) -> Iterable[Model]:
+    return map(Model.from_proto, reply.models)
 
 
 def models() -> Plan[list[Model]]:
-    return (yield from _every_page(LIST_MODELS, _models_page))
+    return (yield from read_all(listing(LIST_MODELS, _models, PAGE_SIZE)))

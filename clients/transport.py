@@ -6,8 +6,16 @@ awaiting half of one step (`calls`), holding no request or reply logic."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from typing import Any, Generic, cast
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+)
+from typing import Any, Generic, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -26,9 +34,17 @@ from kernelmesh.clients.calls import (
     Unary,
     Upload,
 )
-from kernelmesh.clients.errors import CancelledError, rpc_errors
+from kernelmesh.clients.errors import (
+    CancelledError,
+    InternalError,
+    KernelmeshError,
+    error_for,
+    rpc_errors,
+)
 from kernelmesh.clients.options import ClientOptions, channel_options, retry_policy
 from kernelmesh.clients.tracing import aio_interceptors, intercept
+
+V = TypeVar("V")
 
 
 class _Channel:
@@ -244,6 +260,38 @@ class AsyncStreaming(_Control[T], AsyncIterator[T]):
             call.cancel()
 
 
+# What grpc.aio reports when a write fails in Core (grpc/grpc#36066).
+_CORE_INTERNAL = "Internal error from Core"
+
+
+def _settled(step: Coroutine[Any, Any, V]) -> V | None:
+    """A grpc.aio call accessor's value when it needs no waiting (the call has
+    ended): run to its end at once; None if it would wait."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return cast(V, done.value)
+    step.close()
+    return None
+
+
+class _FirstStatus:
+    """The error a grpc.aio call first ended with, read the moment it ended, before
+    anything later can overwrite it."""
+
+    def __init__(self, call: grpc.aio.Call) -> None:
+        self.error: KernelmeshError | None = None
+        call.add_done_callback(self._ended)
+
+    def _ended(self, call: grpc.aio.Call) -> None:
+        code = _settled(call.code())
+        if code is None or code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            return
+        metadata = _settled(call.trailing_metadata())
+        pairs = cast(Iterable[tuple[str, str | bytes]], metadata or ())
+        self.error = error_for(code, _settled(call.details()) or "", pairs)
+
+
 class AsyncTransport(_Channel):
     """Performs plans on a grpc.aio channel."""
 
@@ -305,8 +353,18 @@ class AsyncTransport(_Channel):
         rpc = step.rpc
         method = self.channel.stream_unary(rpc.path, rpc.serialize, rpc.deserialize)
         call = method(step.requests, timeout=self.deadline(step.timeout), metadata=self.metadata)
-        with rpc_errors():
-            return await call
+        ended = _FirstStatus(call)
+        try:
+            with rpc_errors():
+                return await call
+        except InternalError as exc:
+            # grpc/grpc#36066: a chunk still being sent when the server ends the call
+            # (a quota refusal mid-stream) fails in Core, and grpc.aio then overwrites
+            # the server's status with this one. The status the call ended with first
+            # is the server's.
+            if exc.message != _CORE_INTERNAL or ended.error is None:
+                raise
+            raise ended.error from None
 
     def stream(self, step: Stream[Req, Res, T]) -> AsyncStreaming[T]:
         """The stream, opened when first read."""

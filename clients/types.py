@@ -20,12 +20,14 @@ Outputs = np.ndarray | tuple[np.ndarray, ...]
 
 
 class TaskState(IntEnum):
-    UNSPECIFIED = 0
-    QUEUED = 1
-    RUNNING = 2
-    SUCCEEDED = 3
-    FAILED = 4
-    CANCELLED = 5
+    """kernelmesh.v1.TaskState, without its prefix."""
+
+    UNSPECIFIED = task_pb2.TASK_STATE_UNSPECIFIED
+    QUEUED = task_pb2.TASK_STATE_QUEUED
+    RUNNING = task_pb2.TASK_STATE_RUNNING
+    SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+    FAILED = task_pb2.TASK_STATE_FAILED
+    CANCELLED = task_pb2.TASK_STATE_CANCELLED
 
     @property
     def terminal(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 
-from kernelmesh.clients.calls import NO_DEADLINE, Pages, Plan, Stream, call, read, rpc
+from kernelmesh.clients.calls import NO_DEADLINE, Pages, Plan, Stream, call, listing, read, rpc
 from kernelmesh.clients.workflow_types import (
     WorkflowEvent,
     WorkflowInfo,
@@ -45,19 +45,14 @@ def cancel(name: str) -> Plan[WorkflowInfo]:
     return WorkflowInfo.from_proto(reply.workflow)
 
 
-def _page(reply: o.ListWorkflowsResponse) -> tuple[Iterable[WorkflowInfo], str]:
-    return map(WorkflowInfo.from_proto, reply.workflows), reply.next_page_token
+def _workflows(reply: o.ListWorkflowsResponse) -> Iterable[WorkflowInfo]:
+    return map(WorkflowInfo.from_proto, reply.workflows)
 
 
 def list_workflows(
     state: WorkflowState | None, page_size: int
 ) -> Pages[o.ListWorkflowsRequest, o.ListWorkflowsResponse, WorkflowInfo]:
-    def request(token: str) -> o.ListWorkflowsRequest:
-        return o.ListWorkflowsRequest(
-            page_size=page_size, page_token=token, state=o.WorkflowState.Name(int(state or 0))
-        )
-
-    return Pages(LIST, request, _page)
+    return listing(LIST, _workflows, page_size, state=int(state or 0))
 
 
 def _ended(event: WorkflowEvent) -> bool:

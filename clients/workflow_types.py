@@ -21,10 +21,12 @@ from kernelmesh.v1 import device_pb2, orchestrator_pb2, tensor_pb2
 
 
 class WorkflowState(IntEnum):
-    RUNNING = 1
-    SUCCEEDED = 2
-    FAILED = 3
-    CANCELLED = 4
+    """kernelmesh.v1.WorkflowState, without its prefix."""
+
+    RUNNING = orchestrator_pb2.WORKFLOW_STATE_RUNNING
+    SUCCEEDED = orchestrator_pb2.WORKFLOW_STATE_SUCCEEDED
+    FAILED = orchestrator_pb2.WORKFLOW_STATE_FAILED
+    CANCELLED = orchestrator_pb2.WORKFLOW_STATE_CANCELLED
 
     @property
     def terminal(self) -> bool:
@@ -32,12 +34,14 @@ class WorkflowState(IntEnum):
 
 
 class StepState(IntEnum):
-    PENDING = 1
-    RUNNING = 2
-    SUCCEEDED = 3
-    FAILED = 4
-    CANCELLED = 5
-    SKIPPED = 6
+    """kernelmesh.v1.WorkflowStepState, without its prefix."""
+
+    PENDING = orchestrator_pb2.WORKFLOW_STEP_STATE_PENDING
+    RUNNING = orchestrator_pb2.WORKFLOW_STEP_STATE_RUNNING
+    SUCCEEDED = orchestrator_pb2.WORKFLOW_STEP_STATE_SUCCEEDED
+    FAILED = orchestrator_pb2.WORKFLOW_STEP_STATE_FAILED
+    CANCELLED = orchestrator_pb2.WORKFLOW_STEP_STATE_CANCELLED
+    SKIPPED = orchestrator_pb2.WORKFLOW_STEP_STATE_SKIPPED
 
     @property
     def terminal(self) -> bool:

@@ -16,6 +16,7 @@ import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,15 @@ from kernelmesh.core.errors import FailedPrecondition, InvalidArgument, NotFound
 # unlinked and rely on explicit unregistering.
 _SHM_DIR = "/dev/shm"
 MAX_REGIONS_PER_TENANT = 64
+
+
+@dataclass(frozen=True)
+class OutputSlot:
+    """Where a task's output goes: `byte_size` bytes at `offset` of a region."""
+
+    region: str
+    offset: int
+    byte_size: int
 
 
 @dataclass
@@ -229,3 +239,32 @@ class SharedMemoryRegistry:
             )
         found = self.get(tenant, region, f"{field}.region")
         return found.view(offset, need, f"{field}.byte_size")
+
+    def check_outputs(
+        self,
+        tenant: str,
+        slots: Sequence[OutputSlot],
+        outputs: Sequence[tuple[tuple[int, ...], np.dtype]],
+        field: str,
+    ) -> None:
+        """Refuses output slots that are too few or too small for outputs of these
+        shapes and dtypes (none at all: the outputs travel in the reply)."""
+        if len(slots) not in (0, len(outputs)):
+            raise InvalidArgument(
+                [Violation(field, f"has {len(slots)} entries; the op has {len(outputs)}")]
+            )
+        for i, (slot, (shape, dtype)) in enumerate(zip(slots, outputs, strict=False)):
+            need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            self.output_room(
+                tenant, slot.region, slot.offset, slot.byte_size, need, f"{field}[{i}]"
+            )
+
+    def write_outputs(
+        self, tenant: str, slots: Sequence[OutputSlot], outputs: Sequence[np.ndarray], field: str
+    ) -> None:
+        """Copies a finished task's outputs into their slots."""
+        for i, (slot, out) in enumerate(zip(slots, outputs, strict=True)):
+            room = self.output_room(
+                tenant, slot.region, slot.offset, slot.byte_size, out.nbytes, f"{field}[{i}]"
+            )
+            np.copyto(np.frombuffer(room, dtype=out.dtype).reshape(out.shape), out)

@@ -21,11 +21,11 @@ from importlib import resources
 from aiohttp import web
 
 from kernelmesh.core import metrics
+from kernelmesh.core.device_monitor import DeviceMonitor
 from kernelmesh.core.devices import LocalDevice
 from kernelmesh.core.llm import metrics as llm_metrics
 from kernelmesh.core.store import UsageStore
 from kernelmesh.services import rpc_metrics
-from kernelmesh.services.device_servicer import DeviceMonitor
 
 DEFAULT_INTERVAL_S = 1.0
 MIN_INTERVAL_S = 0.2

@@ -27,9 +27,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     ) -> device_pb2.ListDevicesResponse:
         kind = convert.device_kind(request.kind, "kind") if request.kind else None
         devices = [d for d in self.monitor.devices if kind is None or d.info.kind is kind]
-        start, size = paging.page_bounds(request.page_token, request.page_size, len(devices))
-        page = devices[start : start + size]
-        token = paging.next_token(start, size, len(devices))
+        page, token = paging.page_of(devices, request.page_token, request.page_size)
         return device_pb2.ListDevicesResponse(
             devices=[convert.device_to_proto(d.info, self.monitor.status(d)) for d in page],
             next_page_token=token,
@@ -66,4 +64,4 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             await asyncio.sleep(interval)
 
 
-__all__ = ["DeviceMonitor", "DeviceServicer"]
+__all__ = ["DeviceServicer"]

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
+import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer as _AsyncHealthServicer
 
@@ -24,7 +25,9 @@ STORE_PROBE_TIMEOUT_S = 5.0
 
 
 class HealthServicer(_AsyncHealthServicer):
-    async def List(self, request, context) -> health_pb2.HealthListResponse:
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
         """Every registered service with its status ("" is the whole server)."""
         response = health_pb2.HealthListResponse()
         for service, status in sorted(self._server_status.items()):

@@ -96,10 +96,9 @@ class ApiKeyServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.ListApiKeysResponse:
         tenant = check_tenant(request.tenant, "tenant") if request.tenant else None
         records = await self.keys.store.list_api_keys(tenant)
-        start, size = paging.page_bounds(request.page_token, request.page_size, len(records))
+        page, token = paging.page_of(records, request.page_token, request.page_size)
         return orchestrator_pb2.ListApiKeysResponse(
-            api_keys=[key_to_proto(r) for r in records[start : start + size]],
-            next_page_token=paging.next_token(start, size, len(records)),
+            api_keys=[key_to_proto(r) for r in page], next_page_token=token
         )
 
     @rpc

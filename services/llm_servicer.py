@@ -17,7 +17,7 @@ import grpc
 from kernelmesh.core.llm import Gateway
 from kernelmesh.services import llm_convert as convert
 from kernelmesh.services.context import tenant_of
-from kernelmesh.services.paging import next_token, page_bounds
+from kernelmesh.services.paging import page_of
 from kernelmesh.services.status import rpc, stream_rpc
 from kernelmesh.v1 import llm_pb2, llm_pb2_grpc
 
@@ -75,10 +75,9 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.ListModelsResponse:
         models = self.gateway.models()
-        start, size = page_bounds(request.page_token, request.page_size, len(models))
+        page, token = page_of(models, request.page_token, request.page_size)
         return llm_pb2.ListModelsResponse(
-            models=[convert.model_to_proto(m) for m in models[start : start + size]],
-            next_page_token=next_token(start, size, len(models)),
+            models=[convert.model_to_proto(m) for m in page], next_page_token=token
         )
 
 

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from kernelmesh.core import ops
+from kernelmesh.core.device_monitor import DeviceMonitor
 from kernelmesh.core.devices import LocalDevice
 from kernelmesh.core.mesh.nodes import VERSION
 from kernelmesh.services import convert, tracing
-from kernelmesh.services.device_servicer import DeviceMonitor
 from kernelmesh.services.mesh_forward import API_KEY_ENV
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 

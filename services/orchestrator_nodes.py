@@ -196,10 +196,9 @@ class NodeRpcs:
         self, request: orchestrator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ListNodesResponse:
         nodes = self.mesh.list()
-        start, size = paging.page_bounds(request.page_token, request.page_size, len(nodes))
+        page, token = paging.page_of(nodes, request.page_token, request.page_size)
         return orchestrator_pb2.ListNodesResponse(
-            nodes=[node_to_proto(n) for n in nodes[start : start + size]],
-            next_page_token=paging.next_token(start, size, len(nodes)),
+            nodes=[node_to_proto(n) for n in page], next_page_token=token
         )
 
     @rpc

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 from kernelmesh.core.errors import InvalidArgument, Violation
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -22,3 +27,9 @@ def page_bounds(token: str, page_size: int, total: int) -> tuple[int, int]:
 def next_token(start: int, size: int, total: int) -> str:
     """The token of the page after [start, start + size), or "" at the end."""
     return f"offset:{start + size}" if start + size < total else ""
+
+
+def page_of(items: Sequence[T], token: str, page_size: int) -> tuple[Sequence[T], str]:
+    """The page of `items` a List request asks for, and the token of the next one."""
+    start, size = page_bounds(token, page_size, len(items))
+    return items[start : start + size], next_token(start, size, len(items))

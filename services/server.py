@@ -21,6 +21,7 @@ from kernelmesh.core import devices as device_discovery
 from kernelmesh.core.api_keys import ApiKeyStore
 from kernelmesh.core.auth import KeyRing
 from kernelmesh.core.config import ServerConfig
+from kernelmesh.core.device_monitor import DeviceMonitor
 from kernelmesh.core.limits import TenantLedger
 from kernelmesh.core.llm import Gateway
 from kernelmesh.core.mesh.nodes import Mesh
@@ -35,7 +36,7 @@ from kernelmesh.core.workflows import WorkflowEngine, WorkflowOptions
 from kernelmesh.native import compile_cache, host_memory
 from kernelmesh.services import dashboard, http_guard, openai_facade, sidecar, tracing
 from kernelmesh.services.auth_interceptor import AuthInterceptor
-from kernelmesh.services.device_servicer import DeviceMonitor, DeviceServicer
+from kernelmesh.services.device_servicer import DeviceServicer
 from kernelmesh.services.health import HealthServicer, StoreWatch
 from kernelmesh.services.keys_servicer import ApiKeyServicer
 from kernelmesh.services.llm_servicer import LLMServicer

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 
 from kernelmesh.core import ops
-from kernelmesh.core.errors import FailedPrecondition, InvalidArgument, Violation
-from kernelmesh.core.shm import SharedMemoryRegistry
+from kernelmesh.core.errors import FailedPrecondition
+from kernelmesh.core.shm import OutputSlot, SharedMemoryRegistry
 from kernelmesh.core.tasks import Task
 from kernelmesh.services import convert, paging
 from kernelmesh.services.context import tenant_of
@@ -80,10 +80,9 @@ class SharedMemoryServicer(shm_pb2_grpc.SharedMemoryServiceServicer):
         self, request: shm_pb2.ListSharedMemoryRequest, context: grpc.aio.ServicerContext
     ) -> shm_pb2.ListSharedMemoryResponse:
         regions = self.registry.list(tenant_of(context))
-        start, size = paging.page_bounds(request.page_token, request.page_size, len(regions))
+        page, token = paging.page_of(regions, request.page_token, request.page_size)
         return shm_pb2.ListSharedMemoryResponse(
-            regions=[_region_proto(r) for r in regions[start : start + size]],
-            next_page_token=paging.next_token(start, size, len(regions)),
+            regions=[_region_proto(r) for r in page], next_page_token=token
         )
 
 
@@ -103,21 +102,16 @@ def input_resolver(
     return resolve
 
 
+def _slots(spec: task_pb2.TaskSpec) -> list[OutputSlot]:
+    return [OutputSlot(s.region, s.offset, s.byte_size) for s in spec.output_shm]
+
+
 def check_outputs(
     registry: SharedMemoryRegistry, tenant: str, spec: task_pb2.TaskSpec, task: Task
 ) -> None:
     """Refuses `output_shm` slots that are too small or too few, before waiting."""
-    slots = spec.output_shm
-    metas = task.call.outputs
-    if len(slots) not in (0, len(metas)):
-        raise InvalidArgument(
-            [Violation("task.output_shm", f"has {len(slots)} entries; the op has {len(metas)}")]
-        )
-    for i, (slot, meta) in enumerate(zip(slots, metas, strict=False)):
-        need = int(np.prod(meta.shape, dtype=np.int64)) * np.dtype(meta.dtype).itemsize
-        registry.output_room(
-            tenant, slot.region, slot.offset, slot.byte_size, need, f"task.output_shm[{i}]"
-        )
+    metas = [(tuple(m.shape), np.dtype(m.dtype)) for m in task.call.outputs]
+    registry.check_outputs(tenant, _slots(spec), metas, "task.output_shm")
 
 
 def write_outputs(
@@ -129,10 +123,5 @@ def write_outputs(
 ) -> None:
     """Writes a finished task's outputs into its `output_shm` slots; the reply then
     carries their dtype and shape only."""
-    outputs = task.outputs
-    for i, (slot, out) in enumerate(zip(spec.output_shm, outputs, strict=True)):
-        room = registry.output_room(
-            tenant, slot.region, slot.offset, slot.byte_size, out.nbytes, f"task.output_shm[{i}]"
-        )
-        np.copyto(np.frombuffer(room, dtype=out.dtype).reshape(out.shape), out)
+    registry.write_outputs(tenant, _slots(spec), task.outputs, "task.output_shm")
     convert.fill_task(reply, task, full=False)  # outputs as dtype and shape only

@@ -13,8 +13,8 @@ import numpy as np
 from kernelmesh.core import ops
 from kernelmesh.core.catalog import devices_for
 from kernelmesh.core.errors import InvalidArgument, KernelmeshError, ResourceExhausted, Violation
+from kernelmesh.core.idempotency import check_request_id
 from kernelmesh.core.shm import SharedMemoryRegistry
-from kernelmesh.core.task_retry import DEFAULT_RETRY, RetryPolicy
 from kernelmesh.core.task_stream import pipelined
 from kernelmesh.core.tasks import (
     InlinePlan,
@@ -27,6 +27,7 @@ from kernelmesh.core.tasks import (
 from kernelmesh.core.uploads import TensorUpload
 from kernelmesh.services import convert, paging, shm_servicer
 from kernelmesh.services.context import deadline_of, tenant_of
+from kernelmesh.services.retry_convert import retry_from_proto
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
 from kernelmesh.v1 import task_pb2, task_pb2_grpc
 
@@ -42,8 +43,6 @@ MAX_CHUNK = 4 << 20
 # break clients with gRPC's usual 4 MiB receive limit (grpcurl, most SDK defaults); the
 # event then says where to read them instead.
 WATCH_OUTPUTS_MAX_BYTES = 1 << 20
-MAX_REQUEST_ID = 128
-MAX_ATTEMPTS = 100
 # Call shapes whose inline plan is kept (convert.plain_key); all are forgotten when full.
 MAX_PLANS = 1024
 
@@ -97,10 +96,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         spec.retry = retry_from_proto(request.task)
         fingerprint = ""
         if request.request_id:
-            if len(request.request_id) > MAX_REQUEST_ID:
-                raise InvalidArgument(
-                    [Violation("request_id", f"at most {MAX_REQUEST_ID} characters")]
-                )
+            check_request_id(request.request_id)
             fingerprint = fingerprint_of(request.task.SerializeToString(deterministic=True))
         with qualified(request.task):
             task = await self.tasks.submit_journaled(
@@ -347,47 +343,6 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             return task_pb2.DeleteTensorResponse()
         self.tasks.store.delete(request.name, tenant=tenant)
         return task_pb2.DeleteTensorResponse()
-
-
-def retry_from_proto(msg: task_pb2.TaskSpec) -> RetryPolicy | None:
-    """The task's retry policy (Temporal's fields and defaults); None when unset."""
-    if not msg.HasField("retry_policy"):
-        return None
-    policy = msg.retry_policy
-    where = "task.retry_policy"
-    violations: list[Violation] = []
-    initial = DEFAULT_RETRY.initial_interval
-    if policy.HasField("initial_interval"):
-        initial = policy.initial_interval.ToNanoseconds() / 1e9
-        if initial <= 0:
-            violations.append(Violation(f"{where}.initial_interval", "must be > 0"))
-    maximum = None
-    if policy.HasField("maximum_interval"):
-        maximum = policy.maximum_interval.ToNanoseconds() / 1e9
-        if maximum < initial:
-            violations.append(Violation(f"{where}.maximum_interval", "must be >= initial_interval"))
-    backoff = policy.backoff_coefficient or DEFAULT_RETRY.backoff_coefficient
-    if not 1.0 <= backoff <= 100.0:
-        violations.append(Violation(f"{where}.backoff_coefficient", "must be in [1, 100]"))
-    attempts = policy.maximum_attempts or DEFAULT_RETRY.maximum_attempts
-    if not 1 <= attempts <= MAX_ATTEMPTS:
-        violations.append(
-            Violation(f"{where}.maximum_attempts", f"must be in [0, {MAX_ATTEMPTS}] (0: 3)")
-        )
-    codes: set[int] = set()
-    for i, name in enumerate(policy.non_retryable_error_types):
-        try:
-            codes.add(grpc.StatusCode[name].value[0])
-        except KeyError:
-            violations.append(
-                Violation(
-                    f"{where}.non_retryable_error_types[{i}]",
-                    f"{name!r} is not a google.rpc.Code name (e.g. INTERNAL, UNAVAILABLE)",
-                )
-            )
-    if violations:
-        raise InvalidArgument(violations)
-    return RetryPolicy(initial, backoff, maximum, attempts, frozenset(codes))
 
 
 @contextlib.contextmanager

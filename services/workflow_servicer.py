@@ -4,14 +4,16 @@ the same service live in their own modules; services/server.py composes them."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 
+import grpc
 from google.protobuf import json_format
 
 from kernelmesh.core import ops
 from kernelmesh.core.devices import DeviceKind
 from kernelmesh.core.errors import InvalidArgument, NotFound, ResourceExhausted, Violation
+from kernelmesh.core.idempotency import check_request_id
+from kernelmesh.core.tasks import fingerprint_of
 from kernelmesh.core.workflows import (
     SpecError,
     StepState,
@@ -25,8 +27,8 @@ from kernelmesh.core.workflows import (
 from kernelmesh.core.workflows.spec import MAX_STEPS
 from kernelmesh.services import convert
 from kernelmesh.services.context import tenant_of
+from kernelmesh.services.retry_convert import retry_from_proto
 from kernelmesh.services.status import rpc, stream_rpc
-from kernelmesh.services.task_servicer import MAX_REQUEST_ID, retry_from_proto
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, task_pb2, tensor_pb2
 
 
@@ -40,12 +42,13 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.limits = limits
 
     @rpc
-    async def SubmitWorkflow(self, request, context):
+    async def SubmitWorkflow(
+        self, request: orchestrator_pb2.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SubmitWorkflowResponse:
         """Validates the whole workflow, commits it to the store, then replies;
         request_id makes a retry return the first workflow."""
         tenant = tenant_of(context)
-        if len(request.request_id) > MAX_REQUEST_ID:
-            raise InvalidArgument([Violation("request_id", f"at most {MAX_REQUEST_ID} characters")])
+        check_request_id(request.request_id)
         if len(request.steps) > MAX_STEPS:  # refused before any step is decoded
             raise InvalidArgument(
                 [Violation("steps", f"{len(request.steps)} steps; at most {MAX_STEPS}")]
@@ -59,19 +62,23 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             body = orchestrator_pb2.SubmitWorkflowRequest()
             body.CopyFrom(request)
             body.request_id = ""
-            fingerprint = hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+            fingerprint = fingerprint_of(body.SerializeToString(deterministic=True))
         wf = await self.workflows.submit(
             spec, tenant=tenant, request_id=request.request_id, fingerprint=fingerprint
         )
         return orchestrator_pb2.SubmitWorkflowResponse(workflow=self._proto(wf))
 
     @rpc
-    async def GetWorkflow(self, request, context):
+    async def GetWorkflow(
+        self, request: orchestrator_pb2.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetWorkflowResponse:
         wf = self.workflows.get(_name(request.name), tenant=tenant_of(context))
         return orchestrator_pb2.GetWorkflowResponse(workflow=self._proto(wf))
 
     @stream_rpc
-    async def WatchWorkflow(self, request, context) -> AsyncIterator:
+    async def WatchWorkflow(
+        self, request: orchestrator_pb2.WatchWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.WatchWorkflowResponse]:
         name = _name(request.name)
         async for event in self.workflows.watch(
             name, tenant=tenant_of(context), steps=not request.end_only
@@ -79,12 +86,16 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             yield self._event(event)
 
     @rpc
-    async def CancelWorkflow(self, request, context):
+    async def CancelWorkflow(
+        self, request: orchestrator_pb2.CancelWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CancelWorkflowResponse:
         wf = await self.workflows.cancel(_name(request.name), tenant=tenant_of(context))
         return orchestrator_pb2.CancelWorkflowResponse(workflow=self._proto(wf))
 
     @rpc
-    async def ListWorkflows(self, request, context):
+    async def ListWorkflows(
+        self, request: orchestrator_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListWorkflowsResponse:
         state = WorkflowState(request.state) if request.state else None
         tenant = tenant_of(context)
         page, token = self.workflows.list(
