@@ -282,6 +282,9 @@ class InlinePlan:
     held_bytes: int
     reason: str
     generation: int
+    # the device's run for exactly this call shape, its per-call checks done once
+    # (`Device.planned`); None: the device's own `run` (a device that wraps it)
+    runner: Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None = None
 
 
 @dataclass(frozen=True)
@@ -1119,6 +1122,7 @@ class TaskManager:
             held_bytes=task.held_bytes,
             reason=task.placement_reason,
             generation=self._generation,
+            runner=_planned_runner(task.device, call, shapes),
         )
 
     def begin_planned(
@@ -1162,8 +1166,8 @@ class TaskManager:
             deadline=deadline,
         )
         self._admit(task)
-        self._record(task)
-        self._run_inline(task)
+        self._tasks[task.name] = task
+        self._run_inline(task, plan.runner)
         return task
 
     async def wait(self, task: Task) -> Task:
@@ -1442,13 +1446,20 @@ class TaskManager:
         else:
             self._complete(task, outputs, time.perf_counter() - began)
 
-    def _run_inline(self, task: Task) -> None:
+    def _run_inline(
+        self,
+        task: Task,
+        runner: Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None = None,
+    ) -> None:
         self._start(task)
         began = time.perf_counter()
         call = task.call
         assert call is not None and task.inputs is not None  # a task that runs has both
         try:
-            outputs = task.device.run(task.op, task.inputs, call.params, call.outputs)
+            if runner is not None:
+                outputs = runner(task.inputs)
+            else:
+                outputs = task.device.run(task.op, task.inputs, call.params, call.outputs)
         except Exception as exc:
             self._fail(task, _kernel_failure(task, exc))  # a submitted task retries
             return
@@ -1633,6 +1644,26 @@ class TaskManager:
 
     def queue_depth(self, device: LocalDevice) -> int:
         return len(device.queue)
+
+
+def _planned_runner(
+    device: LocalDevice, call: ops.ValidatedCall, shapes: Sequence[tuple[int, ...]]
+) -> Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None:
+    """The backend's run of this one call shape (`Device.planned`), for a device whose
+    `run` is its backend's; None where it is not (a wrapped or fake device), or where
+    the backend refuses the call (`run` then raises as it would have)."""
+    if type(device).run is not LocalDevice.run:
+        return None
+    planned = getattr(device.backend, "planned", None)
+    if planned is None or not call.inputs:
+        return None
+    try:
+        runner: Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] = planned(
+            call.op.name, shapes, call.inputs[0].dtype, call.params, call.outputs
+        )
+    except ValueError:
+        return None
+    return runner
 
 
 def _attempt_record(task_id: str, attempt: Attempt) -> AttemptRecord:
