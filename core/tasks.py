@@ -1142,11 +1142,8 @@ class TaskManager:
         if not self._accepting:
             raise Unavailable("the server is shutting down and accepts no new tasks")
         device = plan.device
-        if len(plan.able) > 1:
-            # select()'s choice among the plan's devices: the earliest expected finish
-            work = plan.work
-            if min(plan.able, key=lambda d: expected_finish(d, work)) is not device:
-                return None
+        if len(plan.able) > 1 and not _first_to_finish(device, plan.able, plan.work):
+            return None
         task = Task(
             id=f"{random.getrandbits(128):032x}",
             seq=next(self._seq),
@@ -1575,7 +1572,8 @@ class TaskManager:
             callbacks, task._callbacks = task._callbacks, []
             for callback in callbacks:
                 callback(task)
-        self._retained_bytes += task.retained_bytes
+        if task.outputs:
+            self._retained_bytes += task.retained_bytes
         self._finished[task.name] = task
         opts = self.options
         if (
@@ -1646,13 +1644,32 @@ class TaskManager:
         return len(device.queue)
 
 
+def _first_to_finish(
+    device: LocalDevice, able: Sequence[LocalDevice], work: placement.Work
+) -> bool:
+    """Whether select() would pick `device` among `able`: the earliest expected finish,
+    the first in order among equals (as min() picks)."""
+    mine = expected_finish(device, work)
+    before = True
+    for other in able:
+        if other is device:
+            before = False
+        elif (
+            (expected_finish(other, work) <= mine)
+            if before
+            else (expected_finish(other, work) < mine)
+        ):
+            return False
+    return True
+
+
 def _planned_runner(
     device: LocalDevice, call: ops.ValidatedCall, shapes: Sequence[tuple[int, ...]]
 ) -> Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None:
     """The backend's run of this one call shape (`Device.planned`), for a device whose
     `run` is its backend's; None where it is not (a wrapped or fake device), or where
     the backend refuses the call (`run` then raises as it would have)."""
-    if type(device).run is not LocalDevice.run:
+    if type(device).run is not LocalDevice.run or "run" in getattr(device, "__dict__", {}):
         return None
     planned = getattr(device.backend, "planned", None)
     if planned is None or not call.inputs:
