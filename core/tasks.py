@@ -289,6 +289,9 @@ class InlinePlan:
     held_bytes: int
     reason: str
     generation: int
+    # the device's run for exactly this call shape, its per-call checks done once
+    # (`Device.planned`); None: the device's own `run` (a device that wraps it)
+    runner: Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None = None
 
 
 @dataclass(frozen=True)
@@ -1242,6 +1245,7 @@ class TaskManager:
             held_bytes=task.held_bytes,
             reason=task.placement_reason,
             generation=self._generation,
+            runner=_planned_runner(task.device, call, shapes),
         )
 
     def begin_planned(
@@ -1261,11 +1265,8 @@ class TaskManager:
         if not self._accepting:
             raise Unavailable("the server is shutting down and accepts no new tasks")
         device = plan.device
-        if len(plan.able) > 1:
-            # select()'s choice among the plan's devices: the earliest expected finish
-            work = plan.work
-            if min(plan.able, key=lambda d: expected_finish(d, work)) is not device:
-                return None
+        if len(plan.able) > 1 and not _first_to_finish(device, plan.able, plan.work):
+            return None
         task = Task(
             id=f"{random.getrandbits(128):032x}",
             seq=next(self._seq),
@@ -1285,8 +1286,8 @@ class TaskManager:
             deadline=deadline,
         )
         self._admit(task)
-        self._record(task)
-        self._run_inline(task)
+        self._tasks[task.name] = task
+        self._run_inline(task, plan.runner)
         return task
 
     async def wait(self, task: Task) -> Task:
@@ -1565,13 +1566,20 @@ class TaskManager:
         else:
             self._complete(task, outputs, time.perf_counter() - began)
 
-    def _run_inline(self, task: Task) -> None:
+    def _run_inline(
+        self,
+        task: Task,
+        runner: Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None = None,
+    ) -> None:
         self._start(task)
         began = time.perf_counter()
         call = task.call
         assert call is not None and task.inputs is not None  # a task that runs has both
         try:
-            outputs = task.device.run(task.op, task.inputs, call.params, call.outputs)
+            if runner is not None:
+                outputs = runner(task.inputs)
+            else:
+                outputs = task.device.run(task.op, task.inputs, call.params, call.outputs)
         except Exception as exc:
             self._fail(task, _kernel_failure(task, exc))  # a submitted task retries
             return
@@ -1702,7 +1710,8 @@ class TaskManager:
             callbacks, task._callbacks = task._callbacks, []
             for callback in callbacks:
                 callback(task)
-        self._retained_bytes += task.retained_bytes
+        if task.outputs:
+            self._retained_bytes += task.retained_bytes
         self._finished[task.name] = task
         opts = self.options
         if (
@@ -1773,6 +1782,45 @@ class TaskManager:
 
     def queue_depth(self, device: LocalDevice) -> int:
         return len(device.queue)
+
+
+def _first_to_finish(
+    device: LocalDevice, able: Sequence[LocalDevice], work: placement.Work
+) -> bool:
+    """Whether select() would pick `device` among `able`: the earliest expected finish,
+    the first in order among equals (as min() picks)."""
+    mine = expected_finish(device, work)
+    before = True
+    for other in able:
+        if other is device:
+            before = False
+        elif (
+            (expected_finish(other, work) <= mine)
+            if before
+            else (expected_finish(other, work) < mine)
+        ):
+            return False
+    return True
+
+
+def _planned_runner(
+    device: LocalDevice, call: ops.ValidatedCall, shapes: Sequence[tuple[int, ...]]
+) -> Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] | None:
+    """The backend's run of this one call shape (`Device.planned`), for a device whose
+    `run` is its backend's; None where it is not (a wrapped or fake device), or where
+    the backend refuses the call (`run` then raises as it would have)."""
+    if type(device).run is not LocalDevice.run or "run" in getattr(device, "__dict__", {}):
+        return None
+    planned = getattr(device.backend, "planned", None)
+    if planned is None or not call.inputs:
+        return None
+    try:
+        runner: Callable[[Sequence[np.ndarray]], builtins.list[np.ndarray]] = planned(
+            call.op.name, shapes, call.inputs[0].dtype, call.params, call.outputs
+        )
+    except ValueError:
+        return None
+    return runner
 
 
 def _attempt_record(task_id: str, attempt: Attempt) -> AttemptRecord:

@@ -506,6 +506,58 @@ class Device(abc.ABC):
         with OpCall(self, op, inputs, params, out) as call, self.running(call):
             return [fn(call)]
 
+    def planned(
+        self,
+        op: str,
+        shapes: Sequence[tuple[int, ...]],
+        dtype: str,
+        params: Mapping[str, Any],
+        outputs: Sequence[Any],
+    ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+        """`run` for one call shape (op, input shapes and dtype, params, the validated
+        outputs), its checks done once here: the returned function takes inputs of
+        exactly that shape and runs them as `run` would. Raises what `run` raises for
+        a call it refuses."""
+        fn = self.ops.get(op)
+        if fn is None:
+            raise ValueError(f"the {self.properties.kind} backend has no op {op!r}")
+        if dtype not in self.supported.get(op, ()):
+            why = self.missing_dtypes.get(dtype, f"not implemented on {self.properties.kind}")
+            raise ValueError(f"{op} for {dtype} does not run on {self.name}: {why}")
+        if type(self).refusal is not Device.refusal:
+            reason = self.refusal(op, list(shapes), params)
+            if reason:
+                raise ValueError(reason)
+        out = (
+            outputs[0]
+            if isinstance(outputs[0], TensorSpec)
+            else _spec_of(tuple(outputs[0].shape), outputs[0].dtype)
+        )
+        if out.size == 0:
+            return lambda inputs: [out.empty()]
+        if any(math.prod(shape) == 0 for shape in shapes):
+            return lambda inputs: [np.zeros(out.shape, out.dtype)]  # as in `run`
+        elements = out.size + sum(math.prod(shape) for shape in shapes)
+        if type(self).running is Device.running or not self.needs_running(op, elements):
+
+            def bare(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+                with OpCall(self, op, inputs, params, out) as call:
+                    return [fn(call)]
+
+            return bare
+
+        def surrounded(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+            with OpCall(self, op, inputs, params, out) as call, self.running(call):
+                return [fn(call)]
+
+        return surrounded
+
+    def needs_running(self, op: str, elements: int) -> bool:
+        """Whether a call of `op` over this many elements (inputs and output together)
+        needs `running` around it; a backend whose context only matters for large
+        calls (the CPU's thread budget) answers False for small ones."""
+        return True
+
     def running(self, call: OpCall) -> contextlib.AbstractContextManager[Any]:
         """What surrounds one op (the driver's context, an autorelease pool, turning
         driver errors into `LaunchError`); nothing by default."""

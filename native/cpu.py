@@ -740,6 +740,10 @@ class _ThreadBudget:
 
 
 _budget = _ThreadBudget(cpu_info.cpu_info().threads)
+# Calls over fewer elements (inputs and output) skip the budget: below the serial
+# kernels' threshold, and below the size at which OpenBLAS splits a matmul across threads.
+_BUDGET_FROM = 1 << 14
+_UNBUDGETED = contextlib.nullcontext()
 
 
 class CpuDevice(Device):
@@ -748,7 +752,15 @@ class CpuDevice(Device):
     ops: ClassVar[Mapping[str, OpFn]] = _OPS
 
     def running(self, call: OpCall) -> contextlib.AbstractContextManager[Any]:
+        if not self.needs_running(call.op, call.out.size + sum(x.size for x in call.inputs)):
+            return _UNBUDGETED
         return _budget
+
+    def needs_running(self, op: str, elements: int) -> bool:
+        # A call this small runs the serial twins (and BLAS's single-threaded small-matrix
+        # path): it starts no pool, so it needs no share of the cores, nor the budget's
+        # lock, nor a BLAS limit flipped to one thread and back for a few microseconds.
+        return elements >= _BUDGET_FROM
 
     def memory_available_bytes(self) -> int:
         return cpu_info.memory_available_bytes()

@@ -169,8 +169,11 @@ def fill_tensor(
     msg.dtype = code
     msg.shape.extend(array.shape)
     if with_data:
-        little = array.astype(DTYPE_TO_NUMPY[code], copy=False)
-        msg.data = np.ascontiguousarray(little).tobytes()
+        if array.flags.c_contiguous and array.dtype is DTYPE_TO_NUMPY[code]:
+            msg.data = array.tobytes()  # a kernel's output, as a rule: one copy, no checks
+        else:
+            little = array.astype(DTYPE_TO_NUMPY[code], copy=False)
+            msg.data = np.ascontiguousarray(little).tobytes()
     return msg
 
 
@@ -319,9 +322,10 @@ def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.
     copied again from a separate message."""
     msg.name = task.name
     msg.op = task.op
-    msg.state = task.state.value
+    msg.state = task.state  # an IntEnum: no .value lookup
     msg.tenant = task.tenant
-    msg.priority = task.priority
+    if task.priority:
+        msg.priority = task.priority
     msg.device = task.device_name
     if task.labels:
         msg.labels.update(task.labels)

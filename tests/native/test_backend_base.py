@@ -245,3 +245,45 @@ def test_the_cpu_thread_budget_shares_the_cores_among_overlapping_ops():
     assert seen == [min(2, before)] or seen == [min(4, before)]  # whichever entered first
     with budget:  # alone again: BLAS gets every core back
         assert budget._blas_threads == 4
+
+
+def test_a_planned_run_answers_as_run_does_with_its_checks_made_once(tmp_path, monkeypatch):
+    device = _fake(tmp_path, monkeypatch)
+    spec = ops.TensorMeta("float32", (2,))
+    runner = device.planned("relu", [(2,)], "float32", {}, [spec])
+    for x in ([-1.0, 2.0], [3.0, -4.0]):
+        (out,) = runner([np.array(x, np.float32)])
+        np.testing.assert_array_equal(out, np.maximum(x, 0))
+    assert [c.out for c in device.ran] == [backend.TensorSpec.of((2,), np.float32)] * 2
+    (empty,) = device.planned("relu", [(3, 0)], "float32", {}, [ops.TensorMeta("float32", (3, 0))])(
+        [np.empty((3, 0), np.float32)]
+    )
+    zeros = device.planned(
+        "sum", [(3, 0)], "float32", {"axis": 1}, [ops.TensorMeta("float32", (3,))]
+    )
+    np.testing.assert_array_equal(zeros([np.empty((3, 0), np.float32)])[0], np.zeros(3))
+    assert empty.shape == (3, 0) and len(device.ran) == 2  # both answered without the op
+    with pytest.raises(ValueError, match="relu for float64 does not run on fake:0"):
+        device.planned("relu", [(2,)], "float64", {}, [ops.TensorMeta("float64", (2,))])
+    with pytest.raises(ValueError, match="has no op 'nope'"):
+        device.planned("nope", [(2,)], "float32", {}, [spec])
+
+
+def test_tiny_cpu_calls_skip_the_thread_budget_and_big_ones_take_it(monkeypatch):
+    entered: list[int] = []
+
+    class Watching(cpu._ThreadBudget):
+        def __enter__(self) -> None:
+            entered.append(1)
+            super().__enter__()
+
+    monkeypatch.setattr(cpu, "_budget", Watching(cores=2))
+    device = cpu._device()
+    small = np.arange(16, dtype=np.float32) - 8
+    big = np.arange(1 << 14, dtype=np.float32) - 8
+    for x in (small, big):
+        meta = [ops.TensorMeta("float32", x.shape)]
+        np.testing.assert_array_equal(device.run("relu", [x], {}, meta)[0], np.maximum(x, 0))
+        runner = device.planned("relu", [x.shape], "float32", {}, meta)
+        np.testing.assert_array_equal(runner([x])[0], np.maximum(x, 0))
+    assert len(entered) == 2  # the big call's, by run and by its plan
