@@ -160,13 +160,14 @@ async def grpc_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
 # Big float64 matmuls keep both kernel workers of cpu:0 busy for a while, so a
 # task submitted behind them is still queued when it is cancelled.
 BUSY_SIZE = 1500
-BUSY_MAX_TASKS = 8
+BUSY_MAX_TASKS = 12
 
 
 @pytest.fixture
 def busy_device(served) -> Iterator[None]:
     """cpu:0 busy with big float64 matmuls: both workers taken and at least
-    one more queued behind them. They are cancelled afterwards."""
+    three more queued behind them (one queued matmul could finish before a test's
+    next two calls on an idle machine). They are cancelled afterwards."""
     with Client(served.target, timeout=60.0) as client:
         # Inputs stay on the server, so submitting is far quicker than running.
         big = client.upload(np.random.default_rng(99).standard_normal((BUSY_SIZE, BUSY_SIZE)))
@@ -174,7 +175,7 @@ def busy_device(served) -> Iterator[None]:
         try:
             while len(handles) < BUSY_MAX_TASKS:
                 handles.append(client.submit("matmul", big, big, device="cpu:0"))
-                if len(handles) >= 3 and handles[-1].info().state is TaskState.QUEUED:
+                if len(handles) >= 5 and handles[-3].info().state is TaskState.QUEUED:
                     break
             yield
         finally:
