@@ -52,6 +52,9 @@ class SharedBudget(Protocol):
 
     async def reserve(self, tenant: str, tokens: int, budget: int) -> BudgetAnswer: ...
 
+    async def settled(self) -> None:
+        """Returns once every settlement released so far is committed."""
+
 
 @dataclass
 class Reservation:
@@ -183,6 +186,16 @@ class BudgetLedger:
                     )
             if self._journal is not None and reservation.hold_id is not None:
                 self._journal.release(reservation.hold_id, reservation.tenant, used)
+
+    async def settle_async(self, reservation: Reservation, used: int) -> None:
+        """`settle`, then waits for a shared store to commit the settlement: until
+        it does, every server on the store counts the whole reservation as in
+        flight, and a caller's next request could be refused for its own last one."""
+        first = not reservation.settled
+        self.settle(reservation, used)
+        shared: object = self._journal
+        if first and reservation.hold_id is not None and isinstance(shared, SharedBudget):
+            await shared.settled()
 
     def spent(self, tenant: str) -> int | None:
         """Tokens spent so far, or None when the tenant has no budget."""

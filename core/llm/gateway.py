@@ -281,7 +281,7 @@ class Gateway:
                 )
                 used = completion.usage.total_tokens
             finally:
-                self._settle(admission, used)
+                await self._settled(admission, used)
         except KernelmeshError as e:
             _count_failure(model, self._models, e)
             raise
@@ -379,7 +379,7 @@ class Gateway:
                 deployment.refused = None
                 usage = chunk.usage or estimate_usage(messages, chars)
                 used = usage.total_tokens
-                self._settle(admission, used)
+                await self._settled(admission, used)
                 self._record(tenant, deployment, usage)
                 if parts is not None:
                     self._cache.put(
@@ -415,7 +415,7 @@ class Gateway:
                 )
                 used = result.usage.total_tokens
             finally:
-                self._settle(admission, used)
+                await self._settled(admission, used)
         except KernelmeshError as e:
             _count_failure(model, self._models, e)
             raise
@@ -525,6 +525,14 @@ class Gateway:
             return
         self._budget.settle(admission.reservation, used)
         self._limiter.settle(admission.tenant, admission.tokens, used)
+
+    async def _settled(self, admission: _Admission, used: int) -> None:
+        """`_settle`, answering only once a shared budget has the settlement, so
+        the caller's next request is not refused for the one that just ended."""
+        if admission.reservation.settled:
+            return
+        self._limiter.settle(admission.tenant, admission.tokens, used)
+        await self._budget.settle_async(admission.reservation, used)
 
     def _record(
         self, tenant: str, deployment: _Deployment, usage: Usage, outcome: str = "ok"

@@ -72,6 +72,9 @@ _FLUSH_S = 0.5
 # Rows kept for another try while the database refuses writes (locked,
 # full); beyond this the oldest are dropped rather than grow without bound.
 _MAX_PENDING = 100_000
+# How long a call waits for its budget settlement to commit before it answers
+# anyway (the settlement stays queued; the reservation is held until it lands).
+_SETTLE_WAIT_S = 5.0
 
 
 class TokenUsage(Protocol):
@@ -457,6 +460,15 @@ class StoreUsage(UsageStore):
             self.store.write(SettleBudget(hold_id, tenant, used))
         except StoreUnavailable as exc:  # the reservation stays: charged in full later
             log.warning("budget settlement not recorded: %s", exc)
+
+    async def settled(self, timeout: float = _SETTLE_WAIT_S) -> None:
+        """Waits (bounded) for the settlements queued so far to commit; one that
+        cannot commit now stays queued and keeps its reservation held meanwhile."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.store.sync()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("budget settlement not yet committed: %s", exc or "timed out")
 
     def flush(self, timeout: float = 10.0) -> None:
         return None  # the store's group commit; `await store.sync()` waits for it

@@ -50,10 +50,13 @@ async def test_two_gateways_on_one_postgresql_never_exceed_one_budget(upstream, 
         assert spent == {"acme": used}  # settled, every reservation swapped for its use
         assert sum(row[3] for row in usage_rows) == len(ok)
         # Sequential requests to both servers in turn until the shared budget refuses.
+        # Each answer comes after its settlement is committed, so the refusal is for
+        # a spent budget, never for the caller's own last request still "in flight".
         for i in range(100):
             try:
                 reply = await gateways[i % 2].generate("acme", "chat", user(CJK), options)
-            except ResourceExhausted:
+            except ResourceExhausted as refusal:
+                assert "spent, 0 reserved by requests in flight" in str(refusal), refusal
                 break
             used += reply.usage.total_tokens
         else:
