@@ -22,9 +22,11 @@ from kernelmesh.clients import Client, TaskState
 pytestmark = pytest.mark.e2e
 
 GRACE = 20.0
-DRAIN_SIZE = 1200
-DRAIN_WORK_SECONDS = 2.0  # of kernel time queued when SIGTERM arrives (2 workers)
-DRAIN_MAX_TASKS = 100
+DRAIN_PROBE_SIZE = 1200  # a matmul timed to size the long ones
+DRAIN_TASK_SECONDS = 1.0  # each long matmul's kernel time
+DRAIN_MAX_SIZE = 4000
+DRAIN_MAX_LONG = 8
+DRAIN_SMALL = 4  # tiny tasks queued behind the long ones
 
 
 def test_demo_against_a_real_server_matches_numpy(served, kernelmesh):
@@ -164,22 +166,38 @@ class Drain:
 
 @pytest.fixture(scope="module")
 def drained(tmp_path_factory, serve_tools) -> Drain:
-    """A dedicated `serve --grace 20`. A batch of float64 matmuls sized to
-    about DRAIN_WORK_SECONDS of work is submitted, the last one watched, then
-    the process gets SIGTERM while most of the batch is still queued."""
-    # CPU only: the batch is sized to the CPU's speed, and must queue behind it.
+    """A dedicated `serve --grace 20`. Long float64 matmuls (about
+    DRAIN_TASK_SECONDS each) fill the CPU's workers and one more waits; tiny
+    tasks queue behind them, the last one watched; then the process gets SIGTERM.
+
+    The long tasks hold the queue, not a flood of short ones: short tasks ran
+    out faster than they were submitted (each submission commits to the journal,
+    behind the 11 MiB outputs the finished ones store), and the queue was empty
+    when SIGTERM came."""
+    # CPU only: the tasks are sized to the CPU's speed, and must queue behind it.
     serve = serve_tools.start_serve(
         tmp_path_factory.mktemp("drain"), "--grace", str(GRACE), "--backends", "cpu"
     )
     try:
         with Client(serve.target, timeout=30.0) as km:
             km.wait_ready(timeout=120)
+            rng = np.random.default_rng(5)
+            probe = km.upload(rng.standard_normal((DRAIN_PROBE_SIZE, DRAIN_PROBE_SIZE)))
+            # The fastest of a few runs: a first, cold run would size the tasks too small.
+            one = max(min(km.run_task("matmul", probe, probe).run_seconds for _ in range(3)), 1e-3)
+            scale = (DRAIN_TASK_SECONDS / one) ** (1 / 3)  # matmul time grows as n**3
+            size = int(min(DRAIN_MAX_SIZE, max(DRAIN_PROBE_SIZE, DRAIN_PROBE_SIZE * scale)))
+            km.delete(probe)
             # Inputs stay on the server, so submitting is far quicker than running.
-            big = km.upload(np.random.default_rng(5).standard_normal((DRAIN_SIZE, DRAIN_SIZE)))
-            # The fastest of a few runs: a first, cold run would size the batch too small.
-            one = max(min(km.run_task("matmul", big, big).run_seconds for _ in range(3)), 0.005)
-            count = int(min(DRAIN_MAX_TASKS, max(4, 2 * DRAIN_WORK_SECONDS / one)))
-            handles = [km.submit("matmul", big, big) for _ in range(count)]
+            big = km.upload(rng.standard_normal((size, size)))
+            handles = []
+            while len(handles) < DRAIN_MAX_LONG:
+                handles.append(km.submit("matmul", big, big))
+                # Still queued a moment later: every worker is busy with a long one.
+                if _stays(handles[-1], TaskState.QUEUED, seconds=min(0.5, DRAIN_TASK_SECONDS / 3)):
+                    break
+            tiny = np.arange(16.0).reshape(4, 4)
+            handles += [km.submit("relu", tiny) for _ in range(DRAIN_SMALL)]
             watched: list[TaskState | str] = []
             watching = threading.Event()
 
@@ -209,13 +227,23 @@ def drained(tmp_path_factory, serve_tools) -> Drain:
             returncode=serve.process.returncode,
             seconds=seconds,
             output=serve.output(),
-            submitted=count,
+            submitted=len(handles),
             queued_at_sigterm=queued,
             last_state_at_sigterm=last_state,
             watched=watched,
         )
     finally:
         serve_tools.stop_serve(serve, timeout=5)
+
+
+def _stays(handle, state: TaskState, seconds: float) -> bool:
+    """Whether the task is still in `state` after `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if handle.info().state is not state:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_sigterm_with_queued_tasks_exits_zero_within_grace(drained):
