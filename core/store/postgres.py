@@ -120,7 +120,14 @@ def redacted(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-# Held (for the session) by the one orchestrator that claims expired tasks.
+# How long one of our sessions may sit in an open transaction before PostgreSQL
+# ends it. None of ours waits between statements, so a transaction idle that long
+# belongs to a process that stalled (SIGSTOP, a frozen VM, swapping) holding task
+# row locks or the sweeper lock: until it ends, no other orchestrator can claim
+# those tasks (the claim skips locked rows), however long ago their lease ran out.
+STALLED_TRANSACTION_S = 5.0
+
+# Taken (for the claim's transaction) by the one orchestrator that claims expired tasks.
 _SWEEPER_LOCK = 0x6B6D_7377  # "kmsw"
 _UNFINISHED = "(1, 2)"  # QUEUED, RUNNING
 
@@ -129,8 +136,15 @@ class PostgresStore(Store):
     kind = "postgresql"
     shared = True
 
-    def __init__(self, dsn: str, *, blob_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        blob_dir: str | Path | None = None,
+        stalled_transaction_s: float = STALLED_TRANSACTION_S,
+    ) -> None:
         self.dsn = dsn
+        self.stalled_transaction_s = stalled_transaction_s
         # Read only: files that rows written by an earlier version name.
         self.files = sql.BlobFiles(Path(blob_dir) if blob_dir is not None else None)
         # False: blobs over 256 KiB as files under blob_dir, as before (for
@@ -164,7 +178,16 @@ class PostgresStore(Store):
     async def open(self) -> None:
         try:
             self._pool = await asyncio.wait_for(
-                asyncpg.create_pool(self.dsn or None, min_size=1, max_size=4),
+                asyncpg.create_pool(
+                    self.dsn or None,
+                    min_size=1,
+                    max_size=4,
+                    server_settings={
+                        "idle_in_transaction_session_timeout": str(
+                            max(1, round(self.stalled_transaction_s * 1000))
+                        )
+                    },
+                ),
                 _CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -217,3 +217,41 @@ async def test_a_deadlock_is_retried_not_surfaced(pg_dsn):
     finally:
         await other.close()
         await store.close()
+
+
+async def test_a_holder_stalled_mid_transaction_does_not_stop_the_claim(pg_dsn):
+    """X stalls (as under SIGSTOP) inside a transaction that holds its task rows
+    locked. PostgreSQL ends X's session once it has been idle in the transaction
+    for `stalled_transaction_s`, so Y claims the expired tasks rather than
+    skipping their locked rows for as long as X stays stopped."""
+    x = PostgresStore(pg_dsn, stalled_transaction_s=0.5)
+    y = PostgresStore(pg_dsn)
+    for s in (x, y):
+        await s.open()
+    ids = [f"{n:032x}" for n in (1, 2)]
+    try:
+        now = time.time()
+        await x.write(
+            *(PutTask(task(n, node="orch-x", lease_until=now - 1)) for n in (1, 2)), wait=True
+        )
+        assert x._pool is not None
+        stalled = await x._pool.acquire()
+        held = stalled.transaction()
+        await held.start()
+        await stalled.execute("SELECT id FROM tasks ORDER BY id FOR UPDATE")
+        # Locked: the claim skips both rows while X's transaction is open.
+        assert (await y.claim_expired_tasks("orch-y", now + 600, now)).tasks == []
+        claimed: list[str] = []
+        deadline = time.monotonic() + 30
+        while not claimed and time.monotonic() < deadline:
+            claimed = [t.id for t in (await y.claim_expired_tasks("orch-y", now + 600, now)).tasks]
+            await asyncio.sleep(0.05)
+        assert claimed == ids
+        with pytest.raises(Exception, match=r"idle-in-transaction|connection"):
+            await stalled.execute("SELECT 1")
+        await x._pool.release(stalled)
+        # X's pool replaces the ended session: X's renewal now reports both lost.
+        assert await x.renew_task_leases("orch-x", now + 60, ids) == ids
+    finally:
+        for s in (x, y):
+            await s.close()

@@ -284,8 +284,15 @@ def test_a_holder_that_stalls_past_its_lease_drops_what_it_ran(dsn, procs):
         found = states(dsn, ids)
         return len(found) == len(ids) and all(state == 3 for state, _ in found.values())
 
-    # Y claims X's tasks once X's leases run out, and runs them.
-    wait_for(all_done, timeout=180, what="Y ran X's tasks to their end")
+    # Y claims X's tasks once X's leases run out (and once PostgreSQL ends a
+    # transaction X stopped in the middle of), and runs them.
+    try:
+        wait_for(all_done, timeout=180, what="Y ran X's tasks to their end")
+    except AssertionError as exc:
+        found = states(dsn, ids)
+        raise AssertionError(
+            f"{exc}\nstates: {found}\n--- Y:\n{y.output()[-4000:]}\n--- X:\n{x.output()[-4000:]}"
+        ) from None
     assert "claimed" in y.output()
     x.process.send_signal(signal.SIGCONT)
     wait_for(
