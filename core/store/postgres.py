@@ -259,6 +259,15 @@ class PostgresStore(Store):
             return self._failed(batch, exc)
         except _DRIVER_ERRORS as exc:
             return self._failed(batch, exc)
+        except Exception as exc:  # an operation no statement expresses: a bug, not a fault
+            # Uncaught, it ended the writer task and every waiter hung for ever.
+            if len(batch) > 1:
+                return all([await self._commit([entry]) for entry in batch])
+            log.error("store %s: dropped an update it cannot write: %r", self.where, exc)
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+            return True
         self.last_error = None
         self.commits += 1
         self.committed_entries += len(batch)

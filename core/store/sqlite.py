@@ -149,35 +149,56 @@ class SqliteStore(Store):
         db = self._db
         try:
             statements, unlink = sql.plan((op for ops, _ in batch for op in ops), self.files)
+        except (sqlite3.Error, OSError) as exc:
+            return self._failed(batch, exc)
+        except Exception as exc:  # an operation no statement expresses: a bug, not a fault
+            # Uncaught, it ended the writer thread and every waiter hung for ever.
+            return self._refused(batch, exc)
+        try:
             db.execute("BEGIN IMMEDIATE")
             for statement, rows in sql.grouped(statements):
                 db.executemany(statement, rows)
             db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            transient = isinstance(exc, sqlite3.OperationalError | OSError)
-            log.error(
-                "store %s: a commit of %d entries failed (%s)%s",
-                self.path,
-                len(batch),
-                self.last_error,
-                "; unacknowledged updates are kept for the next try" if transient else "",
-            )
-            error = StoreUnavailable(f"the state store {self.path} refused a write: {exc}")
-            self._settle([f for _, f in batch if f is not None], error)
-            if transient and not self._closing:  # closing: give up rather than hang
-                kept = [(ops, None) for ops, f in batch if f is None and ops]
-                with self._cond:
-                    self._queue[:0] = kept
-            return False
+            return self._failed(batch, exc)
         self.last_error = None
         self.commits += 1
         self.committed_entries += len(batch)
         self.files.remove(unlink)
         self._settle([f for _, f in batch if f is not None], None)
+        return True
+
+    def _failed(self, batch: list[_Entry], exc: sqlite3.Error | OSError) -> bool:
+        db = self._db
+        if db is not None and db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        transient = isinstance(exc, sqlite3.OperationalError | OSError)
+        log.error(
+            "store %s: a commit of %d entries failed (%s)%s",
+            self.path,
+            len(batch),
+            self.last_error,
+            "; unacknowledged updates are kept for the next try" if transient else "",
+        )
+        error = StoreUnavailable(f"the state store {self.path} refused a write: {exc}")
+        self._settle([f for _, f in batch if f is not None], error)
+        if transient and not self._closing:  # closing: give up rather than hang
+            kept = [(ops, None) for ops, f in batch if f is None and ops]
+            with self._cond:
+                self._queue[:0] = kept
+        return False
+
+    def _refused(self, batch: list[_Entry], exc: Exception) -> bool:
+        """Drops the entry that cannot be written, its waiter told why; the others
+        it was grouped with are committed one by one."""
+        if len(batch) > 1:
+            for entry in batch:
+                self._commit([entry])
+            return True
+        log.error("store %s: dropped an update it cannot write: %r", self.path, exc)
+        self._settle([f for _, f in batch if f is not None], exc)
         return True
 
     def _settle(self, futures: list[asyncio.Future[None]], error: Exception | None) -> None:

@@ -378,3 +378,18 @@ async def test_tensor_locations_are_kept_marked_lost_and_deleted(store, make_sto
         assert only.node == "node-b"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("make_store", DURABLE, indirect=True)
+async def test_an_update_no_statement_expresses_fails_alone_and_the_writer_goes_on(store):
+    """A bad operation (a bug upstream) grouped with good ones fails only its own
+    waiter; the writer lives on and commits what comes next."""
+    bad = store.write(UpdateTask(f"{1:032x}", {"no_such_column": 1}), wait=True)
+    good = store.write(PutTask(task(2)), wait=True)
+    assert bad is not None and good is not None
+    with pytest.raises(ValueError, match="no_such_column"):
+        await bad
+    await good
+    await store.write(PutTask(task(3)), wait=True)
+    snap = await store.load()
+    assert sorted(t.seq for t in snap.tasks) == [2, 3]
