@@ -14,6 +14,11 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 
+def page_size_of(asked: int) -> int:
+    """The records a page holds when `asked` for (0 or less: the default)."""
+    return DEFAULT_PAGE if asked <= 0 else min(asked, MAX_PAGE)
+
+
 class Listed(Protocol):
     @property
     def seq(self) -> int: ...
@@ -38,7 +43,7 @@ def newest_first(
 ) -> tuple[list[R], str]:
     """`records` oldest first (insertion order); returns up to a page of the
     tenant's, in `state` when given, and the token to continue below them."""
-    size = DEFAULT_PAGE if page_size <= 0 else min(page_size, MAX_PAGE)
+    size = page_size_of(page_size)
     below = _decode_token(page_token) if page_token else math.inf
     page: list[R] = []
     for record in reversed(records):

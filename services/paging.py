@@ -6,16 +6,14 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from kernelmesh.core.errors import InvalidArgument, Violation
+from kernelmesh.core.listing import page_size_of
 
 T = TypeVar("T")
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 def page_bounds(token: str, page_size: int, total: int) -> tuple[int, int]:
     """(start, size) of the page a request asks for; page_size 0 means the default."""
-    size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+    size = page_size_of(page_size)
     if not token:
         return 0, size
     kind, _, value = token.partition(":")
