@@ -355,6 +355,7 @@ class TaskManager:
         self._accepting = True
         self._work: dict[LocalDevice, _Wakeup] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._forwarding: set[asyncio.Task[None]] = set()  # attempts begun by _forward_now
         workers = self.options.workers_per_device * max(1, len(self.devices))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
         self._capable: SelectCache = {}  # select()'s, cleared when the devices change
@@ -1210,7 +1211,8 @@ class TaskManager:
             if self.tracing is not None:
                 # its run (forwarded to a node, say) is a span of the caller's trace
                 task.trace_context = self.tracing.capture()
-            self._enqueue(task)
+            if not self._forward_now(task):
+                self._enqueue(task)
         return task
 
     def inline_plan(self, spec: TaskSpec, task: Task) -> InlinePlan | None:
@@ -1520,6 +1522,28 @@ class TaskManager:
             self._fail(task, _kernel_failure(task, result))  # type: ignore[arg-type]
         else:
             self._complete(task, result, seconds)
+
+    def _forward_now(self, task: Task) -> bool:
+        """A waiting caller's task placed on a node's device with a free slot and
+        nothing queued is forwarded at once: the queue and a worker's wake-up are a
+        hop of mesh RunTask latency it does not need."""
+        device = task.device
+        if (
+            not getattr(device, "remote", False)
+            or device.gone  # type: ignore[attr-defined]
+            or len(device.queue)
+            or device.running >= self.options.workers_per_device * REMOTE_WINDOW
+        ):
+            return False
+        self._start(task)
+        run = asyncio.get_running_loop().create_task(self._forward_traced(task, device))
+        self._forwarding.add(run)  # the loop keeps only a weak reference
+        run.add_done_callback(self._forwarding.discard)
+        return True
+
+    async def _forward_traced(self, task: Task, device: LocalDevice) -> None:
+        with self._traced(task):
+            await self._forward(task, device)
 
     async def _forward(self, task: Task, device: LocalDevice) -> None:
         """Runs one attempt on another node. Its answer counts only if the task is
