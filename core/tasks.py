@@ -1436,11 +1436,13 @@ class TaskManager:
         loop = asyncio.get_running_loop()
         work = self._work[device]
         remote = getattr(device, "remote", False)
+        window = self.options.workers_per_device * REMOTE_WINDOW
         while True:
             outputs = None  # an idle worker must not hold on to its last task's outputs
             if remote and device.gone:  # type: ignore[attr-defined]
                 return
-            if not len(device.queue):
+            # A node's window is shared with the attempts _forward_now began.
+            if not len(device.queue) or (remote and device.running >= window):
                 await work.wait()
                 continue
             task = self._queued.pop(device.queue.pop())
@@ -1536,6 +1538,7 @@ class TaskManager:
         ):
             return False
         self._start(task)
+        device.task_started()  # counted now: the next caller sees the slot taken
         run = asyncio.get_running_loop().create_task(self._forward_traced(task, device))
         self._forwarding.add(run)  # the loop keeps only a weak reference
         run.add_done_callback(self._forwarding.discard)
@@ -1543,18 +1546,20 @@ class TaskManager:
 
     async def _forward_traced(self, task: Task, device: LocalDevice) -> None:
         with self._traced(task):
-            await self._forward(task, device)
+            await self._forward(task, device, started=True)
 
-    async def _forward(self, task: Task, device: LocalDevice) -> None:
+    async def _forward(self, task: Task, device: LocalDevice, *, started: bool = False) -> None:
         """Runs one attempt on another node. Its answer counts only if the task is
-        still on this dispatch (fencing); a lost node sends the task back to the queue."""
+        still on this dispatch (fencing); a lost node sends the task back to the queue.
+        `started`: the device already counts the attempt as running."""
         task.dispatch += 1
         dispatch = task.dispatch
         node = device.node  # type: ignore[attr-defined]
         forward = asyncio.ensure_future(device.forward(task))  # type: ignore[attr-defined]
         task._forward = forward
         node.inflight.add(forward)
-        device.task_started()
+        if not started:
+            device.task_started()
         began = time.perf_counter()
         failure: TaskFailure | None = None
         lost: str | None = None
@@ -1563,6 +1568,8 @@ class TaskManager:
             await asyncio.wait((forward,))
         finally:
             device.task_ended()
+            if len(device.queue) and device in self._work:
+                self._work[device].set()  # a slot of the window is free for the queue
             node.inflight.discard(forward)
             if task._forward is forward:
                 task._forward = None
