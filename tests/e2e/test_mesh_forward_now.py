@@ -45,6 +45,7 @@ class FakeNode(task_pb2_grpc.TaskServiceServicer):
                 "metadata": dict(context.invocation_metadata()),
                 "time_remaining": context.time_remaining(),
                 "device": request.task.device.name,
+                "inputs": [arg.tensor for arg in request.task.inputs],
             }
         )
         try:
@@ -130,8 +131,9 @@ async def test_forwarded_at_once_with_token_tenant_and_deadline(orchestrator, ch
         await _register(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), "node-a", port)
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.arange(4, dtype=np.float32)
+        request = _add(x)
         call = asyncio.ensure_future(
-            tasks.RunTask(_add(x), timeout=20, metadata=[("kernelmesh-tenant", "acme")])
+            tasks.RunTask(request, timeout=20, metadata=[("kernelmesh-tenant", "acme")])
         )
         await _until(lambda: node.calls, "the call to reach the node")
         # On the node while nothing waits in the orchestrator's queue for its device.
@@ -145,6 +147,7 @@ async def test_forwarded_at_once_with_token_tenant_and_deadline(orchestrator, ch
     assert reply.task.device == "node-a/cpu:0"
     (seen,) = node.calls
     assert seen["device"] == "cpu:0"
+    assert seen["inputs"] == [arg.tensor for arg in request.task.inputs]  # as the caller sent them
     assert seen["metadata"]["authorization"] == f"Bearer {TOKEN}"
     assert seen["metadata"]["kernelmesh-tenant"] == "acme"
     # The caller's 20 s, less the time spent, as gRPC encodes it (rounded up a little).
