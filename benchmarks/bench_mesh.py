@@ -267,10 +267,8 @@ def failover(lease: float, sig: signal.Signals = signal.SIGKILL) -> float:
             t.data = big.tobytes()
         with grpc.insecure_channel(target) as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
-            # Enough work that both nodes are busy when node-a dies.
             request = task_pb2.SubmitTaskRequest(task=spec)
-            with ThreadPoolExecutor(8) as pool:
-                names = list(pool.map(lambda _: stub.SubmitTask(request).task.name, range(32)))
+            names: list[str] = []
 
             def tasks():
                 return [
@@ -280,18 +278,21 @@ def failover(lease: float, sig: signal.Signals = signal.SIGKILL) -> float:
                     for n in names
                 ]
 
-            deadline = time.monotonic() + 60
-            while True:
-                held = [
-                    t.name
-                    for t in tasks()
-                    if t.device.startswith("node-a") and t.state == task_pb2.TASK_STATE_RUNNING
-                ]
-                if held:
-                    break
-                if time.monotonic() > deadline:
+            # Submitted in rounds of 8 until node-a is caught running one: on some
+            # machines each submission (its 8 MB journaled) takes longer than a matmul,
+            # and a fixed batch had all finished before the first look.
+            with ThreadPoolExecutor(8) as pool:
+                for _ in range(32):
+                    names += pool.map(lambda _: stub.SubmitTask(request).task.name, range(8))
+                    held = [
+                        t.name
+                        for t in tasks()
+                        if t.device.startswith("node-a") and t.state == task_pb2.TASK_STATE_RUNNING
+                    ]
+                    if held:
+                        break
+                else:
                     raise TimeoutError(f"no task seen running on node-a: {len(names)} tasks")
-                time.sleep(0.01)
             a.send_signal(sig)
             killed = time.perf_counter()
             while True:
