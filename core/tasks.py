@@ -1334,17 +1334,10 @@ class TaskManager:
         inputs and outputs, refused before the task is journaled, queued or run.
         `_finish` gives them back. A task recovered after a restart was admitted
         before it, so it is only counted."""
-        ledger = self.store.ledger
-        ledger.admit_task(task.tenant, enforce=enforce)
-        try:
-            ledger.reserve(task.tenant, task.held_bytes, enforce=enforce)
-        except ResourceExhausted:
-            ledger.task_done(task.tenant)
-            raise
+        self.store.ledger.admit(task.tenant, task.held_bytes, enforce=enforce)
 
     def _unadmit(self, task: Task) -> None:
-        self.store.ledger.task_done(task.tenant)
-        self.store.ledger.release(task.tenant, task.held_bytes)
+        self.store.ledger.done(task.tenant, task.held_bytes)
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
@@ -1805,13 +1798,17 @@ class TaskManager:
     def _evict(self) -> None:
         """Forgets the oldest finished tasks beyond the retention limits."""
         opts = self.options
-        now = time.time()
-        while self._finished and (
-            len(self._tasks) > opts.retention_tasks
-            or self._retained_bytes > opts.retention_bytes
-            or self._oldest_expired(now)
-        ):
-            name, task = self._finished.popitem(last=False)
+        cutoff = time.time() - opts.retention_seconds
+        finished = self._finished
+        while finished:
+            oldest = next(iter(finished.values()))
+            if not (
+                len(self._tasks) > opts.retention_tasks
+                or self._retained_bytes > opts.retention_bytes
+                or (oldest.end_time or 0.0) < cutoff
+            ):
+                break
+            name, task = finished.popitem(last=False)
             self._tasks.pop(name, None)
             self._retained_bytes -= task.retained_bytes
             if task.journaled:
