@@ -152,7 +152,9 @@ class TenantLedger:
         if left > 0:
             counter[tenant] = left
         else:
-            del counter[tenant]  # no state left behind for idle tenants
+            # no state left behind for idle tenants (dict.pop: Counter's own __del__
+            # item is Python code, on every tiny task's end)
+            counter.pop(tenant, None)
 
     def task_done(self, tenant: str) -> None:
         with self._lock:
