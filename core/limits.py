@@ -127,8 +127,9 @@ class TenantLedger:
         holds are counted together, or (RESOURCE_EXHAUSTED) neither is. `done` gives
         both back. One lock instead of two: this runs on every task."""
         with self._lock:
-            count = self._tasks[tenant]
-            held = self._bytes[tenant] if nbytes > 0 else 0
+            # .get: Counter's lookup of a missing key (an idle tenant) is Python code
+            count = self._tasks.get(tenant, 0)
+            held = self._bytes.get(tenant, 0) if nbytes > 0 else 0
             if enforce:
                 self._check_tasks(tenant, count)
                 if nbytes > 0:
@@ -148,7 +149,7 @@ class TenantLedger:
 
     @staticmethod
     def _count_down(counter: Counter[str], tenant: str, amount: int) -> None:
-        left = counter[tenant] - amount
+        left = counter.get(tenant, 0) - amount
         if left > 0:
             counter[tenant] = left
         else:
