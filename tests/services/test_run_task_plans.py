@@ -198,3 +198,33 @@ async def test_a_planned_call_past_the_tenant_quota_is_resource_exhausted(
         reply = await stub.RunTask(run)
         np.testing.assert_array_equal(output(reply.task), x)
         assert server.ledger.bytes_of("default") == 0
+
+
+def test_servicers_are_served_by_generic_handlers_alone():
+    """grpc.aio waits for the next call with one task per registered method: the
+    registrar leaves registration out, and the generic handler serves every method."""
+    from kernelmesh.services.request_guard import GuardedRegistrar
+
+    class Recording:
+        def __init__(self) -> None:
+            self.generic: list = []
+            self.registered: list = []
+
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            self.generic += handlers
+
+        def add_registered_method_handlers(self, service, handlers) -> None:
+            self.registered.append(service)
+
+    class Details:
+        method = "/kernelmesh.v1.TaskService/RunTask"
+        invocation_metadata = ()
+
+    server = Recording()
+    task_pb2_grpc.add_TaskServiceServicer_to_server(
+        task_pb2_grpc.TaskServiceServicer(), GuardedRegistrar(server)
+    )
+    assert server.registered == []
+    handler = server.generic[0].service(Details())
+    assert handler is not None and handler.unary_unary is not None
+    assert server.generic[0].service(Details()) is handler  # wrapped once, then looked up
