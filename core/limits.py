@@ -78,54 +78,88 @@ class TenantLedger:
         before it, and must be released like anything else."""
         if nbytes <= 0:
             return
-        q = self.quotas
         with self._lock:
             held = self._bytes[tenant]
-            if enforce and held + nbytes > q.max_bytes_per_tenant:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} holds {held} bytes of its {q.max_bytes_per_tenant}; "
-                    f"{nbytes} more were asked for (finish or cancel tasks, delete tensors)",
-                    retry_after=q.retry_after_seconds,
-                )
-            if enforce and self._total + nbytes > q.max_bytes_total:
-                raise ResourceExhausted(
-                    f"the server holds {self._total} bytes of its {q.max_bytes_total} for "
-                    f"all tenants; {nbytes} more were asked for",
-                    retry_after=q.retry_after_seconds,
-                )
+            if enforce:
+                self._check_bytes(tenant, held, nbytes)
             self._bytes[tenant] = held + nbytes
             self._total += nbytes
+
+    def _check_bytes(self, tenant: str, held: int, nbytes: int) -> None:
+        q = self.quotas
+        if held + nbytes > q.max_bytes_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} holds {held} bytes of its {q.max_bytes_per_tenant}; "
+                f"{nbytes} more were asked for (finish or cancel tasks, delete tensors)",
+                retry_after=q.retry_after_seconds,
+            )
+        if self._total + nbytes > q.max_bytes_total:
+            raise ResourceExhausted(
+                f"the server holds {self._total} bytes of its {q.max_bytes_total} for "
+                f"all tenants; {nbytes} more were asked for",
+                retry_after=q.retry_after_seconds,
+            )
 
     def release(self, tenant: str, nbytes: int) -> None:
         if nbytes <= 0:
             return
         with self._lock:
-            left = self._bytes[tenant] - nbytes
-            if left > 0:
-                self._bytes[tenant] = left
-            else:
-                del self._bytes[tenant]  # no state left behind for idle tenants
+            self._count_down(self._bytes, tenant, nbytes)
             self._total -= nbytes
 
     def admit_task(self, tenant: str, *, enforce: bool = True) -> None:
-        limit = self.quotas.max_tasks_per_tenant
         with self._lock:
             count = self._tasks[tenant]
-            if enforce and count >= limit:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} has {count} unfinished tasks, its limit; "
-                    "wait for some to finish",
-                    retry_after=self.quotas.retry_after_seconds,
-                )
+            if enforce:
+                self._check_tasks(tenant, count)
             self._tasks[tenant] = count + 1
+
+    def _check_tasks(self, tenant: str, count: int) -> None:
+        if count >= self.quotas.max_tasks_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {count} unfinished tasks, its limit; "
+                "wait for some to finish",
+                retry_after=self.quotas.retry_after_seconds,
+            )
+
+    def admit(self, tenant: str, nbytes: int, *, enforce: bool = True) -> None:
+        """`admit_task` and `reserve(nbytes)` under one lock: a task and the bytes it
+        holds are counted together, or (RESOURCE_EXHAUSTED) neither is. `done` gives
+        both back. One lock instead of two: this runs on every task."""
+        with self._lock:
+            # .get: Counter's lookup of a missing key (an idle tenant) is Python code
+            count = self._tasks.get(tenant, 0)
+            held = self._bytes.get(tenant, 0) if nbytes > 0 else 0
+            if enforce:
+                self._check_tasks(tenant, count)
+                if nbytes > 0:
+                    self._check_bytes(tenant, held, nbytes)
+            self._tasks[tenant] = count + 1
+            if nbytes > 0:
+                self._bytes[tenant] = held + nbytes
+                self._total += nbytes
+
+    def done(self, tenant: str, nbytes: int) -> None:
+        """`task_done` and `release(nbytes)` under one lock."""
+        with self._lock:
+            self._count_down(self._tasks, tenant, 1)
+            if nbytes > 0:
+                self._count_down(self._bytes, tenant, nbytes)
+                self._total -= nbytes
+
+    @staticmethod
+    def _count_down(counter: Counter[str], tenant: str, amount: int) -> None:
+        left = counter.get(tenant, 0) - amount
+        if left > 0:
+            counter[tenant] = left
+        else:
+            # no state left behind for idle tenants (dict.pop: Counter's own __del__
+            # item is Python code, on every tiny task's end)
+            counter.pop(tenant, None)
 
     def task_done(self, tenant: str) -> None:
         with self._lock:
-            left = self._tasks[tenant] - 1
-            if left > 0:
-                self._tasks[tenant] = left
-            else:
-                del self._tasks[tenant]
+            self._count_down(self._tasks, tenant, 1)
 
 
 __all__ = ["Quotas", "TenantLedger", "quote"]

@@ -248,7 +248,10 @@ class Task:
 
     @property
     def retained_bytes(self) -> int:
-        return sum(o.nbytes for o in self.outputs)
+        outputs = self.outputs
+        if len(outputs) == 1:  # the usual case, counted on every finish and eviction
+            return outputs[0].nbytes
+        return sum(o.nbytes for o in outputs)
 
     async def wait(self) -> None:
         if self._follow is not None and not self._done.is_set():
@@ -1287,7 +1290,7 @@ class TaskManager:
         )
         self._admit(task)
         self._tasks[task.name] = task
-        self._run_inline(task, plan.runner)
+        self._run_planned(task, plan)
         return task
 
     async def wait(self, task: Task) -> Task:
@@ -1331,17 +1334,10 @@ class TaskManager:
         inputs and outputs, refused before the task is journaled, queued or run.
         `_finish` gives them back. A task recovered after a restart was admitted
         before it, so it is only counted."""
-        ledger = self.store.ledger
-        ledger.admit_task(task.tenant, enforce=enforce)
-        try:
-            ledger.reserve(task.tenant, task.held_bytes, enforce=enforce)
-        except ResourceExhausted:
-            ledger.task_done(task.tenant)
-            raise
+        self.store.ledger.admit(task.tenant, task.held_bytes, enforce=enforce)
 
     def _unadmit(self, task: Task) -> None:
-        self.store.ledger.task_done(task.tenant)
-        self.store.ledger.release(task.tenant, task.held_bytes)
+        self.store.ledger.done(task.tenant, task.held_bytes)
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
@@ -1588,6 +1584,40 @@ class TaskManager:
             task.device.observe(task.call, seconds)
         self._complete(task, outputs, seconds)
 
+    def _run_planned(self, task: Task, plan: InlinePlan) -> None:
+        """`_run_inline` of a task `begin_planned` just made: nothing else has seen it
+        (not journaled, no kept outputs, watchers or callbacks), so its start and its
+        success are the few writes `_start`, `_complete` and `_finish` make for such a
+        task, without their checks. A failure takes the usual path (`_fail`)."""
+        device = task.device
+        task.state = TaskState.RUNNING
+        task.start_time = start = time.time()
+        metrics.TASK_QUEUE_SECONDS.observe((device.name,), start - task.create_time)
+        runner = plan.runner
+        began = time.perf_counter()
+        try:
+            if runner is not None:
+                outputs = runner(task.inputs)  # type: ignore[arg-type]
+            else:
+                call = plan.call
+                outputs = device.run(task.op, task.inputs, call.params, call.outputs)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._fail(task, _kernel_failure(task, exc))
+            return
+        seconds = time.perf_counter() - began
+        if seconds >= OBSERVE_FROM_S:
+            device.observe(plan.call, seconds)
+        task.run_seconds = seconds
+        metrics.TASK_RUN_SECONDS.observe((task.op, device.name), seconds)
+        task.outputs = outputs
+        task.state = TaskState.SUCCEEDED
+        task.end_time = end = time.time()
+        task.inputs = None
+        self._unadmit(task)
+        metrics.TASKS.inc((task.op, "SUCCEEDED"))
+        task._done.set()
+        self._retain(task, end)
+
     def _start(self, task: Task) -> None:
         task.state = TaskState.RUNNING
         task.start_time = time.time()
@@ -1710,6 +1740,10 @@ class TaskManager:
             callbacks, task._callbacks = task._callbacks, []
             for callback in callbacks:
                 callback(task)
+        self._retain(task, task.end_time)
+
+    def _retain(self, task: Task, end_time: float) -> None:
+        """Keeps a finished task (GetTask, ListTasks) within the retention limits."""
         if task.outputs:
             self._retained_bytes += task.retained_bytes
         self._finished[task.name] = task
@@ -1717,7 +1751,7 @@ class TaskManager:
         if (
             len(self._tasks) > opts.retention_tasks
             or self._retained_bytes > opts.retention_bytes
-            or self._oldest_expired(task.end_time)
+            or self._oldest_expired(end_time)
         ):
             self._evict()
 
@@ -1764,13 +1798,17 @@ class TaskManager:
     def _evict(self) -> None:
         """Forgets the oldest finished tasks beyond the retention limits."""
         opts = self.options
-        now = time.time()
-        while self._finished and (
-            len(self._tasks) > opts.retention_tasks
-            or self._retained_bytes > opts.retention_bytes
-            or self._oldest_expired(now)
-        ):
-            name, task = self._finished.popitem(last=False)
+        cutoff = time.time() - opts.retention_seconds
+        finished = self._finished
+        while finished:
+            oldest = next(iter(finished.values()))
+            if not (
+                len(self._tasks) > opts.retention_tasks
+                or self._retained_bytes > opts.retention_bytes
+                or (oldest.end_time or 0.0) < cutoff
+            ):
+                break
+            name, task = finished.popitem(last=False)
             self._tasks.pop(name, None)
             self._retained_bytes -= task.retained_bytes
             if task.journaled:

@@ -539,18 +539,25 @@ class Device(abc.ABC):
             return lambda inputs: [np.zeros(out.shape, out.dtype)]  # as in `run`
         elements = out.size + sum(math.prod(shape) for shape in shapes)
         if type(self).running is Device.running or not self.needs_running(op, elements):
-
-            def bare(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-                with OpCall(self, op, inputs, params, out) as call:
-                    return [fn(call)]
-
-            return bare
+            return self.planned_bare(op, fn, params, out)
 
         def surrounded(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
             with OpCall(self, op, inputs, params, out) as call, self.running(call):
                 return [fn(call)]
 
         return surrounded
+
+    def planned_bare(
+        self, op: str, fn: OpFn, params: Mapping[str, Any], out: TensorSpec
+    ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+        """`planned`'s run of a call shape that needs no `running` context around it,
+        its inputs non-empty; a backend may run some ops more directly."""
+
+        def bare(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+            with OpCall(self, op, inputs, params, out) as call:
+                return [fn(call)]
+
+        return bare
 
     def needs_running(self, op: str, elements: int) -> bool:
         """Whether a call of `op` over this many elements (inputs and output together)

@@ -48,6 +48,7 @@ from kernelmesh.native.backend import (
     DeviceProperties,
     OpCall,
     OpFn,
+    TensorSpec,
     op_table,
     reduction_plan,
 )
@@ -570,6 +571,9 @@ _ELEMENTWISE: Mapping[str, _Kernel] = {
     "relu": _relu,
     "gelu": _gelu,
 }
+# The elementwise ops that run as _binary/_unary of their kernel (no _op_<name> of
+# their own): a planned call of one of these runs its kernel directly (`planned_bare`).
+_PLAIN_ELEMENTWISE = {n: k for n, k in _ELEMENTWISE.items() if f"_op_{n}" not in globals()}
 _OPS: Mapping[str, OpFn] = op_table(
     globals(),
     lambda name: _binary(_ELEMENTWISE[name]),
@@ -761,6 +765,24 @@ class CpuDevice(Device):
         # path): it starts no pool, so it needs no share of the cores, nor the budget's
         # lock, nor a BLAS limit flipped to one thread and back for a few microseconds.
         return elements >= _BUDGET_FROM
+
+    def planned_bare(
+        self, op: str, fn: OpFn, params: Mapping[str, Any], out: TensorSpec
+    ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+        # A tiny elementwise call (below the parallel threshold) is what _binary and
+        # _unary do, without the OpCall around it and its Python layers: microseconds a
+        # tiny RunTask notices.
+        kernel = _PLAIN_ELEMENTWISE.get(op)
+        if kernel is None or out.size >= kernel.parallel_from:
+            return super().planned_bare(op, fn, params, out)
+        serial, shape, dtype = kernel.serial, out.shape, out.dtype
+
+        def elementwise(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+            result = np.empty(shape, dtype)
+            serial(*[_flat(x) for x in inputs], result.reshape(-1))
+            return [result]
+
+        return elementwise
 
     def memory_available_bytes(self) -> int:
         return cpu_info.memory_available_bytes()

@@ -365,6 +365,62 @@ def fill_task(msg: task_pb2.Task, task: Task, *, full: bool = True) -> task_pb2.
     return msg
 
 
+def reply_template(task: Task) -> tuple[task_pb2.Task, tuple[tuple[np.dtype, tuple], ...]]:
+    """What `fill_task` writes for every successful inline run of one call shape (op,
+    state, device, placement, the outputs' dtypes and shapes), to be copied into each
+    reply by `fill_planned`; and the outputs' expected dtypes and shapes."""
+    msg = task_pb2.Task(op=task.op, state=TaskState.SUCCEEDED, device=task.device_name)
+    if task.placement_reason:
+        node, slash, _ = task.device_name.rpartition("/")
+        msg.placement.node = "nodes/" + node if slash else ""
+        msg.placement.device = task.device_name
+        msg.placement.reason = task.placement_reason
+    expected = []
+    for output in task.outputs:
+        out = fill_tensor(msg.outputs.add(), output, with_data=False)
+        expected.append((DTYPE_TO_NUMPY[out.dtype], output.shape))  # what fill_tensor sends as is
+    return msg, tuple(expected)
+
+
+def fill_planned(
+    msg: task_pb2.Task,
+    template: tuple[task_pb2.Task, tuple[tuple[np.dtype, tuple], ...]],
+    task: Task,
+) -> bool:
+    """`fill_task(msg, task)` for a succeeded task of the template's call shape: the
+    template copied, then what differs per task. False (msg untouched) when an output
+    is not the C-contiguous array of the template's dtype and shape that the wire
+    holds as is; the caller then takes `fill_task`."""
+    outputs = task.outputs
+    constant, expected = template
+    if (
+        task.state is not TaskState.SUCCEEDED
+        or not outputs
+        or len(outputs) != len(expected)
+        or task.labels
+        or task.attempt
+        or task.output_refs
+        or task.run_seconds is None
+    ):
+        return False
+    for output, (dtype, shape) in zip(outputs, expected, strict=True):
+        if output.dtype is not dtype or output.shape != shape or not output.flags.c_contiguous:
+            return False
+    msg.CopyFrom(constant)
+    msg.name = task.name
+    msg.tenant = task.tenant
+    if task.priority:
+        msg.priority = task.priority
+    _timestamp(msg.create_time, task.create_time)
+    _timestamp(msg.start_time, task.start_time)
+    _timestamp(msg.end_time, task.end_time)
+    duration = msg.run_duration
+    duration.seconds, duration.nanos = divmod(int(task.run_seconds * 1e9), 1_000_000_000)
+    for out, output in zip(msg.outputs, outputs, strict=True):
+        out.data = output.tobytes()
+    return True
+
+
 def event_to_proto(event: TaskEvent) -> task_pb2.WatchTaskResponse:
     msg = task_pb2.WatchTaskResponse(name=event.name, state=int(event.state), message=event.message)
     _timestamp(msg.time, event.time)

@@ -47,6 +47,18 @@ WATCH_OUTPUTS_MAX_BYTES = 1 << 20
 MAX_PLANS = 1024
 
 
+class _Shape:
+    """A call shape that ran inline: its inputs' layout, its plan, and the reply
+    template of its first planned success (`convert.reply_template`)."""
+
+    __slots__ = ("layout", "plan", "reply")
+
+    def __init__(self, layout: convert.Layout, plan: InlinePlan) -> None:
+        self.layout = layout
+        self.plan = plan
+        self.reply: tuple[task_pb2.Task, tuple] | None = None
+
+
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     def __init__(
         self,
@@ -65,8 +77,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         # for framing); the page token continues after the last task that fit.
         self.max_reply_bytes = max_reply_bytes
         self.shm = shm
-        # plain_key -> the layout and plan of a call shape that ran inline before
-        self._plans: dict[tuple, tuple[convert.Layout, InlinePlan]] = {}
+        # plain_key -> the layout, plan and reply template of a call shape that ran
+        # inline before
+        self._plans: dict[tuple, _Shape] = {}
 
     def _spec(self, msg: task_pb2.TaskSpec, context: grpc.aio.ServicerContext):
         return convert.spec_from_proto(
@@ -110,19 +123,20 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     def _begin(
         self, msg: task_pb2.TaskSpec, key: tuple | None, tenant: str, deadline: float | None
-    ) -> Task:
-        """`TaskManager.begin` for a waiting caller. A call shape that ran inline before
-        (plain tensors of the same dtypes and shapes) reuses its plan: no second
-        validation or placement, and no TaskSpec."""
+    ) -> tuple[Task, _Shape | None]:
+        """`TaskManager.begin` for a waiting caller, and the call shape's cache entry
+        when the task ran by its plan. A call shape that ran inline before (plain
+        tensors of the same dtypes and shapes) reuses its plan: no second validation
+        or placement, and no TaskSpec."""
         known = self._plans.get(key) if key is not None else None
         if known is not None:
-            inputs = convert.plain_inputs(msg, known[0])
+            inputs = convert.plain_inputs(msg, known.layout)
             if inputs is not None:
                 task = self.tasks.begin_planned(
-                    known[1], inputs, tenant=tenant, priority=msg.priority, deadline=deadline
+                    known.plan, inputs, tenant=tenant, priority=msg.priority, deadline=deadline
                 )
                 if task is not None:
-                    return task
+                    return task, known
         spec = convert.spec_from_proto(msg, tenant=tenant, limits=self.limits, quotas=self.quotas)
         with qualified(msg):
             task = self.tasks.begin(spec, deadline=deadline)
@@ -131,8 +145,18 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             if plan is not None:
                 if len(self._plans) >= MAX_PLANS:
                     self._plans.clear()
-                self._plans[key] = (convert.layout_of(spec.inputs), plan)  # type: ignore[arg-type]
-        return task
+                self._plans[key] = _Shape(convert.layout_of(spec.inputs), plan)  # type: ignore[arg-type]
+        return task, None
+
+    def _fill(self, msg: task_pb2.Task, task: Task, shape: _Shape | None) -> None:
+        """`convert.fill_task(msg, task)`; a task that ran by its call shape's plan is
+        written from that shape's reply template (made from its first such task)."""
+        if shape is not None and task.state is TaskState.SUCCEEDED:
+            if shape.reply is None and task.outputs:
+                shape.reply = convert.reply_template(task)
+            if shape.reply is not None and convert.fill_planned(msg, shape.reply, task):
+                return
+        convert.fill_task(msg, task)
 
     @rpc
     async def RunTask(self, request, context):
@@ -140,12 +164,13 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         key = convert.plain_key(msg)  # None when it uses shm
         if key is None and self.shm is not None and (msg.output_shm or _has_shm_input(msg)):
             return await self._run_with_shm(msg, context)
-        task = self._begin(msg, key, tenant_of(context), deadline_of(context))
-        task = await self.tasks.wait(task)
+        task, shape = self._begin(msg, key, tenant_of(context), deadline_of(context))
+        if not task.state.terminal:  # an inline task has ended already
+            task = await self.tasks.wait(task)
         if task.state is not TaskState.SUCCEEDED:
             await context.abort_with_status(_task_failure_status(task))
         response = task_pb2.RunTaskResponse()
-        convert.fill_task(response.task, task)
+        self._fill(response.task, task, shape)
         return response
 
     async def _run_with_shm(self, msg: task_pb2.TaskSpec, context) -> task_pb2.RunTaskResponse:
@@ -180,17 +205,21 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         except KernelmeshError as exc:
             await context.abort_with_status(status_of(exc))
         deadline = deadline_of(context)  # the call's: the same for every item
+        shapes: dict[Task, _Shape] = {}  # planned tasks until answered -> their shape
 
         def start(req: task_pb2.StreamTasksRequest) -> Task | task_pb2.StreamTasksResponse:
             msg = req.task
             try:
-                return self._begin(msg, convert.plain_key(msg), tenant, deadline)
+                task, shape = self._begin(msg, convert.plain_key(msg), tenant, deadline)
+                if shape is not None:  # ran by its plan, so it is answered at once
+                    shapes[task] = shape
+                return task
             except KernelmeshError as exc:  # one bad request fails its own item; the stream goes on
                 return _rejected(req.correlation_id, exc)
 
         def answer(req: task_pb2.StreamTasksRequest, task: Task) -> task_pb2.StreamTasksResponse:
             response = task_pb2.StreamTasksResponse(correlation_id=req.correlation_id)
-            convert.fill_task(response.task, task)
+            self._fill(response.task, task, shapes.pop(task, None))
             return response
 
         def cancel(task: Task) -> None:

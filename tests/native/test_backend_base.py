@@ -287,3 +287,31 @@ def test_tiny_cpu_calls_skip_the_thread_budget_and_big_ones_take_it(monkeypatch)
         runner = device.planned("relu", [x.shape], "float32", {}, meta)
         np.testing.assert_array_equal(runner([x])[0], np.maximum(x, 0))
     assert len(entered) == 2  # the big call's, by run and by its plan
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "relu", "gelu"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64"])
+def test_a_planned_tiny_elementwise_cpu_call_answers_as_run_does(op, dtype):
+    device = cpu._device()
+    if dtype not in cpu.SUPPORTED_DTYPES[op]:
+        pytest.skip(f"{op} does not run {dtype} on the CPU")
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 5)) * 10).astype(dtype)
+    y = (rng.standard_normal((3, 5)) * 10).astype(dtype)
+    y[y == 0] = 1
+    if dtype.startswith("float"):
+        x[0, 0] = np.nan
+    binary = op in ("add", "sub", "mul", "div")
+    scalar = y.reshape(-1)[:1]  # shape (1,): a scalar operand
+    cases = [[x, y], [x, scalar], [scalar, x]] if binary else [[x]]
+    cases.append([np.asfortranarray(a) for a in cases[0]])  # not C-contiguous: copied
+    for inputs in cases:
+        call = ops.validate(op, inputs, {})
+        shapes = [m.shape for m in call.inputs]
+        runner = device.planned(op, shapes, dtype, call.params, call.outputs)
+        with np.errstate(all="ignore"):
+            (planned,) = runner(inputs)
+            (ran,) = device.run(op, inputs, call.params, call.outputs)
+        assert planned.dtype == ran.dtype and planned.shape == ran.shape
+        assert planned.flags.c_contiguous
+        np.testing.assert_array_equal(planned, ran)

@@ -155,3 +155,28 @@ async def test_new_work_after_stop_is_refused_with_unavailable(server):
     await server.stop(grace=0.0)
     with pytest.raises(Unavailable, match="shutting down"):
         server.tasks.submit(TaskSpec(op="relu", inputs=[np.ones(4, np.float32)]))
+
+
+async def test_a_warmed_server_freezes_what_it_started_with(
+    server_config, start_server, monkeypatch
+):
+    """A warmed (long-running) server moves its startup objects out of the cycle
+    collector, so full collections under load stop walking them; the kernels' warm-up
+    itself is left out here (it is slow on a cold cache)."""
+    import dataclasses
+    import gc
+
+    from kernelmesh.core import devices
+
+    async def no_refining(found, after=()):
+        return None
+
+    monkeypatch.setattr(devices, "prepare", lambda found: None)
+    monkeypatch.setattr(devices, "refine_later", no_refining)
+    gc.unfreeze()
+    try:
+        server = await start_server(dataclasses.replace(server_config, warmup=True))
+        assert server.started
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
