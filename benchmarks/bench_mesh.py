@@ -51,15 +51,7 @@ def start(name: str, *args: str) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.STDOUT,
         env={**os.environ, "XDG_STATE_HOME": str(TMP / "state")},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        match = _PORT.search(log.read_text())
-        if match:
-            return proc, f"127.0.0.1:{match.group(1)}"
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.05)
-    raise TimeoutError(log.read_text())
+    return proc, _listening(proc, log, timeout=120)
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -124,6 +116,19 @@ async def serve_echo(upstream: str | None) -> None:
     await server.wait_for_termination()
 
 
+def _listening(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """The loopback address `proc` logs that it listens on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = _PORT.search(log.read_text())
+        if match:
+            return f"127.0.0.1:{match.group(1)}"
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(log.read_text())
+
+
 def start_echo(name: str, upstream: str | None = None) -> tuple[subprocess.Popen, str]:
     """`serve_echo` in a process of its own."""
     log = TMP / f"{name}.log"
@@ -132,15 +137,7 @@ def start_echo(name: str, upstream: str | None = None) -> tuple[subprocess.Popen
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        match = _PORT.search(log.read_text())
-        if match:
-            return proc, f"127.0.0.1:{match.group(1)}"
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.05)
-    raise TimeoutError(log.read_text())
+    return proc, _listening(proc, log, timeout=60)
 
 
 async def p50s(targets: dict[str, tuple[str, bool]], n: int, rounds: int = 5) -> dict[str, float]:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
-from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, task_pb2, tensor_pb2
 
 _PORT = re.compile(r"serving gRPC on [\d.]+:(\d+)")
 
@@ -139,3 +140,13 @@ def ready_nodes(target: str) -> set[str]:
         for n in list_nodes(target)
         if n.state == orchestrator_pb2.NODE_STATE_READY
     }
+
+
+def add_request(x: np.ndarray) -> task_pb2.RunTaskRequest:
+    """RunTask of float32 `x + x`, its inputs inline."""
+    spec = task_pb2.TaskSpec(op="add")
+    for _ in range(2):
+        spec.inputs.add().tensor.CopyFrom(
+            tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes())
+        )
+    return task_pb2.RunTaskRequest(task=spec)

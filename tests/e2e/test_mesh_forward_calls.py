@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from mesh_procs import add_request
 
 from kernelmesh.core.mesh.nodes import VERSION
 from kernelmesh.core.tasks import REMOTE_WINDOW
@@ -92,15 +93,6 @@ async def _beats(name: str):
         await asyncio.sleep(0.1)
 
 
-def _add(x: np.ndarray) -> task_pb2.RunTaskRequest:
-    spec = task_pb2.TaskSpec(op="add")
-    for _ in range(2):
-        spec.inputs.add().tensor.CopyFrom(
-            tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes())
-        )
-    return task_pb2.RunTaskRequest(task=spec)
-
-
 async def _until(condition, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -123,19 +115,19 @@ async def channel(orchestrator):
         yield chan
 
 
-async def test_forwarded_at_once_with_token_tenant_and_deadline(orchestrator, channel):
+async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
     node = FakeNode(hold=True)
     server, port = await _serve(node)
     try:
         await _register(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), "node-a", port)
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.arange(4, dtype=np.float32)
-        request = _add(x)
+        request = add_request(x)
         call = asyncio.ensure_future(
             tasks.RunTask(request, timeout=20, metadata=[("kernelmesh-tenant", "acme")])
         )
         await _until(lambda: node.calls, "the call to reach the node")
-        # On the node while nothing waits in the orchestrator's queue for its device.
+        # On the node, and no longer in the orchestrator's queue for its device.
         (device,) = [d for d in orchestrator.tasks.devices if d.name == "node-a/cpu:0"]
         assert len(device.queue) == 0 and device.running == 1
         node.release.set()
@@ -159,7 +151,7 @@ async def test_a_caller_that_goes_away_cancels_the_call_on_the_node(orchestrator
     try:
         await _register(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), "node-a", port)
         tasks = task_pb2_grpc.TaskServiceStub(channel)
-        call = tasks.RunTask(_add(np.ones(4, np.float32)), timeout=20)
+        call = tasks.RunTask(add_request(np.ones(4, np.float32)), timeout=20)
         await _until(lambda: node.calls, "the call to reach the node")
         call.cancel()
         await _until(lambda: node.cancelled == 1, "the node's call to be cancelled")
@@ -179,7 +171,7 @@ async def test_a_node_lost_under_a_run_task_sends_it_to_another_node(orchestrato
         await _register(mesh, "node-a", lost_port)  # never heartbeats: lost after its lease
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.full(4, 2, np.float32)
-        call = asyncio.ensure_future(tasks.RunTask(_add(x), timeout=30))
+        call = asyncio.ensure_future(tasks.RunTask(add_request(x), timeout=30))
         await _until(lambda: lost.calls, "the call to reach node-a")
         await _register(mesh, "node-b", healthy_port)
         heartbeat = mesh.Heartbeat(_beats("node-b"))
@@ -209,7 +201,8 @@ async def test_beyond_the_window_in_flight_tasks_queue_and_still_run(
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.ones(4, np.float32)
         calls = [
-            asyncio.ensure_future(tasks.RunTask(_add(x), timeout=60)) for _ in range(window + 5)
+            asyncio.ensure_future(tasks.RunTask(add_request(x), timeout=60))
+            for _ in range(window + 5)
         ]
         (device,) = [d for d in orchestrator.tasks.devices if d.name == "node-a/cpu:0"]
         await _until(lambda: len(node.calls) == window, "the window to fill")

@@ -9,6 +9,7 @@ import dataclasses
 import grpc
 import numpy as np
 import pytest
+from mesh_procs import add_request
 
 from kernelmesh.core.mesh.nodes import VERSION
 from kernelmesh.v1 import (
@@ -51,15 +52,6 @@ async def _liar(answer: tensor_pb2.Tensor):
     return server, servicer, port
 
 
-def _add(x: np.ndarray) -> task_pb2.RunTaskRequest:
-    spec = task_pb2.TaskSpec(op="add")
-    for _ in range(2):
-        spec.inputs.add().tensor.CopyFrom(
-            tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=x.shape, data=x.tobytes())
-        )
-    return task_pb2.RunTaskRequest(task=spec)
-
-
 @pytest.mark.parametrize(
     "answer, described",
     [
@@ -92,7 +84,7 @@ async def test_a_result_of_the_wrong_shape_or_dtype_is_refused(orchestrator, ans
             )
             tasks = task_pb2_grpc.TaskServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await tasks.RunTask(_add(np.ones(4, np.float32)), timeout=30)
+                await tasks.RunTask(add_request(np.ones(4, np.float32)), timeout=30)
             assert err.value.code() is grpc.StatusCode.INTERNAL
             assert "result refused" in err.value.details()
             assert described in err.value.details()
@@ -101,7 +93,7 @@ async def test_a_result_of_the_wrong_shape_or_dtype_is_refused(orchestrator, ans
             assert drained.node.state == orchestrator_pb2.NODE_STATE_DRAINING
             # No other node: nothing can run it now, and the reason says so.
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await tasks.RunTask(_add(np.ones(4, np.float32)), timeout=30)
+                await tasks.RunTask(add_request(np.ones(4, np.float32)), timeout=30)
             assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
             assert servicer.calls == 1
     finally:
