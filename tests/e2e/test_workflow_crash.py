@@ -17,13 +17,29 @@ from kernelmesh.v1 import task_pb2, task_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
-N = 700  # the matmul size: a step takes a good fraction of a second on a loaded CPU
-CHAIN = 6
+PROBE = 700  # a matmul timed to size the steps
+STEP_SECONDS = 0.25  # each step's kernel time, so the kill lands mid-chain
+MAX_N = 3200
+CHAIN = 8
 
 
 def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, tmp_path: Path):
     args = ["--state-dir", str(tmp_path / "state"), "--no-warmup"]
-    a = np.random.default_rng(0).standard_normal((N, N)).astype(np.float32) / N
+    proc = serve_tools.start_serve(tmp_path, *args)
+    try:
+        with Client(proc.target, timeout=60) as km:
+            # Steps sized to the CPU: a fixed size ran the whole chain between two polls
+            # once the task path got faster.
+            probe = np.ones((PROBE, PROBE), np.float32)
+            one = min(km.run_task("matmul", probe, probe).run_seconds for _ in range(3))
+    except BaseException:
+        serve_tools.stop_serve(proc)
+        raise
+    n = int(min(MAX_N, max(PROBE, PROBE * (STEP_SECONDS / max(one, 1e-4)) ** (1 / 3))))
+    # Scaled by 1/sqrt(n), the chain's products keep entries of the same size, so
+    # the comparison at the end is not against numbers that have shrunk to nothing.
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
     steps = [{"id": "s0", "task": {"op": "matmul", "inputs": ["${inputs.a}", "${inputs.a}"]}}]
     for i in range(1, CHAIN):
         steps.append(
@@ -32,7 +48,6 @@ def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, t
                 "task": {"op": "matmul", "inputs": [f"${{s{i - 1}.outputs[0]}}", "${inputs.a}"]},
             }
         )
-    proc = serve_tools.start_serve(tmp_path, *args)
     try:
         with Client(proc.target, timeout=30) as km:
             info = km.workflows.submit({"steps": steps}, {"a": a}, request_id="crash-1")
@@ -74,11 +89,13 @@ def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, t
                     # shown finished before the kill: its one attempt, never a second
                     assert len(full.attempts) == 1, full.attempts
         with Client(proc.target, timeout=30) as km:
-            expected = a @ a
+            wide = a.astype(np.float64)
+            expected = wide @ wide
             for _ in range(1, CHAIN):
-                expected = expected @ a
+                expected = expected @ wide
             got = km.download(final.step(f"s{CHAIN - 1}").outputs[0])
-            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
+            scale = float(np.abs(expected).max())
+            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * scale)
     finally:
         serve_tools.stop_serve(proc)
 
