@@ -20,6 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -126,12 +127,13 @@ class UsageStore:
         self._open_budget()
         self._totals: dict[tuple[str, str, str], _Totals] = {}
         self._lock = threading.Lock()
-        for tenant, model, provider, n, p, c, cost in self._db.execute(
-            "SELECT tenant, model, provider, COUNT(*), SUM(prompt_tokens),"
-            " SUM(completion_tokens), SUM(cost) FROM llm_usage"
-            " GROUP BY tenant, model, provider"
-        ):
-            self._totals[(tenant, model, provider)] = _Totals(n, p, c, cost)
+        self._load_totals(
+            self._db.execute(
+                "SELECT tenant, model, provider, COUNT(*), SUM(prompt_tokens),"
+                " SUM(completion_tokens), SUM(cost) FROM llm_usage"
+                " GROUP BY tenant, model, provider"
+            )
+        )
         # Rows wait in a list the writer swaps out every _FLUSH_S (or sooner
         # when _BATCH pile up): appending never wakes a thread, so a request
         # pays no GIL hand-off for its accounting.
@@ -154,14 +156,7 @@ class UsageStore:
         usage: TokenUsage,
         cost: float,
     ) -> None:
-        with self._lock:
-            totals = self._totals.get((tenant, model, provider))
-            if totals is None:
-                totals = self._totals[(tenant, model, provider)] = _Totals()
-            totals.requests += 1
-            totals.prompt_tokens += usage.prompt_tokens
-            totals.completion_tokens += usage.completion_tokens
-            totals.cost += cost
+        self._add_to_totals(tenant, model, provider, usage, cost)
         row = (
             time.time(),
             tenant,
@@ -243,6 +238,25 @@ class UsageStore:
         with self._wake:
             self._releases.append((hold_id, tenant, used))
             self._recorded_rows += 1
+
+    def _load_totals(self, rows: Iterable[tuple[str, str, str, int, int, int, float]]) -> None:
+        """Replaces the totals by `rows` of (tenant, model, provider, requests,
+        prompt tokens, completion tokens, cost)."""
+        totals = {(t, m, p): _Totals(n, pt, ct, cost) for t, m, p, n, pt, ct, cost in rows}
+        with self._lock:
+            self._totals = totals
+
+    def _add_to_totals(
+        self, tenant: str, model: str, provider: str, usage: TokenUsage, cost: float
+    ) -> None:
+        with self._lock:
+            totals = self._totals.get((tenant, model, provider))
+            if totals is None:
+                totals = self._totals[(tenant, model, provider)] = _Totals()
+            totals.requests += 1
+            totals.prompt_tokens += usage.prompt_tokens
+            totals.completion_tokens += usage.completion_tokens
+            totals.cost += cost
 
     def budget_spent(self) -> dict[str, int]:
         """Tokens charged to each tenant's budget, crashes included (seeds budgets)."""
@@ -408,9 +422,7 @@ class StoreUsage(UsageStore):
         spent, usage = await self.store.budget_usage()
         with self._lock:
             self._budget_spent = dict(spent)
-            self._totals = {}
-            for tenant, model, provider, n, p, c, cost in usage:
-                self._totals[(tenant, model, provider)] = _Totals(n, p, c, cost)
+        self._load_totals(usage)
 
     def record(
         self,
@@ -421,14 +433,7 @@ class StoreUsage(UsageStore):
         usage: TokenUsage,
         cost: float,
     ) -> None:
-        with self._lock:
-            totals = self._totals.get((tenant, model, provider))
-            if totals is None:
-                totals = self._totals[(tenant, model, provider)] = _Totals()
-            totals.requests += 1
-            totals.prompt_tokens += usage.prompt_tokens
-            totals.completion_tokens += usage.completion_tokens
-            totals.cost += cost
+        self._add_to_totals(tenant, model, provider, usage, cost)
         row = PutUsage(
             time.time(),
             tenant,
