@@ -10,9 +10,8 @@ import random
 import time
 
 import pytest
-from postgres_db import create_database, drop_database
+from store_records import task
 
-from kernelmesh.core.store import TaskRecord
 from kernelmesh.core.store.base import (
     AttemptRecord,
     Fenced,
@@ -24,28 +23,6 @@ from kernelmesh.core.store.base import (
 )
 from kernelmesh.core.store.memory import MemoryStore
 from kernelmesh.core.store.postgres import PostgresStore
-
-
-@pytest.fixture
-def pg_dsn():
-    dsn, name = create_database()
-    yield dsn
-    drop_database(name)
-
-
-def task(n: int, **changes: object) -> TaskRecord:
-    values: dict[str, object] = {
-        "id": f"{n:032x}",
-        "seq": n,
-        "tenant": "acme",
-        "op": "relu",
-        "state": 1,
-        "priority": 0,
-        "spec": '{"params": {}}',
-        "create_time": 1000.0 + n,
-    }
-    values.update(changes)
-    return TaskRecord(**values)  # type: ignore[arg-type]
 
 
 def end(task_id: str, node: str, attempt: int) -> Fenced:

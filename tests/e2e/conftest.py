@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mesh_procs import Procs
+from postgres_db import create_database, drop_database
 
 BIN = Path(sys.executable).parent
 
@@ -60,3 +62,21 @@ def busy_port() -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Real orchestrator and node processes for one test, stopped after it."""
+    found = Procs(tmp_path)
+    yield found
+    found.stop_all()
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    """A URL of a fresh PostgreSQL database, dropped after the test."""
+    found, name = create_database()
+    if not found.startswith("postgresql://"):  # libpq's PG* variables: no host in the URL
+        found = "postgresql:///" + name
+    yield found
+    drop_database(name)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from mesh_procs import Procs, list_nodes, ready_nodes, wait_for
+from mesh_procs import list_nodes, ready_nodes, wait_for
 
 from kernelmesh.v1 import (
     device_pb2,
@@ -27,13 +27,6 @@ pytestmark = pytest.mark.e2e
 
 LEASE = "1.5"
 BASIC = task_pb2.TASK_VIEW_BASIC  # polls without the outputs' bytes
-
-
-@pytest.fixture
-def procs(tmp_path):
-    found = Procs(tmp_path)
-    yield found
-    found.stop_all()
 
 
 @pytest.fixture

@@ -13,28 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from mesh_procs import Procs, ready_nodes, wait_for
-from postgres_db import create_database, drop_database
+from mesh_procs import ready_nodes, wait_for
 
 from kernelmesh.v1 import task_pb2, task_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def dsn():
-    found, name = create_database()
-    if not found.startswith("postgresql://"):  # libpq's PG* variables: no host in the URL
-        found = "postgresql:///" + name
-    yield found
-    drop_database(name)
-
-
-@pytest.fixture
-def procs(tmp_path):
-    found = Procs(tmp_path)
-    yield found
-    found.stop_all()
 
 
 def spec(n: int, device: str = "") -> task_pb2.TaskSpec:

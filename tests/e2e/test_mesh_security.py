@@ -14,18 +14,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh_pki import issue
-from mesh_procs import Procs, ready_nodes, wait_for
+from mesh_procs import ready_nodes, wait_for
 
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, task_pb2, task_pb2_grpc
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs(tmp_path):
-    found = Procs(tmp_path)
-    yield found
-    found.stop_all()
 
 
 def relu_request() -> task_pb2.RunTaskRequest:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from mesh_procs import Procs, ready_nodes, wait_for
+from mesh_procs import ready_nodes, wait_for
 
 from kernelmesh.v1 import orchestrator_pb2, task_pb2, task_pb2_grpc, tensor_pb2
 
@@ -18,13 +18,6 @@ pytestmark = pytest.mark.e2e
 
 # Long enough that a loaded machine does not starve a live node of its lease.
 LEASE = "4"
-
-
-@pytest.fixture
-def procs(tmp_path):
-    found = Procs(tmp_path)
-    yield found
-    found.stop_all()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from mesh_procs import Procs, ready_nodes, wait_for
+from mesh_procs import ready_nodes, wait_for
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from otel_globals import installed, named
 from test_tracing_e2e import SERVER, Collector
@@ -35,13 +35,6 @@ def collector():
         yield servicer, port
     finally:
         server.stop(None)
-
-
-@pytest.fixture
-def procs(tmp_path):
-    found = Procs(tmp_path)
-    yield found
-    found.stop_all()
 
 
 def otlp(port: int, service: str) -> dict[str, str]:

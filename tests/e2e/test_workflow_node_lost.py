@@ -10,7 +10,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from mesh_procs import Procs, ready_nodes, wait_for
+from mesh_procs import ready_nodes, wait_for
 
 from kernelmesh.clients import Client
 from kernelmesh.clients.workflow_types import StepState, WorkflowEvent, WorkflowState
@@ -20,13 +20,6 @@ pytestmark = pytest.mark.e2e
 
 N = 1600  # a matmul that takes a good part of a second, or more, on a loaded CPU
 BASIC = task_pb2.TASK_VIEW_BASIC
-
-
-@pytest.fixture
-def procs(tmp_path):
-    found = Procs(tmp_path)
-    yield found
-    found.stop_all()
 
 
 def test_a_step_on_a_node_killed_mid_step_runs_again_elsewhere_and_is_used_once(procs):
