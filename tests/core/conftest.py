@@ -1,11 +1,15 @@
-"""Fixtures for the core tests: a fresh PostgreSQL database per test."""
+"""Fixtures for the core tests: a fresh PostgreSQL database, a started TaskManager."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from postgres_db import create_database, drop_database
+
+from kernelmesh.core import devices
+from kernelmesh.core.tasks import TaskManager, TaskManagerOptions
+from kernelmesh.core.tensor_store import TensorStore
 
 
 @pytest.fixture
@@ -15,3 +19,18 @@ def pg_dsn() -> Iterator[str]:
     dsn, name = create_database()
     yield dsn
     drop_database(name)
+
+
+@pytest.fixture
+async def manager() -> AsyncIterator[TaskManager]:
+    """A started TaskManager on the test devices, one worker each, shut down after."""
+    mgr = TaskManager(
+        devices.discover("test"),
+        TensorStore(64 << 20),
+        TaskManagerOptions(workers_per_device=1, retention_tasks=50),
+    )
+    await mgr.start()
+    try:
+        yield mgr
+    finally:
+        await mgr.shutdown(grace=5.0)

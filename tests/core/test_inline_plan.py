@@ -9,22 +9,7 @@ import pytest
 from kernelmesh.core import devices
 from kernelmesh.core.errors import ResourceExhausted, Unavailable
 from kernelmesh.core.limits import Quotas
-from kernelmesh.core.tasks import TaskManager, TaskManagerOptions, TaskSpec, TaskState
-from kernelmesh.core.tensor_store import TensorStore
-
-
-@pytest.fixture
-async def manager():
-    mgr = TaskManager(
-        devices.discover("test"),
-        TensorStore(64 << 20),
-        TaskManagerOptions(workers_per_device=1, retention_tasks=50),
-    )
-    await mgr.start()
-    try:
-        yield mgr
-    finally:
-        await mgr.shutdown(grace=5.0)
+from kernelmesh.core.tasks import TaskManager, TaskSpec, TaskState
 
 
 def planned(manager: TaskManager, spec: TaskSpec):

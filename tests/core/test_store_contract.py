@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import store_records
 from postgres_db import create_database, drop_database
 
 from kernelmesh.core.api_keys import ApiKeyRecord, Role
@@ -80,19 +81,7 @@ async def store(make_store) -> AsyncIterator[Store]:
 
 
 def task(n: int, **changes: object) -> TaskRecord:
-    values: dict[str, object] = {
-        "id": f"{n:032x}",
-        "seq": n,
-        "tenant": "acme",
-        "op": "relu",
-        "state": 1,
-        "priority": 0,
-        "spec": '{"params": {}}',
-        "labels": f'{{"n": "{n}"}}',
-        "create_time": 1000.0 + n,
-    }
-    values.update(changes)
-    return TaskRecord(**values)  # type: ignore[arg-type]
+    return store_records.task(n, **{"labels": f'{{"n": "{n}"}}', **changes})
 
 
 async def reopened(store: Store, make_store) -> Store:
