@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import socket
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
@@ -159,24 +160,29 @@ async def grpc_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
 
 # Big float64 matmuls keep both kernel workers of cpu:0 busy for a while, so a
 # task submitted behind them is still queued when it is cancelled.
-BUSY_SIZE = 1500
-BUSY_MAX_TASKS = 12
+BUSY_SIZE = 2500
+BUSY_QUEUED_SECONDS = 10.0
+# under the tenant's 4 GiB quota: each queued matmul holds its two inputs and output
+BUSY_MAX_TASKS = (3 << 30) // (3 * 8 * BUSY_SIZE**2)
 
 
 @pytest.fixture
 def busy_device(served) -> Iterator[None]:
-    """cpu:0 busy with big float64 matmuls: both workers taken and at least
-    three more queued behind them (one queued matmul could finish before a test's
-    next two calls on an idle machine). They are cancelled afterwards."""
+    """cpu:0 busy with big float64 matmuls: both workers taken and, queued behind
+    them, up to BUSY_QUEUED_SECONDS of work, counted from a probe matmul's own run
+    time (a fixed three queued went stale: on CI they all finished before the
+    test's next call). They are cancelled afterwards."""
     with Client(served.target, timeout=60.0) as client:
         # Inputs stay on the server, so submitting is far quicker than running.
         big = client.upload(np.random.default_rng(99).standard_normal((BUSY_SIZE, BUSY_SIZE)))
         handles = []
         try:
-            while len(handles) < BUSY_MAX_TASKS:
+            probe = client.submit("matmul", big, big, device="cpu:0")
+            seconds = max(probe.wait(timeout=60).run_seconds, 1e-3)
+            count = min(BUSY_MAX_TASKS, 2 + 2 * math.ceil(BUSY_QUEUED_SECONDS / seconds))
+            while len(handles) < count:
                 handles.append(client.submit("matmul", big, big, device="cpu:0"))
-                if len(handles) >= 5 and handles[-3].info().state is TaskState.QUEUED:
-                    break
+            assert handles[-1].info().state is TaskState.QUEUED, "cpu:0 is not busy"
             yield
         finally:
             for handle in handles:

@@ -166,13 +166,15 @@ async def test_a_queued_task_keeps_its_trace_across_a_restart(tmp_path: Path):
         return store, mgr
 
     store, mgr = await start()
-    big = np.ones((900, 900), np.float64)
+    # ~1 s of work on the one worker: a 900² matmul could end between two polls
+    big = np.ones((2000, 2000), np.float64)
     busy = await mgr.submit_journaled(TaskSpec(op="matmul", inputs=[big, big]))
     with tracer.start_as_current_span("submitter") as submitter:
         queued = await mgr.submit_journaled(TaskSpec(op="relu", inputs=[X]))
     deadline = time.monotonic() + 30
-    while busy.state is not TaskState.RUNNING and time.monotonic() < deadline:
+    while busy.state is TaskState.QUEUED and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
+    assert busy.state is TaskState.RUNNING
     assert queued.state is TaskState.QUEUED, "the one worker is busy, so relu waits"
     # Crash: workers stop, nothing is finished on the way out.
     for worker in mgr._workers:
