@@ -226,6 +226,7 @@ class Task:
     _forward: asyncio.Future[list[np.ndarray]] | None = None
     _retry_handle: asyncio.TimerHandle | None = None
     held_bytes: int = 0  # charged to the tenant's ledger until the task ends
+    pinned: tuple[str, ...] = ()  # named tensors read (TensorStore.pin) until it ends
     _watchers: list[asyncio.Queue[TaskEvent]] = field(default_factory=list)
     _callbacks: list[Callable[[Task], None]] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -759,6 +760,7 @@ class TaskManager:
         task.inputs = prepared.inputs
         task.elements = prepared.elements
         task.held_bytes = prepared.held_bytes
+        task.pinned = prepared.pinned
         task.retry = retry
         self._admit(task, enforce=False)
         wall = data.get("deadline")
@@ -824,10 +826,12 @@ class TaskManager:
         arrays: list[np.ndarray] = []
         violations: list[Violation] = []
         remote: dict[int, mesh_tensors.RemoteTensor] | None = None
+        named: list[str] = []  # the tensor store charges for these
         for i, item in enumerate(spec.inputs):
             if isinstance(item, str):
                 try:
                     arrays.append(self.store.get(item, tenant=spec.tenant).array)
+                    named.append(item)
                 except NotFound:
                     held = self._remote_input(item, spec.tenant)
                     if held is None:
@@ -838,7 +842,7 @@ class TaskManager:
                     held.check_held()  # FAILED_PRECONDITION naming it, its node gone
                     remote = remote or {}
                     remote[i] = held
-                    arrays.append(held.placeholder())
+                    arrays.append(held.placeholder())  # the node charges for it
             else:
                 arrays.append(item)
         if violations:
@@ -872,7 +876,8 @@ class TaskManager:
             inputs=arrays,
             elements=work.elements,
             device_name=device.name,
-            held_bytes=work.elements * (arrays[0].itemsize if arrays else 8),
+            held_bytes=_held_bytes(work.elements, arrays, spec.inputs),
+            pinned=tuple(named),
             selector=spec.selector,
             remote_inputs=remote,
         )
@@ -899,7 +904,7 @@ class TaskManager:
     def kept_ref(self, name: str, tenant: str) -> StoredTensor:
         """A task's kept output by name, here or (recorded) on a node."""
         try:
-            return self.store.get(name, tenant=tenant)
+            return self.store.get(name, tenant=tenant).hollow()
         except NotFound:
             held = self._remote_input(name, tenant)
             if held is None:
@@ -1331,13 +1336,18 @@ class TaskManager:
 
     def _admit(self, task: Task, *, enforce: bool = True) -> None:
         """Per-tenant quotas (core.limits): unfinished tasks, and the bytes of their
-        inputs and outputs, refused before the task is journaled, queued or run.
-        `_finish` gives them back. A task recovered after a restart was admitted
+        inputs (but named tensors, which the tensor store charges) and outputs,
+        refused before the task is journaled, queued or run. `_finish` gives them
+        back. A task recovered after a restart was admitted
         before it, so it is only counted."""
         self.store.ledger.admit(task.tenant, task.held_bytes, enforce=enforce)
+        if task.pinned:
+            self.store.pin(task.pinned)
 
     def _unadmit(self, task: Task) -> None:
         self.store.ledger.done(task.tenant, task.held_bytes)
+        if task.pinned:
+            self.store.unpin(task.tenant, task.pinned)
 
     def _record(self, task: Task) -> None:
         self._tasks[task.name] = task
@@ -1707,9 +1717,8 @@ class TaskManager:
             task.held_bytes = 0
             try:
                 for out in outputs:
-                    task.output_refs.append(
-                        self.store.put(out, tenant=task.tenant, device=task.device.name)
-                    )
+                    stored = self.store.put(out, tenant=task.tenant, device=task.device.name)
+                    task.output_refs.append(stored.hollow())
             except ResourceExhausted as exc:
                 for ref in task.output_refs:
                     self.store.delete(ref.name, tenant=task.tenant)
@@ -1820,6 +1829,16 @@ class TaskManager:
 
     def queue_depth(self, device: LocalDevice) -> int:
         return len(device.queue)
+
+
+def _held_bytes(
+    elements: int, arrays: Sequence[np.ndarray], inputs: Sequence[np.ndarray | str]
+) -> int:
+    """What a task is charged while unfinished: its inputs and outputs, but not
+    the named tensors it reads (the tensor store or their node charges those)."""
+    total = elements * (arrays[0].itemsize if arrays else 8)
+    named = sum(a.nbytes for a, item in zip(arrays, inputs, strict=True) if isinstance(item, str))
+    return max(0, total - named)
 
 
 def _first_to_finish(

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from kernelmesh.core.store import Store, TensorRecord
 from kernelmesh.core.store.base import DeleteTensor, PutTensor
 
 PREFIX = "tensors/"
+_ZERO = bytes(16)  # one element of any dtype
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class StoredTensor:
     def size_bytes(self) -> int:
         return int(self.array.nbytes)
 
+    def hollow(self) -> StoredTensor:
+        """The reference without its bytes (its array a read-only zero-stride
+        stand-in of the same dtype and shape): what a finished task keeps, so the
+        tensor's memory goes when the tensor is deleted."""
+        array = self.array
+        stand_in = np.ndarray(array.shape, array.dtype, _ZERO, strides=(0,) * array.ndim)
+        return replace(self, array=stand_in)
+
 
 class TensorStore:
     """A byte-bounded, tenant-scoped in-memory store of named tensors."""
@@ -44,6 +53,10 @@ class TensorStore:
         self._bytes = 0
         self._lock = threading.Lock()
         self.journal: Store | None = None
+        # unfinished tasks reading each named tensor, and the bytes of deleted
+        # tensors that such tasks still hold
+        self._pins: dict[str, int] = {}
+        self._held_after_delete: dict[str, int] = {}
 
     @property
     def used_bytes(self) -> int:
@@ -104,13 +117,42 @@ class TensorStore:
         return item
 
     def delete(self, name: str, *, tenant: str) -> None:
+        """Forgets the name at once. While unfinished tasks read the tensor (`pin`)
+        its bytes stay charged, to the tenant and the store, and go with the last
+        `unpin`: those tasks hold its memory, and releasing it here would let a
+        tenant delete and upload again past its quota."""
         with self._lock:
             item = self.get(name, tenant=tenant)
             del self._items[name]
-            self._bytes -= item.size_bytes
-            self.ledger.release(tenant, item.size_bytes)
+            if self._pins.get(name):
+                self._held_after_delete[name] = item.size_bytes
+            else:
+                self._free(tenant, item.size_bytes)
         if self.journal is not None:
             self.journal.write(DeleteTensor(name))
+
+    def pin(self, names: tuple[str, ...]) -> None:
+        """Counts a reader of each named tensor (a task admitted with them as
+        inputs); tasks are charged for their other inputs and outputs only."""
+        with self._lock:
+            for name in names:
+                self._pins[name] = self._pins.get(name, 0) + 1
+
+    def unpin(self, tenant: str, names: tuple[str, ...]) -> None:
+        with self._lock:
+            for name in names:
+                left = self._pins.get(name, 0) - 1
+                if left > 0:
+                    self._pins[name] = left
+                    continue
+                self._pins.pop(name, None)
+                nbytes = self._held_after_delete.pop(name, None)
+                if nbytes is not None:
+                    self._free(tenant, nbytes)
+
+    def _free(self, tenant: str, nbytes: int) -> None:
+        self._bytes -= nbytes
+        self.ledger.release(tenant, nbytes)
 
 
 def _record(item: StoredTensor) -> TensorRecord:

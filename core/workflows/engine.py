@@ -53,7 +53,6 @@ from kernelmesh.core.store.workflow_records import (
 )
 from kernelmesh.core.task_retry import DEFAULT_RETRY
 from kernelmesh.core.tasks import Task, TaskFailure, TaskManager, TaskSpec, TaskState
-from kernelmesh.core.tensor_store import StoredTensor
 from kernelmesh.core.workflows.commits import CommitOrder
 from kernelmesh.core.workflows.refs import Ref, interpolate, tensor_ref
 from kernelmesh.core.workflows.spec import (
@@ -829,14 +828,7 @@ class WorkflowEngine:
     def _free_outputs(self, wf: Workflow, step: StepRun) -> None:
         if step.spec.keep_outputs or not step.outputs:
             return
-        names = set(step.outputs)
-        self._delete_tensors(names, wf.tenant)
-        if step.task:
-            # The finished task held the same arrays as its output references: it
-            # keeps their names, dtypes and shapes, and lets go of the bytes.
-            with contextlib.suppress(NotFound):
-                task = self.tasks.get(step.task, tenant=wf.tenant)
-                task.output_refs = [_hollow(r) if r.name in names else r for r in task.output_refs]
+        self._delete_tensors(set(step.outputs), wf.tenant)
 
     def _delete_tensors(self, names: frozenset[str] | set[str], tenant: str) -> None:
         remote = self.tasks.remote_tensors  # an orchestrator's: on the nodes
@@ -1034,16 +1026,6 @@ def _step_record(wf: Workflow, step: StepRun) -> WorkflowStepRecord:
         outputs=json.dumps(step.outputs),
         text=step.text,
     )
-
-
-_ZERO = bytes(16)  # one element of any dtype
-
-
-def _hollow(ref: StoredTensor) -> StoredTensor:
-    """The reference without its bytes: a read-only zero-stride array of its shape."""
-    array = ref.array
-    stand_in = np.ndarray(array.shape, array.dtype, _ZERO, strides=(0,) * array.ndim)
-    return replace(ref, array=stand_in)
 
 
 def _loop_time(deadline: float | None) -> float | None:
