@@ -4,6 +4,7 @@ with its own result, error and cancellation."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -132,6 +133,35 @@ async def test_a_task_cancelled_while_its_batch_forms_leaves_it(batched, monkeyp
     assert mgr._batcher.batches_run == 1 and mgr._batcher.tasks_batched == 3
     assert [t.outputs[0][0, 0] for t in (second, third, fourth)] == [8.0, 12.0, 16.0]
     assert first.state is TaskState.CANCELLED and first.outputs == []
+
+
+async def test_a_task_cancelled_while_its_batch_runs_has_its_share_discarded(
+    batched, monkeypatch
+):
+    mgr = await batched(preferred_batch_sizes=(3,), max_batch_size=3, max_queue_delay_us=10**6)
+    device = mgr.devices[0]
+    real = device.run
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(op, inputs, params, outputs=None):
+        # in the kernel thread: the batch is running when `entered` is set
+        entered.set()
+        assert gate.wait(30), "the test never released the batch"
+        return real(op, inputs, params, outputs)
+
+    monkeypatch.setattr(device, "run", held)
+    x = np.ones((4, 4), np.float32)
+    tasks = [mgr.submit(TaskSpec(op="matmul", inputs=[x, k * x])) for k in (1, 2, 3)]
+    assert await asyncio.to_thread(entered.wait, 30), "the batch never started"
+    assert all(t.state is TaskState.RUNNING for t in tasks)
+    first, second, third = tasks
+    mgr.cancel(second.name, tenant="default")
+    assert second.state is TaskState.CANCELLED and second.error.code is Code.CANCELLED
+    gate.set()
+    await finished([first, third])
+    assert mgr._batcher.batches_run == 1 and mgr._batcher.tasks_batched == 3
+    assert [t.outputs[0][0, 0] for t in (first, third)] == [4.0, 12.0]
+    assert second.state is TaskState.CANCELLED and second.outputs == []
 
 
 async def test_one_failing_task_fails_only_itself(batched, monkeypatch):
