@@ -402,6 +402,20 @@ class TaskManager:
             self._work[device] = _Wakeup()
             for _ in range(self.options.workers_per_device):
                 self._workers.append(asyncio.create_task(self._worker(device)))
+        # cancelled and awaited with the workers at shutdown
+        self._workers.append(asyncio.create_task(self._expire_by_age(), name="task-retention"))
+
+    async def _expire_by_age(self) -> None:
+        """Forgets finished tasks past the retention age on an idle server too (a
+        finishing task checks the limits, but none may finish for days)."""
+        every = min(60.0, max(0.05, self.options.retention_seconds / 10))
+        while True:
+            await asyncio.sleep(every)
+            if self._oldest_expired(time.time()):
+                try:
+                    self._evict()
+                except Exception as exc:  # the store is closing: the next sweep retries
+                    log.warning("forgetting expired tasks: %s", exc)
 
     async def shutdown(self, grace: float) -> None:
         """Stops accepting work, lets queued and running tasks finish within

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from kernelmesh.core import devices
 from kernelmesh.core.errors import Code, FailedPrecondition, InvalidArgument, NotFound
-from kernelmesh.core.tasks import TaskSpec, TaskState
+from kernelmesh.core.tasks import TaskManager, TaskManagerOptions, TaskSpec, TaskState
+from kernelmesh.core.tensor_store import TensorStore
 
 
 def big_matmul() -> TaskSpec:
@@ -108,6 +110,48 @@ async def test_retention_forgets_oldest_finished_tasks(manager):
     with pytest.raises(NotFound):
         manager.get(first.name, tenant="default")
     assert len(manager.list(tenant="default", page_size=1000)[0]) == 50
+
+
+async def test_retention_by_bytes_forgets_the_oldest_outputs():
+    mgr = TaskManager(
+        devices.discover("test", ("cpu",)),
+        TensorStore(64 << 20),
+        TaskManagerOptions(workers_per_device=1, retention_bytes=3 * 4096),
+    )
+    await mgr.start()
+    try:
+        tasks = [
+            await mgr.run(TaskSpec(op="relu", inputs=[np.ones(1024, np.float32)])) for _ in range(5)
+        ]
+        for old in tasks[:2]:
+            with pytest.raises(NotFound):
+                mgr.get(old.name, tenant="default")
+        for kept in tasks[2:]:
+            assert mgr.get(kept.name, tenant="default").outputs[0].nbytes == 4096
+    finally:
+        await mgr.shutdown(grace=5.0)
+
+
+async def test_retention_by_age_forgets_finished_tasks_on_an_idle_server():
+    mgr = TaskManager(
+        devices.discover("test", ("cpu",)),
+        TensorStore(64 << 20),
+        TaskManagerOptions(workers_per_device=1, retention_seconds=0.5),
+    )
+    await mgr.start()
+    try:
+        task = await mgr.run(TaskSpec(op="relu", inputs=[np.ones(4, np.float32)]))
+        assert mgr.get(task.name, tenant="default") is task
+        # nothing else finishes: the age sweep alone forgets it
+        deadline = time.monotonic() + 30
+        while task.name in mgr._tasks:
+            assert time.monotonic() < deadline, "an expired task was kept"
+            await asyncio.sleep(0.05)
+        with pytest.raises(NotFound):
+            mgr.get(task.name, tenant="default")
+        assert time.time() - task.end_time >= 0.5
+    finally:
+        await mgr.shutdown(grace=5.0)
 
 
 async def test_keep_outputs_stores_a_named_tensor(manager):
