@@ -159,7 +159,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         convert.fill_task(msg, task)
 
     @rpc
-    async def RunTask(self, request, context):
+    async def RunTask(
+        self, request: task_pb2.RunTaskRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.RunTaskResponse:
         msg = request.task
         key = convert.plain_key(msg)  # None when it uses shm
         if key is None and self.shm is not None and (msg.output_shm or _has_shm_input(msg)):
@@ -173,7 +175,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self._fill(response.task, task, shape)
         return response
 
-    async def _run_with_shm(self, msg: task_pb2.TaskSpec, context) -> task_pb2.RunTaskResponse:
+    async def _run_with_shm(
+        self, msg: task_pb2.TaskSpec, context: grpc.aio.ServicerContext
+    ) -> task_pb2.RunTaskResponse:
         """RunTask with inputs read from, or outputs written to, shared memory."""
         tenant = tenant_of(context)
         shm = self.shm
@@ -196,7 +200,11 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             convert.fill_task(response.task, task)
         return response
 
-    async def StreamTasks(self, request_iterator, context):
+    async def StreamTasks(
+        self,
+        request_iterator: AsyncIterator[task_pb2.StreamTasksRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[task_pb2.StreamTasksResponse]:
         """Reads requests while tasks run; yields each result as it finishes
         (core.task_stream: the window of tasks in flight, and their cancellation
         when the call ends)."""
