@@ -57,6 +57,7 @@ ECHO_SERVICE = "kernelmesh.bench.Echo"
 ECHO_UNARY = f"/{ECHO_SERVICE}/Unary"
 ECHO_STREAM = f"/{ECHO_SERVICE}/Stream"
 ECHO_BIG = f"/{ECHO_SERVICE}/Big"
+ECHO_BLOB = f"/{ECHO_SERVICE}/Blob"  # request: a byte count in ASCII; reply: that many bytes
 MATMUL_N = 1024
 MAX_MESSAGE = 256 << 20
 # The same message caps on every channel and server of this script.
@@ -215,6 +216,15 @@ def echo_handler() -> grpc.GenericRpcHandler:
     async def big(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return big_reply
 
+    blobs: dict[int, bytes] = {}  # built on first ask: only bench_bulk asks
+
+    async def blob(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        size = int(request)
+        if size not in blobs:
+            blobs.clear()
+            blobs[size] = np.random.default_rng(0).bytes(size)
+        return blobs[size]
+
     async def stream(request_iterator, context: grpc.aio.ServicerContext):
         async for _ in request_iterator:
             yield stream_reply
@@ -224,6 +234,7 @@ def echo_handler() -> grpc.GenericRpcHandler:
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Big": grpc.unary_unary_rpc_method_handler(big),
+            "Blob": grpc.unary_unary_rpc_method_handler(blob),
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
         },
     )

@@ -43,6 +43,21 @@ ENUMS_CHECKED_BY_SERVICER = frozenset(
     }
 )
 
+# Methods whose servicer may yield replies already encoded (bytes): DownloadTensor's
+# chunks are written straight from the tensor's memory, since building and
+# serializing a 4 MiB protobuf message runs at under 1 GB/s, a copy at 8.
+PRE_ENCODED_REPLIES = frozenset({"/kernelmesh.v1.TaskService/DownloadTensor"})
+
+
+def _pre_encoded_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serialize is None:
+        return None
+
+    def serializer(reply: Any) -> bytes:
+        return reply if type(reply) is bytes else serialize(reply)
+
+    return serializer
+
 
 class _Refused:
     """Stands in for a request that failed decoding or checking."""
@@ -191,6 +206,8 @@ def guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     check_items = method not in ENUMS_CHECKED_BY_SERVICER
     deserializer = _safe_deserializer(handler.request_deserializer, check_items)
     serializer = handler.response_serializer
+    if method in PRE_ENCODED_REPLIES:
+        serializer = _pre_encoded_or(serializer)
 
     if handler.unary_unary is not None:
         inner = handler.unary_unary

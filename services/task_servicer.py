@@ -25,7 +25,7 @@ from kernelmesh.core.tasks import (
     fingerprint_of,
 )
 from kernelmesh.core.uploads import TensorUpload
-from kernelmesh.services import convert, paging, shm_servicer
+from kernelmesh.services import convert, paging, shm_servicer, wire
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.retry_convert import retry_from_proto
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -355,7 +355,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     @stream_rpc
     async def DownloadTensor(
         self, request: task_pb2.DownloadTensorRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[task_pb2.DownloadTensorResponse]:
+    ) -> AsyncIterator[task_pb2.DownloadTensorResponse | bytes]:
         tenant = tenant_of(context)
         if self.tensors is not None and await self.tensors.holds(request.name, tenant):
             async for part in self.tensors.download(request, tenant, context):
@@ -368,7 +368,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         yield task_pb2.DownloadTensorResponse(header=convert.ref_to_proto(item))
         view = memoryview(np.ascontiguousarray(item.array)).cast("B")
         for start in range(0, len(view), size):
-            yield task_pb2.DownloadTensorResponse(chunk=bytes(view[start : start + size]))
+            # encoded here (the guard passes bytes through): a protobuf message of
+            # 4 MiB is built and serialized at under 1 GB/s
+            yield wire.download_chunk(view[start : start + size])
 
     @rpc
     async def DeleteTensor(
