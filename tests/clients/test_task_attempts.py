@@ -187,3 +187,11 @@ async def test_cli_task_get_of_an_unknown_task_fails_with_not_found(served):
     )
     assert code == 1
     assert "NOT_FOUND" in out
+
+
+@pytest.mark.parametrize("command", ["get", "list"])
+def test_cli_task_commands_document_their_environment(command):
+    code, out = _cli("task", command, "--help")
+    assert code == 0, out
+    text = " ".join(out.split())  # click wraps lines anywhere
+    assert "KERNELMESH_TARGET" in text and "--wait" in text and "--json" in text
