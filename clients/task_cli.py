@@ -32,7 +32,8 @@ def _error(code: int, message: str) -> str:
 def _when(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return datetime.fromtimestamp(seconds, UTC).isoformat(sep=" ", timespec="milliseconds")
+    when = datetime.fromtimestamp(seconds, UTC).isoformat(sep=" ", timespec="milliseconds")
+    return when.removesuffix("+00:00") + "Z"
 
 
 def _as_dict(info: TaskInfo) -> dict[str, object]:
