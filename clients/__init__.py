@@ -23,12 +23,23 @@ from kernelmesh.clients.llm import (
     TextStream,
     Usage,
 )
-from kernelmesh.clients.types import Device, Op, TaskEvent, TaskInfo, TaskState, TensorRef
+from kernelmesh.clients.types import (
+    Attempt,
+    Device,
+    Op,
+    Placement,
+    RetryPolicy,
+    TaskEvent,
+    TaskInfo,
+    TaskState,
+    TensorRef,
+)
 
 __all__ = [
     "AsyncClient",
     "AsyncTaskHandle",
     "AsyncTextStream",
+    "Attempt",
     "CancelledError",
     "ChatMessage",
     "Client",
@@ -43,7 +54,9 @@ __all__ = [
     "Model",
     "NotFoundError",
     "Op",
+    "Placement",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "StreamItem",
     "TaskEvent",
     "TaskHandle",

@@ -20,6 +20,7 @@ from kernelmesh.clients.types import (
     Input,
     Op,
     Outputs,
+    RetryPolicy,
     StreamItem,
     TaskEvent,
     TaskInfo,
@@ -147,10 +148,13 @@ class AsyncClient(Connected):
         keep_outputs: bool = False,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        retry: RetryPolicy | None = None,
         **params: object,
     ) -> AsyncTaskHandle:
         """Queues a task and returns a handle at once. request_id (default: a
-        fresh UUID) makes the submission idempotent, retries included."""
+        fresh UUID) makes the submission idempotent, retries included. retry:
+        how failed attempts are retried (default: the server's, 3 attempts);
+        like device and the other keywords, it is never an op param."""
         spec = task_spec(
             op,
             inputs,
@@ -159,6 +163,7 @@ class AsyncClient(Connected):
             priority=priority,
             keep_outputs=keep_outputs,
             labels=labels,
+            retry=retry,
         )
         return AsyncTaskHandle(self, await self._io.run(plans.submit(spec, request_id)))
 

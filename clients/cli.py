@@ -493,6 +493,10 @@ from kernelmesh.clients.workflow_cli import workflow  # noqa: E402 - it builds o
 
 main.add_command(workflow)
 
+from kernelmesh.clients.task_cli import task  # noqa: E402 - it builds on the above
+
+main.add_command(task)
+
 
 def _orchestrator(
     target: str, wait: float

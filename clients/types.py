@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from kernelmesh.clients import tensors
 from kernelmesh.clients.shm import ShmTensor
@@ -140,6 +142,86 @@ class TensorRef:
 Input = np.ndarray | TensorRef | ShmTensor | float | int
 
 
+def _seconds(ts: Timestamp) -> float | None:
+    """A timestamp as seconds since the epoch; None when unset."""
+    return ts.seconds + ts.nanos / 1e9 if ts.seconds or ts.nanos else None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a submitted task (kernelmesh.v1.TaskAttempt). A task that failed
+    after its retries keeps every attempt with its error: the dead letter."""
+
+    number: int
+    state: TaskState  # RUNNING while it runs; then SUCCEEDED, FAILED or CANCELLED
+    device: str
+    start_time: float | None  # seconds since the epoch
+    end_time: float | None
+    error_code: int  # a google.rpc.Code value; 0 when it did not fail
+    error_message: str
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.TaskAttempt) -> Attempt:
+        return cls(
+            number=msg.number,
+            state=TaskState(msg.state),
+            device=msg.device,
+            start_time=_seconds(msg.start_time),
+            end_time=_seconds(msg.end_time),
+            error_code=msg.error.code,
+            error_message=msg.error.message,
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the mesh placed a task and why (kernelmesh.v1.Placement)."""
+
+    node: str  # "nodes/{name}"; empty for a device of the server's own process
+    device: str
+    reason: str
+
+    @classmethod
+    def from_proto(cls, msg: task_pb2.Placement) -> Placement:
+        return cls(node=msg.node, device=msg.device, reason=msg.reason)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a submitted task is retried when an attempt fails (Temporal's
+    RetryPolicy, kernelmesh.v1.RetryPolicy): the delay before attempt n+1 is
+    min(initial_interval * backoff_coefficient^(n-1), maximum_interval). Times
+    are in seconds; None (or 0) leaves a field to the server's default, and the
+    server checks the policy (a bad one is InvalidArgumentError)."""
+
+    initial_interval: float | None = None  # server default: 1 s
+    backoff_coefficient: float = 0.0  # at least 1; 0: 2.0
+    maximum_interval: float | None = None  # None: 100 x initial_interval
+    maximum_attempts: int = 0  # attempts in all, the first included; 0: 3, 1: never retry
+    # google.rpc.Code names (e.g. "INTERNAL") that end the task at once; these
+    # never retry anyway: INVALID_ARGUMENT, FAILED_PRECONDITION, PERMISSION_DENIED,
+    # CANCELLED, DEADLINE_EXCEEDED.
+    non_retryable_error_types: tuple[str, ...] = ()
+
+    def to_proto(self) -> task_pb2.RetryPolicy:
+        msg = task_pb2.RetryPolicy(
+            backoff_coefficient=self.backoff_coefficient,
+            maximum_attempts=self.maximum_attempts,
+            non_retryable_error_types=list(self.non_retryable_error_types),
+        )
+        if self.initial_interval is not None:
+            msg.initial_interval.CopyFrom(_duration(self.initial_interval))
+        if self.maximum_interval is not None:
+            msg.maximum_interval.CopyFrom(_duration(self.maximum_interval))
+        return msg
+
+
+def _duration(seconds: float) -> Duration:
+    out = Duration()
+    out.FromNanoseconds(round(seconds * 1e9))
+    return out
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     name: str
@@ -153,6 +235,12 @@ class TaskInfo:
     error_message: str
     run_seconds: float
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The current attempt's number (1 for the first run; 0 before it starts) and
+    # every attempt of a submitted task, oldest first, each with its error.
+    attempt: int = 0
+    attempts: tuple[Attempt, ...] = ()
+    # Where the task was placed and why; None before it is placed.
+    placement: Placement | None = None
 
     @classmethod
     def from_proto(cls, msg: task_pb2.Task) -> TaskInfo:
@@ -168,6 +256,9 @@ class TaskInfo:
             error_message=msg.error.message,
             run_seconds=msg.run_duration.ToNanoseconds() / 1e9,
             labels=dict(msg.labels),
+            attempt=msg.attempt,
+            attempts=tuple(Attempt.from_proto(a) for a in msg.attempts),
+            placement=Placement.from_proto(msg.placement) if msg.HasField("placement") else None,
         )
 
 
@@ -213,10 +304,13 @@ def task_spec(
     priority: int = 0,
     keep_outputs: bool = False,
     labels: Mapping[str, str] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> task_pb2.TaskSpec:
     spec = task_pb2.TaskSpec(
         op=op, priority=priority, keep_outputs=keep_outputs, labels=dict(labels or {})
     )
+    if retry is not None:
+        spec.retry_policy.CopyFrom(retry.to_proto())
     for item in inputs:
         if isinstance(item, TensorRef):
             spec.inputs.add(ref=item.name)
