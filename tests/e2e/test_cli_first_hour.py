@@ -26,6 +26,12 @@ CLIENT_COMMANDS = (
     ("llm", "chat"),
     ("llm", "models"),
     ("llm", "embed"),
+    ("task", "get"),
+    ("task", "list"),
+    ("workflow", "run"),
+    ("workflow", "list"),
+    ("nodes",),
+    ("drain",),
 )
 
 
