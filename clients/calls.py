@@ -32,7 +32,10 @@ class Rpc(Generic[Req, Res]):
     request: type[Req]
     response: type[Res]
 
-    def serialize(self, request: Req) -> bytes:
+    def serialize(self, request: Req | bytes) -> bytes:
+        # bytes: a request encoded already (UploadTensor's chunks, tensors.py)
+        if isinstance(request, bytes):
+            return request
         return request.SerializeToString()
 
     def deserialize(self, data: bytes) -> Res:
@@ -58,7 +61,7 @@ class Upload(Generic[Req, Res]):
     """A client-streaming call (never retried: its requests are read once)."""
 
     rpc: Rpc[Req, Res]
-    requests: Iterator[Req]
+    requests: Iterator[Req | bytes]
     timeout: float | None = None
 
 
@@ -141,7 +144,9 @@ def call(
     return _checked(rpc, reply)
 
 
-def upload(rpc: Rpc[Req, Res], requests: Iterator[Req], timeout: float | None = None) -> Plan[Res]:
+def upload(
+    rpc: Rpc[Req, Res], requests: Iterator[Req | bytes], timeout: float | None = None
+) -> Plan[Res]:
     reply = yield Upload(rpc, requests, timeout)
     return _checked(rpc, reply)
 

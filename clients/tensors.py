@@ -7,6 +7,10 @@ from typing import Any
 
 import numpy as np
 
+# protobuf's own varint encoder (pure Python in every implementation); a test
+# checks the bytes against SerializeToString, so a change to it is caught
+from google.protobuf.internal.encoder import _VarintBytes  # type: ignore[attr-defined]
+
 from kernelmesh.v1 import task_pb2, tensor_pb2
 
 _TO_NUMPY: dict[tensor_pb2.Dtype, np.dtype[Any]] = {
@@ -55,11 +59,18 @@ def dtype_name(code: tensor_pb2.Dtype) -> str:
 CHUNK_BYTES = 4 << 20
 
 
+_CHUNK_TAG = bytes(
+    [(task_pb2.UploadTensorRequest.DESCRIPTOR.fields_by_name["chunk"].number << 3) | 2]
+)
+
+
 def upload_requests(
     array: np.ndarray, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[task_pb2.UploadTensorRequest]:
+) -> Iterator[task_pb2.UploadTensorRequest | bytes]:
     """The UploadTensor stream for an array: a header, then chunks cut straight from
-    the array's memory (one copy per chunk, into its message; none of the whole)."""
+    the array's memory, each already encoded as an UploadTensorRequest (one copy per
+    chunk; none of the whole): building and serializing a 4 MiB message runs at
+    under 1 GB/s, a copy at 8. UPLOAD_TENSOR's serializer passes bytes through."""
     array = np.asarray(array)
     code = _FROM_NUMPY.get(array.dtype.name)
     if code is None:
@@ -69,7 +80,8 @@ def upload_requests(
     flat = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).reshape(-1)
     data = memoryview(flat.view(np.uint8).data)
     for start in range(0, len(data), chunk_bytes):
-        yield task_pb2.UploadTensorRequest(chunk=data[start : start + chunk_bytes].tobytes())
+        part = data[start : start + chunk_bytes]
+        yield b"".join((_CHUNK_TAG, _VarintBytes(len(part)), part))
 
 
 def assemble(header: tensor_pb2.TensorRef, chunks: list[bytes]) -> np.ndarray:

@@ -293,7 +293,9 @@ async def test_client_started_before_the_server_succeeds_once_it_is_up(
     free_port, serve_tools, tmp_path, connect
 ):
     x = rng.standard_normal(16, dtype=np.float32)
-    km = connect(f"127.0.0.1:{free_port}", retries=25, timeout=2)
+    # Each try is refused at once while nothing listens; the timeout bounds the
+    # first call the fresh server answers (kernels loaded on first use, no warmup).
+    km = connect(f"127.0.0.1:{free_port}", retries=25, timeout=15)
     call = asyncio.ensure_future(km.run("relu", x))
     await asyncio.sleep(0.5)
     if call.done():  # it should still be retrying: nothing listens yet

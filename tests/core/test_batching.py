@@ -135,9 +135,7 @@ async def test_a_task_cancelled_while_its_batch_forms_leaves_it(batched, monkeyp
     assert first.state is TaskState.CANCELLED and first.outputs == []
 
 
-async def test_a_task_cancelled_while_its_batch_runs_has_its_share_discarded(
-    batched, monkeypatch
-):
+async def test_a_task_cancelled_while_its_batch_runs_has_its_share_discarded(batched, monkeypatch):
     mgr = await batched(preferred_batch_sizes=(3,), max_batch_size=3, max_queue_delay_us=10**6)
     device = mgr.devices[0]
     real = device.run

@@ -34,11 +34,13 @@ async def test_big_inputs_and_outputs_go_in_chunks_and_are_deleted(server, small
 
 def test_chunks_reassemble_the_array_exactly():
     from kernelmesh.clients import tensors
-    from kernelmesh.v1 import tensor_pb2
+    from kernelmesh.v1 import task_pb2, tensor_pb2
 
     x = np.arange(10_000, dtype=np.int64).reshape(100, 100)
     requests = list(tensors.upload_requests(x, chunk_bytes=3000))
-    header, chunks = requests[0].header, [r.chunk for r in requests[1:]]
+    # the chunks come encoded already: they must decode as the messages they stand for
+    decoded = [task_pb2.UploadTensorRequest.FromString(r) for r in requests[1:]]
+    header, chunks = requests[0].header, [r.chunk for r in decoded]
     assert len(chunks) == -(-x.nbytes // 3000)
     ref = tensor_pb2.TensorRef(dtype=header.dtype, shape=header.shape)
     np.testing.assert_array_equal(tensors.assemble(ref, chunks), x)
