@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from helpers import rich_status, spec, violations
 
 from kernelmesh.core.limits import Quotas
+from kernelmesh.core.ops import CATALOG, ParamType
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -151,6 +152,47 @@ async def test_non_finite_or_huge_params_are_invalid_argument(stub, value):
         await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "task.params.axis" in violations(info.value)
+
+
+# A valid call of every op with integer params: each param is set to an extreme
+# number in turn. An op added to the catalog with INT/INTS params fails
+# test_every_op_with_integer_params_is_covered until it is listed here.
+_INT_PARAM_CALLS = {
+    "sum": (np.ones((2, 2), np.float32),),
+    "max": (np.ones((2, 2), np.float32),),
+    "mean": (np.ones((2, 2), np.float32),),
+    "conv2d": (np.ones((1, 1, 4, 4), np.float32), np.ones((1, 1, 2, 2), np.float32)),
+}
+_INT_PARAMS = [
+    (op.name, p.name)
+    for op in CATALOG.values()
+    for p in op.params
+    if p.type in (ParamType.INT, ParamType.INTS)
+]
+_EXTREMES = [2**63, -(2**63) * 2, 1e300, 2**62, [1e300, 2], [2**63, 1], [2, 2**62]]
+
+
+def test_every_op_with_integer_params_is_covered():
+    assert {op for op, _ in _INT_PARAMS} == set(_INT_PARAM_CALLS)
+    assert ("conv2d", "stride") in _INT_PARAMS and ("conv2d", "padding") in _INT_PARAMS
+
+
+@pytest.mark.parametrize(("op", "param"), _INT_PARAMS)
+@pytest.mark.parametrize("value", _EXTREMES, ids=repr)
+async def test_extreme_integer_params_are_invalid_argument(stub, op, param, value):
+    kind = next(p.type for p in CATALOG[op].params if p.name == param)
+    if isinstance(value, list) and kind is not ParamType.INTS:
+        value = value[0]  # an INT param: the list's extreme item alone
+    msg = spec(op, *_INT_PARAM_CALLS[op])
+    msg.params.update({param: value})
+    for call in (
+        stub.RunTask(task_pb2.RunTaskRequest(task=msg)),
+        stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert f"task.params.{param}" in violations(info.value)
 
 
 async def test_unknown_enum_values_are_invalid_argument(stub, limited):
