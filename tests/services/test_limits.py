@@ -422,3 +422,93 @@ async def test_kept_outputs_move_from_the_task_to_the_tensor_store(stub, limited
     # afterwards the tenant holds exactly the stored output, nothing for the task
     assert limited.ledger.bytes_of("default") == task.output_refs[0].size_bytes == 400_000
     assert limited.ledger.tasks_of("default") == 0
+
+
+# --- Durations: the proto's own range, and a sane maximum per field --------
+
+_DAY = 86_400
+_BAD_DURATIONS = [
+    ((2**62, 0), "far past the field's maximum"),
+    ((315_576_000_001, 0), "past Duration's range"),
+    ((1, -5), "nanos of the other sign"),
+    ((-1, 5), "nanos of the other sign, negative"),
+    ((0, 2_000_000_000), "nanos past a second"),
+    ((-5, 0), "negative"),
+]
+
+
+def _duration(target, seconds: int, nanos: int) -> None:
+    target.seconds, target.nanos = seconds, nanos
+
+
+@pytest.mark.parametrize("field", ["initial_interval", "maximum_interval"])
+@pytest.mark.parametrize(("value", "why"), _BAD_DURATIONS, ids=[w for _, w in _BAD_DURATIONS])
+async def test_out_of_range_retry_intervals_are_invalid_argument(stub, field, value, why):
+    msg = spec("exp", np.ones(4, np.float32))
+    _duration(getattr(msg.retry_policy, field), *value)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
+    assert f"task.retry_policy.{field}" in violations(info.value), why
+
+
+async def test_retry_intervals_up_to_a_day_are_accepted(stub):
+    msg = spec("exp", np.ones(4, np.float32))
+    _duration(msg.retry_policy.initial_interval, 1, 500_000_000)
+    _duration(msg.retry_policy.maximum_interval, _DAY, 0)
+    task = (await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg))).task
+    assert task.name
+    _duration(msg.retry_policy.maximum_interval, _DAY, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg))
+    assert "task.retry_policy.maximum_interval" in violations(info.value)
+
+
+def _workflow(**step_fields) -> orchestrator_pb2.SubmitWorkflowRequest:
+    step = orchestrator_pb2.WorkflowStep(id="a", **step_fields)
+    step.task.CopyFrom(spec("exp", np.ones(4, np.float32)))
+    return orchestrator_pb2.SubmitWorkflowRequest(steps=[step])
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [*_BAD_DURATIONS, ((30 * _DAY + 1, 0), "a second past 30 days")],
+    ids=[w for _, w in _BAD_DURATIONS] + ["past 30 days"],
+)
+async def test_out_of_range_step_timeouts_are_invalid_argument(limited, value, why):
+    request = _workflow()
+    _duration(request.steps[0].timeout, *value)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitWorkflow(request)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
+        assert "steps[0].timeout" in violations(info.value), why
+        # a step's own retry policy is checked the same way (every value here is
+        # past its one-day maximum or invalid)
+        request = _workflow()
+        _duration(request.steps[0].retry_policy.initial_interval, *value)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitWorkflow(request)
+        assert "steps[0].retry_policy.initial_interval" in violations(info.value), why
+
+
+async def test_a_step_timeout_of_30_days_is_accepted(limited):
+    request = _workflow()
+    _duration(request.steps[0].timeout, 30 * _DAY, 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        workflow = (await stub.SubmitWorkflow(request)).workflow
+        assert workflow.name
+
+
+@pytest.mark.parametrize(("value", "why"), _BAD_DURATIONS, ids=[w for _, w in _BAD_DURATIONS])
+async def test_out_of_range_revocation_graces_are_invalid_argument(limited, value, why):
+    request = orchestrator_pb2.RevokeApiKeyRequest(name="apiKeys/x")
+    _duration(request.grace, *value)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RevokeApiKey(request)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
+        assert "grace" in violations(info.value), why
