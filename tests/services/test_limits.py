@@ -95,6 +95,41 @@ async def test_uploads_past_the_tenant_quota_are_resource_exhausted(stub, limite
     await upload("a", 512 << 10)
 
 
+async def test_a_chunk_past_the_configured_maximum_is_invalid_argument(server_config, start_server):
+    quotas = Quotas(max_upload_chunk_bytes=64 << 10)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+
+        async def upload(*sizes: int):
+            async def parts():
+                yield _header([-(-sum(sizes) // 4)])  # float32: room for every byte
+                for size in sizes:
+                    yield task_pb2.UploadTensorRequest(chunk=b"\1" * size)
+
+            return await stub.UploadTensor(parts())
+
+        assert (await upload(64 << 10, 64 << 10)).tensor.size_bytes == 128 << 10
+        for sizes in [(64 << 10, (64 << 10) + 1), (1 << 20,)]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await upload(*sizes)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, sizes
+            assert "chunk" in violations(info.value), sizes
+            assert "max_upload_chunk_bytes" in violations(info.value)["chunk"]
+        assert server.ledger.bytes_of("default") == 128 << 10  # the refused ones hold nothing
+
+
+async def test_the_clients_chunks_fit_the_default_maximum(server):
+    from kernelmesh.clients import tensors
+    from kernelmesh.clients.aio import AsyncClient
+
+    assert Quotas().max_upload_chunk_bytes >= tensors.CHUNK_BYTES
+    x = np.arange(3 * (1 << 20), dtype=np.float32)  # 12 MiB: three full 4 MiB chunks
+    async with AsyncClient(f"127.0.0.1:{server.port}", timeout=60.0) as client:
+        ref = await client.upload(x)
+        assert ref.size_bytes == x.nbytes
+
+
 async def test_task_inputs_count_against_the_tenant_quota(stub):
     big = np.ones(200_000, np.float32)  # 800 KB in + 800 KB out > 1 MiB
     with pytest.raises(grpc.aio.AioRpcError) as info:
