@@ -179,7 +179,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         shm = self.shm
         assert shm is not None
         resolve = shm_servicer.input_resolver(shm, context, tenant)
-        spec = convert.spec_from_proto(msg, tenant=tenant, limits=self.limits, shm=resolve)
+        spec = convert.spec_from_proto(
+            msg, tenant=tenant, limits=self.limits, quotas=self.quotas, shm=resolve
+        )
         if msg.output_shm:
             shm_servicer.require_local(context)
         with qualified(msg):

@@ -148,6 +148,37 @@ async def test_too_many_labels_is_invalid_argument(stub):
     assert "task.labels" in violations(info.value)
 
 
+async def test_configured_quotas_apply_to_shared_memory_tasks(server_config, start_server):
+    from kernelmesh.clients.aio import AsyncClient
+    from kernelmesh.clients.types import task_spec
+
+    quotas = Quotas(max_labels=2, max_dims=3)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    async with (
+        AsyncClient(f"127.0.0.1:{server.port}", timeout=30.0) as km,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan,
+    ):
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+        region = await km.shared_memory(1 << 16)
+        arg = region.put(np.arange(16, dtype=np.float32))  # read from shared memory
+        two = {"a": "1", "b": "2"}
+        ok = await stub.RunTask(
+            task_pb2.RunTaskRequest(task=task_spec("relu", (arg,), {}, labels=two))
+        )
+        assert ok.task.state == task_pb2.TASK_STATE_SUCCEEDED
+        three = task_spec("relu", (arg,), {}, labels={**two, "c": "3"})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RunTask(task_pb2.RunTaskRequest(task=three))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "task.labels" in violations(info.value)
+        # an inline operand next to the shared one is held to max_dims too
+        four_d = task_spec("add", (arg, np.ones((1, 1, 1, 16), np.float32)), {})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RunTask(task_pb2.RunTaskRequest(task=four_d))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "task.inputs[1].tensor.shape" in violations(info.value)
+
+
 async def test_a_huge_label_value_is_invalid_argument(stub):
     msg = spec("exp", np.ones(4, np.float32))
     msg.labels["k"] = "v" * 10_000
