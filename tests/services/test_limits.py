@@ -130,6 +130,65 @@ async def test_the_clients_chunks_fit_the_default_maximum(server):
         assert ref.size_bytes == x.nbytes
 
 
+async def test_the_server_wide_byte_quota_holds_across_tenants(server_config, start_server):
+    quotas = Quotas(max_bytes_per_tenant=1 * MiB, max_bytes_total=3 * MiB // 2)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+
+        async def upload(tenant: str, nbytes: int):
+            async def parts():
+                yield _header([nbytes // 4])
+                yield task_pb2.UploadTensorRequest(chunk=b"\1" * nbytes)
+
+            return await stub.UploadTensor(parts(), metadata=[("kernelmesh-tenant", tenant)])
+
+        await upload("a", 768 << 10)
+        # b is within its own 1 MiB, but a and b together would pass the 1.5 MiB
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upload("b", 1 * MiB)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "for all tenants" in info.value.details()
+        assert _retry_info(info.value) is not None
+        assert server.ledger.bytes_of("b") == 0
+        assert server.ledger.total_bytes == 768 << 10
+        await upload("b", 512 << 10)  # what is left of the server's quota
+        assert server.ledger.total_bytes == 1280 << 10
+
+
+async def test_configured_http_limits_apply(server_config, start_server):
+    quotas = Quotas(max_http_body_bytes=4096, max_json_depth=4, max_json_int_digits=5)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    url = f"http://127.0.0.1:{server.http_port}/v1/embeddings"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json={"model": "local", "input": "x" * 5000}) as r:
+            assert r.status == 413
+            assert "4096 bytes" in (await r.json())["error"]["message"]
+        for body, why in [
+            ({"model": "local", "input": [[[["hi"]]]]}, "5 levels"),
+            ({"model": "local", "input": "hi", "dimensions": 123456}, "6 digits"),
+        ]:
+            async with session.post(url, json=body) as r:
+                assert r.status == 400, why
+                assert (await r.json())["error"]["code"] == "invalid_json", why
+        async with session.post(url, json={"model": "local", "input": ["hi"]}) as r:
+            assert r.status == 200
+
+
+async def test_an_http_body_limit_above_the_default_is_honoured(server_config, start_server):
+    quotas = Quotas(max_http_body_bytes=40 * MiB)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    url = f"http://127.0.0.1:{server.http_port}/v1/embeddings"
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        # 33 MiB: past the 32 MiB default, within the configured 40 (then refused
+        # as the invalid JSON it is, not as too large)
+        async with session.post(url, data=b" " * (33 * MiB), headers=json_type) as r:
+            assert r.status == 400
+        async with session.post(url, data=b" " * (41 * MiB), headers=json_type) as r:
+            assert r.status == 413
+
+
 async def test_task_inputs_count_against_the_tenant_quota(stub):
     big = np.ones(200_000, np.float32)  # 800 KB in + 800 KB out > 1 MiB
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -578,3 +637,23 @@ async def test_out_of_range_revocation_graces_are_invalid_argument(limited, valu
             await stub.RevokeApiKey(request)
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
         assert "grace" in violations(info.value), why
+
+
+def test_the_readmes_limits_and_quotas_are_the_defaults():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from kernelmesh.core.ops import Limits
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    limits = [b["limits"] for b in blocks if isinstance(b, dict) and "limits" in b]
+    quotas = [b["quotas"] for b in blocks if isinstance(b, dict) and "quotas" in b]
+    assert limits and quotas
+    for shown in limits:
+        assert shown == dataclasses.asdict(Limits())
+    for shown in quotas:
+        defaults = dataclasses.asdict(Quotas())
+        assert shown == {k: defaults[k] for k in shown}
