@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from kernelmesh.core.errors import ResourceExhausted
 
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -36,6 +37,14 @@ class Quotas:
     max_dims: int = 16
     # Names in a filter (WatchDevices.names and the like).
     max_filter_names: int = 256
+    # Bytes of one UploadTensor chunk (the Python client sends 4 MiB ones): a
+    # chunk is held once more while it is copied in, so this bounds that extra.
+    max_upload_chunk_bytes: int = 4 * MiB
+    # HTTP sidecar and OpenAI facade: the largest JSON body (413 past it), its
+    # deepest nesting and longest integer (400 past them).
+    max_http_body_bytes: int = 32 * MiB
+    max_json_depth: int = 64
+    max_json_int_digits: int = 64
     # Seconds a caller refused for a full quota is told to wait.
     retry_after_seconds: float = 1.0
 

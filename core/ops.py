@@ -121,13 +121,15 @@ _STRIDE = ParamSpec(
     "stride",
     ParamType.INTS,
     default=1,
-    description="Step of the window: an int or [h, w], each >= 1.",
+    description="Step of the window: an int or [h, w], each >= 1 and at most the padded "
+    "input's extent on that side.",
 )
 _PADDING = ParamSpec(
     "padding",
     ParamType.INTS,
     default=0,
-    description="Zeros added on each side: an int or [h, w], each >= 0.",
+    description="Zeros added on each side: an int or [h, w], each >= 0 and at most the "
+    "kernel's extent on that side.",
 )
 
 _BINARY_RULE = "(...) op (...) -> (...): same shape, or one operand a scalar of shape () or (1,)"
@@ -431,24 +433,45 @@ def _coerce(p: ParamSpec, value: object) -> object:
         return bool(value)
     # INTS: kept as a tuple here; ops that need a fixed length expand it
     items = value if isinstance(value, (list, tuple)) else [value]
-    try:
-        return tuple(_as_int(v) for v in items)
-    except ValueError:
-        raise ValueError(f"must be an integer or a list of integers, got {_show(value)}") from None
+    ints = []
+    for i, item in enumerate(items):
+        try:
+            ints.append(_as_int(item))
+        except _OutOfRange as exc:
+            at = f" (item {i})" if isinstance(value, (list, tuple)) else ""
+            raise ValueError(f"{exc}{at}") from None
+        except ValueError:
+            raise ValueError(
+                f"must be an integer or a list of integers, got {_show(value)}"
+            ) from None
+    return tuple(ints)
+
+
+# Integer params travel to kernels as int64 (and Struct numbers are doubles, so
+# 1e300 reads as an integer): anything beyond is refused here, not by a kernel.
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class _OutOfRange(ValueError):
+    pass
 
 
 def _as_int(value: object) -> int:
     # Struct carries every number as a double, so 2.0 means 2.
     if not isinstance(value, bool) and isinstance(value, numbers.Integral):
-        return int(value)
-    if (
+        number = int(value)
+    elif (
         not isinstance(value, bool)
         and isinstance(value, numbers.Real)
         and math.isfinite(value)
         and float(value).is_integer()
     ):
-        return int(cast(SupportsInt, value))  # numbers.Real does not declare __int__
-    raise ValueError(f"must be an integer, got {_show(value)}")
+        number = int(cast(SupportsInt, value))  # numbers.Real does not declare __int__
+    else:
+        raise ValueError(f"must be an integer, got {_show(value)}")
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise _OutOfRange(f"must fit in a 64-bit integer, got {value!r:.40}")
+    return number
 
 
 def _show(value: object) -> str:
@@ -646,6 +669,15 @@ def _infer_conv2d(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violat
     if not (shapes_ok and stride and padding):
         return ()
     (sh, sw), (ph, pw) = stride, padding
+    # Padding past the kernel only adds outputs that see nothing but zeros; the
+    # bound keeps every index a kernel computes (32-bit on some backends) small.
+    if ph > kh or pw > kw:
+        errors.add(
+            "params.padding",
+            f"params.padding {list(padding)} is wider than the {kh}x{kw} kernel of "
+            f"inputs[1].shape {w.shape}; each side must be at most the kernel's extent",
+        )
+        return ()
     oh = (h + 2 * ph - kh) // sh + 1
     ow = (wd + 2 * pw - kw) // sw + 1
     if oh < 1 or ow < 1:
@@ -654,6 +686,14 @@ def _infer_conv2d(spec: OpSpec, inputs: _Metas, params: _Params, errors: _Violat
             f"the {kh}x{kw} kernel of inputs[1].shape {w.shape} does not fit the padded "
             f"{h + 2 * ph}x{wd + 2 * pw} input (padding {list(padding)}); the output would be "
             f"{oh}x{ow}, and each side must be >= 1",
+        )
+        return ()
+    # A step past the padded input reads one window either way.
+    if sh > h + 2 * ph or sw > wd + 2 * pw:
+        errors.add(
+            "params.stride",
+            f"params.stride {list(stride)} is longer than the padded {h + 2 * ph}x"
+            f"{wd + 2 * pw} input; each side must be at most the padded input's extent",
         )
         return ()
     return (TensorMeta(x.dtype, (n, o, oh, ow)),)

@@ -236,6 +236,44 @@ def _value(msg, field: str) -> object:  # a protobuf Value
     return None  # null_value (whatever its number) or no value at all
 
 
+# google.protobuf.Duration's own range: +-10,000 years.
+DURATION_MAX_SECONDS = 315_576_000_000
+# The longest Durations requests may carry: a retry interval (RetryPolicy's
+# initial and maximum) and a workflow step's timeout. Longer ones would park a
+# failing task, QUEUED, or a step for longer than anyone watches it.
+MAX_RETRY_INTERVAL_SECONDS = 86_400.0  # 1 day
+MAX_STEP_TIMEOUT_SECONDS = 30 * 86_400.0  # 30 days
+
+
+def duration_seconds(msg, field: str, *, maximum: float, minimum: float = 0.0) -> float:
+    """A request's google.protobuf.Duration in seconds. Refused (INVALID_ARGUMENT
+    naming `field`) when it is not a valid Duration (seconds within +-315,576,000,000,
+    nanos within +-999,999,999 and of the same sign), or outside [minimum, maximum]:
+    a huge interval or timeout would otherwise park work for ever."""
+    seconds, nanos = msg.seconds, msg.nanos
+    if (
+        not -DURATION_MAX_SECONDS <= seconds <= DURATION_MAX_SECONDS
+        or not -1_000_000_000 < nanos < 1_000_000_000
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise InvalidArgument(
+            [
+                Violation(
+                    field,
+                    f"not a valid Duration (seconds={seconds}, nanos={nanos}): seconds within "
+                    f"+-{DURATION_MAX_SECONDS}, nanos within +-999999999 with the sign of seconds",
+                )
+            ]
+        )
+    value = seconds + nanos / 1e9
+    if not minimum <= value <= maximum:
+        raise InvalidArgument(
+            [Violation(field, f"{value:g}s is out of range: {minimum:g} to {maximum:g} seconds")]
+        )
+    return value
+
+
 def spec_from_proto(
     msg: task_pb2.TaskSpec,
     *,

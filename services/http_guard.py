@@ -6,8 +6,8 @@
 - `install`: bodies refused before a handler parses them: 413 past the size
   limit, 415 for a body that is not JSON (which also shuts out cross-site form
   posts), 400 for invalid UTF-8, nesting deeper than 64, integers past 64
-  digits, NaN/Infinity, and lone surrogates (which would fail later, on
-  encoding, as a 500).
+  digits (the three limits are configurable), NaN/Infinity, and lone
+  surrogates (which would fail later, on encoding, as a 500).
 
 Errors use OpenAI's JSON shape, which every route of the sidecar answers with."""
 
@@ -45,17 +45,11 @@ class _BadJson(ValueError):
     pass
 
 
-def _big_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _BadJson(f"an integer of {len(text)} digits; at most {MAX_INT_DIGITS}")
-    return int(text)
-
-
 def _no_constant(name: str) -> Any:
     raise _BadJson(f"{name} is not JSON")
 
 
-def _check_tree(value: Any) -> None:
+def _check_tree(value: Any, max_depth: int) -> None:
     """Depth and lone surrogates, without recursion (the tree may be deep)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -67,25 +61,33 @@ def _check_tree(value: Any) -> None:
                 raise _BadJson("a string holds a lone UTF-16 surrogate") from None
             continue
         if isinstance(item, dict | list):
-            if depth > MAX_DEPTH:
-                raise _BadJson(f"nested deeper than {MAX_DEPTH} levels")
+            if depth > max_depth:
+                raise _BadJson(f"nested deeper than {max_depth} levels")
             children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
 
 
-def check_json(body: bytes) -> None:
+def check_json(
+    body: bytes, *, max_depth: int = MAX_DEPTH, max_int_digits: int = MAX_INT_DIGITS
+) -> None:
     """Raises _BadJson when `body` is not a JSON document the handlers may take."""
+
+    def big_int(text: str) -> int:
+        if len(text.lstrip("-")) > max_int_digits:
+            raise _BadJson(f"an integer of {len(text)} digits; at most {max_int_digits}")
+        return int(text)
+
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise _BadJson("the body is not valid UTF-8") from None
     try:
-        value = json.loads(text, parse_int=_big_int, parse_constant=_no_constant)
+        value = json.loads(text, parse_int=big_int, parse_constant=_no_constant)
     except RecursionError:
-        raise _BadJson(f"nested deeper than {MAX_DEPTH} levels") from None
+        raise _BadJson(f"nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise _BadJson(f"not valid JSON: {exc}") from None
-    _check_tree(value)
+    _check_tree(value, max_depth)
 
 
 def _is_json(content_type: str) -> bool:
@@ -94,8 +96,15 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-def install(app: web.Application, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-    """Adds the body guard to `app` (before it starts)."""
+def install(
+    app: web.Application,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_depth: int = MAX_DEPTH,
+    max_int_digits: int = MAX_INT_DIGITS,
+) -> None:
+    """Adds the body guard to `app` (before it starts); the limits are the server
+    config's `quotas:` (max_http_body_bytes, max_json_depth, max_json_int_digits)."""
 
     @web.middleware
     async def body_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -111,6 +120,9 @@ def install(app: web.Application, *, max_body_bytes: int = MAX_BODY_BYTES) -> No
                 "invalid_request_error",
                 "unsupported_media_type",
             )
+        if max_body_bytes > MAX_BODY_BYTES:
+            # the sidecar's app reads at most MAX_BODY_BYTES by itself
+            request = request.clone(client_max_size=max_body_bytes)
         try:
             body = await request.read()  # aiohttp keeps it; the handler reads it again
         except web.HTTPRequestEntityTooLarge:
@@ -118,7 +130,7 @@ def install(app: web.Application, *, max_body_bytes: int = MAX_BODY_BYTES) -> No
         if len(body) > max_body_bytes:
             return _too_large(max_body_bytes)
         try:
-            check_json(body)
+            check_json(body, max_depth=max_depth, max_int_digits=max_int_digits)
         except _BadJson as exc:
             return _error(400, str(exc), "invalid_request_error", "invalid_json", "body")
         return await handler(request)

@@ -10,7 +10,7 @@ from kernelmesh.core.api_keys import ApiKeyRecord, Role
 from kernelmesh.core.auth import KEY_PREFIX, KeyRing
 from kernelmesh.core.errors import InvalidArgument, Violation
 from kernelmesh.core.limits import quote
-from kernelmesh.services import paging
+from kernelmesh.services import convert, paging
 from kernelmesh.services.context import check_tenant
 from kernelmesh.services.status import rpc
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
@@ -48,7 +48,8 @@ MAX_GRACE_SECONDS = 10 * 365 * 86_400
 
 
 def _seconds(msg, field: str, low: float, high: float) -> float:
-    """A Timestamp's or Duration's seconds, refused outside [low, high]."""
+    """A Timestamp's seconds, refused outside [low, high] (Durations:
+    convert.duration_seconds)."""
     if not 0 <= msg.nanos < 1_000_000_000 or not low <= msg.seconds <= high:
         raise InvalidArgument([Violation(field, f"out of range ({low:g} to {high:g} seconds)")])
     return msg.seconds + msg.nanos / 1e9
@@ -106,7 +107,7 @@ class ApiKeyServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RevokeApiKeyResponse:
         grace = (
-            _seconds(request.grace, "grace", 0, MAX_GRACE_SECONDS)
+            convert.duration_seconds(request.grace, "grace", maximum=MAX_GRACE_SECONDS)
             if request.HasField("grace")
             else 0.0
         )

@@ -169,11 +169,18 @@ def _safe_deserializer(
     return decode
 
 
+def checked(request: Any) -> Any:
+    """A request a streaming handler read itself (`context.read()`); raises the
+    INVALID_ARGUMENT of one that failed decoding or checks."""
+    if type(request) is _Refused:
+        raise request.error
+    return request
+
+
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        if type(request) is _Refused:
-            raise request.error
-        yield request
+        yield checked(request)
+        del request  # not kept alive while the next one is awaited
 
 
 async def _items(result: Any) -> AsyncIterator[Any]:

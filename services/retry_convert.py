@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import grpc
 
-from kernelmesh.core.errors import Violation
+from kernelmesh.core.errors import InvalidArgument, Violation
 from kernelmesh.core.task_retry import RetryPolicy, checked_policy
+from kernelmesh.services import convert
 from kernelmesh.v1 import task_pb2
 
 
@@ -28,18 +29,25 @@ def retry_from_proto(msg: task_pb2.TaskSpec) -> RetryPolicy | None:
                     f"{name!r} is not a google.rpc.Code name (e.g. INTERNAL, UNAVAILABLE)",
                 )
             )
+    intervals: dict[str, float | None] = {}
+    bad_durations: list[Violation] = []
+    for name in ("initial_interval", "maximum_interval"):
+        intervals[name] = None
+        if policy.HasField(name):
+            try:
+                intervals[name] = convert.duration_seconds(
+                    getattr(policy, name),
+                    f"{where}.{name}",
+                    maximum=convert.MAX_RETRY_INTERVAL_SECONDS,
+                )
+            except InvalidArgument as exc:
+                bad_durations.extend(exc.violations)
+    if bad_durations:  # checked_policy would judge defaults in their place
+        raise InvalidArgument([*bad_durations, *unknown])
     return checked_policy(
-        initial_interval=(
-            policy.initial_interval.ToNanoseconds() / 1e9
-            if policy.HasField("initial_interval")
-            else None
-        ),
+        initial_interval=intervals["initial_interval"],
         backoff_coefficient=policy.backoff_coefficient,
-        maximum_interval=(
-            policy.maximum_interval.ToNanoseconds() / 1e9
-            if policy.HasField("maximum_interval")
-            else None
-        ),
+        maximum_interval=intervals["maximum_interval"],
         maximum_attempts=policy.maximum_attempts,
         non_retryable=codes,
         field=where,

@@ -337,7 +337,12 @@ class Server:
                 )
             if self.auth:  # outermost: nothing is read for a caller without a key
                 http_guard.install_auth(app, self.keys, protect_metrics=cfg.protect_metrics)
-            http_guard.install(app)
+            http_guard.install(
+                app,
+                max_body_bytes=cfg.quotas.max_http_body_bytes,
+                max_depth=cfg.quotas.max_json_depth,
+                max_int_digits=cfg.quotas.max_json_int_digits,
+            )
             try:
                 self._runner, self.http_port = await sidecar.start(
                     app, cfg.host, cfg.http_port, _https_context(cfg)

@@ -25,7 +25,7 @@ from kernelmesh.core.tasks import (
     fingerprint_of,
 )
 from kernelmesh.core.uploads import TensorUpload
-from kernelmesh.services import convert, paging, shm_servicer, wire
+from kernelmesh.services import convert, paging, request_guard, shm_servicer, wire
 from kernelmesh.services.context import deadline_of, tenant_of
 from kernelmesh.services.retry_convert import retry_from_proto
 from kernelmesh.services.status import rpc, status_of, stream_rpc, to_status
@@ -183,7 +183,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         shm = self.shm
         assert shm is not None
         resolve = shm_servicer.input_resolver(shm, context, tenant)
-        spec = convert.spec_from_proto(msg, tenant=tenant, limits=self.limits, shm=resolve)
+        spec = convert.spec_from_proto(
+            msg, tenant=tenant, limits=self.limits, quotas=self.quotas, shm=resolve
+        )
         if msg.output_shm:
             shm_servicer.require_local(context)
         with qualified(msg):
@@ -315,8 +317,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         if self.tensors is not None:
             return await self.tensors.upload(request_iterator, tenant, context)
         upload: TensorUpload | None = None
+        max_chunk = self.quotas.max_upload_chunk_bytes
         try:
-            async for req in request_iterator:
+            # context.read(), not the request iterator: grpc.aio's iterator keeps
+            # the last message (and its chunk) alive while it awaits the next one,
+            # so every open upload held a chunk on top of the bytes it is charged for.
+            while (req := request_guard.checked(await context.read())) is not grpc.aio.EOF:
                 part = req.WhichOneof("part")
                 if upload is None:
                     if part != "header":
@@ -336,11 +342,20 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                         nbytes=nbytes,
                     )
                 elif part == "chunk":
-                    upload.add(req.chunk)  # each read of a bytes field is a fresh copy
+                    # ByteSize first: a chunk far too large is refused before it is copied
+                    if req.ByteSize() > max_chunk + 16:
+                        raise _chunk_too_large(max_chunk)
+                    chunk = req.chunk  # each read of a bytes field is a fresh copy
+                    del req  # the message, and its own copy of the bytes, go now
+                    if len(chunk) > max_chunk:
+                        raise _chunk_too_large(max_chunk)
+                    upload.add(chunk)  # copied straight into the tensor's buffer
+                    del chunk
                 else:
                     raise InvalidArgument(
                         [Violation("header", "only the first message is a header")]
                     )
+                req = None
             if upload is None:
                 raise InvalidArgument([Violation("header", "the stream was empty")])
             item = upload.finish()
@@ -470,6 +485,18 @@ def _rejected(correlation_id: str, exc: KernelmeshError) -> task_pb2.StreamTasks
 
 
 __all__ = ["TaskServicer"]
+
+
+def _chunk_too_large(max_chunk: int) -> InvalidArgument:
+    return InvalidArgument(
+        [
+            Violation(
+                "chunk",
+                f"chunks are at most {max_chunk} bytes (the server's "
+                "quotas.max_upload_chunk_bytes); send smaller ones",
+            )
+        ]
+    )
 
 
 def _has_shm_input(msg: task_pb2.TaskSpec) -> bool:

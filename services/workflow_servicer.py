@@ -214,7 +214,12 @@ def spec_dict_from_proto(
                     for v in exc.violations
                 )
         if step.HasField("timeout"):
-            item["timeout"] = step.timeout.ToNanoseconds() / 1e9
+            try:
+                item["timeout"] = convert.duration_seconds(
+                    step.timeout, f"{where}.timeout", maximum=convert.MAX_STEP_TIMEOUT_SECONDS
+                )
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
         steps.append(item)
     inputs: dict[str, object] = {}
     for name, arg in request.inputs.items():

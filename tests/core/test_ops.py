@@ -430,6 +430,55 @@ def test_conv2d_bad_stride_or_padding(params, field):
 
 
 @pytest.mark.parametrize(
+    "params",
+    [
+        {"stride": 2**63},
+        {"stride": 1e300},
+        {"stride": [1e300, 2]},
+        {"stride": [1, -(2**63) - 1]},
+        {"padding": 2**63},
+        {"padding": 1e300},
+        {"padding": [0, 1e300]},
+    ],
+)
+def test_conv2d_stride_or_padding_past_int64_is_named(params):
+    (violation,) = violations(
+        "conv2d", [t("float32", 1, 1, 8, 8), t("float32", 1, 1, 3, 3)], params
+    )
+    assert violation.field == f"params.{next(iter(params))}"
+    assert "64-bit integer" in violation.description
+
+
+@pytest.mark.parametrize("axis", [2**63, 1e300, -(2**63) - 1])
+def test_an_axis_past_int64_is_named(axis):
+    (violation,) = violations("sum", [t("float32", 2, 2)], {"axis": axis})
+    assert violation.field == "params.axis" and "64-bit integer" in violation.description
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "words"),
+    [
+        ({"stride": 2**62}, "params.stride", "longer than the padded 8x8 input"),
+        ({"stride": [1, 9]}, "params.stride", "longer than the padded 8x8 input"),
+        ({"stride": 11, "padding": 1}, "params.stride", "padded 10x10"),
+        ({"padding": 2**62}, "params.padding", "wider than the 3x3 kernel"),
+        ({"padding": [3, 4]}, "params.padding", "wider than the 3x3 kernel"),
+    ],
+)
+def test_conv2d_stride_and_padding_are_bounded_by_the_input_and_kernel(params, field, words):
+    (violation,) = violations(
+        "conv2d", [t("float32", 1, 1, 8, 8), t("float32", 1, 1, 3, 3)], params
+    )
+    assert violation.field == field and words in violation.description
+
+
+def test_conv2d_stride_and_padding_at_their_bounds_are_valid():
+    x, w = t("float32", 1, 1, 8, 8), t("float32", 1, 1, 3, 3)
+    assert output("conv2d", [x, w], {"stride": 8}).shape == (1, 1, 1, 1)
+    assert output("conv2d", [x, w], {"stride": [10, 1], "padding": [1, 3]}).shape == (1, 1, 1, 12)
+
+
+@pytest.mark.parametrize(
     ("x", "w", "field"),
     [((1, 8, 8), (1, 1, 3, 3), "inputs[0].shape"), ((1, 1, 8, 8), (1, 3, 3), "inputs[1].shape")],
 )

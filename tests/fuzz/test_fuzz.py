@@ -34,6 +34,7 @@ def run_cases(
     method: wire.Method,
     n: int,
     keys: list[tuple[tuple[str, str], ...]] | None = None,
+    strategy: st.SearchStrategy[list[bytes]] | None = None,
 ) -> None:
     @settings(
         max_examples=n,
@@ -42,7 +43,7 @@ def run_cases(
         derandomize=False,
         suppress_health_check=list(HealthCheck),
     )
-    @given(wire.requests(method), st.sampled_from(keys or [()]))
+    @given(wire.requests(method) if strategy is None else strategy, st.sampled_from(keys or [()]))
     def case(items: list[bytes], metadata: tuple[tuple[str, str], ...]) -> None:
         code, details = wire.call(channel, method, items, metadata)
         tally.add(method, code, details, items)
@@ -77,6 +78,32 @@ def test_no_request_gets_internal_unknown_a_hang_or_a_crash(tmp_path, serve_tool
         assert not failures, "\n".join(failures[:20])
         assert proc.process.poll() is None, "the server exited"
         assert after <= before * 1.10, f"RSS grew from {before >> 20} to {after >> 20} MiB"
+        assert "Traceback" not in proc.output(), proc.output()[-3000:]
+    finally:
+        serve_tools.stop_serve(proc)
+
+
+def test_extreme_params_never_get_internal_or_unknown(tmp_path, serve_tools):
+    """Valid calls with each declared param set to int64's ends, 1e300 and lists of
+    them (a conv2d stride of 1e300 once reached the kernel and came back INTERNAL)."""
+    proc = serve_tools.start_serve(tmp_path, "--no-warmup")
+    try:
+        chosen = [m for m in wire.methods() if m.path.startswith("/kernelmesh.v1.TaskService/")]
+        chosen = [
+            m for m in chosen if m.descriptor.name in ("RunTask", "SubmitTask", "StreamTasks")
+        ]
+        assert len(chosen) == 3
+        with grpc.insecure_channel(proc.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            tally = wire.Tally()
+            for method in chosen:
+                run_cases(
+                    channel, tally, method, CASES_PER_METHOD, strategy=wire.extreme_requests(method)
+                )
+        print(f"\nextreme params: {tally.cases} cases; {dict(tally.codes.most_common())}")
+        assert not tally.failures, "\n".join(tally.failures[:20])
+        assert tally.codes["INVALID_ARGUMENT"] > 0
+        assert proc.process.poll() is None, "the server exited"
         assert "Traceback" not in proc.output(), proc.output()[-3000:]
     finally:
         serve_tools.stop_serve(proc)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
+from kernelmesh.core.ops import CATALOG
 from kernelmesh.v1 import (
     device_pb2,
     llm_pb2,
@@ -223,6 +224,7 @@ def _valid_specs() -> list[task_pb2.TaskSpec]:
         ),
         _spec("fft", np.ones(8, np.float32)),
         _spec("transpose", m),
+        _spec("scale", m, factor=2.0),
     ]
 
 
@@ -263,6 +265,42 @@ def seeds(method: Method) -> list[list[bytes]]:
     return [[m.SerializeToString() for m in items] for items in out]
 
 
+# Numbers at and past the ends of int64 and float64, and the shapes a param of
+# the catalog could take: each is set as a declared param of a valid call.
+_EXTREME_NUMBERS = [
+    2**63,
+    -(2**63),
+    2**63 - 1,
+    2**62,
+    -(2**62),
+    2**53 + 1,
+    1e300,
+    -1e300,
+    1e308,
+    5e-324,
+    0,
+    -1,
+    0.5,
+]
+_EXTREME_PARAM = st.one_of(
+    st.sampled_from(_EXTREME_NUMBERS),
+    st.lists(st.sampled_from(_EXTREME_NUMBERS), min_size=0, max_size=3),
+    st.sampled_from([True, "1", None]),
+)
+
+
+@st.composite
+def extreme_params(draw: st.DrawFn) -> task_pb2.TaskSpec:
+    """A valid call (of an op with params) whose declared params are set to
+    extreme numbers: int64's ends, 1e300, lists of them."""
+    spec = task_pb2.TaskSpec()
+    spec.CopyFrom(draw(st.sampled_from([s for s in _valid_specs() if CATALOG[s.op].params])))
+    declared = [p.name for p in CATALOG[spec.op].params]
+    names = draw(st.lists(st.sampled_from(declared), min_size=1, unique=True))
+    spec.params.update({name: draw(_EXTREME_PARAM) for name in names})
+    return spec
+
+
 @st.composite
 def mutated(draw: st.DrawFn, data: bytes) -> bytes:
     """`data` with a few byte-level edits: flips, inserts, deletes, truncation,
@@ -290,6 +328,14 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
     return bytes(buf)
 
 
+def extreme_requests(method: Method) -> st.SearchStrategy[list[bytes]]:
+    """`extreme_params` calls, as what RunTask, SubmitTask or StreamTasks sends."""
+    cls = message_factory.GetMessageClass(method.request)
+    if method.descriptor.name == "StreamTasks":
+        return extreme_params().map(lambda s: [cls(correlation_id="x", task=s).SerializeToString()])
+    return extreme_params().map(lambda s: [cls(task=s).SerializeToString()])
+
+
 def requests(method: Method) -> st.SearchStrategy[list[bytes]]:
     """What one fuzz case sends to `method`: a list of serialized stream items."""
     structured = message(method.request).map(lambda m: m.SerializeToString())
@@ -304,7 +350,10 @@ def requests(method: Method) -> st.SearchStrategy[list[bytes]]:
         items[i] = draw(mutated(items[i]))
         return items
 
-    return st.one_of(structured_items, mutated_items(), st.sampled_from(seed_lists))
+    strategies = [structured_items, mutated_items(), st.sampled_from(seed_lists)]
+    if method.descriptor.name in ("RunTask", "SubmitTask", "StreamTasks"):
+        strategies.append(extreme_requests(method))
+    return st.one_of(*strategies)
 
 
 # --- sending ---------------------------------------------------------------
@@ -346,17 +395,43 @@ def call(
         elif not method.server_streaming:
             channel.stream_unary(path)(iter(items), **kw)
         else:
-            _drain(channel.stream_stream(path)(iter(items), **kw))
+            stream = channel.stream_stream(path)(iter(items), **kw)
+            failed = _drain(stream, items_have_status=path.endswith("/StreamTasks"))
+            if failed is not None:
+                return failed
     except grpc.RpcError as err:
         return err.code(), err.details() or ""
     return grpc.StatusCode.OK, ""
 
 
-def _drain(stream: Iterator) -> None:
-    for i, _ in enumerate(stream):
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _drain(stream: Iterator, items_have_status: bool = False) -> tuple[grpc.StatusCode, str] | None:
+    """Reads the stream's first items. With `items_have_status` (StreamTasks: one
+    bad item fails alone, the call itself stays OK), an item failed INTERNAL or
+    UNKNOWN is returned as the call's outcome."""
+    for i, raw in enumerate(stream):
+        if items_have_status:
+            error = task_pb2.StreamTasksResponse.FromString(raw).task.error
+            code = _CODES.get(error.code)
+            if code in BAD_CODES:
+                stream.cancel()
+                return code, f"a StreamTasks item: {error.message}"
         if i + 1 >= STREAM_ITEMS:
             stream.cancel()  # a watch would go on forever; what came is enough
-            return
+            return None
+    return None
 
 
-__all__ = ["BAD_CODES", "Method", "Tally", "call", "methods", "requests", "seeds"]
+__all__ = [
+    "BAD_CODES",
+    "Method",
+    "Tally",
+    "call",
+    "extreme_params",
+    "extreme_requests",
+    "methods",
+    "requests",
+    "seeds",
+]

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from helpers import rich_status, spec, violations
 
 from kernelmesh.core.limits import Quotas
+from kernelmesh.core.ops import CATALOG, ParamType
 from kernelmesh.v1 import (
     device_pb2,
     device_pb2_grpc,
@@ -94,6 +95,100 @@ async def test_uploads_past_the_tenant_quota_are_resource_exhausted(stub, limite
     await upload("a", 512 << 10)
 
 
+async def test_a_chunk_past_the_configured_maximum_is_invalid_argument(server_config, start_server):
+    quotas = Quotas(max_upload_chunk_bytes=64 << 10)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+
+        async def upload(*sizes: int):
+            async def parts():
+                yield _header([-(-sum(sizes) // 4)])  # float32: room for every byte
+                for size in sizes:
+                    yield task_pb2.UploadTensorRequest(chunk=b"\1" * size)
+
+            return await stub.UploadTensor(parts())
+
+        assert (await upload(64 << 10, 64 << 10)).tensor.size_bytes == 128 << 10
+        for sizes in [(64 << 10, (64 << 10) + 1), (1 << 20,)]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await upload(*sizes)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, sizes
+            assert "chunk" in violations(info.value), sizes
+            assert "max_upload_chunk_bytes" in violations(info.value)["chunk"]
+        assert server.ledger.bytes_of("default") == 128 << 10  # the refused ones hold nothing
+
+
+async def test_the_clients_chunks_fit_the_default_maximum(server):
+    from kernelmesh.clients import tensors
+    from kernelmesh.clients.aio import AsyncClient
+
+    assert Quotas().max_upload_chunk_bytes >= tensors.CHUNK_BYTES
+    x = np.arange(3 * (1 << 20), dtype=np.float32)  # 12 MiB: three full 4 MiB chunks
+    async with AsyncClient(f"127.0.0.1:{server.port}", timeout=60.0) as client:
+        ref = await client.upload(x)
+        assert ref.size_bytes == x.nbytes
+
+
+async def test_the_server_wide_byte_quota_holds_across_tenants(server_config, start_server):
+    quotas = Quotas(max_bytes_per_tenant=1 * MiB, max_bytes_total=3 * MiB // 2)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+
+        async def upload(tenant: str, nbytes: int):
+            async def parts():
+                yield _header([nbytes // 4])
+                yield task_pb2.UploadTensorRequest(chunk=b"\1" * nbytes)
+
+            return await stub.UploadTensor(parts(), metadata=[("kernelmesh-tenant", tenant)])
+
+        await upload("a", 768 << 10)
+        # b is within its own 1 MiB, but a and b together would pass the 1.5 MiB
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upload("b", 1 * MiB)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "for all tenants" in info.value.details()
+        assert _retry_info(info.value) is not None
+        assert server.ledger.bytes_of("b") == 0
+        assert server.ledger.total_bytes == 768 << 10
+        await upload("b", 512 << 10)  # what is left of the server's quota
+        assert server.ledger.total_bytes == 1280 << 10
+
+
+async def test_configured_http_limits_apply(server_config, start_server):
+    quotas = Quotas(max_http_body_bytes=4096, max_json_depth=4, max_json_int_digits=5)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    url = f"http://127.0.0.1:{server.http_port}/v1/embeddings"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json={"model": "local", "input": "x" * 5000}) as r:
+            assert r.status == 413
+            assert "4096 bytes" in (await r.json())["error"]["message"]
+        for body, why in [
+            ({"model": "local", "input": [[[["hi"]]]]}, "5 levels"),
+            ({"model": "local", "input": "hi", "dimensions": 123456}, "6 digits"),
+        ]:
+            async with session.post(url, json=body) as r:
+                assert r.status == 400, why
+                assert (await r.json())["error"]["code"] == "invalid_json", why
+        async with session.post(url, json={"model": "local", "input": ["hi"]}) as r:
+            assert r.status == 200
+
+
+async def test_an_http_body_limit_above_the_default_is_honoured(server_config, start_server):
+    quotas = Quotas(max_http_body_bytes=40 * MiB)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    url = f"http://127.0.0.1:{server.http_port}/v1/embeddings"
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        # 33 MiB: past the 32 MiB default, within the configured 40 (then refused
+        # as the invalid JSON it is, not as too large)
+        async with session.post(url, data=b" " * (33 * MiB), headers=json_type) as r:
+            assert r.status == 400
+        async with session.post(url, data=b" " * (41 * MiB), headers=json_type) as r:
+            assert r.status == 413
+
+
 async def test_task_inputs_count_against_the_tenant_quota(stub):
     big = np.ones(200_000, np.float32)  # 800 KB in + 800 KB out > 1 MiB
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -110,6 +205,37 @@ async def test_too_many_labels_is_invalid_argument(stub):
         await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "task.labels" in violations(info.value)
+
+
+async def test_configured_quotas_apply_to_shared_memory_tasks(server_config, start_server):
+    from kernelmesh.clients.aio import AsyncClient
+    from kernelmesh.clients.types import task_spec
+
+    quotas = Quotas(max_labels=2, max_dims=3)
+    server = await start_server(dataclasses.replace(server_config, quotas=quotas))
+    async with (
+        AsyncClient(f"127.0.0.1:{server.port}", timeout=30.0) as km,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan,
+    ):
+        stub = task_pb2_grpc.TaskServiceStub(chan)
+        region = await km.shared_memory(1 << 16)
+        arg = region.put(np.arange(16, dtype=np.float32))  # read from shared memory
+        two = {"a": "1", "b": "2"}
+        ok = await stub.RunTask(
+            task_pb2.RunTaskRequest(task=task_spec("relu", (arg,), {}, labels=two))
+        )
+        assert ok.task.state == task_pb2.TASK_STATE_SUCCEEDED
+        three = task_spec("relu", (arg,), {}, labels={**two, "c": "3"})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RunTask(task_pb2.RunTaskRequest(task=three))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "task.labels" in violations(info.value)
+        # an inline operand next to the shared one is held to max_dims too
+        four_d = task_spec("add", (arg, np.ones((1, 1, 1, 16), np.float32)), {})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RunTask(task_pb2.RunTaskRequest(task=four_d))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "task.inputs[1].tensor.shape" in violations(info.value)
 
 
 async def test_a_huge_label_value_is_invalid_argument(stub):
@@ -151,6 +277,47 @@ async def test_non_finite_or_huge_params_are_invalid_argument(stub, value):
         await stub.RunTask(task_pb2.RunTaskRequest(task=msg))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "task.params.axis" in violations(info.value)
+
+
+# A valid call of every op with integer params: each param is set to an extreme
+# number in turn. An op added to the catalog with INT/INTS params fails
+# test_every_op_with_integer_params_is_covered until it is listed here.
+_INT_PARAM_CALLS = {
+    "sum": (np.ones((2, 2), np.float32),),
+    "max": (np.ones((2, 2), np.float32),),
+    "mean": (np.ones((2, 2), np.float32),),
+    "conv2d": (np.ones((1, 1, 4, 4), np.float32), np.ones((1, 1, 2, 2), np.float32)),
+}
+_INT_PARAMS = [
+    (op.name, p.name)
+    for op in CATALOG.values()
+    for p in op.params
+    if p.type in (ParamType.INT, ParamType.INTS)
+]
+_EXTREMES = [2**63, -(2**63) * 2, 1e300, 2**62, [1e300, 2], [2**63, 1], [2, 2**62]]
+
+
+def test_every_op_with_integer_params_is_covered():
+    assert {op for op, _ in _INT_PARAMS} == set(_INT_PARAM_CALLS)
+    assert ("conv2d", "stride") in _INT_PARAMS and ("conv2d", "padding") in _INT_PARAMS
+
+
+@pytest.mark.parametrize(("op", "param"), _INT_PARAMS)
+@pytest.mark.parametrize("value", _EXTREMES, ids=repr)
+async def test_extreme_integer_params_are_invalid_argument(stub, op, param, value):
+    kind = next(p.type for p in CATALOG[op].params if p.name == param)
+    if isinstance(value, list) and kind is not ParamType.INTS:
+        value = value[0]  # an INT param: the list's extreme item alone
+    msg = spec(op, *_INT_PARAM_CALLS[op])
+    msg.params.update({param: value})
+    for call in (
+        stub.RunTask(task_pb2.RunTaskRequest(task=msg)),
+        stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert f"task.params.{param}" in violations(info.value)
 
 
 async def test_unknown_enum_values_are_invalid_argument(stub, limited):
@@ -380,3 +547,113 @@ async def test_kept_outputs_move_from_the_task_to_the_tensor_store(stub, limited
     # afterwards the tenant holds exactly the stored output, nothing for the task
     assert limited.ledger.bytes_of("default") == task.output_refs[0].size_bytes == 400_000
     assert limited.ledger.tasks_of("default") == 0
+
+
+# --- Durations: the proto's own range, and a sane maximum per field --------
+
+_DAY = 86_400
+_BAD_DURATIONS = [
+    ((2**62, 0), "far past the field's maximum"),
+    ((315_576_000_001, 0), "past Duration's range"),
+    ((1, -5), "nanos of the other sign"),
+    ((-1, 5), "nanos of the other sign, negative"),
+    ((0, 2_000_000_000), "nanos past a second"),
+    ((-5, 0), "negative"),
+]
+
+
+def _duration(target, seconds: int, nanos: int) -> None:
+    target.seconds, target.nanos = seconds, nanos
+
+
+@pytest.mark.parametrize("field", ["initial_interval", "maximum_interval"])
+@pytest.mark.parametrize(("value", "why"), _BAD_DURATIONS, ids=[w for _, w in _BAD_DURATIONS])
+async def test_out_of_range_retry_intervals_are_invalid_argument(stub, field, value, why):
+    msg = spec("exp", np.ones(4, np.float32))
+    _duration(getattr(msg.retry_policy, field), *value)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
+    assert f"task.retry_policy.{field}" in violations(info.value), why
+
+
+async def test_retry_intervals_up_to_a_day_are_accepted(stub):
+    msg = spec("exp", np.ones(4, np.float32))
+    _duration(msg.retry_policy.initial_interval, 1, 500_000_000)
+    _duration(msg.retry_policy.maximum_interval, _DAY, 0)
+    task = (await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg))).task
+    assert task.name
+    _duration(msg.retry_policy.maximum_interval, _DAY, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitTask(task_pb2.SubmitTaskRequest(task=msg))
+    assert "task.retry_policy.maximum_interval" in violations(info.value)
+
+
+def _workflow(**step_fields) -> orchestrator_pb2.SubmitWorkflowRequest:
+    step = orchestrator_pb2.WorkflowStep(id="a", **step_fields)
+    step.task.CopyFrom(spec("exp", np.ones(4, np.float32)))
+    return orchestrator_pb2.SubmitWorkflowRequest(steps=[step])
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [*_BAD_DURATIONS, ((30 * _DAY + 1, 0), "a second past 30 days")],
+    ids=[w for _, w in _BAD_DURATIONS] + ["past 30 days"],
+)
+async def test_out_of_range_step_timeouts_are_invalid_argument(limited, value, why):
+    request = _workflow()
+    _duration(request.steps[0].timeout, *value)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitWorkflow(request)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
+        assert "steps[0].timeout" in violations(info.value), why
+        # a step's own retry policy is checked the same way (every value here is
+        # past its one-day maximum or invalid)
+        request = _workflow()
+        _duration(request.steps[0].retry_policy.initial_interval, *value)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitWorkflow(request)
+        assert "steps[0].retry_policy.initial_interval" in violations(info.value), why
+
+
+async def test_a_step_timeout_of_30_days_is_accepted(limited):
+    request = _workflow()
+    _duration(request.steps[0].timeout, 30 * _DAY, 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        workflow = (await stub.SubmitWorkflow(request)).workflow
+        assert workflow.name
+
+
+@pytest.mark.parametrize(("value", "why"), _BAD_DURATIONS, ids=[w for _, w in _BAD_DURATIONS])
+async def test_out_of_range_revocation_graces_are_invalid_argument(limited, value, why):
+    request = orchestrator_pb2.RevokeApiKeyRequest(name="apiKeys/x")
+    _duration(request.grace, *value)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as chan:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RevokeApiKey(request)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, why
+        assert "grace" in violations(info.value), why
+
+
+def test_the_readmes_limits_and_quotas_are_the_defaults():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from kernelmesh.core.ops import Limits
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    limits = [b["limits"] for b in blocks if isinstance(b, dict) and "limits" in b]
+    quotas = [b["quotas"] for b in blocks if isinstance(b, dict) and "quotas" in b]
+    assert limits and quotas
+    for shown in limits:
+        assert shown == dataclasses.asdict(Limits())
+    for shown in quotas:
+        defaults = dataclasses.asdict(Quotas())
+        assert shown == {k: defaults[k] for k in shown}

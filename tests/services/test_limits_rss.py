@@ -4,6 +4,7 @@ uploads must not make the server allocate them."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import psutil
@@ -92,3 +93,61 @@ def test_uploads_past_the_tenant_quota_are_refused_and_not_held(tmp_path, serve_
         assert grown < 32 * MiB, f"RSS grew by {grown / MiB:.0f} MiB over 128 MiB refused"
     finally:
         serve_tools.stop_serve(proc)
+
+
+async def test_open_uploads_hold_about_the_bytes_they_are_charged(tmp_path, serve_tools):
+    """150 uploads left open after one 1 MiB chunk each: the server holds each
+    chunk once, in the tensor's buffer (the last message of an `async for` kept
+    another copy alive while the next one was awaited)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("RSS is read from /proc, which this system lacks")
+    streams, chunk_bytes = 150, MiB
+    charged = streams * chunk_bytes
+    proc = serve_tools.start_serve(tmp_path, "--no-warmup")
+    try:
+        rss = psutil.Process(proc.process.pid)
+        async with grpc.aio.insecure_channel(proc.target) as chan:
+            stub = task_pb2_grpc.TaskServiceStub(chan)
+            await chan.channel_ready()
+            # warm-up: one upload in full, so the allocator's first growth is not counted
+            warm = stub.UploadTensor()
+            await warm.write(_float32_header(chunk_bytes))
+            await warm.write(task_pb2.UploadTensorRequest(chunk=b"\1" * chunk_bytes))
+            await warm.done_writing()
+            await warm
+            before = rss.memory_info().rss
+            header = _float32_header(chunk_bytes)  # declares exactly the one chunk
+            chunk = task_pb2.UploadTensorRequest(chunk=b"\1" * chunk_bytes)
+            calls = [stub.UploadTensor() for _ in range(streams)]
+            for call in calls:
+                await call.write(header)
+                await call.write(chunk)
+                # Uploads arriving 10 ms apart measure what each one holds; a burst
+                # of all of them at once adds gRPC's receive buffers for a moment.
+                await asyncio.sleep(0.01)
+            # Bounded wait until the server has taken the chunks in (90% of them
+            # resident), then the peak over a short look, every stream still open.
+            grown = 0
+            for _ in range(300):
+                grown = rss.memory_info().rss - before
+                if grown >= 0.9 * charged:
+                    break
+                await asyncio.sleep(0.05)
+            assert grown >= 0.9 * charged, f"only {grown / MiB:.0f} MiB arrived"
+            peak = grown
+            for _ in range(10):
+                await asyncio.sleep(0.05)
+                peak = max(peak, rss.memory_info().rss - before)
+            for call in calls:
+                call.cancel()
+        assert peak <= 1.5 * charged, (
+            f"RSS grew by {peak / MiB:.0f} MiB for {charged / MiB:.0f} MiB charged"
+        )
+    finally:
+        serve_tools.stop_serve(proc)
+
+
+def _float32_header(nbytes: int) -> task_pb2.UploadTensorRequest:
+    return task_pb2.UploadTensorRequest(
+        header=task_pb2.TensorHeader(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[nbytes // 4])
+    )
