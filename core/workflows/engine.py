@@ -179,6 +179,8 @@ class Workflow:
     outcome: WorkflowState | None = None
     # Tensors the engine stored from inline inputs: the workflow's to delete.
     owned: frozenset[str] = frozenset()
+    # Claimed from another orchestrator: its steps' tasks may be held elsewhere.
+    adopted: bool = False
     _watchers: list[_Watcher] = field(default_factory=list)
     _runner: asyncio.Task[None] | None = None
     _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -264,6 +266,12 @@ class WorkflowEngine:
             first = self._requests.get((tenant, request_id))
             if first is not None:
                 return await self._same_request(first, fingerprint)
+            if self.shared is not None and self.journal is not None:
+                # Submitted through another orchestrator: that workflow is the
+                # answer, whatever this one would make of the spec now.
+                known = self.views_of(await self.journal.find_workflow_request(tenant, request_id))
+                if known:
+                    return await self._same_request(known[0], fingerprint)
         plan = validate(
             spec,
             tensor_meta=lambda name: self._meta(name, tenant),
@@ -345,8 +353,8 @@ class WorkflowEngine:
         return first
 
     def _meta(self, name: str, tenant: str) -> ops.TensorMeta | None:
-        try:
-            array = self.tasks.store.get(name, tenant=tenant).array
+        try:  # kept here, or (an orchestrator's) on a node
+            array = self.tasks.kept_ref(name, tenant).array
         except NotFound:
             return None
         return ops.TensorMeta(array.dtype.name, tuple(array.shape))
@@ -554,19 +562,24 @@ class WorkflowEngine:
         # in order). Dying before that, the step had not finished as far as anyone
         # saw, and runs again (with this request id, as the same task if the store
         # has it).
-        task = await self.tasks.submit_journaled(
-            spec,
-            request_id=request,
-            fingerprint=request,
-            deadline=deadline,
-            await_commit=False,
-            inline=True,
-        )
+        task = await self._task_elsewhere(wf, request) if wf.adopted else None
+        if task is None:
+            task = await self.tasks.submit_journaled(
+                spec,
+                request_id=request,
+                fingerprint=request,
+                deadline=deadline,
+                await_commit=False,
+                inline=True,
+            )
         self._step_running(wf, step, task=task.name)
         try:
             if not task.state.terminal:  # a tiny step ran on the spot
                 async with asyncio.timeout_at(_loop_time(deadline)):
-                    await self._follow(wf, step, task)
+                    if self.tasks.held(task.id) is task:
+                        await self._follow(wf, step, task)
+                    else:  # another orchestrator's: followed in the store
+                        await task.wait()
         except TimeoutError:
             with contextlib.suppress(KernelmeshError):
                 self.tasks.cancel(task.name, tenant=wf.tenant)
@@ -597,6 +610,18 @@ class WorkflowEngine:
             return False
         self._step_end(wf, step, StepState.FAILED, error)
         return True
+
+    async def _task_elsewhere(self, wf: Workflow, request: str) -> Task | None:
+        """The task of a step of a workflow claimed from another orchestrator, if
+        the store has it: held here (claimed with it), or followed where it is.
+        Submitting it again without looking would not wait for its commit, and
+        the store would refuse the copy only after it had started here."""
+        assert self.journal is not None
+        snap = await self.journal.find_request(wf.tenant, request)
+        if not snap.tasks:
+            return None
+        record = snap.tasks[0]
+        return self.tasks.held(record.id) or self.tasks.view(record, snap)
 
     # -- intermediates lost with their node ------------------------------------
 
@@ -1101,6 +1126,7 @@ class WorkflowEngine:
                 continue
             self._seq += 1
             wf.seq = max(wf.seq, self._seq)  # listed in this process's order
+            wf.adopted = True
             self._hold(wf)
             if not wf.state.terminal:
                 self._start(wf)
