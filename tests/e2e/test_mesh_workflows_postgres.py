@@ -146,6 +146,8 @@ def test_a_cancel_through_another_orchestrator_reaches_the_holder(dsn, procs):
         info = km.workflows.submit({"steps": chain(2000)}, {"a": ref})
     with grpc.insecure_channel(y.target) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        got = stub.GetWorkflow(orchestrator_pb2.GetWorkflowRequest(name=info.name), timeout=30)
+        assert got.workflow.state == orchestrator_pb2.WORKFLOW_STATE_RUNNING, "ran too fast"
         reply = stub.CancelWorkflow(
             orchestrator_pb2.CancelWorkflowRequest(name=info.name), timeout=30
         )
@@ -153,3 +155,30 @@ def test_a_cancel_through_another_orchestrator_reaches_the_holder(dsn, procs):
         assert reply.workflow.state == orchestrator_pb2.WORKFLOW_STATE_CANCELLED, reply
     with Client(x.target, timeout=30) as km:
         assert km.workflows.get(info.name).state is WorkflowState.CANCELLED
+
+    # A second workflow, through Y: either orchestrator lists both, newest first,
+    # page by page, and filters by state.
+    with Client(y.target, timeout=60) as km:
+        other = km.workflows.submit(
+            {"steps": [{"id": "r", "task": {"op": "relu", "inputs": ["${inputs.a}"]}}]},
+            {"a": ref},
+        )
+        assert km.workflows.wait(other.name, timeout=60).state is WorkflowState.SUCCEEDED
+    with grpc.insecure_channel(x.target) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        first = stub.ListWorkflows(orchestrator_pb2.ListWorkflowsRequest(page_size=1), timeout=30)
+        assert [w.name for w in first.workflows] == [other.name] and first.next_page_token
+        second = stub.ListWorkflows(
+            orchestrator_pb2.ListWorkflowsRequest(page_size=1, page_token=first.next_page_token),
+            timeout=30,
+        )
+        assert [w.name for w in second.workflows] == [info.name]
+        assert not second.next_page_token
+    with grpc.insecure_channel(y.target) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        cancelled = stub.ListWorkflows(
+            orchestrator_pb2.ListWorkflowsRequest(state=orchestrator_pb2.WORKFLOW_STATE_CANCELLED),
+            timeout=30,
+        )
+        assert [w.name for w in cancelled.workflows] == [info.name]
+        assert cancelled.workflows[0].step_statuses, "the steps come with it"
