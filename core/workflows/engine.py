@@ -19,6 +19,7 @@ the workflow ends."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -939,7 +940,7 @@ class WorkflowEngine:
         state: WorkflowState | None = None,
         page_size: int = 0,
         page_token: str = "",
-    ) -> tuple[list[Workflow], str]:
+    ) -> tuple[builtins.list[Workflow], str]:
         """`list`, or on a shared store every orchestrator's workflows (from the
         store, newest first by creation time; those held here as they are here)."""
         if self.shared is not None:
@@ -955,7 +956,7 @@ class WorkflowEngine:
         state: WorkflowState | None = None,
         page_size: int = 0,
         page_token: str = "",
-    ) -> tuple[list[Workflow], str]:
+    ) -> tuple[builtins.list[Workflow], str]:
         """Newest first; the token is the sequence number to continue below."""
         return listing.newest_first(
             self._workflows.values(),
@@ -1036,7 +1037,7 @@ class WorkflowEngine:
         return resumed, finished
 
     def _workflow_of(
-        self, record: WorkflowRecord, steps: list[WorkflowStepRecord]
+        self, record: WorkflowRecord, steps: builtins.list[WorkflowStepRecord]
     ) -> Workflow | None:
         """The workflow as the store holds it (its steps as shown)."""
         try:
@@ -1078,7 +1079,7 @@ class WorkflowEngine:
             step.view = step.snapshot()
         return wf
 
-    def views_of(self, snap: WorkflowSnapshot) -> list[Workflow]:
+    def views_of(self, snap: WorkflowSnapshot) -> builtins.list[Workflow]:
         """Read-only workflows from store records (of workflows held elsewhere)."""
         out = []
         for record in snap.workflows:
@@ -1104,7 +1105,7 @@ class WorkflowEngine:
 
     # -- several orchestrators on one store (services/mesh_sync.py) -----------------
 
-    def leased(self) -> list[str]:
+    def leased(self) -> builtins.list[str]:
         """The ids of the running workflows this process holds."""
         return [wf.id for wf in self._workflows.values() if wf.outcome is None]
 
@@ -1135,7 +1136,7 @@ class WorkflowEngine:
                     self.cancel_held([record.id])
         return adopted
 
-    def relinquish(self, ids: list[str]) -> int:
+    def relinquish(self, ids: builtins.list[str]) -> int:
         """Another orchestrator holds these workflows now (this one's lease ran
         out): they stop here and are forgotten, so reads go to the store."""
         done = 0
@@ -1154,7 +1155,7 @@ class WorkflowEngine:
             log.warning("%d workflows are held by another orchestrator now; stopped here", done)
         return done
 
-    def cancel_held(self, ids: list[str]) -> int:
+    def cancel_held(self, ids: builtins.list[str]) -> int:
         """Cancels the workflows held here that another orchestrator was asked to."""
         done = 0
         for workflow_id in ids:
