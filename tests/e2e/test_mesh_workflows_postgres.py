@@ -174,6 +174,11 @@ def test_a_cancel_through_another_orchestrator_reaches_the_holder(dsn, procs):
         )
         assert [w.name for w in second.workflows] == [info.name]
         assert not second.next_page_token
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.ListWorkflows(
+                orchestrator_pb2.ListWorkflowsRequest(page_token="not-a-token"), timeout=30
+            )
+        assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT, bad.value
     with grpc.insecure_channel(y.target) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         cancelled = stub.ListWorkflows(
