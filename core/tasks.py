@@ -772,6 +772,9 @@ class TaskManager:
             return
         task = self._restored(record, attempts, prepared.device, prepared.call, data)
         task.inputs = prepared.inputs
+        # Inputs held on nodes go by reference, as when first submitted: without
+        # this, a claimed or recovered task sent their placeholders (zeros).
+        task.remote_inputs = prepared.remote_inputs
         task.elements = prepared.elements
         task.held_bytes = prepared.held_bytes
         task.pinned = prepared.pinned

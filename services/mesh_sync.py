@@ -15,6 +15,7 @@ from kernelmesh.core.mesh.nodes import Mesh, Registration
 from kernelmesh.core.store import Store, StoreUnavailable
 from kernelmesh.core.store.base import NodeRecord
 from kernelmesh.core.tasks import TaskManager
+from kernelmesh.core.workflows import WorkflowEngine
 from kernelmesh.services import orchestrator_nodes
 from kernelmesh.v1 import orchestrator_pb2
 
@@ -46,6 +47,9 @@ class SharedMesh:
         self.owner = owner
         self.lease = mesh.lease_seconds
         self.claimed = 0
+        # Held under leases as tasks are (set by the server once it has an engine).
+        self.workflows: WorkflowEngine | None = None
+        self.claimed_workflows = 0
         self._task: asyncio.Task | None = None
         # Set by a notification (a node joined another orchestrator, a cancel was
         # asked): the next round starts now, not a third of a lease later.
@@ -95,6 +99,15 @@ class SharedMesh:
         lost = await self.store.renew_task_leases(self.owner, now + self.lease, leased)
         if lost:
             self.tasks.relinquish(lost)
+        if self.workflows is not None:
+            lost = await self.store.renew_workflow_leases(
+                self.owner, now + self.lease, self.workflows.leased()
+            )
+            if lost:
+                self.workflows.relinquish(lost)
+            cancels = await self.store.workflow_cancel_requests(self.owner)
+            if cancels:
+                self.workflows.cancel_held(cancels)
         entries = []
         for record in await self.store.list_nodes():
             reg = decode(record)
@@ -127,3 +140,14 @@ class SharedMesh:
                     with contextlib.suppress(StoreUnavailable):
                         await self.store.release_task_leases(self.owner, left)
                     raise
+            if self.workflows is not None:
+                # After the tasks: a resumed step finds its task claimed here.
+                wf_snap = await self.store.claim_expired_workflows(
+                    self.owner, now + self.lease, now, CLAIM_BATCH
+                )
+                if wf_snap.workflows:
+                    log.warning(
+                        "claimed %d running workflows whose orchestrator's lease ran out",
+                        len(wf_snap.workflows),
+                    )
+                    self.claimed_workflows += self.workflows.adopt(wf_snap)

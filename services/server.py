@@ -227,6 +227,8 @@ class Server:
         self.workflows = WorkflowEngine(
             self.tasks, self.llm, journal=self.state, options=WorkflowOptions(limits=config.limits)
         )
+        if self.shared is not None:  # workflows are held under leases too
+            self.shared.workflows = self.workflows
 
     async def start(self) -> None:
         # The store first: a state dir or database that cannot be used stops the

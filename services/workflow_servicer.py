@@ -24,6 +24,7 @@ from kernelmesh.core.workflows import (
     spec_from_dict,
     spec_to_dict,
 )
+from kernelmesh.core.workflows.shared import token_below
 from kernelmesh.core.workflows.spec import MAX_STEPS
 from kernelmesh.services import convert
 from kernelmesh.services.context import tenant_of
@@ -72,7 +73,7 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def GetWorkflow(
         self, request: orchestrator_pb2.GetWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetWorkflowResponse:
-        wf = self.workflows.get(_name(request.name), tenant=tenant_of(context))
+        wf = await self.workflows.read(_name(request.name), tenant=tenant_of(context))
         return orchestrator_pb2.GetWorkflowResponse(workflow=self._proto(wf))
 
     @stream_rpc
@@ -98,7 +99,7 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.ListWorkflowsResponse:
         state = WorkflowState(request.state) if request.state else None
         tenant = tenant_of(context)
-        page, token = self.workflows.list(
+        page, token = await self.workflows.page(
             tenant=tenant, state=state, page_size=request.page_size, page_token=request.page_token
         )
         response = orchestrator_pb2.ListWorkflowsResponse()
@@ -114,9 +115,12 @@ class WorkflowServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                         retry_after=0.0,
                     )
                 # the same page cut to the i workflows that fit, and its token
-                _, token = self.workflows.list(
-                    tenant=tenant, state=state, page_size=i, page_token=request.page_token
-                )
+                if self.workflows.shared is not None:
+                    token = token_below(page[i - 1])
+                else:
+                    _, token = self.workflows.list(
+                        tenant=tenant, state=state, page_size=i, page_token=request.page_token
+                    )
                 break
             response.workflows.append(msg)
         response.next_page_token = token

@@ -34,8 +34,9 @@ class StoreUnavailable(Unavailable):
 
 
 class RequestIdTaken(Exception):
-    """A shared store refused a task: its tenant's request id is already another
-    task's (committed by another orchestrator, or by this one before a restart)."""
+    """A shared store refused a task or a workflow: its tenant's request id is
+    already another one's (committed by another orchestrator, or by this one
+    before a restart)."""
 
 
 @dataclass(slots=True)
@@ -397,6 +398,44 @@ class Store(ABC):
     @abstractmethod
     async def load_workflows(self) -> WorkflowSnapshot:
         """Every workflow kept, oldest first, with its steps."""
+
+    # Workflows on a store several orchestrators share (PostgreSQL): held under a
+    # lease like tasks. The other stores keep each workflow with its one process.
+
+    async def read_workflows(self, ids: Sequence[str]) -> WorkflowSnapshot:
+        """The workflows named (those still kept), with their steps."""
+        return WorkflowSnapshot([], {})
+
+    async def find_workflow_request(self, tenant: str, request_id: str) -> WorkflowSnapshot:
+        """The workflow holding the tenant's request id, as `read_workflows` has it."""
+        return WorkflowSnapshot([], {})
+
+    async def list_workflow_records(
+        self, tenant: str, *, state: int | None, limit: int, below: tuple[float, str] | None
+    ) -> WorkflowSnapshot:
+        """Up to `limit` of the tenant's workflows, newest first by (create_time,
+        id), those strictly below `below` when given, with their steps."""
+        return WorkflowSnapshot([], {})
+
+    async def renew_workflow_leases(
+        self, owner: str, until: float, ids: Sequence[str] = ()
+    ) -> list[str]:
+        """Extends the lease of every running workflow `owner` holds; returns those
+        of `ids` it no longer holds (claimed by another orchestrator, or gone)."""
+        return []
+
+    async def claim_expired_workflows(
+        self, owner: str, until: float, now: float, limit: int = 100
+    ) -> WorkflowSnapshot:
+        """Takes up to `limit` running workflows whose holder's lease ran out before
+        `now` (one sweeper at a time, as `claim_expired_tasks`): they are `owner`'s
+        until `until`. Returns them with their steps."""
+        return WorkflowSnapshot([], {})
+
+    async def workflow_cancel_requests(self, owner: str) -> list[str]:
+        """The running workflows `owner` holds that another orchestrator was asked
+        to cancel."""
+        return []
 
     # -- the mesh: claims shared by several orchestrators ----------------------
     # Only a store several processes share (PostgreSQL) claims; the others keep

@@ -193,6 +193,18 @@ CREATE INDEX tensor_locations_node ON tensor_locations (node);
 """
 
 
+# Workflows held by one of several orchestrators on one store, as tasks are:
+# the holder and its lease (renewed; an expired one is claimed by another
+# orchestrator, which resumes the workflow), and a cancel asked of another one.
+_V7_WORKFLOW_LEASES = """
+ALTER TABLE workflows ADD COLUMN owner TEXT;
+ALTER TABLE workflows ADD COLUMN lease_until {real};
+ALTER TABLE workflows ADD COLUMN cancel_requested {real};
+CREATE INDEX workflows_holder ON workflows (owner, state);
+CREATE INDEX workflows_tenant_time ON workflows (tenant, create_time, id);
+"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -207,6 +219,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "cancel requests of tasks held by another orchestrator", _V4_CANCEL_REQUESTS),
     Migration(5, "LLM usage, token budgets and their reservations", _V5_LLM_BUDGETS),
     Migration(6, "where the mesh's nodes hold named tensors", _V6_TENSOR_LOCATIONS),
+    Migration(7, "workflow holders, leases and cancel requests", _V7_WORKFLOW_LEASES),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -130,6 +130,7 @@ STALLED_TRANSACTION_S = 5.0
 # Taken (for the claim's transaction) by the one orchestrator that claims expired tasks.
 _SWEEPER_LOCK = 0x6B6D_7377  # "kmsw"
 _UNFINISHED = "(1, 2)"  # QUEUED, RUNNING
+_WORKFLOW_RUNNING = 1  # kernelmesh.v1.WORKFLOW_STATE_RUNNING
 
 
 class PostgresStore(Store):
@@ -433,6 +434,129 @@ class PostgresStore(Store):
             step = sql.workflow_step_from_row(tuple(row))
             snap.steps.setdefault(step.workflow_id, []).append(step)
         return snap
+
+    # -- workflows held by several orchestrators -----------------------------------
+
+    async def _workflow_snapshot(
+        self, conn: _Conn, statement: str, *args: object
+    ) -> WorkflowSnapshot:
+        rows = await conn.fetch(self._q(statement), *args, timeout=_COMMIT_TIMEOUT_S)
+        snap = WorkflowSnapshot([sql.workflow_from_row(tuple(r)) for r in rows], {})
+        ids = [w.id for w in snap.workflows]
+        if ids:
+            for row in await conn.fetch(
+                self._q(
+                    sql.SELECT_WORKFLOW_STEPS.replace(
+                        " ORDER BY", " WHERE workflow_id = ANY(?) ORDER BY"
+                    )
+                ),
+                ids,
+                timeout=_COMMIT_TIMEOUT_S,
+            ):
+                step = sql.workflow_step_from_row(tuple(row))
+                snap.steps.setdefault(step.workflow_id, []).append(step)
+        return snap
+
+    async def _read_workflows(self, statement: str, *args: object) -> WorkflowSnapshot:
+        if self._pool is None:
+            raise StoreUnavailable(f"the store {self.where} is closed")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+                return await self._workflow_snapshot(conn, statement, *args)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"the state store (PostgreSQL) failed a read: {exc}") from None
+
+    async def read_workflows(self, ids: Sequence[str]) -> WorkflowSnapshot:
+        return await self._read_workflows(
+            sql.SELECT_WORKFLOWS.replace(" ORDER BY", " WHERE id = ANY(?) ORDER BY"), list(ids)
+        )
+
+    async def find_workflow_request(self, tenant: str, request_id: str) -> WorkflowSnapshot:
+        return await self._read_workflows(
+            sql.SELECT_WORKFLOWS.replace(
+                " ORDER BY", " WHERE tenant = ? AND request_id = ? ORDER BY"
+            ),
+            tenant,
+            request_id,
+        )
+
+    async def list_workflow_records(
+        self, tenant: str, *, state: int | None, limit: int, below: tuple[float, str] | None
+    ) -> WorkflowSnapshot:
+        where = ["tenant = ?"]
+        args: list[object] = [tenant]
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if below is not None:
+            where.append("(create_time, id) < (?, ?)")
+            args.extend(below)
+        statement = (
+            f"SELECT {', '.join(sql.WORKFLOW_COLUMNS)} FROM workflows "
+            f"WHERE {' AND '.join(where)} ORDER BY create_time DESC, id DESC LIMIT ?"
+        )
+        return await self._read_workflows(statement, *args, limit)
+
+    async def renew_workflow_leases(
+        self, owner: str, until: float, ids: Sequence[str] = ()
+    ) -> list[str]:
+        async def renew(conn: _Conn) -> list[str]:
+            await conn.execute(
+                "UPDATE workflows SET lease_until = $1 WHERE id IN (SELECT id FROM workflows "
+                f"WHERE owner = $2 AND state = {_WORKFLOW_RUNNING} ORDER BY id FOR UPDATE)",
+                until,
+                owner,
+                timeout=_COMMIT_TIMEOUT_S,
+            )
+            if not ids:
+                return []
+            rows = await conn.fetch(
+                "SELECT u.id FROM unnest($1::text[]) AS u(id) LEFT JOIN workflows w "
+                "ON w.id = u.id WHERE w.id IS NULL OR w.owner IS DISTINCT FROM $2",
+                list(ids),
+                owner,
+                timeout=_COMMIT_TIMEOUT_S,
+            )
+            return [r[0] for r in rows]
+
+        return await self._in_transaction(renew, "a workflow lease renewal")
+
+    async def claim_expired_workflows(
+        self, owner: str, until: float, now: float, limit: int = 100
+    ) -> WorkflowSnapshot:
+        """Under the sweepers' transaction-scoped advisory lock, as task claims."""
+
+        async def claim(conn: _Conn) -> WorkflowSnapshot:
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _SWEEPER_LOCK):
+                return WorkflowSnapshot([], {})
+            claimed = await conn.fetch(
+                "UPDATE workflows SET owner = $1, lease_until = $2 WHERE id IN ("
+                f"SELECT id FROM workflows WHERE state = {_WORKFLOW_RUNNING} "
+                "AND COALESCE(lease_until, 0) < $3 "
+                "ORDER BY seq FOR UPDATE SKIP LOCKED LIMIT $4) RETURNING id",
+                owner,
+                until,
+                now,
+                limit,
+                timeout=_COMMIT_TIMEOUT_S,
+            )
+            if not claimed:
+                return WorkflowSnapshot([], {})
+            return await self._workflow_snapshot(
+                conn,
+                sql.SELECT_WORKFLOWS.replace(" ORDER BY", " WHERE id = ANY(?) ORDER BY"),
+                [r[0] for r in claimed],
+            )
+
+        return await self._in_transaction(claim, "a workflow claim")
+
+    async def workflow_cancel_requests(self, owner: str) -> list[str]:
+        rows = await self._fetch(
+            f"SELECT id FROM workflows WHERE owner = ? AND state = {_WORKFLOW_RUNNING} "
+            "AND cancel_requested IS NOT NULL",
+            owner,
+        )
+        return [r[0] for r in rows]
 
     # -- the mesh ---------------------------------------------------------------
 
@@ -759,7 +883,6 @@ def _notices(ops: Iterable[Op]) -> list[str]:
 
 
 def _request_id_taken(exc: BaseException) -> bool:
-    return (
-        isinstance(exc, asyncpg.UniqueViolationError)
-        and getattr(exc, "constraint_name", None) == "tasks_request_id"
-    )
+    return isinstance(exc, asyncpg.UniqueViolationError) and getattr(
+        exc, "constraint_name", None
+    ) in ("tasks_request_id", "workflows_request_id")

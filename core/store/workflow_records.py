@@ -22,10 +22,17 @@ class WorkflowRecord:
     end_time: float | None = None
     error_code: int | None = None
     error_message: str | None = None
+    # Several orchestrators on one store: the one running the workflow, until
+    # when (it renews), and when another one was asked to cancel it.
+    owner: str | None = None
+    lease_until: float | None = None
+    cancel_requested: float | None = None
 
 
 # The columns UpdateWorkflow may set.
-WORKFLOW_UPDATABLE = frozenset({"state", "end_time", "error_code", "error_message"})
+WORKFLOW_UPDATABLE = frozenset(
+    {"state", "end_time", "error_code", "error_message", "cancel_requested"}
+)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ the workflow ends."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -43,12 +44,14 @@ from kernelmesh.core.errors import (
     Violation,
 )
 from kernelmesh.core.store import Store, StoreUnavailable
+from kernelmesh.core.store.base import RequestIdTaken
 from kernelmesh.core.store.workflow_records import (
     DeleteWorkflow,
     PutWorkflow,
     PutWorkflowStep,
     UpdateWorkflow,
     WorkflowRecord,
+    WorkflowSnapshot,
     WorkflowStepRecord,
 )
 from kernelmesh.core.task_retry import DEFAULT_RETRY
@@ -67,6 +70,7 @@ from kernelmesh.core.workflows.validation import Plan, plan_of, validate
 
 if TYPE_CHECKING:
     from kernelmesh.core.llm import Gateway
+    from kernelmesh.core.workflows.shared import SharedWorkflows
 
 PREFIX = "workflows/"
 log = logging.getLogger(__name__)
@@ -176,6 +180,8 @@ class Workflow:
     outcome: WorkflowState | None = None
     # Tensors the engine stored from inline inputs: the workflow's to delete.
     owned: frozenset[str] = frozenset()
+    # Claimed from another orchestrator: its steps' tasks may be held elsewhere.
+    adopted: bool = False
     _watchers: list[_Watcher] = field(default_factory=list)
     _runner: asyncio.Task[None] | None = None
     _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -234,6 +240,14 @@ class WorkflowEngine:
         # (workflow, step), how often, and one at a time.
         self._remakes: dict[tuple[str, str], int] = {}
         self._remaking: dict[tuple[str, str], asyncio.Lock] = {}
+        # Several orchestrators on one store (the task manager has an owner then):
+        # workflows are held under a lease renewed by services/mesh_sync.py, and
+        # those held elsewhere are read from the store.
+        self.shared: SharedWorkflows | None = None
+        if self.journal is not None and self.journal.shared and tasks.owner:
+            from kernelmesh.core.workflows.shared import SharedWorkflows
+
+            self.shared = SharedWorkflows(self, self.journal)
 
     # -- submission ----------------------------------------------------------
 
@@ -253,6 +267,12 @@ class WorkflowEngine:
             first = self._requests.get((tenant, request_id))
             if first is not None:
                 return await self._same_request(first, fingerprint)
+            if self.shared is not None and self.journal is not None:
+                # Submitted through another orchestrator: that workflow is the
+                # answer, whatever this one would make of the spec now.
+                known = self.views_of(await self.journal.find_workflow_request(tenant, request_id))
+                if known:
+                    return await self._same_request(known[0], fingerprint)
         plan = validate(
             spec,
             tensor_meta=lambda name: self._meta(name, tenant),
@@ -276,11 +296,22 @@ class WorkflowEngine:
         if request_id:
             self._requests[(tenant, request_id)] = wf
         if self.journal is not None:
-            future = self.journal.write(PutWorkflow(_record_of(wf)), wait=True)
+            record = _record_of(wf)
+            if self.shared is not None:
+                record.owner = self.tasks.owner
+                record.lease_until = time.time() + self.tasks.lease_seconds
+            future = self.journal.write(PutWorkflow(record), wait=True)
             assert future is not None
             self._committing[wf.id] = future
             try:
                 await future
+            except RequestIdTaken:
+                # Another orchestrator sharing the store has this request id: its
+                # workflow is the answer (as for tasks), never UNAVAILABLE.
+                if self._requests.get((tenant, request_id)) is wf:
+                    del self._requests[(tenant, request_id)]
+                self._delete_tensors(owned, tenant)
+                return await self._taken(tenant, request_id, fingerprint)
             except BaseException:
                 if request_id:
                     self._requests.pop((tenant, request_id), None)
@@ -292,6 +323,19 @@ class WorkflowEngine:
         self._count_consumers(wf)
         self._start(wf)
         return wf
+
+    async def _taken(self, tenant: str, request_id: str, fingerprint: str) -> Workflow:
+        first = self._requests.get((tenant, request_id))
+        if first is not None:  # claimed by this process meanwhile
+            return await self._same_request(first, fingerprint)
+        assert self.journal is not None
+        snap = await self.journal.find_workflow_request(tenant, request_id)
+        views = self.views_of(snap)
+        if not views:  # forgotten (retention) between the refusal and this read
+            raise StoreUnavailable(
+                f"request_id {request_id!r} was taken and released meanwhile; retry"
+            )
+        return await self._same_request(views[0], fingerprint)
 
     async def _same_request(self, first: Workflow, fingerprint: str) -> Workflow:
         if (first.fingerprint or "") != fingerprint:
@@ -310,8 +354,8 @@ class WorkflowEngine:
         return first
 
     def _meta(self, name: str, tenant: str) -> ops.TensorMeta | None:
-        try:
-            array = self.tasks.store.get(name, tenant=tenant).array
+        try:  # kept here, or (an orchestrator's) on a node
+            array = self.tasks.kept_ref(name, tenant).array
         except NotFound:
             return None
         return ops.TensorMeta(array.dtype.name, tuple(array.shape))
@@ -519,19 +563,24 @@ class WorkflowEngine:
         # in order). Dying before that, the step had not finished as far as anyone
         # saw, and runs again (with this request id, as the same task if the store
         # has it).
-        task = await self.tasks.submit_journaled(
-            spec,
-            request_id=request,
-            fingerprint=request,
-            deadline=deadline,
-            await_commit=False,
-            inline=True,
-        )
+        task = await self._task_elsewhere(wf, request) if wf.adopted else None
+        if task is None:
+            task = await self.tasks.submit_journaled(
+                spec,
+                request_id=request,
+                fingerprint=request,
+                deadline=deadline,
+                await_commit=False,
+                inline=True,
+            )
         self._step_running(wf, step, task=task.name)
         try:
             if not task.state.terminal:  # a tiny step ran on the spot
                 async with asyncio.timeout_at(_loop_time(deadline)):
-                    await self._follow(wf, step, task)
+                    if self.tasks.held(task.id) is task:
+                        await self._follow(wf, step, task)
+                    else:  # another orchestrator's: followed in the store
+                        await task.wait()
         except TimeoutError:
             with contextlib.suppress(KernelmeshError):
                 self.tasks.cancel(task.name, tenant=wf.tenant)
@@ -562,6 +611,18 @@ class WorkflowEngine:
             return False
         self._step_end(wf, step, StepState.FAILED, error)
         return True
+
+    async def _task_elsewhere(self, wf: Workflow, request: str) -> Task | None:
+        """The task of a step of a workflow claimed from another orchestrator, if
+        the store has it: held here (claimed with it), or followed where it is.
+        Submitting it again without looking would not wait for its commit, and
+        the store would refuse the copy only after it had started here."""
+        assert self.journal is not None
+        snap = await self.journal.find_request(wf.tenant, request)
+        if not snap.tasks:
+            return None
+        record = snap.tasks[0]
+        return self.tasks.held(record.id) or self.tasks.view(record, snap)
 
     # -- intermediates lost with their node ------------------------------------
 
@@ -866,6 +927,28 @@ class WorkflowEngine:
             raise NotFound(f"workflow {name!r} not found")
         return wf
 
+    async def read(self, name: str, *, tenant: str) -> Workflow:
+        """`get`, or on a shared store the workflow another orchestrator holds."""
+        if self.shared is not None and name not in self._workflows:
+            return await self.shared.get(name, tenant=tenant)
+        return self.get(name, tenant=tenant)
+
+    async def page(
+        self,
+        *,
+        tenant: str,
+        state: WorkflowState | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[builtins.list[Workflow], str]:
+        """`list`, or on a shared store every orchestrator's workflows (from the
+        store, newest first by creation time; those held here as they are here)."""
+        if self.shared is not None:
+            return await self.shared.list(
+                tenant=tenant, state=state, page_size=page_size, page_token=page_token
+            )
+        return self.list(tenant=tenant, state=state, page_size=page_size, page_token=page_token)
+
     def list(
         self,
         *,
@@ -873,7 +956,7 @@ class WorkflowEngine:
         state: WorkflowState | None = None,
         page_size: int = 0,
         page_token: str = "",
-    ) -> tuple[list[Workflow], str]:
+    ) -> tuple[builtins.list[Workflow], str]:
         """Newest first; the token is the sequence number to continue below."""
         return listing.newest_first(
             self._workflows.values(),
@@ -887,7 +970,14 @@ class WorkflowEngine:
         self, name: str, *, tenant: str, steps: bool = True
     ) -> AsyncGenerator[WorkflowEvent, None]:
         """The workflow as it stands, then every transition until it ends (with
-        `steps=False`, only the workflow's own)."""
+        `steps=False`, only the workflow's own). One held by another
+        orchestrator is followed in the store."""
+        if self.shared is not None and name not in self._workflows:
+            events = self.shared.watch(name, tenant=tenant, steps=steps)
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    yield item
+            return
         wf = self.get(name, tenant=tenant)
         queue: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
         watcher = _Watcher(queue, steps)
@@ -904,7 +994,10 @@ class WorkflowEngine:
 
     async def cancel(self, name: str, *, tenant: str) -> Workflow:
         """Cancels running steps (and their tasks) and returns once the store holds
-        the workflow's end; a finished workflow is unchanged."""
+        the workflow's end; a finished workflow is unchanged. One held by another
+        orchestrator is cancelled by its holder, asked through the store."""
+        if self.shared is not None and name not in self._workflows:
+            return await self.shared.cancel(name, tenant=tenant)
         wf = self.get(name, tenant=tenant)
         if wf.outcome is None:
             if wf._runner is not None:
@@ -920,65 +1013,164 @@ class WorkflowEngine:
     async def recover(self) -> tuple[int, int]:
         """Loads the journal (after the task manager's recovery): finished
         workflows within retention, and unfinished ones, resumed. Returns
-        (workflows resumed, finished workflows restored)."""
+        (workflows resumed, finished workflows restored). On a store several
+        orchestrators share, an unfinished workflow is another one's (or a dead
+        one's, whose lease runs out): the shared round claims it, not this."""
         if self.journal is None:
             return 0, 0
         snap = await self.journal.load_workflows()
         resumed = finished = 0
         for record in snap.workflows:
             self._seq = max(self._seq, record.seq)
-            try:
-                data = json.loads(record.spec)
-                spec = spec_from_dict(data)
-                plan = plan_of(spec)
-            except (ValueError, KeyError) as exc:  # written by a kernelmesh that read it
-                log.error("workflow %s cannot be read back: %s", record.id, exc)
+            if self.shared is not None and record.state == WorkflowState.RUNNING:
                 continue
-            wf = Workflow(
-                id=record.id,
-                seq=record.seq,
-                tenant=record.tenant,
-                spec=spec,
-                plan=plan,
-                steps={s.id: StepRun(s) for s in spec.steps},
-                request_id=record.request_id,
-                fingerprint=record.fingerprint,
-                state=WorkflowState(record.state),
-                create_time=record.create_time,
-                end_time=record.end_time,
-                owned=frozenset(data.get("owned", ())),
-            )
-            if record.error_code is not None:
-                wf.error = TaskFailure(_code(record.error_code), record.error_message or "")
-            for row in snap.steps.get(record.id, []):
-                step = wf.steps.get(row.step_id)
-                if step is None:
-                    continue
-                step.state = StepState(row.state)
-                step.task = row.task
-                step.attempt = row.attempt
-                step.start_time = row.start_time
-                step.end_time = row.end_time
-                step.outputs = json.loads(row.outputs)
-                step.text = row.text
-                if row.error_code is not None:
-                    step.error = TaskFailure(_code(row.error_code), row.error_message or "")
-                step.view = step.snapshot()
-            self._workflows[wf.name] = wf
-            if wf.request_id:
-                self._requests[(wf.tenant, wf.request_id)] = wf
-            self._count_consumers(wf)
+            wf = self._workflow_of(record, snap.steps.get(record.id, []))
+            if wf is None:
+                continue
+            self._hold(wf)
             if wf.state.terminal:
-                wf.outcome = wf.state
-                self._delete_tensors(wf.owned, wf.tenant)
-                wf._done.set()
-                self._finished[wf.name] = wf
                 finished += 1
             else:
                 self._start(wf)
                 resumed += 1
         self._evict()
         return resumed, finished
+
+    def _workflow_of(
+        self, record: WorkflowRecord, steps: builtins.list[WorkflowStepRecord]
+    ) -> Workflow | None:
+        """The workflow as the store holds it (its steps as shown)."""
+        try:
+            data = json.loads(record.spec)
+            spec = spec_from_dict(data)
+            plan = plan_of(spec)
+        except (ValueError, KeyError) as exc:  # written by a kernelmesh that read it
+            log.error("workflow %s cannot be read back: %s", record.id, exc)
+            return None
+        wf = Workflow(
+            id=record.id,
+            seq=record.seq,
+            tenant=record.tenant,
+            spec=spec,
+            plan=plan,
+            steps={s.id: StepRun(s) for s in spec.steps},
+            request_id=record.request_id,
+            fingerprint=record.fingerprint,
+            state=WorkflowState(record.state),
+            create_time=record.create_time,
+            end_time=record.end_time,
+            owned=frozenset(data.get("owned", ())),
+        )
+        if record.error_code is not None:
+            wf.error = TaskFailure(_code(record.error_code), record.error_message or "")
+        for row in steps:
+            step = wf.steps.get(row.step_id)
+            if step is None:
+                continue
+            step.state = StepState(row.state)
+            step.task = row.task
+            step.attempt = row.attempt
+            step.start_time = row.start_time
+            step.end_time = row.end_time
+            step.outputs = json.loads(row.outputs)
+            step.text = row.text
+            if row.error_code is not None:
+                step.error = TaskFailure(_code(row.error_code), row.error_message or "")
+            step.view = step.snapshot()
+        return wf
+
+    def views_of(self, snap: WorkflowSnapshot) -> builtins.list[Workflow]:
+        """Read-only workflows from store records (of workflows held elsewhere)."""
+        out = []
+        for record in snap.workflows:
+            wf = self._workflow_of(record, snap.steps.get(record.id, []))
+            if wf is not None:
+                if wf.state.terminal:
+                    wf.outcome = wf.state
+                    wf._done.set()
+                out.append(wf)
+        return out
+
+    def _hold(self, wf: Workflow) -> None:
+        """Keeps a workflow read from the store as this process's."""
+        self._workflows[wf.name] = wf
+        if wf.request_id:
+            self._requests[(wf.tenant, wf.request_id)] = wf
+        self._count_consumers(wf)
+        if wf.state.terminal:
+            wf.outcome = wf.state
+            self._delete_tensors(wf.owned, wf.tenant)
+            wf._done.set()
+            self._finished[wf.name] = wf
+
+    # -- several orchestrators on one store (services/mesh_sync.py) -----------------
+
+    def leased(self) -> builtins.list[str]:
+        """The ids of the running workflows this process holds."""
+        return [wf.id for wf in self._workflows.values() if wf.outcome is None]
+
+    def held(self, workflow_id: str) -> Workflow | None:
+        return self._workflows.get(PREFIX + workflow_id)
+
+    def adopt(self, snap: WorkflowSnapshot) -> int:
+        """Resumes the workflows claimed from an orchestrator whose lease ran out,
+        as `recover` does after a restart: from their finished steps; a step that
+        was running is submitted again under its request id, which finds its task
+        (claimed here, or followed where it runs), so no finished step runs again."""
+        adopted = 0
+        for record in snap.workflows:
+            held = self.held(record.id)
+            if held is not None and held.outcome is None:
+                continue  # this process's own, renewed late: still running here
+            wf = self._workflow_of(record, snap.steps.get(record.id, []))
+            if wf is None:
+                continue
+            self._seq += 1
+            wf.seq = max(wf.seq, self._seq)  # listed in this process's order
+            wf.adopted = True
+            self._hold(wf)
+            if not wf.state.terminal:
+                self._start(wf)
+                adopted += 1
+                if record.cancel_requested is not None:
+                    self.cancel_held([record.id])
+        return adopted
+
+    def relinquish(self, ids: builtins.list[str]) -> int:
+        """Another orchestrator holds these workflows now (this one's lease ran
+        out): they stop here and are forgotten, so reads go to the store."""
+        done = 0
+        for workflow_id in ids:
+            wf = self._workflows.pop(PREFIX + workflow_id, None)
+            if wf is None:
+                continue
+            done += 1
+            for runner in [*wf._running.values(), wf._runner]:
+                if runner is not None:
+                    runner.cancel()
+            if wf.request_id and self._requests.get((wf.tenant, wf.request_id)) is wf:
+                del self._requests[(wf.tenant, wf.request_id)]
+            self._finished.pop(wf.name, None)
+        if done:
+            log.warning("%d workflows are held by another orchestrator now; stopped here", done)
+        return done
+
+    def cancel_held(self, ids: builtins.list[str]) -> int:
+        """Cancels the workflows held here that another orchestrator was asked to."""
+        done = 0
+        for workflow_id in ids:
+            wf = self.held(workflow_id)
+            if wf is None or wf.outcome is not None:
+                continue
+            if wf._runner is not None:
+                wf._runner.cancel()
+            self._abort(
+                wf,
+                WorkflowState.CANCELLED,
+                TaskFailure(Code.CANCELLED, "cancelled by request (through another orchestrator)"),
+            )
+            done += 1
+        return done
 
     async def shutdown(self) -> None:
         """Stops running workflows where they stand: the store keeps them
