@@ -3,6 +3,7 @@ in place from a registered region, outputs written into one (core/shm.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Callable
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from kernelmesh.core import ops
 from kernelmesh.core.errors import FailedPrecondition
+from kernelmesh.core.peer_uid import peer_uid
 from kernelmesh.core.shm import OutputSlot, SharedMemoryRegistry
 from kernelmesh.core.tasks import Task
 from kernelmesh.services import convert, paging
@@ -65,7 +67,14 @@ class SharedMemoryServicer(shm_pb2_grpc.SharedMemoryServiceServicer):
     ) -> shm_pb2.RegisterSharedMemoryResponse:
         require_local(context)
         r = request.region
-        region = self.registry.register(tenant_of(context), r.name, r.key, r.byte_size)
+        tenant = tenant_of(context)
+        # The OS user of the calling process: only its own segments are mapped for it.
+        # Read off the event loop (a busy host's /proc/net/tcp has many rows).
+        owner_uid = await asyncio.to_thread(peer_uid, context.peer() or "")
+        region = self.registry.register(tenant, r.name, r.key, r.byte_size, owner_uid=owner_uid)
+        if context.cancelled():  # the caller went: its connection no longer names its user
+            self.registry.unregister(tenant, region.name)
+            raise FailedPrecondition("the call was cancelled; the region is not registered")
         return shm_pb2.RegisterSharedMemoryResponse(region=_region_proto(region))
 
     @rpc

@@ -4,6 +4,7 @@ tenant-scoped and size-checked, dropped on unregister or when the client goes.""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -81,6 +82,51 @@ async def test_a_segment_the_server_cannot_open_is_failed_precondition(km):
     region.close()  # unlinked: the server, like a remote host, cannot open it
     with pytest.raises(FailedPreconditionError, match="cannot be opened on the server's host"):
         await km._io.run(shm_plans.register(region))
+
+
+NOT_AVAILABLE = "is not owned by the calling process's user or is registered by another tenant"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="only root can give a segment to another user (os.fchown); CI runs as root",
+)
+async def test_a_segment_of_another_user_is_failed_precondition(km, server):
+    # The reviewer's attack: a server running as root mapped any user's segment
+    # (PostgreSQL's own, another tenant's) for whoever named it.
+    region = SharedMemoryRegion(1024)
+    try:
+        os.fchown(region.segment._fd, 65534, -1)  # nobody's now, as another user's would be
+        with pytest.raises(FailedPreconditionError) as exc:
+            await km._io.run(shm_plans.register(region))
+        assert NOT_AVAILABLE in str(exc.value)
+        assert region.key in str(exc.value)
+    finally:
+        region.close()
+    assert server.shm.list("default") == []
+
+
+async def test_a_segment_another_tenant_registered_is_refused_to_every_other_tenant(km, server):
+    region = await km.shared_memory(1024)  # tenant "default"
+    region.put(np.arange(4, dtype=np.float32))
+    stolen = SharedMemoryRegion.__new__(SharedMemoryRegion)  # the same segment, B's name
+    stolen.segment, stolen.name, stolen.byte_size = region.segment, "mine-now", 1024
+    async with AsyncClient(f"127.0.0.1:{server.port}", tenant="other") as other:
+        with pytest.raises(FailedPreconditionError) as exc:
+            await other._io.run(shm_plans.register(stolen))
+        assert NOT_AVAILABLE in str(exc.value)
+        assert server.shm.list("other") == []
+        # the owning tenant may map it again under another name
+        await km._io.run(shm_plans.register(stolen))
+        assert sorted(r.name for r in server.shm.list("default")) == sorted(
+            ["mine-now", region.name]
+        )
+        # once its tenant lets it go, the segment's user may register it elsewhere
+        await km._io.run(shm_plans.unregister("mine-now"))
+        await km._io.run(shm_plans.unregister(region.name))  # the segment stays
+        await other._io.run(shm_plans.register(stolen))
+        assert [r.name for r in server.shm.list("other")] == ["mine-now"]
+        await other._io.run(shm_plans.unregister("mine-now"))
 
 
 def test_only_loopback_and_unix_peers_count_as_local():
