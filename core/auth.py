@@ -355,7 +355,7 @@ class KeyRing:
             return None
         created = await self.create(tenant=tenant, role=Role.ADMIN, label="bootstrap admin")
         directory = Path(state_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # private if made here
         path = directory / BOOTSTRAP_FILE
         temporary = directory / f".{BOOTSTRAP_FILE}.{os.getpid()}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -158,7 +158,7 @@ async def test_headers_without_a_bearer_key_are_unauthenticated_without_a_store_
 async def test_the_cache_stays_bounded_under_a_flood_of_distinct_wrong_keys(ring, monkeypatch):
     monkeypatch.setattr(auth, "MAX_CACHED_CHECKS", 50)
     created = await ring.create(tenant="t", role=Role.USER)
-    for i in range(500):
+    for _ in range(500):
         with pytest.raises(Unauthenticated):
             await ring.authenticate(well_formed_wrong_key())
         assert len(ring._checked) <= 50
