@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +106,37 @@ async def test_a_segment_of_another_user_is_failed_precondition(km, server):
     finally:
         region.close()
     assert server.shm.list("default") == []
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="only root can run a client as another user (os.setuid); CI runs as root",
+)
+async def test_a_client_of_another_user_maps_its_own_segments_and_not_the_servers(server):
+    # The server (root here) tells the caller's user from its connection: a client
+    # running as nobody registers its own segment, and not one of root's.
+    root_owned = SharedMemoryRegion(1024)
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("shm_other_user.py")),
+            f"127.0.0.1:{server.port}",
+            root_owned.key,
+            "65534",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd="/",
+        )
+        out, _ = await asyncio.wait_for(child.communicate(), 60)
+    finally:
+        root_owned.close()
+    lines = out.decode().splitlines()
+    assert child.returncode == 0, out.decode()
+    own = next(line.split() for line in lines if line.startswith("own "))
+    assert own[2] == "OK", lines
+    foreign = next(line for line in lines if line.startswith("foreign "))
+    assert "FAILED_PRECONDITION" in foreign and NOT_AVAILABLE in foreign, lines
+    assert server.shm.list("default") == []  # its segment was unlinked when it ended
 
 
 async def test_a_segment_another_tenant_registered_is_refused_to_every_other_tenant(km, server):
