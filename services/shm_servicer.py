@@ -4,7 +4,6 @@ in place from a registered region, outputs written into one (core/shm.py)."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Callable
 
 import grpc
@@ -12,7 +11,7 @@ import numpy as np
 
 from kernelmesh.core import ops
 from kernelmesh.core.errors import FailedPrecondition
-from kernelmesh.core.peer_uid import peer_uid
+from kernelmesh.core.peer_uid import parse_peer, peer_uid
 from kernelmesh.core.shm import OutputSlot, SharedMemoryRegistry
 from kernelmesh.core.tasks import Task
 from kernelmesh.services import convert, paging
@@ -24,24 +23,12 @@ InputResolver = Callable[[tensor_pb2.SharedMemoryTensor, str], np.ndarray]
 
 
 def is_local_peer(peer: str) -> bool:
-    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
-    "unix:/path") is on this host."""
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", also
+    URL-encoded as "ipv6:%5B::1%5D:5000", "unix:/path") is on this host."""
     if peer.startswith(("unix:", "unix-abstract:")):
         return True
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        host = rest.rpartition(":")[0].strip("[]")
-    elif kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    else:
-        return False
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    endpoint = parse_peer(peer)
+    return endpoint is not None and endpoint[0].is_loopback
 
 
 def require_local(context: grpc.aio.ServicerContext) -> None:

@@ -4,7 +4,9 @@ tenant-scoped and size-checked, dropped on unregister or when the client goes.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -162,10 +164,30 @@ async def test_a_segment_another_tenant_registered_is_refused_to_every_other_ten
         await other._io.run(shm_plans.unregister("mine-now"))
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+async def test_a_client_over_ipv6_loopback_maps_its_segment(server_config, start_server):
+    # gRPC names such a peer "ipv6:%5B::1%5D:port"; its socket is in /proc/net/tcp6
+    server = await start_server(dataclasses.replace(server_config, host="[::1]", http_port=None))
+    async with AsyncClient(f"[::1]:{server.port}", timeout=30.0) as km:
+        region = await km.shared_memory(1024)
+        x = np.arange(-2, 2, dtype=np.float32)
+        np.testing.assert_array_equal(await km.run("relu", region.put(x)), np.maximum(x, 0))
+
+
 def test_only_loopback_and_unix_peers_count_as_local():
     assert is_local_peer("ipv4:127.0.0.1:5000")
     assert is_local_peer("ipv6:[::1]:5000")
     assert is_local_peer("ipv6:[::ffff:127.0.0.1]:5000")
+    assert is_local_peer("ipv6:%5B::1%5D:5000")  # as newer gRPC writes it
     assert is_local_peer("unix:/tmp/km.sock")
     assert not is_local_peer("ipv4:10.1.2.3:5000")
     assert not is_local_peer("ipv6:[2001:db8::1]:5000")
