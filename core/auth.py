@@ -40,7 +40,11 @@ MAX_LABEL_CHARS = 256
 MAX_CACHED_CHECKS = 10_000
 # What `new_secret` makes: the prefix and 32 bytes in unpadded base64url, whose
 # last character carries 4 bits (its 2 low bits are zero).
-_SECRET_RE = re.compile(r"kmk_[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+# One pattern for the whole header, spelled as leniently as `bearer_secret` reads it:
+# this runs on every call.
+_BEARER_KEY_RE = re.compile(
+    rf"\s*(?i:bearer) \s*({re.escape(SECRET_PREFIX)}[A-Za-z0-9_-]{{42}}[AEIMQUYcgkosw048])\s*"
+)
 SECRET_CHARS = len(SECRET_PREFIX) + 43
 # "Bearer " and the secret, with room for the spacing bearer_secret tolerates.
 _MAX_HEADER_CHARS = 2 * SECRET_CHARS
@@ -166,10 +170,8 @@ def key_secret(header: str | None) -> str | None:
     anything else."""
     if not header or len(header) > _MAX_HEADER_CHARS:
         return None
-    secret = bearer_secret(header)
-    if secret is None or not _SECRET_RE.fullmatch(secret):
-        return None
-    return secret
+    found = _BEARER_KEY_RE.fullmatch(header)
+    return found[1] if found else None
 
 
 @dataclass(frozen=True)
