@@ -2,10 +2,13 @@
 one table of which role may call which RPC.
 
 Secrets are 256 random bits, shown once; only their SHA-256 digest is kept
-(`core.api_keys.ApiKeyStore`). A check is cached for `cache_seconds`, keyed by
-the raw `authorization` value, so a call with a key seen recently costs one
-dictionary lookup and one clock read: no parsing, no SHA-256, no store round
-trip. A revocation made on this server drops its cache entries at once, one
+(`core.api_keys.ApiKeyStore`). A bearer token that is not shaped like our keys
+(`kmk_` and 43 base64url characters) is refused before anything else: no
+hashing, no store read, no cache entry, so a flood of junk tokens costs nothing
+but the refusal. A check is cached for `cache_seconds`, keyed by the secret's
+digest, so a call with a key seen recently costs a format check, one SHA-256 of
+47 bytes, one dictionary lookup and one clock read: no store round trip. A
+revocation made on this server drops its cache entries at once, one
 made elsewhere (another orchestrator sharing the store) takes effect within
 `cache_seconds`. An entry never outlives the key's expiry or a revocation
 already scheduled (rotation's grace), so those apply to the second."""
@@ -16,6 +19,7 @@ import base64
 import hashlib
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -32,8 +36,18 @@ SECRET_PREFIX = "kmk_"
 KEY_PREFIX = "apiKeys/"
 BOOTSTRAP_FILE = "bootstrap-admin.key"
 MAX_LABEL_CHARS = 256
-# Cached key checks (one per distinct `authorization` value seen within the bound).
+# Cached key checks (one per distinct well-formed secret seen within the bound).
 MAX_CACHED_CHECKS = 10_000
+# What `new_secret` makes: the prefix and 32 bytes in unpadded base64url, whose
+# last character carries 4 bits (its 2 low bits are zero).
+# One pattern for the whole header, spelled as leniently as `bearer_secret` reads it:
+# this runs on every call.
+_BEARER_KEY_RE = re.compile(
+    rf"\s*(?i:bearer) \s*({re.escape(SECRET_PREFIX)}[A-Za-z0-9_-]{{42}}[AEIMQUYcgkosw048])\s*"
+)
+SECRET_CHARS = len(SECRET_PREFIX) + 43
+# "Bearer " and the secret, with room for the spacing bearer_secret tolerates.
+_MAX_HEADER_CHARS = 2 * SECRET_CHARS
 
 
 class Unauthenticated(KernelmeshError):
@@ -150,6 +164,16 @@ def bearer_secret(header: str | None) -> str | None:
     return token
 
 
+def key_secret(header: str | None) -> str | None:
+    """The secret of an `authorization: Bearer <key>` value when it has exactly the
+    shape of a kernelmesh key, else None. Nothing is hashed or looked up for
+    anything else."""
+    if not header or len(header) > _MAX_HEADER_CHARS:
+        return None
+    found = _BEARER_KEY_RE.fullmatch(header)
+    return found[1] if found else None
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a call runs as: the key's id, tenant and role."""
@@ -182,12 +206,12 @@ class KeyRing:
         self.store = store
         self.cache_seconds = cache_seconds
         self.clock = clock
-        # raw `authorization` value -> (its principal, or None for a key that does not
-        # authenticate, so a repeated wrong key is no store read; the clock time the
-        # entry is good until; the secret's digest, for `forget`). A dict keyed by the
-        # secret leaks nothing through timing: str hashes are SipHash under a per-process
-        # random key, and strings are only compared after a full hash match.
-        self._checked: dict[str, tuple[Principal | None, float, bytes]] = {}
+        # the secret's SHA-256 digest -> (its principal, or None for a key that does
+        # not authenticate, so a repeated wrong key is no store read; the clock time
+        # the entry is good until). Keyed by the digest, not the header: every
+        # spelling of one key shares an entry, and an entry holds 32 bytes of key,
+        # whatever the caller sent.
+        self._checked: dict[bytes, tuple[Principal | None, float]] = {}
         self._forgotten = 0  # bumped by forget(): a check begun before it is not cached
         self._lock = threading.Lock()
 
@@ -195,9 +219,12 @@ class KeyRing:
 
     def cached(self, header: str) -> Principal | None:
         """The principal of an `authorization` value checked recently, or None
-        (not checked, not valid, or the entry is old): then call `check`. The
-        interceptor's whole cost for a known key."""
-        entry = self._checked.get(header)
+        (malformed, not checked, not valid, or the entry is old): then call
+        `check`. The interceptor's whole cost for a known key."""
+        secret = key_secret(header)
+        if secret is None:
+            return None
+        entry = self._checked.get(digest(secret))
         if entry is not None and entry[1] > self.clock():
             return entry[0]
         return None
@@ -210,19 +237,24 @@ class KeyRing:
             raise Unauthenticated(
                 "an API key is required: send metadata 'authorization: Bearer <key>'"
             )
-        entry = self._checked.get(header)
-        if entry is None or entry[1] <= self.clock():
-            secret = bearer_secret(header)
-            if secret is None:
+        secret = key_secret(header)
+        if secret is None:
+            if len(header) > _MAX_HEADER_CHARS or bearer_secret(header) is not None:
                 raise Unauthenticated(
-                    "an API key is required: send metadata 'authorization: Bearer <key>'"
+                    f"the API key is not valid: kernelmesh keys are {SECRET_PREFIX!r} "
+                    "and 43 base64url characters"
                 )
+            raise Unauthenticated(
+                "an API key is required: send metadata 'authorization: Bearer <key>'"
+            )
+        key = digest(secret)
+        entry = self._checked.get(key)
+        if entry is None or entry[1] <= self.clock():
             forgotten = self._forgotten
-            key = digest(secret)
             record = await self.store.get_api_key_by_digest(key)
-            entry = self._entry(record, key)
+            entry = self._entry(record)
             if forgotten == self._forgotten:  # else a revocation raced this read
-                self._remember(header, entry)
+                self._remember(key, entry)
         if entry[0] is None:
             raise Unauthenticated("the API key is not valid (unknown, expired or revoked)")
         return entry[0]
@@ -231,29 +263,27 @@ class KeyRing:
         """`check` for a bare secret (no `Bearer` scheme)."""
         return await self.check(f"Bearer {secret}" if secret else None)
 
-    def _entry(
-        self, record: ApiKeyRecord | None, key: bytes
-    ) -> tuple[Principal | None, float, bytes]:
+    def _entry(self, record: ApiKeyRecord | None) -> tuple[Principal | None, float]:
         now = self.clock()
         until = now + self.cache_seconds
         if record is None or not record.active_at(now):
-            return None, until, key
+            return None, until
         for end in (record.expires_at, record.revoked_at):
             if end is not None and end < until:
                 until = end
-        return _principal(record), until, key
+        return _principal(record), until
 
-    def _remember(self, header: str, entry: tuple[Principal | None, float, bytes]) -> None:
+    def _remember(self, key: bytes, entry: tuple[Principal | None, float]) -> None:
         with self._lock:
             if len(self._checked) >= MAX_CACHED_CHECKS:
                 # Old entries first; a flood of distinct wrong keys then drops the oldest
                 # half (dicts keep insertion order), so the cache stays bounded.
                 now = self.clock()
-                kept = {h: e for h, e in self._checked.items() if e[1] > now}
+                kept = {k: e for k, e in self._checked.items() if e[1] > now}
                 if len(kept) >= MAX_CACHED_CHECKS:
                     kept = dict(list(kept.items())[MAX_CACHED_CHECKS // 2 :])
                 self._checked = kept
-            self._checked[header] = entry
+            self._checked[key] = entry
 
     def authorize(self, principal: Principal, method: str) -> None:
         if not may_call(principal.role, method):
@@ -262,11 +292,10 @@ class KeyRing:
             )
 
     def forget(self, record: ApiKeyRecord) -> None:
-        """Drops every cached check of `record`'s secret (a key management call,
-        so a scan is fine)."""
+        """Drops the cached check of `record`'s secret."""
         with self._lock:
             self._forgotten += 1
-            self._checked = {h: e for h, e in self._checked.items() if e[2] != record.digest}
+            self._checked.pop(record.digest, None)
 
     # -- management ------------------------------------------------------------
 
@@ -328,7 +357,7 @@ class KeyRing:
             return None
         created = await self.create(tenant=tenant, role=Role.ADMIN, label="bootstrap admin")
         directory = Path(state_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # private if made here
         path = directory / BOOTSTRAP_FILE
         temporary = directory / f".{BOOTSTRAP_FILE}.{os.getpid()}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -357,6 +386,7 @@ __all__ = [
     "bearer_secret",
     "digest",
     "is_open",
+    "key_secret",
     "may_call",
     "new_secret",
 ]

@@ -7,7 +7,14 @@ segment once at registration; inputs are read in place (zero-copy NumPy views)
 and outputs written straight into it. A segment the client has unlinked (a clean
 close, or its process ended and its resource tracker removed it) is dropped the
 next time the registry looks at it, so a client that goes away leaves nothing
-mapped behind it."""
+mapped behind it.
+
+The server maps a segment for a caller only as the OS would let the caller map it
+itself: the segment must be owned by the caller's OS user (`owner_uid`, which the
+service finds with core.peer_uid). A server running as root would otherwise open
+any user's segment. A segment registered by one tenant is refused to every other
+tenant while it stays registered; the refusal reads the same as "not yours", so it
+says nothing about other tenants."""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import _posixshmem  # CPython's shm_open, as multiprocessing.shared_memory uses 
 import contextlib
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +81,16 @@ def _prefer_huge_pages(segment: mmap.mmap) -> None:
             segment.madvise(advice)
 
 
+def _not_available(key: str) -> str:
+    # One message for "another user's segment" and "another tenant's region": the
+    # caller learns nothing it could not learn from listing /dev/shm itself.
+    return (
+        f"shared-memory segment {key[:128]!r} is not owned by the calling process's user "
+        "or is registered by another tenant; the server maps only segments of the "
+        "caller's own user"
+    )
+
+
 class SharedMemoryRegistry:
     """Regions by (tenant, name). Thread-safe: kernels run off the event loop."""
 
@@ -82,7 +100,11 @@ class SharedMemoryRegistry:
         # Segments whose close was refused while a running task still viewed them.
         self._closing: list[mmap.mmap] = []
 
-    def register(self, tenant: str, name: str, key: str, byte_size: int) -> Region:
+    def register(
+        self, tenant: str, name: str, key: str, byte_size: int, *, owner_uid: int
+    ) -> Region:
+        """Maps segment `key` as region `name` of `tenant`, for a caller whose OS
+        user is `owner_uid`."""
         violations = []
         if not name:
             violations.append(Violation("region.name", "required"))
@@ -92,19 +114,25 @@ class SharedMemoryRegistry:
             violations.append(Violation("region.byte_size", "must be positive"))
         if violations:
             raise InvalidArgument(violations)
+        key = key.strip("/")
         self.sweep()
+        self._refuse_if_held_by_another(tenant, key)
         # Mapped directly, not through multiprocessing's SharedMemory: that would
         # register the client's segment with this process's resource tracker, which
         # unlinks it when the server exits.
         try:
-            fd = _posixshmem.shm_open("/" + key.strip("/"), os.O_RDWR, mode=0o600)
+            fd = _posixshmem.shm_open("/" + key, os.O_RDWR | os.O_NOFOLLOW, mode=0o600)
         except OSError as exc:
             raise FailedPrecondition(
                 f"shared-memory segment {key!r} cannot be opened on the server's host "
                 f"({exc.strerror or exc}); shared memory needs the client on the same host"
             ) from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            # Checked on the open descriptor: no window for a swap after the check.
+            if info.st_uid != owner_uid or not stat.S_ISREG(info.st_mode):
+                raise FailedPrecondition(_not_available(key))
+            size = info.st_size
             segment = mmap.mmap(fd, size) if size else None
         finally:
             os.close(fd)
@@ -121,8 +149,11 @@ class SharedMemoryRegistry:
                     )
                 ]
             )
-        region = Region(name, key.strip("/"), byte_size, segment)
+        region = Region(name, key, byte_size, segment)
         with self._lock:
+            if self._held_by_another(tenant, key):  # registered while this one mapped it
+                segment.close()
+                raise FailedPrecondition(_not_available(key))
             if (tenant, name) in self._regions:
                 segment.close()
                 raise InvalidArgument(
@@ -136,6 +167,14 @@ class SharedMemoryRegistry:
                 )
             self._regions[(tenant, name)] = region
         return region
+
+    def _held_by_another(self, tenant: str, key: str) -> bool:
+        return any(t != tenant and r.key == key for (t, _), r in self._regions.items())
+
+    def _refuse_if_held_by_another(self, tenant: str, key: str) -> None:
+        with self._lock:
+            if self._held_by_another(tenant, key):
+                raise FailedPrecondition(_not_available(key))
 
     def unregister(self, tenant: str, name: str = "") -> int:
         """Drops one region (or every region of the tenant, for an empty name)."""

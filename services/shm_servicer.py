@@ -3,7 +3,7 @@ in place from a registered region, outputs written into one (core/shm.py)."""
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -11,6 +11,7 @@ import numpy as np
 
 from kernelmesh.core import ops
 from kernelmesh.core.errors import FailedPrecondition
+from kernelmesh.core.peer_uid import parse_peer, peer_uid
 from kernelmesh.core.shm import OutputSlot, SharedMemoryRegistry
 from kernelmesh.core.tasks import Task
 from kernelmesh.services import convert, paging
@@ -22,24 +23,12 @@ InputResolver = Callable[[tensor_pb2.SharedMemoryTensor, str], np.ndarray]
 
 
 def is_local_peer(peer: str) -> bool:
-    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
-    "unix:/path") is on this host."""
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", also
+    URL-encoded as "ipv6:%5B::1%5D:5000", "unix:/path") is on this host."""
     if peer.startswith(("unix:", "unix-abstract:")):
         return True
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        host = rest.rpartition(":")[0].strip("[]")
-    elif kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    else:
-        return False
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    endpoint = parse_peer(peer)
+    return endpoint is not None and endpoint[0].is_loopback
 
 
 def require_local(context: grpc.aio.ServicerContext) -> None:
@@ -65,7 +54,14 @@ class SharedMemoryServicer(shm_pb2_grpc.SharedMemoryServiceServicer):
     ) -> shm_pb2.RegisterSharedMemoryResponse:
         require_local(context)
         r = request.region
-        region = self.registry.register(tenant_of(context), r.name, r.key, r.byte_size)
+        tenant = tenant_of(context)
+        # The OS user of the calling process: only its own segments are mapped for it.
+        # Read off the event loop (a busy host's /proc/net/tcp has many rows).
+        owner_uid = await asyncio.to_thread(peer_uid, context.peer() or "")
+        region = self.registry.register(tenant, r.name, r.key, r.byte_size, owner_uid=owner_uid)
+        if context.cancelled():  # the caller went: its connection no longer names its user
+            self.registry.unregister(tenant, region.name)
+            raise FailedPrecondition("the call was cancelled; the region is not registered")
         return shm_pb2.RegisterSharedMemoryResponse(region=_region_proto(region))
 
     @rpc

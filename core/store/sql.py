@@ -159,7 +159,9 @@ class BlobFiles:
 
     def write(self, key: str, data: bytes) -> str:
         assert self.directory is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # 0700: every tenant's tensors (core/store/private_paths.py)
+        self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory.mkdir(exist_ok=True, mode=0o700)
         final = self.path(key)
         tmp = final.with_name(final.name + ".tmp")
         with open(tmp, "wb") as fh:

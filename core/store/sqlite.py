@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelmesh.core.api_keys import ApiKeyRecord
-from kernelmesh.core.store import migrations, sql
+from kernelmesh.core.store import migrations, private_paths, sql
 from kernelmesh.core.store.base import (
     BudgetAnswer,
     NodeRecord,
@@ -76,11 +76,22 @@ class SqliteStore(Store):
 
     def _open(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_paths.state_dir(self.directory)
         except OSError as exc:
             raise StoreError(f"cannot create the state dir {self.directory}: {exc}") from None
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise StoreError(f"the state dir {self.directory} is not writable")
+        try:
+            # Every tenant's data: 0600 before SQLite writes a byte (its -wal and
+            # -shm files take the database's mode), blobs/ 0700.
+            private_paths.own_file(self.path)
+            for left in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm"), self.files.directory):
+                if left is not None:  # left readable by an earlier version
+                    private_paths.tighten(
+                        left, private_paths.DIR_MODE if left.is_dir() else private_paths.FILE_MODE
+                    )
+        except OSError as exc:
+            raise StoreError(f"cannot make {self.path} private to this user: {exc}") from None
         try:
             self._db = self._connect()
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]

@@ -3,6 +3,7 @@ task runs, and written in place once it finished (a real POSIX segment)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from multiprocessing import shared_memory
@@ -20,7 +21,7 @@ FIELD = "task.output_shm"
 def registry() -> Iterator[SharedMemoryRegistry]:
     segment = shared_memory.SharedMemory(create=True, size=4096, name=f"km-{uuid.uuid4().hex[:12]}")
     reg = SharedMemoryRegistry()
-    reg.register("t", "out", segment.name, 4096)
+    reg.register("t", "out", segment.name, 4096, owner_uid=os.geteuid())
     yield reg
     reg.close()
     segment.close()

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import spec
 
+from kernelmesh.clients.shm import SharedMemoryRegion
 from kernelmesh.core.api_keys import MemoryApiKeyStore, Role
 from kernelmesh.core.auth import BOOTSTRAP_FILE, ROLE_TABLE
 from kernelmesh.core.config import ServerConfig
@@ -30,6 +31,7 @@ from kernelmesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
     shm_pb2,
+    shm_pb2_grpc,
     task_pb2,
     task_pb2_grpc,
 )
@@ -264,6 +266,33 @@ async def test_another_tenants_tasks_and_tensors_are_not_found(channel, make_key
     # the owner still sees both
     await tasks.GetTask(task_pb2.GetTaskRequest(name=task.name), metadata=bearer(a))
     await tasks.RunTask(task_pb2.RunTaskRequest(task=by_ref), metadata=bearer(a))
+
+
+async def test_a_shared_memory_segment_one_key_registered_is_refused_to_another_tenant(
+    channel, make_key, auth_server
+):
+    # The reviewer's attack: B listed /dev/shm, registered A's segment under its own
+    # region name and read A's data through RunTask.
+    _, a = await make_key("team-a")
+    _, b = await make_key("team-b")
+    shm = shm_pb2_grpc.SharedMemoryServiceStub(channel)
+    segment = SharedMemoryRegion(1024)
+    try:
+
+        def register(name: str, secret: str):
+            region = shm_pb2.SharedMemoryRegion(name=name, key=segment.key, byte_size=1024)
+            request = shm_pb2.RegisterSharedMemoryRequest(region=region)
+            return shm.RegisterSharedMemory(request, metadata=bearer(secret))
+
+        await register("a", a)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await register("b", b)
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "registered by another tenant" in refused.value.details()
+        assert [r.name for r in auth_server.shm.list("team-a")] == ["a"]
+        assert auth_server.shm.list("team-b") == []
+    finally:
+        segment.close()
 
 
 # --- revocation, expiry, rotation ----------------------------------------------

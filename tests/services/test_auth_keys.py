@@ -17,6 +17,8 @@ from kernelmesh.core.auth import (
     Unauthenticated,
     bearer_secret,
     digest,
+    key_secret,
+    new_secret,
 )
 
 
@@ -68,7 +70,11 @@ async def test_secrets_are_256_bit_and_distinct(ring):
     assert all(s.startswith("kmk_") and len(s) == 4 + 43 for s in secrets)
 
 
-@pytest.mark.parametrize("secret", [None, "", "kmk_unknown"])
+def well_formed_wrong_key() -> str:
+    return new_secret()  # the shape of a key, but no key of the store
+
+
+@pytest.mark.parametrize("secret", [None, "", "kmk_unknown", well_formed_wrong_key()])
 async def test_missing_or_unknown_keys_are_unauthenticated(ring, secret):
     with pytest.raises(Unauthenticated):
         await ring.authenticate(secret)
@@ -79,25 +85,65 @@ async def test_checks_are_cached_so_calls_cost_no_store_round_trip(ring, store):
     for _ in range(100):
         await ring.authenticate(created.secret)
     assert store.lookups == 1
+    wrong = well_formed_wrong_key()
     for _ in range(100):  # unknown keys are cached too: a flood costs one read each
         with pytest.raises(Unauthenticated):
-            await ring.authenticate("kmk_wrong")
+            await ring.authenticate(wrong)
     assert store.lookups == 2
 
 
-async def test_a_cached_check_is_keyed_by_the_header_and_ends_with_the_bound(ring, store, clock):
+async def test_a_cached_check_is_keyed_by_the_digest_and_ends_with_the_bound(ring, store, clock):
     created = await ring.create(tenant="t", role=Role.USER)
     header = f"Bearer {created.secret}"
     assert ring.cached(header) is None  # never checked: the caller goes to check()
     principal = await ring.check(header)
     assert ring.cached(header) is principal  # the interceptor's whole cost for this key
-    assert ring.cached(f"bearer  {created.secret} ") is None  # another spelling: own entry
+    assert ring.cached(f"bearer  {created.secret} ") is principal  # another spelling: same key
     assert await ring.check(f"bearer  {created.secret} ") == principal
-    assert store.lookups == 2
+    assert store.lookups == 1
+    assert list(ring._checked) == [digest(created.secret)]
     clock.now += 5.0
     assert ring.cached(header) is None
     assert await ring.check(header) == principal
-    assert store.lookups == 3
+    assert store.lookups == 2
+
+
+MALFORMED = [
+    "kmk_wrong",  # too short
+    "kmk_" + "A" * 44,  # too long
+    "kmk_" + "A" * 42 + "B",  # 43 characters, but not 32 bytes' worth (2 low bits set)
+    "kmk_" + "A" * 42 + "=",  # padding, or any character outside base64url
+    "kmk_" + "A" * 20 + "+/" + "A" * 21,  # standard base64, not base64url
+    "xyz_" + "A" * 43,  # another prefix
+    "kmk_" + "a" * 7000,  # the reviewer's 7,000-character tokens
+]
+
+
+@pytest.mark.parametrize("token", MALFORMED)
+async def test_a_token_not_shaped_like_a_key_costs_no_store_read_and_no_cache_entry(
+    ring, store, token
+):
+    header = f"Bearer {token}"
+    assert key_secret(header) is None
+    assert ring.cached(header) is None
+    with pytest.raises(Unauthenticated, match="not valid"):
+        await ring.check(header)
+    assert store.lookups == 0
+    assert ring._checked == {}
+
+
+async def test_a_flood_of_distinct_overlong_tokens_reads_and_keeps_nothing(ring, store):
+    for i in range(10_000):
+        with pytest.raises(Unauthenticated):
+            await ring.check(f"Bearer kmk_{i:07d}{'x' * 7000}")
+    assert store.lookups == 0
+    assert ring._checked == {}
+
+
+def test_the_key_shape_is_what_new_secret_makes():
+    for _ in range(200):  # every last character new_secret can end with, most likely
+        secret = new_secret()
+        assert key_secret(f"Bearer {secret}") == secret
 
 
 @pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer", b"Bearer kmk_x"])
@@ -112,9 +158,9 @@ async def test_headers_without_a_bearer_key_are_unauthenticated_without_a_store_
 async def test_the_cache_stays_bounded_under_a_flood_of_distinct_wrong_keys(ring, monkeypatch):
     monkeypatch.setattr(auth, "MAX_CACHED_CHECKS", 50)
     created = await ring.create(tenant="t", role=Role.USER)
-    for i in range(500):
+    for _ in range(500):
         with pytest.raises(Unauthenticated):
-            await ring.authenticate(f"kmk_wrong{i}")
+            await ring.authenticate(well_formed_wrong_key())
         assert len(ring._checked) <= 50
     assert await ring.authenticate(created.secret)
 

@@ -4,6 +4,11 @@ tenant-scoped and size-checked, dropped on unregister or when the client goes.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,10 +88,106 @@ async def test_a_segment_the_server_cannot_open_is_failed_precondition(km):
         await km._io.run(shm_plans.register(region))
 
 
+NOT_AVAILABLE = "is not owned by the calling process's user or is registered by another tenant"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="only root can give a segment to another user (os.fchown); CI runs as root",
+)
+async def test_a_segment_of_another_user_is_failed_precondition(km, server):
+    # The reviewer's attack: a server running as root mapped any user's segment
+    # (PostgreSQL's own, another tenant's) for whoever named it.
+    region = SharedMemoryRegion(1024)
+    try:
+        os.fchown(region.segment._fd, 65534, -1)  # nobody's now, as another user's would be
+        with pytest.raises(FailedPreconditionError) as exc:
+            await km._io.run(shm_plans.register(region))
+        assert NOT_AVAILABLE in str(exc.value)
+        assert region.key in str(exc.value)
+    finally:
+        region.close()
+    assert server.shm.list("default") == []
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="only root can run a client as another user (os.setuid); CI runs as root",
+)
+async def test_a_client_of_another_user_maps_its_own_segments_and_not_the_servers(server):
+    # The server (root here) tells the caller's user from its connection: a client
+    # running as nobody registers its own segment, and not one of root's.
+    root_owned = SharedMemoryRegion(1024)
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("shm_other_user.py")),
+            f"127.0.0.1:{server.port}",
+            root_owned.key,
+            "65534",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd="/",
+        )
+        out, _ = await asyncio.wait_for(child.communicate(), 60)
+    finally:
+        root_owned.close()
+    lines = out.decode().splitlines()
+    assert child.returncode == 0, out.decode()
+    own = next(line.split() for line in lines if line.startswith("own "))
+    assert own[2] == "OK", lines
+    foreign = next(line for line in lines if line.startswith("foreign "))
+    assert "FAILED_PRECONDITION" in foreign and NOT_AVAILABLE in foreign, lines
+    assert server.shm.list("default") == []  # its segment was unlinked when it ended
+
+
+async def test_a_segment_another_tenant_registered_is_refused_to_every_other_tenant(km, server):
+    region = await km.shared_memory(1024)  # tenant "default"
+    region.put(np.arange(4, dtype=np.float32))
+    stolen = SharedMemoryRegion.__new__(SharedMemoryRegion)  # the same segment, B's name
+    stolen.segment, stolen.name, stolen.byte_size = region.segment, "mine-now", 1024
+    async with AsyncClient(f"127.0.0.1:{server.port}", tenant="other") as other:
+        with pytest.raises(FailedPreconditionError) as exc:
+            await other._io.run(shm_plans.register(stolen))
+        assert NOT_AVAILABLE in str(exc.value)
+        assert server.shm.list("other") == []
+        # the owning tenant may map it again under another name
+        await km._io.run(shm_plans.register(stolen))
+        assert sorted(r.name for r in server.shm.list("default")) == sorted(
+            ["mine-now", region.name]
+        )
+        # once its tenant lets it go, the segment's user may register it elsewhere
+        await km._io.run(shm_plans.unregister("mine-now"))
+        await km._io.run(shm_plans.unregister(region.name))  # the segment stays
+        await other._io.run(shm_plans.register(stolen))
+        assert [r.name for r in server.shm.list("other")] == ["mine-now"]
+        await other._io.run(shm_plans.unregister("mine-now"))
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+async def test_a_client_over_ipv6_loopback_maps_its_segment(server_config, start_server):
+    # gRPC names such a peer "ipv6:%5B::1%5D:port"; its socket is in /proc/net/tcp6
+    server = await start_server(dataclasses.replace(server_config, host="[::1]", http_port=None))
+    async with AsyncClient(f"[::1]:{server.port}", timeout=30.0) as km:
+        region = await km.shared_memory(1024)
+        x = np.arange(-2, 2, dtype=np.float32)
+        np.testing.assert_array_equal(await km.run("relu", region.put(x)), np.maximum(x, 0))
+
+
 def test_only_loopback_and_unix_peers_count_as_local():
     assert is_local_peer("ipv4:127.0.0.1:5000")
     assert is_local_peer("ipv6:[::1]:5000")
     assert is_local_peer("ipv6:[::ffff:127.0.0.1]:5000")
+    assert is_local_peer("ipv6:%5B::1%5D:5000")  # as newer gRPC writes it
     assert is_local_peer("unix:/tmp/km.sock")
     assert not is_local_peer("ipv4:10.1.2.3:5000")
     assert not is_local_peer("ipv6:[2001:db8::1]:5000")
