@@ -42,8 +42,9 @@ def _refusal(handler: grpc.RpcMethodHandler | None, status: grpc.Status) -> grpc
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Runs on every call, so a call with a recently checked key costs a role-table
-    lookup, a scan of the (few) metadata entries, one cache lookup and a
-    contextvar set; everything else happens on a cache miss or a refusal."""
+    lookup, a scan of the (few) metadata entries, the key's shape check and
+    SHA-256 (the cache is keyed by digest), one cache lookup and a contextvar set;
+    everything else happens on a cache miss or a refusal."""
 
     def __init__(self, keys: KeyRing) -> None:
         self.keys = keys
