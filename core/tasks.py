@@ -405,16 +405,19 @@ class TaskManager:
 
     async def shutdown(self, grace: float) -> None:
         """Stops accepting work, lets queued and running tasks finish within
-        `grace` seconds, then fails what is left with UNAVAILABLE."""
+        `grace` seconds, then fails what is left with UNAVAILABLE (journaled tasks
+        stay in the store for the next start)."""
         self._accepting = False
         deadline = time.monotonic() + grace
         # A retry due after the grace cannot finish within it: not worth waiting for.
         retry_by = asyncio.get_running_loop().time() + grace
+        # Nor is a task parked until a node that can run it joins.
         pending = [
             t
             for t in self._tasks.values()
             if not t.state.terminal
             and (t._retry_handle is None or t._retry_handle.when() <= retry_by)
+            and t.seq not in self._unplaced
         ]
         if pending:
             with contextlib.suppress(TimeoutError):

@@ -324,3 +324,21 @@ async def test_a_parked_task_fails_at_its_deadline(node):
     assert parked.state is TaskState.FAILED
     assert parked.error.code == Code.DEADLINE_EXCEEDED, parked.error
     assert "waiting for a node" in parked.error.message
+
+
+async def test_a_graceful_stop_does_not_wait_for_parked_tasks_and_keeps_them(node):
+    first = node()
+    mgr = await first.start()
+    await mgr.submit_journaled(slow())
+    waiting = await mgr.submit_journaled(relu())
+    await first.crash()
+    parked_at = node()
+    mgr = await parked_at.start(deviceless=True)
+    assert mgr.get(waiting.name, tenant="default").state is TaskState.QUEUED
+    # No node can join a stopping orchestrator: the grace is not spent waiting.
+    await asyncio.wait_for(mgr.shutdown(grace=120.0), 30)
+    assert mgr.get(waiting.name, tenant="default").state is TaskState.QUEUED
+    await parked_at.store.close()
+    mgr = await node().start()
+    again = await finished(mgr.get(waiting.name, tenant="default"))
+    assert again.state is TaskState.SUCCEEDED

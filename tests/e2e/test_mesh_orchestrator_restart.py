@@ -145,3 +145,14 @@ def test_a_workflow_killed_mid_chain_finishes_after_restart(procs, tmp_path: Pat
         assert [x.state for x in task.attempts].count(SUCCEEDED) == 1, task.attempts
         if name in finished_before.values():
             assert len(task.attempts) == 1, task.attempts  # finished before: never again
+
+
+def test_an_orchestrator_without_flags_keeps_its_state_in_the_per_user_dir(procs, tmp_path: Path):
+    """Durable by default, like `serve`: SQLite under $XDG_STATE_HOME/kernelmesh
+    (the helper points XDG_STATE_HOME at the test's temp dir)."""
+    orch = procs.orchestrator()
+    expected = tmp_path / "xdg-state" / "kernelmesh" / "state.sqlite"
+    log = orch.output()
+    assert f"sqlite store at {expected}" in log, log[-2000:]
+    assert "memory store" not in log
+    assert expected.exists()
