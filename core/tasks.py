@@ -50,7 +50,7 @@ from kernelmesh.core.errors import (
     Violation,
 )
 from kernelmesh.core.mesh import tensors as mesh_tensors
-from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost
+from kernelmesh.core.mesh.nodes import AttemptFailed, NodeLost, placeholder
 from kernelmesh.core.store import Snapshot, Store, StoreUnavailable, TaskRecord, codec
 from kernelmesh.core.store.base import (
     AttemptRecord,
@@ -419,16 +419,19 @@ class TaskManager:
 
     async def shutdown(self, grace: float) -> None:
         """Stops accepting work, lets queued and running tasks finish within
-        `grace` seconds, then fails what is left with UNAVAILABLE."""
+        `grace` seconds, then fails what is left with UNAVAILABLE (journaled tasks
+        stay in the store for the next start)."""
         self._accepting = False
         deadline = time.monotonic() + grace
         # A retry due after the grace cannot finish within it: not worth waiting for.
         retry_by = asyncio.get_running_loop().time() + grace
+        # Nor is a task parked until a node that can run it joins.
         pending = [
             t
             for t in self._tasks.values()
             if not t.state.terminal
             and (t._retry_handle is None or t._retry_handle.when() <= retry_by)
+            and t.seq not in self._unplaced
         ]
         if pending:
             with contextlib.suppress(TimeoutError):
@@ -686,6 +689,12 @@ class TaskManager:
                 raise
         return await self.shared_view.cancel(name, tenant=tenant)
 
+    @staticmethod
+    def _stand_in(name: str) -> LocalDevice:
+        """A gone device named as the task's last one: `_enqueue` places the task
+        anew, or parks it until a node that can run it joins."""
+        return placeholder(name)
+
     def _device_named(self, name: str) -> LocalDevice:
         for device in self.devices:
             if device.name == name:
@@ -764,7 +773,11 @@ class TaskManager:
                 tenant=record.tenant,
                 retry=retry,
             )
-            prepared = self.prepare(spec)
+            # An orchestrator restarts (or claims tasks) before its nodes have
+            # joined: a task no device present can run waits for one (parked by
+            # `_enqueue`), where failing it lost work that was acknowledged.
+            stand_in = self._stand_in(record.device) if self.park_unplaced else None
+            prepared = self.prepare(spec, stand_in=stand_in)
         except KernelmeshError as exc:
             failure = TaskFailure(exc.code, f"could not be resumed after a restart: {exc.message}")
             task = self._restore_finished(record, attempts, snap, failure)
@@ -835,9 +848,12 @@ class TaskManager:
 
     # -- submission -------------------------------------------------------
 
-    def prepare(self, spec: TaskSpec) -> Task:
+    def prepare(self, spec: TaskSpec, *, stand_in: LocalDevice | None = None) -> Task:
         """Validates a spec against the op catalog and picks its device,
-        before anything is allocated for it."""
+        before anything is allocated for it. `stand_in`: a gone device the task
+        gets when no device present can run it (a task restored or claimed
+        before the nodes that run it have joined); it is placed when enqueued,
+        or parked until a node joins."""
         if not self._accepting:
             raise Unavailable("the server is shutting down and accepts no new tasks")
         arrays: list[np.ndarray] = []
@@ -867,17 +883,24 @@ class TaskManager:
         metas = [ops.TensorMeta(dtype_name(a.dtype), a.shape) for a in arrays]
         call, work = self._validated(spec.op, metas, spec.params)
         dtype = metas[0].dtype if metas else ""
-        device = select(
-            self.devices,
-            spec.selector,
-            spec.op,
-            dtype,
-            shapes=[m.shape for m in call.inputs],
-            params=call.params,
-            work=work,
-            cache=self._capable,
-            near=mesh_tensors.near(remote) if remote else None,
-        )
+        try:
+            device = select(
+                self.devices,
+                spec.selector,
+                spec.op,
+                dtype,
+                shapes=[m.shape for m in call.inputs],
+                params=call.params,
+                work=work,
+                cache=self._capable,
+                near=mesh_tensors.near(remote) if remote else None,
+            )
+        except FailedPrecondition:
+            # Only the devices present now fall short (a malformed selector is
+            # INVALID_ARGUMENT and still raises): a node that joins may run it.
+            if stand_in is None:
+                raise
+            device = stand_in
         task = Task(
             # 128 random bits: unique across processes and restarts, and a tenth of
             # uuid4's cost (no system call per task)
@@ -905,6 +928,8 @@ class TaskManager:
                     "own device: name a node's device, or upload the tensors to this process"
                 )
             task.placement_reason = _near_reason(remote, device)
+        elif device is stand_in:
+            task.placement_reason = "no device present can run it"
         elif len(self.devices) > 1:
             task.placement_reason = self._reason(spec.selector, spec.op, dtype)
         return task
@@ -995,6 +1020,11 @@ class TaskManager:
             if self.park_unplaced and self._accepting:
                 self._unplaced[task.seq] = task
                 self._emit(task, f"waiting for a node that can run it ({exc.message})")
+                if task.deadline is not None:
+                    # No worker pops a parked task, so none would see its deadline pass.
+                    asyncio.get_running_loop().call_later(
+                        max(0.0, task.deadline - time.monotonic()), self._parked_too_long, task
+                    )
                 return False
             self._finish(task, TaskState.FAILED, TaskFailure(Code.UNAVAILABLE, exc.message))
             return False
@@ -1008,6 +1038,15 @@ class TaskManager:
         if task.journaled:
             self._journal_held(task.id, task.attempt, UpdateTask(task.id, {"device": device.name}))
         return True
+
+    def _parked_too_long(self, task: Task) -> None:
+        if self._unplaced.get(task.seq) is task and not task.state.terminal:
+            self._abort(
+                task,
+                TaskState.FAILED,
+                Code.DEADLINE_EXCEEDED,
+                "deadline exceeded while waiting for a node that can run it",
+            )
 
     def _node_lost(self, task: Task, device: LocalDevice, message: str) -> None:
         """The node running an attempt is gone: the attempt failed, and the task goes

@@ -183,7 +183,9 @@ def _run_role(**overrides: object) -> None:
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         cfg = dataclasses.replace(cfg, batching=chosen)
-    if role == "serve" and cfg.state_dir is None:
+    if role in ("serve", "orchestrator") and cfg.state_dir is None:
+        # Durable by default: an orchestrator on a memory store lost every
+        # acknowledged task with a restart.
         cfg = dataclasses.replace(cfg, state_dir=str(default_state_dir()))
     # Open only on loopback (README, "Security"); a node's --auth admits only the
     # orchestrators it joined.
@@ -206,9 +208,16 @@ def _run_role(**overrides: object) -> None:
 @click.option(
     "--store",
     default=None,
-    help="sqlite (in --state-dir), memory, or a postgresql:// URL shared by orchestrators.",
+    help="Where tasks, workflows, tensor locations and keys are kept: sqlite (default, in "
+    "--state-dir), memory (lost on exit), or a postgresql:// URL shared by orchestrators.",
 )
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory of durable state: the SQLite store, LLM usage "
+    "(default: $XDG_STATE_HOME/kernelmesh, else ~/.local/state/kernelmesh).",
+)
 @click.option(
     "--lease-seconds",
     type=float,
@@ -217,7 +226,14 @@ def _run_role(**overrides: object) -> None:
 )
 @click.option("--with-node", is_flag=True, help="Also run tasks on this process's own devices.")
 @click.option("--backends", default=None, help="With --with-node: the backends to use.")
-@click.option("--name", "node_name", default=None, help="With --with-node: this node's name.")
+@click.option(
+    "--name",
+    "node_name",
+    default=None,
+    help="This orchestrator's name (default: local): it labels this process as a lease "
+    "holder on a shared store (the name plus a random suffix) and, with --with-node, "
+    "names the node of its own devices.",
+)
 @_security
 @_PROTECT_METRICS
 @click.option(

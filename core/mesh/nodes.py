@@ -18,6 +18,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -92,6 +93,21 @@ class Capability:
     speed: DeviceSpeed | None
 
 
+def kind_refusal(kind: DeviceKind, op: str, shapes: Sequence[tuple[int, ...]]) -> str | None:
+    """Why any device of this kind refuses a call, by its shapes alone: the rules
+    of native/opencl.py and native/metal.py `refusal` that hold on every such
+    device (tests/core/test_placement.py checks them against a real OpenCL one)."""
+    if kind in (DeviceKind.OPENCL, DeviceKind.METAL) and op == "fft" and shapes and shapes[0]:
+        n = shapes[0][-1]
+        if n > 0 and n & (n - 1):
+            return f"fft on {kind.value} needs a power-of-two length, got {n}"
+    if kind is DeviceKind.METAL:
+        largest = max((math.prod(shape) for shape in shapes), default=0)
+        if largest >= 1 << 32:  # its kernels index with 32-bit uints
+            return f"a tensor of {largest} elements is over Metal kernels' 2**32 index range"
+    return None
+
+
 @dataclass(eq=False)
 class RemoteDevice(LocalDevice):
     """A device of another node, as placement sees it: named "node/kind:i",
@@ -112,7 +128,13 @@ class RemoteDevice(LocalDevice):
     def refusal(
         self, op: str, shapes: Sequence[tuple[int, ...]], params: Mapping[str, Any]
     ) -> str | None:
-        return None  # shape limits are the node's to check; it answers FAILED_PRECONDITION
+        """The shape limits its kind always has (the node's device refuses the
+        same): placed there anyway, the node answered FAILED_PRECONDITION and the
+        task failed although another node could run it. Limits that depend on
+        the node's set-up (CUDA's fft without CuPy, a Metal device's largest
+        buffer) are the node's to check."""
+        why = kind_refusal(self.info.kind, op, shapes)
+        return f"{why} on {self.name}" if why else None
 
     def run(
         self,

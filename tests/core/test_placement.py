@@ -182,3 +182,43 @@ def test_observed_rates_turn_placement_back_to_the_faster_device():
     for _ in range(2):
         other.observe(call, 2.0)  # it ran at about 1 GFLOP/s
     assert select([cpu0, other], DeviceSelector(), "matmul", "float32", work=work) is cpu0
+
+
+def _remote(node: str, kind: DeviceKind) -> LocalDevice:
+    """A node's device as an orchestrator sees it: its kind and the ops it reported."""
+    import dataclasses
+
+    from kernelmesh.core.mesh.nodes import Capability, placeholder
+
+    device = placeholder(f"{node}/{kind.value}:0")
+    device.info = dataclasses.replace(device.info, kind=kind)
+    device.gone = False
+    device.capability = Capability(
+        f"{kind.value}:0", frozenset({("fft", "float32"), ("add", "float32")}), CPU_LIKE
+    )
+    return device
+
+
+def test_the_mesh_never_places_an_fft_of_a_length_opencl_refuses_on_an_opencl_node():
+    na, nb = _remote("na", DeviceKind.CPU), _remote("nb", DeviceKind.OPENCL)
+    odd, even = [(64, 1000)], [(64, 1024)]
+    chosen = {select([na, nb], DeviceSelector(), "fft", "float32", shapes=odd) for _ in range(40)}
+    assert chosen == {na}
+    # Only the length keeps it off: a power-of-two one runs there.
+    assert select([nb], DeviceSelector(), "fft", "float32", shapes=even) is nb
+    with pytest.raises(FailedPrecondition, match=r"power-of-two length, got 1000 on nb/opencl:0"):
+        select([nb], DeviceSelector(), "fft", "float32", shapes=odd)
+    assert nb.refusal("add", [(1000,), (1000,)], {}) is None
+
+
+def test_the_mesh_refusal_rules_match_a_real_opencl_device():
+    from kernelmesh.core.mesh.nodes import kind_refusal
+
+    found = devices.discover_all("node", ["opencl"])
+    if not found.devices:
+        pytest.skip(f"no OpenCL device: {found.unavailable.get('opencl', 'none found')}")
+    device = found.devices[0]
+    for n in (1, 2, 7, 1000, 1024, 4096, 4097):
+        theirs = device.refusal("fft", [(8, n)], {})
+        ours = kind_refusal(DeviceKind.OPENCL, "fft", [(8, n)])
+        assert (theirs is None) == (ours is None), (n, theirs, ours)

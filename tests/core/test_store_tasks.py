@@ -35,12 +35,17 @@ class Node:
         self.store: SqliteStore | None = None
         self.mgr: TaskManager | None = None
 
-    async def start(self) -> TaskManager:
+    async def start(self, *, deviceless: bool = False) -> TaskManager:
+        """`deviceless`: an orchestrator before any node joined (it parks tasks)."""
         self.store = SqliteStore(self.state)
         await self.store.open()
         self.mgr = TaskManager(
-            devices.discover("test", ("cpu",)), TensorStore(64 << 20), self.options, self.store
+            [] if deviceless else devices.discover("test", ("cpu",)),
+            TensorStore(64 << 20),
+            self.options,
+            self.store,
         )
+        self.mgr.park_unplaced = deviceless
         await self.mgr.start()
         await self.mgr.recover()
         return self.mgr
@@ -273,6 +278,67 @@ async def test_a_graceful_stop_leaves_unfinished_tasks_for_the_next_start(node):
     await mgr.shutdown(grace=0.0)
     assert waiting.state is TaskState.QUEUED, "not failed: the store keeps it"
     await first.store.close()
+    mgr = await node().start()
+    again = await finished(mgr.get(waiting.name, tenant="default"))
+    assert again.state is TaskState.SUCCEEDED
+
+
+async def test_an_orchestrator_restarted_before_its_nodes_join_parks_tasks_then_runs_them(node):
+    first = node()
+    mgr = await first.start()
+    running = await mgr.submit_journaled(slow())
+    queued = await mgr.submit_journaled(relu())
+    deadline = time.monotonic() + 30
+    while running.state is not TaskState.RUNNING and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert running.state is TaskState.RUNNING and queued.state is TaskState.QUEUED
+    await first.crash()
+
+    mgr = await node().start(deviceless=True)
+    for name in (running.name, queued.name):
+        waiting = mgr.get(name, tenant="default")
+        assert waiting.state is TaskState.QUEUED, waiting.error  # not failed: no node yet
+    assert mgr.store.ledger.tasks_of("default") == 2, "parked tasks stay admitted"
+    mgr.add_devices(devices.discover("test", ("cpu",)))  # a node joins
+    for name in (running.name, queued.name):
+        done = await finished(mgr.get(name, tenant="default"))
+        assert done.state is TaskState.SUCCEEDED, done.error
+        assert [a.state for a in done.attempts].count(TaskState.SUCCEEDED) == 1
+    assert [a.state for a in mgr.get(running.name, tenant="default").attempts] == [
+        TaskState.FAILED,
+        TaskState.SUCCEEDED,
+    ]
+    assert mgr.store.ledger.tasks_of("default") == 0, "admitted once, given back once"
+
+
+async def test_a_parked_task_fails_at_its_deadline(node):
+    first = node()
+    mgr = await first.start()
+    await mgr.submit_journaled(slow())
+    late = await mgr.submit_journaled(relu(), deadline=time.monotonic() + 0.5)
+    await first.crash()
+    mgr = await node().start(deviceless=True)
+    parked = mgr.get(late.name, tenant="default")
+    assert parked.state is TaskState.QUEUED
+    await finished(parked)
+    assert parked.state is TaskState.FAILED
+    assert parked.error.code == Code.DEADLINE_EXCEEDED, parked.error
+    assert "waiting for a node" in parked.error.message
+
+
+async def test_a_graceful_stop_does_not_wait_for_parked_tasks_and_keeps_them(node):
+    first = node()
+    mgr = await first.start()
+    await mgr.submit_journaled(slow())
+    waiting = await mgr.submit_journaled(relu())
+    await first.crash()
+    parked_at = node()
+    mgr = await parked_at.start(deviceless=True)
+    assert mgr.get(waiting.name, tenant="default").state is TaskState.QUEUED
+    # No node can join a stopping orchestrator: the grace is not spent waiting.
+    await asyncio.wait_for(mgr.shutdown(grace=120.0), 30)
+    assert mgr.get(waiting.name, tenant="default").state is TaskState.QUEUED
+    await parked_at.store.close()
     mgr = await node().start()
     again = await finished(mgr.get(waiting.name, tenant="default"))
     assert again.state is TaskState.SUCCEEDED
