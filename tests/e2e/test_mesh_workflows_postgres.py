@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 from mesh_procs import ready_nodes, wait_for
+from workflow_chains import CHAIN, chain_input, chain_steps, matmul_side, wait_mid_chain
 
 from kernelmesh.clients import Client
-from kernelmesh.clients.workflow_types import StepState, WorkflowState
+from kernelmesh.clients.workflow_types import WorkflowState
 from kernelmesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
-PROBE = 600  # a matmul timed to size the steps
 STEP_SECONDS = 0.4  # each step's kernel time, so the kill lands mid-chain
-MAX_N = 3000
-CHAIN = 8
 LEASE = "2"
 
 
@@ -51,18 +48,6 @@ def step_tasks(dsn: str, workflow_id: str) -> dict[str, list[tuple[int, int]]]:
     return asyncio.run(read())
 
 
-def chain(n: int) -> list[dict]:
-    steps = [{"id": "s0", "task": {"op": "matmul", "inputs": ["${inputs.a}", "${inputs.a}"]}}]
-    for i in range(1, CHAIN):
-        steps.append(
-            {
-                "id": f"s{i}",
-                "task": {"op": "matmul", "inputs": [f"${{s{i - 1}.outputs[0]}}", "${inputs.a}"]},
-            }
-        )
-    return steps
-
-
 def test_a_workflow_is_shared_by_both_orchestrators_and_survives_its_holder(dsn, procs):
     x = procs.orchestrator("--store", dsn, "--lease-seconds", LEASE, "--name", "orch-x", name="x")
     y = procs.orchestrator("--store", dsn, "--lease-seconds", LEASE, "--name", "orch-y", name="y")
@@ -72,13 +57,10 @@ def test_a_workflow_is_shared_by_both_orchestrators_and_survives_its_holder(dsn,
 
     with Client(x.target, timeout=60) as km:
         # Steps sized to the CPU, so X dies with some steps done and some not.
-        probe = np.ones((PROBE, PROBE), np.float32)
-        one = min(km.run_task("matmul", probe, probe).run_seconds for _ in range(3))
-        n = int(min(MAX_N, max(PROBE, PROBE * (STEP_SECONDS / max(one, 1e-4)) ** (1 / 3))))
-        rng = np.random.default_rng(0)
-        a = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+        n = matmul_side(km, STEP_SECONDS)
+        a = chain_input(n)
         ref = km.upload(a)  # kept on node-a, found by either orchestrator
-        steps = chain(n)
+        steps = chain_steps(CHAIN)
         info = km.workflows.submit({"steps": steps}, {"a": ref}, request_id="shared-1")
 
     events: list = []
@@ -101,14 +83,7 @@ def test_a_workflow_is_shared_by_both_orchestrators_and_survives_its_holder(dsn,
         )
         watcher.start()
 
-        deadline = time.monotonic() + 120
-        while True:  # until some steps are done and some are not
-            now = on_y.workflows.get(info.name)
-            done = [s for s in now.steps if s.state is StepState.SUCCEEDED]
-            if 2 <= len(done) < CHAIN - 1:
-                break
-            assert now.state is WorkflowState.RUNNING and time.monotonic() < deadline, now
-            time.sleep(0.02)
+        done = wait_mid_chain(on_y.workflows, info.name, CHAIN)
         finished_before = {s.id: s.task for s in done}
         x.kill9()
 
@@ -143,7 +118,7 @@ def test_a_cancel_through_another_orchestrator_reaches_the_holder(dsn, procs):
     with Client(x.target, timeout=60) as km:
         # A chain long enough (8 steps of 2000x2000 matmuls) to be cancelled mid-run.
         ref = km.upload(np.ones((2000, 2000), np.float32))
-        info = km.workflows.submit({"steps": chain(2000)}, {"a": ref})
+        info = km.workflows.submit({"steps": chain_steps(CHAIN)}, {"a": ref})
     with grpc.insecure_channel(y.target) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         got = stub.GetWorkflow(orchestrator_pb2.GetWorkflowRequest(name=info.name), timeout=30)

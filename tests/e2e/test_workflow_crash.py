@@ -10,6 +10,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from workflow_chains import (
+    CHAIN,
+    chain_input,
+    chain_steps,
+    finished_once,
+    matmul_side,
+    wait_mid_chain,
+)
 
 from kernelmesh.clients import Client
 from kernelmesh.clients.workflow_types import StepState, WorkflowState
@@ -17,10 +25,7 @@ from kernelmesh.v1 import task_pb2, task_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
-PROBE = 700  # a matmul timed to size the steps
 STEP_SECONDS = 0.25  # each step's kernel time, so the kill lands mid-chain
-MAX_N = 3200
-CHAIN = 8
 
 
 def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, tmp_path: Path):
@@ -30,35 +35,16 @@ def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, t
         with Client(proc.target, timeout=60) as km:
             # Steps sized to the CPU: a fixed size ran the whole chain between two polls
             # once the task path got faster.
-            probe = np.ones((PROBE, PROBE), np.float32)
-            one = min(km.run_task("matmul", probe, probe).run_seconds for _ in range(3))
+            n = matmul_side(km, STEP_SECONDS)
     except BaseException:
         serve_tools.stop_serve(proc)
         raise
-    n = int(min(MAX_N, max(PROBE, PROBE * (STEP_SECONDS / max(one, 1e-4)) ** (1 / 3))))
-    # Scaled by 1/sqrt(n), the chain's products keep entries of the same size, so
-    # the comparison at the end is not against numbers that have shrunk to nothing.
-    rng = np.random.default_rng(0)
-    a = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
-    steps = [{"id": "s0", "task": {"op": "matmul", "inputs": ["${inputs.a}", "${inputs.a}"]}}]
-    for i in range(1, CHAIN):
-        steps.append(
-            {
-                "id": f"s{i}",
-                "task": {"op": "matmul", "inputs": [f"${{s{i - 1}.outputs[0]}}", "${inputs.a}"]},
-            }
-        )
+    a = chain_input(n)
+    steps = chain_steps(CHAIN)
     try:
         with Client(proc.target, timeout=30) as km:
             info = km.workflows.submit({"steps": steps}, {"a": a}, request_id="crash-1")
-            deadline = time.monotonic() + 120
-            while True:  # until some steps are done and some are not
-                now = km.workflows.get(info.name)
-                done = [s for s in now.steps if s.state is StepState.SUCCEEDED]
-                if 2 <= len(done) < CHAIN - 1:
-                    break
-                assert now.state is WorkflowState.RUNNING and time.monotonic() < deadline, now
-                time.sleep(0.02)
+            done = wait_mid_chain(km.workflows, info.name, CHAIN)
         finished_before = {s.id: s.task for s in done}
         proc.process.send_signal(signal.SIGKILL)
         proc.process.wait(30)
@@ -70,15 +56,7 @@ def test_workflow_survives_kill_9_and_no_finished_step_runs_again(serve_tools, t
         with Client(proc.target, timeout=30) as km:
             again = km.workflows.submit({"steps": steps}, {"a": a}, request_id="crash-1")
             assert again.name == info.name, "the retried submission finds the first workflow"
-            final = km.workflows.wait(info.name, timeout=120)
-            assert final.state is WorkflowState.SUCCEEDED, final
-            for step_id, task in finished_before.items():
-                assert final.step(step_id).task == task, f"{step_id} ran again"
-            tasks = [t for t in km.list_tasks() if t.labels.get("workflow") == info.name]
-            per_step: dict[str, int] = {}
-            for t in tasks:
-                per_step[t.labels["step"]] = per_step.get(t.labels["step"], 0) + 1
-            assert per_step == {f"s{i}": 1 for i in range(CHAIN)}, "one task per step"
+            final, tasks = finished_once(km, info.name, finished_before, CHAIN)
         with grpc.insecure_channel(proc.target) as channel:
             stub = task_pb2_grpc.TaskServiceStub(channel)
             for t in tasks:
