@@ -19,7 +19,9 @@ HOLD_LIMIT_S = 120.0
 
 class HeldKernel:
     """`device.run` of `op` blocks (in its kernel thread) until `release()`.
-    Construct it before the task is submitted; `release()` in a `finally`."""
+    Construct it before the task is submitted; `release()` in a `finally`. The
+    task must be one that queues: a small CPU task runs inline, on the event
+    loop, where a held kernel raises instead."""
 
     def __init__(self, device: LocalDevice, op: str) -> None:
         self.device = device
@@ -32,6 +34,12 @@ class HeldKernel:
 
     def _run(self, op: str, inputs: Any, params: Any, outputs: Any = None) -> Any:
         if op == self.op:
+            if _on_event_loop():
+                # Held here, it would stop the loop that is to release it.
+                raise RuntimeError(
+                    f"a held {op} kernel ran inline on the event loop: give the test's "
+                    "task more elements than TaskManagerOptions.inline_max_elements"
+                )
             self.started.set()
             self._gate.wait(HOLD_LIMIT_S)
         return self._real(op, inputs, params, outputs)
@@ -49,3 +57,11 @@ class HeldKernel:
                 del self.device.run  # the class's method again
             else:
                 self.device.run = self._patched
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
