@@ -508,7 +508,8 @@ def test_bad_params_do_not_hide_shape_problems():
 def test_oversized_input_is_refused_without_allocating():
     started = time.perf_counter()
     found = violations("relu", [t("float32", 1 << 40)])
-    assert time.perf_counter() - started < 0.1  # allocating 4 TiB would not be quick
+    # Allocating (filling) 4 TiB would take minutes; 2 s leaves a loaded machine room.
+    assert time.perf_counter() - started < 2.0
     assert [v.field for v in found] == ["inputs[0].shape"]
     assert str(Limits().max_elements) in found[0].description
 
@@ -517,7 +518,7 @@ def test_oversized_output_is_refused_without_allocating():
     # two small inputs whose product would be 2**40 elements
     started = time.perf_counter()
     found = violations("matmul", [t("float32", 1 << 20, 1), t("float32", 1, 1 << 20)])
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 2.0
     assert [v.field for v in found] == ["inputs", "inputs"]  # the output, and the total
     assert "output 0" in found[0].description
     assert str(Limits().max_elements) in found[0].description

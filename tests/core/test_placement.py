@@ -148,7 +148,7 @@ def test_work_counts_bytes_and_flops_from_shapes():
 
 def test_measuring_the_cpu_gives_plausible_figures():
     cpu0 = devices.discover("node", ["cpu"])[0]
-    speed = placement.measure(cpu0, repeats=2)
+    speed = placement.measure(cpu0)  # best of 3 (2 left one stalled run more weight)
     assert 0 < speed.launch_seconds < 0.01
     assert 1e8 < speed.bytes_per_second < 1e12
     assert 1e8 < speed.flops_per_second < 1e13

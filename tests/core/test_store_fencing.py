@@ -24,6 +24,8 @@ from kernelmesh.core.store.base import (
 from kernelmesh.core.store.memory import MemoryStore
 from kernelmesh.core.store.postgres import PostgresStore
 
+STALLED_S = 2.0  # PostgreSQL ends a session idle in a transaction after this
+
 
 def end(task_id: str, node: str, attempt: int) -> Fenced:
     """A holder's end of attempt `attempt`: outputs, the task's state, the attempt."""
@@ -201,7 +203,9 @@ async def test_a_holder_stalled_mid_transaction_does_not_stop_the_claim(pg_dsn):
     locked. PostgreSQL ends X's session once it has been idle in the transaction
     for `stalled_transaction_s`, so Y claims the expired tasks rather than
     skipping their locked rows for as long as X stays stopped."""
-    x = PostgresStore(pg_dsn, stalled_transaction_s=0.5)
+    # Long enough that the first claim surely comes while X's session still lives
+    # (at 0.5 s a loaded machine could let PostgreSQL end it before that claim).
+    x = PostgresStore(pg_dsn, stalled_transaction_s=STALLED_S)
     y = PostgresStore(pg_dsn)
     for s in (x, y):
         await s.open()

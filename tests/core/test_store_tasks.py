@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from held_kernel import HeldKernel
 
 from kernelmesh.core import devices
 from kernelmesh.core.errors import Code, InvalidArgument
@@ -34,6 +35,7 @@ class Node:
         self.options = TaskManagerOptions(workers_per_device=1, **options)
         self.store: SqliteStore | None = None
         self.mgr: TaskManager | None = None
+        self.held: list[HeldKernel] = []
 
     async def start(self, *, deviceless: bool = False) -> TaskManager:
         """`deviceless`: an orchestrator before any node joined (it parks tasks)."""
@@ -50,12 +52,20 @@ class Node:
         await self.mgr.recover()
         return self.mgr
 
+    def hold(self, op: str) -> HeldKernel:
+        """Holds the device's kernels of `op` until the crash (or `release`)."""
+        assert self.mgr is not None
+        self.held.append(HeldKernel(self.mgr.devices[0], op))
+        return self.held[-1]
+
     async def crash(self) -> None:
         assert self.mgr is not None and self.store is not None
         for worker in self.mgr._workers:
             worker.cancel()
         await asyncio.gather(*self.mgr._workers, return_exceptions=True)
         await self.store.close()  # what was queued for commit lands, as it would have
+        for held in self.held:  # a held kernel returns now, to workers that are gone
+            held.release()
         self.mgr._pool.shutdown(wait=True)
 
     async def stop(self) -> None:
@@ -74,6 +84,8 @@ async def node(tmp_path: Path) -> AsyncIterator[Callable[..., Node]]:
 
     yield make
     for n in made:
+        for held in n.held:
+            held.release()
         if n.store is not None and n.store._writer is not None and not n.store._closing:
             await n.stop()
 
@@ -108,11 +120,10 @@ async def test_a_finished_task_and_its_outputs_survive_a_restart(node):
 async def test_queued_and_running_tasks_run_again_after_a_crash(node):
     first = node()
     mgr = await first.start()
+    held = first.hold("matmul")
     running = await mgr.submit_journaled(slow())
     queued = await mgr.submit_journaled(relu())
-    deadline = time.monotonic() + 30
-    while running.state is not TaskState.RUNNING and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await held.wait_started()
     assert running.state is TaskState.RUNNING and queued.state is TaskState.QUEUED
     await first.crash()
 
@@ -134,6 +145,7 @@ async def test_queued_and_running_tasks_run_again_after_a_crash(node):
 async def test_a_watcher_after_the_restart_sees_the_task_finish(node):
     first = node()
     mgr = await first.start()
+    first.hold("matmul")  # so relu is still queued at the crash
     await mgr.submit_journaled(slow())
     queued = await mgr.submit_journaled(relu())
     await first.crash()
@@ -273,9 +285,13 @@ async def test_finished_tasks_past_retention_age_are_forgotten_at_start(node):
 async def test_a_graceful_stop_leaves_unfinished_tasks_for_the_next_start(node):
     first = node()
     mgr = await first.start()
-    await mgr.submit_journaled(slow())
-    waiting = await mgr.submit_journaled(relu())
-    await mgr.shutdown(grace=0.0)
+    held = first.hold("matmul")  # relu waits behind it however fast the machine
+    try:
+        await mgr.submit_journaled(slow())
+        waiting = await mgr.submit_journaled(relu())
+        await mgr.shutdown(grace=0.0)
+    finally:
+        held.release()
     assert waiting.state is TaskState.QUEUED, "not failed: the store keeps it"
     await first.store.close()
     mgr = await node().start()

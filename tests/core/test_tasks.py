@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from held_kernel import HeldKernel
 
 from kernelmesh.core import devices
 from kernelmesh.core.errors import Code, FailedPrecondition, InvalidArgument, NotFound
@@ -78,18 +79,26 @@ async def test_cancel_queued_task(manager):
 
 
 async def test_cancel_running_task_discards_its_result(manager):
-    running = manager.submit(big_matmul())
-    while running.state is TaskState.QUEUED:
-        await asyncio.sleep(0.005)
-    manager.cancel(running.name, tenant="default")
-    assert running.state is TaskState.CANCELLED
-    await asyncio.sleep(0.5)
+    # The kernel is held, so the task is surely running (a poll of a free-running
+    # matmul could miss its whole run) and returns only after the cancel.
+    held = HeldKernel(manager.devices[0], "matmul")
+    try:
+        running = manager.submit(big_matmul())
+        await held.wait_started()
+        assert running.state is TaskState.RUNNING
+        manager.cancel(running.name, tenant="default")
+        assert running.state is TaskState.CANCELLED
+    finally:
+        held.release()
+    device = running.device
+    deadline = time.monotonic() + 60
+    while device.running:  # the step counting the return also drops its result
+        assert time.monotonic() < deadline, "the cancelled kernel never returned"
+        await asyncio.sleep(0.01)
     assert running.state is TaskState.CANCELLED and running.outputs == []
 
 
 async def test_deadline_fails_the_task(manager):
-    import time
-
     manager.submit(big_matmul())
     spec = TaskSpec(op="exp", inputs=[np.ones(1 << 16, np.float32)])
     task = await manager.run(spec, deadline=time.monotonic() + 0.01)

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from held_kernel import HeldKernel
 
 from kernelmesh.core import devices
 from kernelmesh.core.errors import Code, FailedPrecondition, InvalidArgument, NotFound
@@ -263,7 +264,7 @@ async def test_list_pages_and_filters_by_state(engine):
 
 
 async def test_cancel_cancels_running_steps(engine):
-    a = np.ones((1000, 1000), np.float64)
+    a = np.ones((256, 256), np.float64)
     spec = spec_from_dict(
         {
             "inputs": {"a": a},
@@ -274,12 +275,15 @@ async def test_cancel_cancels_running_steps(engine):
             + [{"id": "after", "depends_on": ["m0"], "task": task("relu", np.ones(2, np.float32))}],
         }
     )
-    wf = await engine.submit(spec, tenant="default")
-    deadline = time.monotonic() + 20
-    while not any(s.state is StepState.RUNNING for s in wf.steps.values()):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
-    await engine.cancel(wf.name, tenant="default")
+    # Held matmul kernels: m0 cannot end (and "after" start) before the cancel,
+    # which a poll for a running step could let happen on a loaded machine.
+    held = HeldKernel(engine.tasks.devices[0], "matmul")
+    try:
+        wf = await engine.submit(spec, tenant="default")
+        await held.wait_started()
+        await engine.cancel(wf.name, tenant="default")
+    finally:
+        held.release()
     assert wf.state is WorkflowState.CANCELLED
     assert wf.steps["after"].state is StepState.CANCELLED
     for step in wf.steps.values():

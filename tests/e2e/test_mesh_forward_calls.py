@@ -118,8 +118,13 @@ async def channel(orchestrator):
 async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
     node = FakeNode(hold=True)
     server, port = await _serve(node)
+    mesh = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    heartbeat = None
     try:
-        await _register(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), "node-a", port)
+        await _register(mesh, "node-a", port)
+        # Kept alive: a node that never beats is lost after the 1 s lease, which a
+        # loaded machine can spend before the held call is released.
+        heartbeat = mesh.Heartbeat(_beats("node-a"))
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.arange(4, dtype=np.float32)
         request = add_request(x)
@@ -133,6 +138,8 @@ async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
         node.release.set()
         reply = await call
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
         await server.stop(None)
     np.testing.assert_array_equal(np.frombuffer(reply.task.outputs[0].data, np.float32), x + x)
     assert reply.task.device == "node-a/cpu:0"
@@ -148,8 +155,11 @@ async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
 async def test_a_caller_that_goes_away_cancels_the_call_on_the_node(orchestrator, channel):
     node = FakeNode(hold=True)
     server, port = await _serve(node)
+    mesh = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    heartbeat = None
     try:
-        await _register(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), "node-a", port)
+        await _register(mesh, "node-a", port)
+        heartbeat = mesh.Heartbeat(_beats("node-a"))  # not lost: the caller cancels
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         call = tasks.RunTask(add_request(np.ones(4, np.float32)), timeout=20)
         await _until(lambda: node.calls, "the call to reach the node")
@@ -158,6 +168,8 @@ async def test_a_caller_that_goes_away_cancels_the_call_on_the_node(orchestrator
         (device,) = [d for d in orchestrator.tasks.devices if d.name == "node-a/cpu:0"]
         await _until(lambda: device.running == 0, "the attempt to end on the orchestrator")
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
         await server.stop(None)
 
 

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.e2e
 
 # Long enough that a loaded machine does not starve a live node of its lease.
 LEASE = "4"
+CHAIN_PROBE = 1000  # a matmul timed to size the workflow's chain of them
+CHAIN_STEP_SECONDS = 0.3
+CHAIN_MIN_N, CHAIN_MAX_N = 1500, 2000
 
 
 @pytest.fixture
@@ -256,7 +259,16 @@ def test_a_workflow_intermediate_lost_with_its_node_is_made_again(mesh):
 
     orch, nodes, _ = mesh
     x = np.linspace(-4, 4, 5000, dtype=np.float32)
-    big = np.random.default_rng(1).standard_normal((1500, 1500)).astype(np.float32) / 40
+    with Client(orch.target, timeout=60) as km:
+        # The matmuls sized from a probe (about CHAIN_STEP_SECONDS each): ten fixed
+        # 1500² ones are over in a fraction of a second on a fast machine, before
+        # the poll for the first step and the kill.
+        probe = np.ones((CHAIN_PROBE, CHAIN_PROBE), np.float32)
+        one = min(km.run_task("matmul", probe, probe).run_seconds for _ in range(2))
+    scale = (CHAIN_STEP_SECONDS / max(one, 1e-4)) ** (1 / 3)
+    n = int(min(CHAIN_MAX_N, max(CHAIN_MIN_N, CHAIN_PROBE * scale)))
+    # 1/sqrt(n): the chain's products keep entries of the same size.
+    big = (np.random.default_rng(1).standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
     chain = [{"id": "first", "task": {"op": "relu", "inputs": ["${inputs.x}"]}}]
     previous = "${inputs.big}"
     for i in range(10):  # seconds of matmuls: the last step waits while the node is killed

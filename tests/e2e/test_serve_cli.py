@@ -167,7 +167,7 @@ class Drain:
 @pytest.fixture(scope="module")
 def drained(tmp_path_factory, serve_tools) -> Drain:
     """A dedicated `serve --grace 20`. Long float64 matmuls (about
-    DRAIN_TASK_SECONDS each) fill the CPU's workers and one more waits; tiny
+    DRAIN_TASK_SECONDS each) fill the CPU's workers and as many more wait; tiny
     tasks queue behind them, the last one watched; then the process gets SIGTERM.
 
     The long tasks hold the queue, not a flood of short ones: short tasks ran
@@ -196,6 +196,11 @@ def drained(tmp_path_factory, serve_tools) -> Drain:
                 # Still queued a moment later: every worker is busy with a long one.
                 if _stays(handles[-1], TaskState.QUEUED, seconds=min(0.5, DRAIN_TASK_SECONDS / 3)):
                     break
+            # The running ones spent part of their run in that check. One more for
+            # each running one but the first: as they end, their workers take the
+            # queued long ones, so the tiny tasks still wait a whole long run.
+            running = len(handles) - 1
+            handles += [km.submit("matmul", big, big) for _ in range(running - 1)]
             tiny = np.arange(16.0).reshape(4, 4)
             handles += [km.submit("relu", tiny) for _ in range(DRAIN_SMALL)]
             watched: list[TaskState | str] = []

@@ -18,7 +18,9 @@ from kernelmesh.v1 import task_pb2, task_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
-N = 1600  # a matmul that takes a good part of a second, or more, on a loaded CPU
+PROBE = 1200  # a matmul timed on a node to size the step
+STEP_SECONDS = 1.0  # the step's kernel time, so the kill lands while it runs
+MIN_N, MAX_N = 1600, 3200
 BASIC = task_pb2.TASK_VIEW_BASIC
 
 
@@ -29,7 +31,6 @@ def test_a_step_on_a_node_killed_mid_step_runs_again_elsewhere_and_is_used_once(
         "node-b": procs.node("node-b", orch.target, "--backends", "cpu"),
     }
     wait_for(lambda: ready_nodes(orch.target) == set(nodes), what="both nodes READY")
-    a = np.random.default_rng(0).standard_normal((N, N)).astype(np.float32) / N
     small = np.ones((8, 8), np.float32)
     spec = {
         "steps": [
@@ -42,6 +43,18 @@ def test_a_step_on_a_node_killed_mid_step_runs_again_elsewhere_and_is_used_once(
         # Compiled on both nodes first: a node busy compiling may miss heartbeats.
         for name in nodes:
             km.run("matmul", small, small, device=f"nodes/{name}")
+        # The step sized to the nodes' CPU: a fixed 1600² could end between two
+        # polls on a fast machine, and the kill then found nothing running.
+        probe = np.ones((PROBE, PROBE), np.float32)
+        one = min(
+            km.run_task("matmul", probe, probe, device=f"nodes/{name}").run_seconds
+            for name in nodes
+            for _ in range(2)
+        )
+        n = int(min(MAX_N, max(MIN_N, PROBE * (STEP_SECONDS / max(one, 1e-4)) ** (1 / 3))))
+        # Scaled by 1/sqrt(n), a @ a has entries of about 1, so the check at the
+        # end compares numbers well above its atol.
+        a = (np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
         info = km.workflows.submit(spec, {"a": a})
         events: list[WorkflowEvent] = []
         watcher = threading.Thread(
@@ -84,6 +97,7 @@ def test_a_step_on_a_node_killed_mid_step_runs_again_elsewhere_and_is_used_once(
         after = final.step("after")
         used = stub.GetTask(task_pb2.GetTaskRequest(name=after.task, view=BASIC)).task
         assert [x.state for x in used.attempts] == [task_pb2.TASK_STATE_SUCCEEDED]
+        wide = a.astype(np.float64)
         np.testing.assert_allclose(
-            km.download(after.outputs[0]), np.maximum(a @ a, 0), rtol=1e-3, atol=1e-5
+            km.download(after.outputs[0]), np.maximum(wide @ wide, 0), rtol=1e-3, atol=1e-3
         )

@@ -9,6 +9,7 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+from held_kernel import HeldKernel
 from helpers import output, spec
 
 from kernelmesh.native import opencl
@@ -99,11 +100,15 @@ async def test_a_device_failure_fails_the_task_and_the_server_carries_on(server,
     np.testing.assert_allclose(output(again), np.exp(x), rtol=1e-6)
 
 
-async def test_watch_devices_reports_queue_and_memory_of_each_device(device_stub, tasks):
+async def test_watch_devices_reports_queue_and_memory_of_each_device(server, device_stub, tasks):
+    # The OpenCL kernels are held until an update has shown the work: eight
+    # free-running 768² matmuls could all end between two updates on a fast machine.
+    (device,) = (d for d in server.tasks.devices if d.name == "opencl:0")
+    held = HeldKernel(device, "matmul")
     stream = device_stub.WatchDevices(
         device_pb2.WatchDevicesRequest(names=["cpu:0", "opencl:0"], interval_ms=100)
     )
-    x = np.ones((768, 768), np.float32)  # tens of ms each on PoCL; 8 queue up
+    x = np.ones((64, 64), np.float32)
     work = [
         asyncio.ensure_future(
             tasks.RunTask(task_pb2.RunTaskRequest(task=on_opencl(spec("matmul", x, x))))
@@ -119,9 +124,12 @@ async def test_watch_devices_reports_queue_and_memory_of_each_device(device_stub
             assert ocl.memory_total_bytes >= ocl.memory_available_bytes > 0
             assert 0.0 <= ocl.utilization <= 1.0
             seen_busy |= ocl.queue_depth + ocl.running > 0
+            if seen_busy:
+                held.release()
             if all(w.done() for w in work):
                 break
     finally:
+        held.release()
         stream.cancel()
         await asyncio.gather(*work)
     assert seen_busy

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from held_kernel import HeldKernel
 from helpers import spec
 
 from kernelmesh.v1 import (
@@ -133,14 +134,22 @@ async def test_graceful_stop_finishes_queued_work(server, channel):
 
 async def test_stop_without_grace_fails_leftover_work_with_unavailable(server, channel):
     tasks = task_pb2_grpc.TaskServiceStub(channel)
-    big = np.ones((1500, 1500), np.float64)
-    names = [
-        (
-            await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("matmul", big, big)))
-        ).task.name
-        for _ in range(6)
-    ]
-    await server.stop(grace=0.0)
+    # Held kernels: the work is surely left over at the stop (1500² matmuls, sent
+    # one by one, could each end before the next arrived on a fast machine).
+    (device,) = (d for d in server.tasks.devices if d.name == "cpu:0")
+    held = HeldKernel(device, "matmul")
+    try:
+        a = np.ones((64, 64), np.float64)
+        names = [
+            (
+                await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("matmul", a, a)))
+            ).task.name
+            for _ in range(6)
+        ]
+        await held.wait_started()
+        await server.stop(grace=0.0)
+    finally:
+        held.release()
     left = [server.tasks.get(n, tenant="default") for n in names]
     assert all(t.state.terminal for t in left)
     unavailable = [t for t in left if t.state.name == "FAILED"]

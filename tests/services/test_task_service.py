@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
 import pytest
+from held_kernel import HeldKernel
 from helpers import output, spec, violations
 
 from kernelmesh.v1 import task_pb2, task_pb2_grpc, tensor_pb2
@@ -330,19 +332,21 @@ def server_config(server_config):
     return dataclasses.replace(server_config, workers_per_device=1)
 
 
-async def _occupy(tasks) -> None:
-    """Keeps the single worker busy: submits batches of matmuls together until
-    two of them wait in the queue behind the running one, so tasks submitted
-    next wait whatever the machine's speed (one at a time, each upload took as
-    long as the matmul before it and nothing stayed queued)."""
-    big = np.ones((1500, 1500), np.float64)
-    request = task_pb2.SubmitTaskRequest(task=spec("matmul", big, big))
-    for _ in range(10):
-        await asyncio.gather(*(tasks.SubmitTask(request) for _ in range(4)))
-        reply = await tasks.ListTasks(task_pb2.ListTasksRequest(state=task_pb2.TASK_STATE_QUEUED))
-        if sum(t.op == "matmul" for t in reply.tasks) >= 2:
-            return
-    raise AssertionError("the worker kept up with 40 matmuls; nothing stayed queued")
+@pytest.fixture
+async def occupied(server, tasks) -> AsyncIterator[HeldKernel]:
+    """The single worker of cpu:0 busy with a matmul whose kernel is held, so
+    tasks submitted next wait in the queue whatever the machine's speed (queued
+    matmuls sized for one machine all ran before the next call on a faster one).
+    Released after the test, or by it (`occupied.release()`)."""
+    (device,) = (d for d in server.tasks.devices if d.name == "cpu:0")
+    held = HeldKernel(device, "matmul")
+    try:
+        a = np.ones((64, 64), np.float64)
+        await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("matmul", a, a)))
+        await held.wait_started()
+        yield held
+    finally:
+        held.release()
 
 
 async def _eventually(check, timeout: float = 20.0):
@@ -363,8 +367,7 @@ def _listing(tasks, state):
     return listed
 
 
-async def test_cancel_queued_task_never_runs(tasks):
-    await _occupy(tasks)
+async def test_cancel_queued_task_never_runs(tasks, occupied):
     queued = (
         await tasks.SubmitTask(
             task_pb2.SubmitTaskRequest(task=spec("exp", np.ones(1 << 16, np.float32)))
@@ -377,13 +380,13 @@ async def test_cancel_queued_task_never_runs(tasks):
     assert not got.task.HasField("start_time")
 
 
-async def test_priority_runs_first_when_the_device_is_busy(tasks):
-    await _occupy(tasks)
+async def test_priority_runs_first_when_the_device_is_busy(tasks, occupied):
     x = np.ones(1 << 16, np.float32)
     low = (await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=spec("exp", x)))).task
     high_spec = spec("exp", x)
     high_spec.priority = 10
     high = (await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=high_spec))).task
+    occupied.release()  # both wait in the queue: the worker takes them in priority order
     for name in (low.name, high.name):
         async for _ in tasks.WatchTask(task_pb2.WatchTaskRequest(name=name)):
             pass
@@ -392,8 +395,7 @@ async def test_priority_runs_first_when_the_device_is_busy(tasks):
     assert high_t.start_time.ToNanoseconds() < low_t.start_time.ToNanoseconds()
 
 
-async def test_deadline_is_honoured_and_the_task_is_marked(tasks):
-    await _occupy(tasks)
+async def test_deadline_is_honoured_and_the_task_is_marked(tasks, occupied):
     msg = spec("exp", np.ones(1 << 16, np.float32))
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await run(tasks, msg, timeout=0.05)
@@ -402,8 +404,7 @@ async def test_deadline_is_honoured_and_the_task_is_marked(tasks):
     assert failed[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
-async def test_client_cancellation_cancels_the_task(tasks):
-    await _occupy(tasks)
+async def test_client_cancellation_cancels_the_task(tasks, occupied):
     call = tasks.RunTask(task_pb2.RunTaskRequest(task=spec("exp", np.ones(1 << 16, np.float32))))
     (queued,) = await _eventually(_listing(tasks, task_pb2.TASK_STATE_QUEUED))
     call.cancel()

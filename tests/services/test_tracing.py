@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
+from held_kernel import HeldKernel
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -166,21 +166,24 @@ async def test_a_queued_task_keeps_its_trace_across_a_restart(tmp_path: Path):
         return store, mgr
 
     store, mgr = await start()
-    # ~1 s of work on the one worker: a 900² matmul could end between two polls
-    big = np.ones((2000, 2000), np.float64)
-    busy = await mgr.submit_journaled(TaskSpec(op="matmul", inputs=[big, big]))
-    with tracer.start_as_current_span("submitter") as submitter:
-        queued = await mgr.submit_journaled(TaskSpec(op="relu", inputs=[X]))
-    deadline = time.monotonic() + 30
-    while busy.state is TaskState.QUEUED and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert busy.state is TaskState.RUNNING
-    assert queued.state is TaskState.QUEUED, "the one worker is busy, so relu waits"
-    # Crash: workers stop, nothing is finished on the way out.
-    for worker in mgr._workers:
-        worker.cancel()
-    await asyncio.gather(*mgr._workers, return_exceptions=True)
-    await store.close()
+    # The matmul's kernel is held, so the one worker stays busy and relu waits
+    # (a free-running matmul, sized or not, could end between two polls).
+    held = HeldKernel(mgr.devices[0], "matmul")
+    try:
+        big = np.ones((64, 64), np.float64)
+        busy = await mgr.submit_journaled(TaskSpec(op="matmul", inputs=[big, big]))
+        with tracer.start_as_current_span("submitter") as submitter:
+            queued = await mgr.submit_journaled(TaskSpec(op="relu", inputs=[X]))
+        await held.wait_started()
+        assert busy.state is TaskState.RUNNING
+        assert queued.state is TaskState.QUEUED, "the one worker is busy, so relu waits"
+        # Crash: workers stop, nothing is finished on the way out.
+        for worker in mgr._workers:
+            worker.cancel()
+        await asyncio.gather(*mgr._workers, return_exceptions=True)
+        await store.close()
+    finally:
+        held.release()  # the kernel returns to a worker that is gone
     mgr._pool.shutdown(wait=True)
     assert not named(exporter.get_finished_spans(), "task.run relu")
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import grpc
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
+from held_kernel import HeldKernel
 from helpers import violations
 from llm_setup import write_llm_config
 from llm_upstream import Upstream
@@ -174,14 +174,25 @@ async def test_watch_reports_step_transitions_with_durations(stub):
     assert all(e.HasField("step_duration") for e in ends)
 
 
-async def test_cancel_and_list_by_state(stub):
-    a = np.ones((900, 900), np.float64)
-    request = o.SubmitWorkflowRequest(
-        steps=[step(f"m{i}", "matmul", "${inputs.a}", "${inputs.a}") for i in range(8)]
-    )
-    request.inputs["a"].tensor.CopyFrom(tensors.to_proto(a))
-    name = (await stub.SubmitWorkflow(request)).workflow.name
-    cancelled = (await stub.CancelWorkflow(o.CancelWorkflowRequest(name=name))).workflow
+def _held_matmuls(server) -> HeldKernel:
+    (device,) = (d for d in server.tasks.devices if d.name == "cpu:0")
+    return HeldKernel(device, "matmul")
+
+
+async def test_cancel_and_list_by_state(server, stub):
+    # Held: no step can end before the cancel (eight free-running 900² matmuls
+    # could all end before it came on a fast machine, and a finished workflow stays).
+    held = _held_matmuls(server)
+    try:
+        a = np.ones((128, 128), np.float64)  # queued: smaller steps run inline
+        request = o.SubmitWorkflowRequest(
+            steps=[step(f"m{i}", "matmul", "${inputs.a}", "${inputs.a}") for i in range(8)]
+        )
+        request.inputs["a"].tensor.CopyFrom(tensors.to_proto(a))
+        name = (await stub.SubmitWorkflow(request)).workflow.name
+        cancelled = (await stub.CancelWorkflow(o.CancelWorkflowRequest(name=name))).workflow
+    finally:
+        held.release()
     assert cancelled.state == o.WORKFLOW_STATE_CANCELLED
     listed = await stub.ListWorkflows(o.ListWorkflowsRequest(state=o.WORKFLOW_STATE_CANCELLED))
     assert [w.name for w in listed.workflows] == [name]
@@ -250,22 +261,36 @@ async def test_text_where_a_tensor_is_needed_is_refused(stub):
     assert "tensor is needed" in violations(info.value)["steps[1].task.inputs[0].ref"]
 
 
-async def test_watch_end_only_sends_the_workflow_and_its_end_without_steps(stub):
-    big = np.ones((1000, 1000), np.float32)  # steps that last long enough to watch
+async def test_watch_end_only_sends_the_workflow_and_its_end_without_steps(server, stub):
+    x = np.ones((128, 128), np.float32)  # queued: smaller steps run inline
     request = o.SubmitWorkflowRequest(
         steps=[
-            step("a", "matmul", big, big),
-            step("b", "matmul", "${a.outputs[0]}", big),
+            step("a", "matmul", x, x),
+            step("b", "matmul", "${a.outputs[0]}", x),
             step("c", "relu", "${b.outputs[0]}"),
         ]
     )
-    name = (await stub.SubmitWorkflow(request)).workflow.name
+    # Held until both watches have begun, so they watch it run (1000² steps, meant
+    # to last long enough, could end before a watch began on a fast machine).
+    held = _held_matmuls(server)
+    try:
+        name = (await stub.SubmitWorkflow(request)).workflow.name
+        calls = [
+            stub.WatchWorkflow(o.WatchWorkflowRequest(name=name, end_only=end_only))
+            for end_only in (False, True)
+        ]
+        firsts = [await call.read() for call in calls]
+    finally:
+        held.release()
 
-    async def watch(end_only: bool) -> list:
-        request = o.WatchWorkflowRequest(name=name, end_only=end_only)
-        return [e async for e in stub.WatchWorkflow(request)]
+    async def rest(call) -> list:
+        got = []
+        while (event := await call.read()) is not grpc.aio.EOF:
+            got.append(event)
+        return got
 
-    every, ends = await asyncio.gather(watch(False), watch(True))
+    every = [firsts[0], *await rest(calls[0])]
+    ends = [firsts[1], *await rest(calls[1])]
     assert {e.step for e in every if e.step} == {"a", "b", "c"}, "watched while it ran"
     assert len(ends) == 2 and all(not e.step for e in ends), ends
     assert ends[0].workflow.state == o.WORKFLOW_STATE_RUNNING

@@ -147,7 +147,9 @@ async def test_retry_after_beyond_the_cap_fails_over_at_once(upstream, upstream2
     started = time.monotonic()
     completion = await gateway.generate("acme", "chat", user("hi"))
 
-    assert time.monotonic() - started < 1.0
+    # At once: far short of the 60 s it was asked to wait (a loaded machine may
+    # take a second or more over the two local calls).
+    assert time.monotonic() - started < 10.0
     assert completion.deployment == "secondary"
 
 
@@ -377,12 +379,15 @@ async def test_a_missing_api_key_variable_is_reported_at_start(upstream, make_ga
     assert upstream.requests == 0
 
 
+PRIMARY_TIMEOUT_S = 1.5
+
+
 async def test_a_deployments_timeout_bounds_its_retries_too(upstream, upstream2, make_gateway):
     # No caller deadline: timeout_s is the most one deployment may hold the
     # request, retries included, so a hung one costs one timeout, not three.
     gateway = await make_gateway(
         chat_config(
-            deployment("primary", upstream, timeout_s=0.4, max_retries=2),
+            deployment("primary", upstream, timeout_s=PRIMARY_TIMEOUT_S, max_retries=2),
             deployment("secondary", upstream2),
         )
     )
@@ -392,4 +397,6 @@ async def test_a_deployments_timeout_bounds_its_retries_too(upstream, upstream2,
     completion = await gateway.generate("acme", "chat", user("hi"))
 
     assert completion.deployment == "secondary"
-    assert time.monotonic() - started < 0.8
+    # Under two timeouts: one, and the secondary's answer (given as much again,
+    # for a loaded machine; 0.4 s and < 0.8 s left it 0.4 s).
+    assert time.monotonic() - started < 2 * PRIMARY_TIMEOUT_S

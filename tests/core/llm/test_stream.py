@@ -20,7 +20,7 @@ async def collect(stream):
     return [chunk async for chunk in stream]
 
 
-async def wait_for(condition, timeout: float = 2.0) -> None:
+async def wait_for(condition, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never became true"
@@ -112,7 +112,7 @@ async def test_cancelling_the_consumer_closes_the_upstream_request(
             first_chunk.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(first_chunk.wait(), 2)
+    await asyncio.wait_for(first_chunk.wait(), 10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
