@@ -119,7 +119,10 @@ def measure(device: LocalDevice, repeats: int = 3) -> DeviceSpeed:
     big = np.ones(1 << 20, np.float32)
     moved = 3 * big.nbytes
     copy = _best(lambda: device.run("add", [big, big], {}), repeats)
-    bandwidth = moved / max(copy - launch, 1e-9)
+    # Each call is timed apart, so a noisy launch can come out longer than the whole
+    # copy or matmul: the work itself is held to at least a quarter of its call, or
+    # one slow launch made a device look 1e17 FLOP/s fast.
+    bandwidth = moved / max(copy - launch, copy / 4, 1e-9)
 
     # 512: big enough that launch and copies are a small part of it, as in the tasks
     # whose placement the rate decides (a 256x256 matmul measured PoCL 2-3x faster
@@ -128,5 +131,5 @@ def measure(device: LocalDevice, repeats: int = 3) -> DeviceSpeed:
     square = np.ones((n, n), np.float32)
     matmul = _best(lambda: device.run("matmul", [square, square], {}), repeats)
     transfer = 3 * square.nbytes / bandwidth
-    flops = 2.0 * n**3 / max(matmul - launch - transfer, 1e-9)
+    flops = 2.0 * n**3 / max(matmul - launch - transfer, matmul / 4, 1e-9)
     return DeviceSpeed(launch, bandwidth, flops)

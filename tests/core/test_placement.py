@@ -3,6 +3,7 @@ the measured cost model."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,6 +154,25 @@ def test_measuring_the_cpu_gives_plausible_figures():
     assert 1e8 < speed.bytes_per_second < 1e12
     assert 1e8 < speed.flops_per_second < 1e13
     assert np.isfinite(speed.seconds(_work("add", (1 << 20,), (1 << 20,))))
+
+
+class _SlowLaunch:
+    """A device whose tiny launch was timed in a stall: it takes longer than its
+    copy and its matmul (each call is timed apart)."""
+
+    def __init__(self) -> None:
+        self.seconds = {"relu": 0.03, "add": 0.004, "matmul": 0.02}
+
+    def run(self, op: str, inputs: Sequence[np.ndarray], params: Mapping[str, Any]) -> None:
+        time.sleep(self.seconds[op])
+
+
+def test_a_stalled_launch_measurement_never_makes_a_device_look_boundless():
+    speed = placement.measure(_SlowLaunch(), repeats=1)  # type: ignore[arg-type]
+    n = 512
+    # the work is held to at least a quarter of its call: a matmul of about 20 ms
+    assert speed.flops_per_second <= 2 * n**3 / (0.02 / 4) * 1.01
+    assert speed.bytes_per_second <= 3 * 4 * (1 << 20) / (0.004 / 4) * 1.01
 
 
 def _matmul_call(n: int) -> ops.ValidatedCall:
