@@ -100,6 +100,13 @@ SERVICE_NAMES = (
 SERVING = SERVICE_NAMES[:3]
 
 
+def host_port(host: str, port: int) -> str:
+    """A gRPC address: an IPv6 literal in brackets (`::1` alone does not bind)."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -310,14 +317,16 @@ class Server:
         )
         try:
             if cfg.tls_cert:
-                self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", _tls_credentials(cfg))
+                self.port = server.add_secure_port(
+                    host_port(cfg.host, cfg.port), _tls_credentials(cfg)
+                )
             else:
-                self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+                self.port = server.add_insecure_port(host_port(cfg.host, cfg.port))
         except RuntimeError:  # grpcio raises rather than returning 0 on a busy port
             self.port = 0
         if self.port == 0:
             raise OSError(
-                f"could not bind gRPC to {cfg.host}:{cfg.port}: the address is in use "
+                f"could not bind gRPC to {host_port(cfg.host, cfg.port)}: the address is in use "
                 "or not available (choose another with --port)"
             )
         if cfg.http_port is not None:
@@ -347,7 +356,7 @@ class Server:
             )
             try:
                 self._runner, self.http_port = await sidecar.start(
-                    app, cfg.host, cfg.http_port, _https_context(cfg)
+                    app, cfg.host.strip("[]"), cfg.http_port, _https_context(cfg)
                 )
             except OSError as exc:
                 await server.stop(None)
@@ -427,7 +436,7 @@ class Server:
         if self.config.role == "node":
             self.agent = NodeAgent(
                 name=self.config.node_name,
-                address=self.config.advertise or f"{self.config.host}:{self.port}",
+                address=self.config.advertise or host_port(self.config.host, self.port),
                 join=self.config.join,
                 devices=self.devices,
                 monitor=self._monitor,
@@ -529,8 +538,8 @@ async def serve(config: ServerConfig) -> None:
     server = Server(config)
     await server.start()
     print(
-        f"kernelmesh serving gRPC on {config.host}:{server.port}"
-        + (f", HTTP on {config.host}:{server.http_port}" if server.http_port else "")
+        f"kernelmesh serving gRPC on {host_port(config.host, server.port)}"
+        + (f", HTTP on {host_port(config.host, server.http_port)}" if server.http_port else "")
         + f"; state: {server.state.kind} at {server.state.where}",
         flush=True,
     )

@@ -189,3 +189,19 @@ async def test_a_warmed_server_freezes_what_it_started_with(
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("127.0.0.1", "127.0.0.1:7"),
+        ("localhost", "localhost:7"),
+        ("::1", "[::1]:7"),
+        ("[::1]", "[::1]:7"),
+        ("::", "[::]:7"),
+    ],
+)
+def test_an_ipv6_host_is_bracketed_for_grpc(host, address):
+    from kernelmesh.services.server import host_port
+
+    assert host_port(host, 7) == address
