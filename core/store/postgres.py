@@ -500,26 +500,10 @@ class PostgresStore(Store):
     async def renew_workflow_leases(
         self, owner: str, until: float, ids: Sequence[str] = ()
     ) -> list[str]:
-        async def renew(conn: _Conn) -> list[str]:
-            await conn.execute(
-                "UPDATE workflows SET lease_until = $1 WHERE id IN (SELECT id FROM workflows "
-                f"WHERE owner = $2 AND state = {_WORKFLOW_RUNNING} ORDER BY id FOR UPDATE)",
-                until,
-                owner,
-                timeout=_COMMIT_TIMEOUT_S,
-            )
-            if not ids:
-                return []
-            rows = await conn.fetch(
-                "SELECT u.id FROM unnest($1::text[]) AS u(id) LEFT JOIN workflows w "
-                "ON w.id = u.id WHERE w.id IS NULL OR w.owner IS DISTINCT FROM $2",
-                list(ids),
-                owner,
-                timeout=_COMMIT_TIMEOUT_S,
-            )
-            return [r[0] for r in rows]
-
-        return await self._in_transaction(renew, "a workflow lease renewal")
+        """As `renew_task_leases`, for the running workflows `owner` holds."""
+        return await self._renew_leases(
+            "workflows", "owner", f"state = {_WORKFLOW_RUNNING}", owner, until, ids
+        )
 
     async def claim_expired_workflows(
         self, owner: str, until: float, now: float, limit: int = 100
@@ -569,11 +553,25 @@ class PostgresStore(Store):
         """Renews in one transaction, locking the rows in id order (as a commit
         does, so the two never deadlock), then reads which of `ids` are no
         longer `owner`'s: claimed by another orchestrator, or gone."""
+        return await self._renew_leases(
+            "tasks", "node", f"state IN {_UNFINISHED}", owner, until, ids
+        )
+
+    async def _renew_leases(
+        self,
+        table: str,
+        holder: str,
+        unfinished: str,
+        owner: str,
+        until: float,
+        ids: Sequence[str],
+    ) -> list[str]:
+        # table, holder and unfinished are this module's constants, never input
 
         async def renew(conn: _Conn) -> list[str]:
             await conn.execute(
-                "UPDATE tasks SET lease_until = $1 WHERE id IN (SELECT id FROM tasks "
-                f"WHERE node = $2 AND state IN {_UNFINISHED} ORDER BY id FOR UPDATE)",
+                f"UPDATE {table} SET lease_until = $1 WHERE id IN (SELECT id FROM {table} "
+                f"WHERE {holder} = $2 AND {unfinished} ORDER BY id FOR UPDATE)",
                 until,
                 owner,
                 timeout=_COMMIT_TIMEOUT_S,
@@ -581,15 +579,15 @@ class PostgresStore(Store):
             if not ids:
                 return []
             rows = await conn.fetch(
-                "SELECT u.id FROM unnest($1::text[]) AS u(id) LEFT JOIN tasks t "
-                "ON t.id = u.id WHERE t.id IS NULL OR t.node IS DISTINCT FROM $2",
+                f"SELECT u.id FROM unnest($1::text[]) AS u(id) LEFT JOIN {table} r "
+                f"ON r.id = u.id WHERE r.id IS NULL OR r.{holder} IS DISTINCT FROM $2",
                 list(ids),
                 owner,
                 timeout=_COMMIT_TIMEOUT_S,
             )
             return [r[0] for r in rows]
 
-        return await self._in_transaction(renew, "a lease renewal")
+        return await self._in_transaction(renew, f"a lease renewal of {table}")
 
     async def _in_transaction(self, work: Callable[[_Conn], Awaitable[_T]], what: str) -> _T:
         if self._pool is None:
