@@ -94,6 +94,31 @@ CHANNEL = "kernelmesh"
 _IDS_PER_NOTICE = 200  # 33 bytes each: well under PostgreSQL's 8000-byte payload
 
 
+def _newest_first(
+    table: str,
+    columns: Sequence[str],
+    tenant: str,
+    state: int | None,
+    below: tuple[float, str] | None,
+) -> tuple[str, list[object]]:
+    """A page of a tenant's rows of `table` (one of this module's), newest first by
+    creation, optionally in one state and below a (create_time, id) cursor; its
+    last `?` is the row limit."""
+    where = ["tenant = ?"]
+    args: list[object] = [tenant]
+    if state is not None:
+        where.append("state = ?")
+        args.append(state)
+    if below is not None:
+        where.append("(create_time, id) < (?, ?)")
+        args.extend(below)
+    statement = (
+        f"SELECT {', '.join(columns)} FROM {table} WHERE {' AND '.join(where)} "
+        "ORDER BY create_time DESC, id DESC LIMIT ?"
+    )
+    return statement, args
+
+
 def _numbered(statement: str) -> str:
     """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
     counter = iter(range(1, 10_000))
@@ -483,18 +508,7 @@ class PostgresStore(Store):
     async def list_workflow_records(
         self, tenant: str, *, state: int | None, limit: int, below: tuple[float, str] | None
     ) -> WorkflowSnapshot:
-        where = ["tenant = ?"]
-        args: list[object] = [tenant]
-        if state is not None:
-            where.append("state = ?")
-            args.append(state)
-        if below is not None:
-            where.append("(create_time, id) < (?, ?)")
-            args.extend(below)
-        statement = (
-            f"SELECT {', '.join(sql.WORKFLOW_COLUMNS)} FROM workflows "
-            f"WHERE {' AND '.join(where)} ORDER BY create_time DESC, id DESC LIMIT ?"
-        )
+        statement, args = _newest_first("workflows", sql.WORKFLOW_COLUMNS, tenant, state, below)
         return await self._read_workflows(statement, *args, limit)
 
     async def renew_workflow_leases(
@@ -704,18 +718,7 @@ class PostgresStore(Store):
         below: tuple[float, str] | None,
         outputs: bool = False,
     ) -> Snapshot:
-        where = ["tenant = ?"]
-        args: list[object] = [tenant]
-        if state is not None:
-            where.append("state = ?")
-            args.append(state)
-        if below is not None:
-            where.append("(create_time, id) < (?, ?)")
-            args.extend(below)
-        statement = (
-            f"SELECT {', '.join(sql.TASK_COLUMNS)} FROM tasks WHERE {' AND '.join(where)} "
-            "ORDER BY create_time DESC, id DESC LIMIT ?"
-        )
+        statement, args = _newest_first("tasks", sql.TASK_COLUMNS, tenant, state, below)
         return await self._read_snapshot(statement, *args, limit, outputs=outputs)
 
     async def release_task_leases(self, owner: str, ids: list[str]) -> None:
