@@ -689,19 +689,11 @@ class TaskManager:
                 raise
         return await self.shared_view.cancel(name, tenant=tenant)
 
-    @staticmethod
-    def _stand_in(name: str) -> LocalDevice:
-        """A gone device named as the task's last one: `_enqueue` places the task
-        anew, or parks it until a node that can run it joins."""
-        return placeholder(name)
-
     def _device_named(self, name: str) -> LocalDevice:
         for device in self.devices:
             if device.name == name:
                 return device
         if not self.devices:  # an orchestrator before any node joined
-            from kernelmesh.core.mesh.nodes import placeholder
-
             return placeholder(name)
         return self.devices[0]  # a finished task's device that is gone: name kept apart
 
@@ -776,7 +768,8 @@ class TaskManager:
             # An orchestrator restarts (or claims tasks) before its nodes have
             # joined: a task no device present can run waits for one (parked by
             # `_enqueue`), where failing it lost work that was acknowledged.
-            stand_in = self._stand_in(record.device) if self.park_unplaced else None
+            # (a gone device named as its last one: `_enqueue` places the task anew)
+            stand_in = placeholder(record.device) if self.park_unplaced else None
             prepared = self.prepare(spec, stand_in=stand_in)
         except KernelmeshError as exc:
             failure = TaskFailure(exc.code, f"could not be resumed after a restart: {exc.message}")
@@ -1394,8 +1387,8 @@ class TaskManager:
         """Per-tenant quotas (core.limits): unfinished tasks, and the bytes of their
         inputs (but named tensors, which the tensor store charges) and outputs,
         refused before the task is journaled, queued or run. `_finish` gives them
-        back. A task recovered after a restart was admitted
-        before it, so it is only counted."""
+        back. A task recovered after a restart was admitted before it, so it is
+        only counted."""
         self.store.ledger.admit(task.tenant, task.held_bytes, enforce=enforce)
         if task.pinned:
             self.store.pin(task.pinned)
