@@ -6,8 +6,10 @@ beyond the window of attempts in flight, tasks queue and still run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -93,6 +95,24 @@ async def _beats(name: str):
         await asyncio.sleep(0.1)
 
 
+@contextlib.asynccontextmanager
+async def joined(channel, node: FakeNode, name: str = "node-a") -> AsyncIterator[None]:
+    """`node` served, registered as `name` and heartbeating (a node that never beats
+    is lost after the 1 s lease, which a loaded machine can spend mid-test);
+    stopped after."""
+    server, port = await _serve(node)
+    mesh = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    heartbeat = None
+    try:
+        await _register(mesh, name, port)
+        heartbeat = mesh.Heartbeat(_beats(name))
+        yield
+    finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
+        await server.stop(None)
+
+
 async def _until(condition, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -117,14 +137,7 @@ async def channel(orchestrator):
 
 async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
     node = FakeNode(hold=True)
-    server, port = await _serve(node)
-    mesh = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    heartbeat = None
-    try:
-        await _register(mesh, "node-a", port)
-        # Kept alive: a node that never beats is lost after the 1 s lease, which a
-        # loaded machine can spend before the held call is released.
-        heartbeat = mesh.Heartbeat(_beats("node-a"))
+    async with joined(channel, node):
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.arange(4, dtype=np.float32)
         request = add_request(x)
@@ -137,10 +150,6 @@ async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
         assert len(device.queue) == 0 and device.running == 1
         node.release.set()
         reply = await call
-    finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
-        await server.stop(None)
     np.testing.assert_array_equal(np.frombuffer(reply.task.outputs[0].data, np.float32), x + x)
     assert reply.task.device == "node-a/cpu:0"
     (seen,) = node.calls
@@ -154,12 +163,7 @@ async def test_forwarded_with_token_tenant_and_deadline(orchestrator, channel):
 
 async def test_a_caller_that_goes_away_cancels_the_call_on_the_node(orchestrator, channel):
     node = FakeNode(hold=True)
-    server, port = await _serve(node)
-    mesh = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    heartbeat = None
-    try:
-        await _register(mesh, "node-a", port)
-        heartbeat = mesh.Heartbeat(_beats("node-a"))  # not lost: the caller cancels
+    async with joined(channel, node):  # not lost: the caller cancels
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         call = tasks.RunTask(add_request(np.ones(4, np.float32)), timeout=20)
         await _until(lambda: node.calls, "the call to reach the node")
@@ -167,10 +171,6 @@ async def test_a_caller_that_goes_away_cancels_the_call_on_the_node(orchestrator
         await _until(lambda: node.cancelled == 1, "the node's call to be cancelled")
         (device,) = [d for d in orchestrator.tasks.devices if d.name == "node-a/cpu:0"]
         await _until(lambda: device.running == 0, "the attempt to end on the orchestrator")
-    finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
-        await server.stop(None)
 
 
 async def test_a_node_lost_under_a_run_task_sends_it_to_another_node(orchestrator, channel):
@@ -204,12 +204,7 @@ async def test_beyond_the_window_in_flight_tasks_queue_and_still_run(
 ):
     window = server_config.workers_per_device * REMOTE_WINDOW
     node = FakeNode(hold=True)
-    server, port = await _serve(node)
-    mesh = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    heartbeat = None
-    try:
-        await _register(mesh, "node-a", port)
-        heartbeat = mesh.Heartbeat(_beats("node-a"))
+    async with joined(channel, node):
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         x = np.ones(4, np.float32)
         calls = [
@@ -222,10 +217,6 @@ async def test_beyond_the_window_in_flight_tasks_queue_and_still_run(
         assert device.running == window
         node.release.set()
         replies = await asyncio.gather(*calls)
-    finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
-        await server.stop(None)
     assert len(node.calls) == window + 5
     for reply in replies:
         np.testing.assert_array_equal(np.frombuffer(reply.task.outputs[0].data, np.float32), x + x)
